@@ -1,0 +1,342 @@
+"""The run config: one typed, frozen document for the experiment.
+
+Precedence: dataclass defaults -> recipe file (YAML) -> CLI overrides (``--set attack.eps=0.1``).
+Unknown keys and bad values raise ``ConfigError`` naming the key and what is allowed. The DeepSpeed
+JSON (``deepspeed_config``) owns engine settings -- batch sizes, precision, ZeRO, optimizer,
+compression -- and is validated separately (``dat_ds.engine.ds_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion-mnist"  # registered data set; the default is the embedded subset
+    root: str | None = None  # folder/file for on-disk data sets (CIFAR, HF, ImageFolder)
+    train_subset: int | None = None  # keep the first N training examples (class-balanced order)
+    num_workers: int = 0  # DataLoader workers per rank; 0 keeps CPU cores for the attack
+    augment: bool = False  # random crop + flip (CIFAR/ImageNet recipes turn it on)
+    image_size: int | None = None  # ImageFolder/HF crop size; None = data set default
+    unlabeled: str | None = None  # pseudo-labelled pool (npz/arrow written by `dat-ds pseudo-label`)
+    unsup_fraction: float = 0.5  # share of each batch drawn from the unlabeled pool (RST uses 0.5)
+    trust_pickle: bool = False  # legacy pickle files run code when loaded: refuse unless asked
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "small_cnn"  # registered CIFAR/small model or any timm name
+    weights: str | None = None  # local weights file (no hub downloads)
+    channels_last: bool = False  # NHWC memory format; helps convnets on GPUs
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The attack that generates training examples (the inner maximisation)."""
+
+    name: str = "pgd"  # pgd | fgsm_rs | fgsm | none
+    eps: float = 0.1  # radius of the threat model, in pixel units ([0, 1] images)
+    step_size: float | None = None  # None: 2.5*eps/steps for PGD (Madry), 1.25*eps for FGSM-RS (Wong)
+    steps: int = 5
+    norm: str = "linf"  # linf | l2
+    restarts: int = 1
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "dat"  # registered objective
+    clean_weight: float = 0.5  # lambda in CE(adv) + lambda * CE(clean); 0 is Madry PGD-AT
+    beta: float = 6.0  # TRADES / MART regulariser weight
+    replays: int = 4  # Free-AT: replays of each minibatch (epochs are divided by this)
+    temperature: float = 0.5  # NT-Xent temperature for contrastive objectives
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """LR scaling and schedule; the optimizer and its base LR live in the DeepSpeed JSON."""
+
+    lr_scaling: str = "none"  # none | linear | sqrt: scale the JSON lr by global_batch / base_batch_size
+    base_batch_size: int = 256  # the batch size at which the JSON lr is right
+    warmup_epochs: float = 0.0  # linear warmup from 0 (DAT uses 5 at large batch)
+    schedule: str = "constant"  # constant | multistep | cosine
+    milestones: tuple[float, ...] = ()  # epochs at which multistep multiplies the LR by gamma
+    gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    log_every: int = 20  # steps between JSONL step records
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
+    save_every_steps: int = 0  # mid-epoch checkpoints every N steps (0: per epoch only)
+    keep_last: int = 3  # checkpoints kept on disk
+    nan_policy: str = "abort"  # abort | skip: what a non-finite loss or gradient does
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Catastrophic-overfitting watch: FGSM vs PGD accuracy on a fixed held-out batch."""
+
+    every_steps: int = 0  # 0 disables
+    batch_size: int = 256
+    policy: str = "warn"  # warn | stop | rollback
+    gap: float = 0.2  # FGSM acc - PGD acc above this (with PGD acc collapsing) flags overfitting
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    attack: str = "pgd"
+    eps: float | None = None  # None: the training eps
+    steps: int = 20
+    restarts: int = 1
+    step_size: float | None = None  # None: 2.5*eps/steps
+    max_examples: int | None = None  # evaluate on the first N test examples
+    batch_size: int = 256
+    every_epochs: int = 1  # robust evaluation cadence (the last epoch is always evaluated)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    deepspeed_config: str = "ds_configs/zero0_fp32.json"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "attack.norm": ("linf", "l2"),
+    "optim.lr_scaling": ("none", "linear", "sqrt"),
+    "optim.schedule": ("constant", "multistep", "cosine"),
+    "train.nan_policy": ("abort", "skip"),
+    "monitor.policy": ("warn", "stop", "rollback"),
+}
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        (elem, _ellipsis) = typing.get_args(hint)
+        return tuple(_coerce(key, v, elem) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # allow "8/255"
+            try:
+                num, _, den = value.partition("/")
+                return float(num) / float(den) if den else float(num)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"section {prefix.rstrip('.')!r}" if prefix else "the run config"
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r} in {where}; allowed: {', '.join(sorted(names))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix + name!r} must be a mapping of its fields")
+            kwargs[name] = _build(hint, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, hint)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``attack.eps=0.1`` -> ``{"attack": {"eps": 0.1}}`` (values parsed as YAML scalars)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {item!r}; expected KEY=VALUE, e.g. --set attack.eps=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file {str(p)!r} not found; pass an existing YAML file (see recipes/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"recipe file {str(p)!r} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe file {str(p)!r} must hold a mapping of config sections")
+    data.pop("paper", None)  # recipes document published numbers; they are not settings
+    data.pop("expected", None)
+    return data
+
+
+def build_config(
+    recipe: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    values: dict[str, Any] = dict(base or {})
+    if recipe is not None:
+        values = _deep_merge(values, load_recipe(recipe))
+    for item in overrides:
+        values = _deep_merge(values, parse_override(item))
+    cfg = _build(RunConfig, values)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    flat = _plain(dataclasses.asdict(cfg))
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        if flat[section][name] not in allowed:
+            raise ConfigError(f"config key {key!r} is {flat[section][name]!r}; allowed: {', '.join(allowed)}")
+    a = cfg.attack
+    if not 0.0 <= a.eps <= 1.0:
+        raise ConfigError(f"attack.eps={a.eps} is outside [0, 1]; eps is in pixel units, e.g. 8/255")
+    if a.steps < 1:
+        raise ConfigError(f"attack.steps={a.steps} must be >= 1")
+    if a.restarts < 1:
+        raise ConfigError(f"attack.restarts={a.restarts} must be >= 1")
+    if a.step_size is not None and a.step_size <= 0:
+        raise ConfigError(f"attack.step_size={a.step_size} must be > 0 (or null for the standard step)")
+    e = cfg.eval
+    if e.eps is not None and not 0.0 <= e.eps <= 1.0:
+        raise ConfigError(f"eval.eps={e.eps} is outside [0, 1]; eps is in pixel units, e.g. 8/255")
+    for key, value in (("eval.steps", e.steps), ("eval.restarts", e.restarts), ("eval.batch_size", e.batch_size),
+                       ("eval.every_epochs", e.every_epochs), ("train.epochs", cfg.train.epochs),
+                       ("train.log_every", cfg.train.log_every), ("train.keep_last", cfg.train.keep_last),
+                       ("optim.base_batch_size", cfg.optim.base_batch_size), ("objective.replays", cfg.objective.replays),
+                       ("monitor.batch_size", cfg.monitor.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if cfg.objective.clean_weight < 0:
+        raise ConfigError(f"objective.clean_weight={cfg.objective.clean_weight} must be >= 0 (0 is Madry PGD-AT)")
+    if cfg.objective.beta < 0:
+        raise ConfigError(f"objective.beta={cfg.objective.beta} must be >= 0")
+    if cfg.objective.temperature <= 0:
+        raise ConfigError(f"objective.temperature={cfg.objective.temperature} must be > 0")
+    if not 0.0 <= cfg.data.unsup_fraction < 1.0:
+        raise ConfigError(f"data.unsup_fraction={cfg.data.unsup_fraction} must be in [0, 1)")
+    if cfg.data.train_subset is not None and cfg.data.train_subset < 1:
+        raise ConfigError(f"data.train_subset={cfg.data.train_subset} must be >= 1 (or null for all)")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    if cfg.train.save_every_steps < 0:
+        raise ConfigError(f"train.save_every_steps={cfg.train.save_every_steps} must be >= 0")
+    if cfg.train.max_steps_per_epoch is not None and cfg.train.max_steps_per_epoch < 1:
+        raise ConfigError(f"train.max_steps_per_epoch={cfg.train.max_steps_per_epoch} must be >= 1")
+    if cfg.optim.warmup_epochs < 0:
+        raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} must be >= 0")
+    if cfg.optim.schedule == "multistep" and not cfg.optim.milestones:
+        raise ConfigError("optim.schedule=multistep needs optim.milestones, e.g. [75, 90, 95]")
+    if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
+        raise ConfigError(f"optim.milestones={list(cfg.optim.milestones)} must be increasing")
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError(f"name={cfg.name!r} must be a plain folder name (no '/')")
+
+
+def attack_step_size(name: str, eps: float, steps: int, step_size: float | None) -> float:
+    """The standard step sizes: 2.5*eps/k for PGD-k (Madry et al.), 1.25*eps for FGSM-RS (Wong et al.)."""
+    if step_size is not None:
+        return step_size
+    if name == "fgsm_rs":
+        return 1.25 * eps
+    if name == "fgsm":
+        return eps
+    return 2.5 * eps / steps

@@ -1,0 +1,7 @@
+"""Data sets (embedded default, on-disk formats), per-rank sharding and loaders."""
+
+from . import embedded  # noqa: F401  (registers the embedded default)
+from .base import DATASETS, DataSpec, build_dataset
+from .sampler import ShardSampler
+
+__all__ = ["DATASETS", "DataSpec", "ShardSampler", "build_dataset"]

@@ -1,0 +1,24 @@
+"""Normalisation inside the model, so eps is always in pixel units of [0, 1] images."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class NormalizedModel(nn.Module):
+    def __init__(self, backbone: nn.Module, mean, std):
+        super().__init__()
+        self.backbone = backbone
+        c = len(mean)
+        # Not persistent: the backbone's state dict stays loadable by plain timm/torchvision code.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        # Under bf16 engines the weights are bf16; the input follows them (its gradient flows back in fp32).
+        weight = next(self.backbone.parameters(), None)
+        if weight is not None and weight.dtype != z.dtype:
+            z = z.to(weight.dtype)
+        return self.backbone(z)
