@@ -18,6 +18,10 @@ from .. import dist
 log = logging.getLogger(__name__)
 
 
+class StopTraining(Exception):
+    """Raised by a callback (e.g. the catastrophic-overfitting monitor) to end training cleanly."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised under ``train.nan_policy=abort``; the last checkpoint on disk is the last good state."""
 
@@ -108,7 +112,10 @@ def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, m
             record = {"kind": "step", "epoch": state.epoch, "step": state.global_step, "loss": stats["loss"],
                       "train_acc": stats["acc"], "lr": engine.get_lr()[0],
                       "samples_per_s": stats["count"] / max(now - t_window, 1e-9), "skipped_steps": state.skipped_steps}
-            record.update({k: float(v) for k, v in out.items() if k.startswith("comm_") or k.startswith("metric_")})
+            record.update({k: float(v) for k, v in out.items() if k.startswith("metric_")})
+            comm_stats = getattr(engine.optimizer, "comm_stats", None)
+            if callable(comm_stats):  # compressing optimizers report bytes sent and their stage
+                record.update({f"comm_{k}": v for k, v in comm_stats().items()})
             if metrics is not None:
                 metrics(record)
             window, t_window = Meter(), now

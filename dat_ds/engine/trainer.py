@@ -10,19 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from .. import dist, ui
-from ..attacks import attack_from_config  # noqa: F401  (kept importable for objectives)
 from ..config import RunConfig
-from ..data import ShardSampler, build_dataset
+from ..data import build_dataset
+from ..data.loaders import build_train_loader
 from ..io import JsonlWriter, atomic_write_json, atomic_write_text
 from ..models import create_model
 from ..objectives import ObjectiveContext, build_objective
 from ..optim import build_optimizer, build_scheduler, lr_scale, param_groups
 from . import checkpoint, ds_config
 from .evaluate import AttackSpec, evaluate
-from .loop import TrainState, train_one_epoch
+from .loop import StopTraining, TrainState, train_one_epoch
 
 log = logging.getLogger("dat_ds.train")
 
@@ -45,14 +44,12 @@ def build_engine(cfg: RunConfig, settings: ds_config.EngineSettings, model: torc
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=settings.ds_config
     )
+    if settings.compresses:
+        # The optimizer communicates (compressed) itself: DeepSpeed must not also all-reduce gradients.
+        engine.enable_backward_allreduce = False
+        log.info("%s does its own compressed communication; DeepSpeed's gradient all-reduce is off",
+                 settings.optimizer["type"])
     return engine, optimizer, scheduler, scale
-
-
-def _loader(dataset, sampler, batch_size: int, cfg: RunConfig, seed: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                      pin_memory=dist.accelerator().device_name() != "cpu", drop_last=True,
-                      persistent_workers=cfg.data.num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -112,9 +109,8 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
     model = create_model(cfg.model.name, spec, cfg.model.weights)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    sampler = ShardSampler(len(train_set), rank=rank, world_size=world, shuffle=True, seed=cfg.seed,
-                           drop_last=True, multiple_of=settings.micro_batch)
-    steps_per_epoch = len(sampler) // settings.micro_batch
+    loaders = build_train_loader(cfg, train_set, micro_batch=settings.micro_batch, rank=rank, world_size=world)
+    steps_per_epoch = loaders.steps_per_epoch
     if cfg.train.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     if steps_per_epoch == 0:
@@ -158,20 +154,36 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
                         client_state={**state.to_dict(), **client_extra, "objective_state": objective.state_dict()},
                         rank_state=checkpoint.capture_rng(generator), keep_last=cfg.train.keep_last)
 
+    callbacks = []
+    if cfg.monitor.every_steps > 0:
+        from ..evaluation.monitor import CatastrophicOverfittingMonitor
+
+        callbacks.append(CatastrophicOverfittingMonitor(cfg, engine, test_set, ckpt_root=ckpt_root, write=write))
+
     def on_step(s: TrainState) -> None:
+        for cb in callbacks:
+            cb.on_step(s)
         every = cfg.train.save_every_steps
         if every and s.global_step % every == 0 and s.step_in_epoch < steps_per_epoch:
             save(end_of_epoch=False)
 
     t_run = time.perf_counter()
+    stopped = None
     while state.epoch < cfg.train.epochs:
         epoch = state.epoch
-        sampler.set_epoch(epoch, start=state.step_in_epoch * settings.micro_batch)
-        loader = _loader(train_set, sampler, settings.micro_batch, cfg, cfg.seed + epoch)
+        loader = loaders.loader(epoch, state.step_in_epoch)
         remaining = (steps_per_epoch - state.step_in_epoch) * settings.micro_batch * world
+        stopped = None
         with ui.progress_bar(remaining, f"epoch {epoch + 1}/{cfg.train.epochs}") as advance:
-            train_stats = train_one_epoch(engine, objective, ctx, loader, state, cfg=cfg, metrics=write,
-                                          on_step=on_step, progress=advance)
+            try:
+                train_stats = train_one_epoch(engine, objective, ctx, loader, state, cfg=cfg, metrics=write,
+                                              on_step=on_step, progress=advance)
+            except StopTraining as e:
+                stopped = str(e)
+                log.warning("training stopped early at epoch %d step %d: %s", epoch + 1, state.step_in_epoch, e)
+        if stopped is not None:
+            write({"kind": "stopped", "epoch": epoch + 1, "step": state.global_step, "reason": stopped})
+            break
         last = epoch + 1 == cfg.train.epochs
         robust = last or (epoch + 1) % cfg.eval.every_epochs == 0
         t_eval = time.perf_counter()
@@ -191,7 +203,7 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
         save(end_of_epoch=True)
         state.epoch, state.step_in_epoch = epoch + 1, 0
 
-    summary = {"name": cfg.name, "run_dir": str(run_dir), "world_size": world, "epochs": cfg.train.epochs,
+    summary = {"stopped": stopped, "name": cfg.name, "run_dir": str(run_dir), "world_size": world, "epochs": cfg.train.epochs,
                "seconds": time.perf_counter() - t_run, "final": state.history[-1] if state.history else None,
                "history": state.history}
     if dist.is_main_process():
