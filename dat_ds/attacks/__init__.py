@@ -9,6 +9,7 @@ import torch
 from ..config import AttackConfig, attack_step_size
 from ..registry import Registry
 from .core import eval_mode, fgsm, fgsm_rs, pgd
+from .external import apgd_ce, apgd_dlr, autoattack, square
 from .geometry import GEOMETRIES, L2Geometry, LinfGeometry
 from .losses import ATTACK_LOSSES, ce_loss, margin_loss, misclassified
 
@@ -16,6 +17,11 @@ ATTACKS: Registry[Callable[..., torch.Tensor]] = Registry("attack")
 ATTACKS.register("fgsm")(fgsm)
 ATTACKS.register("fgsm_rs")(fgsm_rs)
 ATTACKS.register("pgd")(pgd)
+# Evaluation-only attacks through torchattacks (AutoAttack and its parts; Square is the black-box check).
+ATTACKS.register("autoattack")(autoattack)
+ATTACKS.register("apgd-ce")(apgd_ce)
+ATTACKS.register("apgd-dlr")(apgd_dlr)
+ATTACKS.register("square")(square)
 
 
 def _no_attack(model, x, y, **_unused):
@@ -34,6 +40,7 @@ def attack_from_config(cfg: AttackConfig, model, x, y, *, generator=None, loss_f
 
 
 __all__ = [
-    "ATTACKS", "ATTACK_LOSSES", "GEOMETRIES", "L2Geometry", "LinfGeometry", "attack_from_config", "ce_loss",
-    "eval_mode", "fgsm", "fgsm_rs", "margin_loss", "misclassified", "pgd",
+    "ATTACKS", "ATTACK_LOSSES", "GEOMETRIES", "L2Geometry", "LinfGeometry", "apgd_ce", "apgd_dlr",
+    "attack_from_config", "autoattack", "ce_loss", "eval_mode", "fgsm", "fgsm_rs", "margin_loss", "misclassified",
+    "pgd", "square",
 ]

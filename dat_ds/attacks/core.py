@@ -55,19 +55,20 @@ def _score(model: nn.Module, x_adv: torch.Tensor, y, loss_fn: LossFn, success_fn
     return loss + success_fn(out, y).float() * 1e6
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y, *, eps: float, step_size: float | None = None,
+def fgsm(model: nn.Module, x: torch.Tensor, y, *, eps: float, step_size: float | None = None, norm: str = "linf",
          loss_fn: LossFn = ce_loss, generator: torch.Generator | None = None, **_unused) -> torch.Tensor:
-    """One signed-gradient step of size eps from the clean point (Goodfellow et al.)."""
+    """One gradient step of size eps from the clean point (Goodfellow et al.; signed for L-inf, normalised for L2)."""
+    geometry = GEOMETRIES.get(norm)(eps)
     with eval_mode(model):
         grad, _ = _input_grad(model, x, y, loss_fn)
-        return (x + (step_size or eps) * grad.sign()).clamp(x - eps, x + eps).clamp_(0, 1).detach()
+        return geometry.project(geometry.step(x, grad, eps if step_size is None else step_size), x).detach()
 
 
-def fgsm_rs(model: nn.Module, x: torch.Tensor, y, *, eps: float, step_size: float | None = None,
+def fgsm_rs(model: nn.Module, x: torch.Tensor, y, *, eps: float, step_size: float | None = None, norm: str = "linf",
             loss_fn: LossFn = ce_loss, generator: torch.Generator | None = None, **_unused) -> torch.Tensor:
     """FGSM from a uniform random start with step 1.25*eps ("fast AT", Wong et al. 2020; DAT-FGSM)."""
     alpha = 1.25 * eps if step_size is None else step_size
-    geometry = GEOMETRIES.get("linf")(eps)
+    geometry = GEOMETRIES.get(norm)(eps)
     with eval_mode(model):
         x_adv = geometry.random_start(x, generator)
         grad, _ = _input_grad(model, x_adv, y, loss_fn)
@@ -85,6 +86,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y, *, eps: float, step_size: float | 
     """
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
+    if restarts < 1:
+        raise ValueError(f"restarts={restarts} must be >= 1")
     alpha = 2.5 * eps / steps if step_size is None else step_size
     geometry = GEOMETRIES.get(norm)(eps)
     best_x, best_score = None, None

@@ -36,4 +36,8 @@ class TrainLoaderFactory:
 
 def build_train_loader(cfg, dataset, *, micro_batch: int, rank: int, world_size: int) -> TrainLoaderFactory:
     """Hook point: unlabeled-data mixing (RST) swaps in its own factory here."""
+    if cfg.data.unlabeled:
+        from .unlabeled import MixedTrainLoaderFactory
+
+        return MixedTrainLoaderFactory(cfg, dataset, micro_batch=micro_batch, rank=rank, world_size=world_size)
     return TrainLoaderFactory(cfg, dataset, micro_batch=micro_batch, rank=rank, world_size=world_size)

@@ -2,17 +2,25 @@
 
 Layout of ``<run>/checkpoint/``::
 
-    <tag>/                 DeepSpeed files (model, optimizer, ZeRO partitions, client state)
+    <tag>/                   DeepSpeed files (model, optimizer incl. error feedback, scheduler, client state)
     <tag>/rank_state_<r>.pt  per-rank RNG states (torch, accelerator, numpy, python, attack generator)
-    <tag>/complete.json    written by rank 0 after every rank has finished writing: the commit mark
-    latest                 the newest complete tag, replaced atomically after complete.json
+    <tag>/complete.json      the commit mark: step, epoch, world size, what the weights fit, file sizes
+    latest                   the newest complete tag, replaced atomically after the tag is committed
 
-A tag without ``complete.json`` was interrupted mid-write and is never resumed from.
+A save writes into ``.tmp-<tag>/``; once every rank has written its files, rank 0 adds
+``complete.json`` and renames the folder to ``<tag>`` (one atomic rename), then updates ``latest``.
+A crash mid-save therefore leaves only a ``.tmp-*`` folder, which is never resumed from.
+
+Loading is guarded: DeepSpeed unpickles its files with ``weights_only=False``, so before it does,
+every ``.pt`` file of the tag is opened with ``torch.load(weights_only=True)`` (a restricted
+unpickler that cannot call arbitrary code); a file that needs anything else is refused.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -27,15 +35,27 @@ from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
+TMP_PREFIX = ".tmp-"
+# Config keys whose change makes the saved tensors unusable: checked before DeepSpeed sees the files.
+MUST_MATCH = (("model", "name"), ("data", "name"))
+
+
+# ----------------------------------------------------------------------------- RNG
 
 
 def capture_rng(generator: torch.Generator | None) -> dict[str, Any]:
+    """Every random stream this rank draws from (tensors and ints only: loadable with weights_only)."""
+    py_version, py_state, py_gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]) + [random.getstate()[2] or -1],
-        "python_version": random.getstate()[0],
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "python": list(py_state),
+        "python_version": py_version,
+        "python_gauss": py_gauss,  # None or a float
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
     }
     acc = dist.accelerator()
     if acc.device_name() != "cpu":
@@ -47,61 +67,213 @@ def capture_rng(generator: torch.Generator | None) -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any], generator: torch.Generator | None) -> None:
     torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((state["python_version"], tuple(py[:-1]), None if py[-1] == -1 else py[-1]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    py = list(state["python"])
+    if "python_gauss" in state:
+        random.setstate((state["python_version"], tuple(py), state["python_gauss"]))
+    else:  # files written before python_gauss existed appended it to the list (-1 for None)
+        random.setstate((state["python_version"], tuple(py[:-1]), None if py[-1] == -1 else py[-1]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state.get("numpy_has_gauss", 0), state.get("numpy_gauss", 0.0)))
     if "accelerator" in state:
         dist.accelerator().set_rng_state(state["accelerator"])
-    if generator is not None and "generator" in state:
+    if generator is not None:
+        if "generator" not in state:
+            raise ConfigError("the checkpoint has no attack-generator state; it was not written by dat-ds train")
         generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------- save
 
 
 def tag_for(epoch: int, global_step: int, end_of_epoch: bool) -> str:
     return f"epoch{epoch:04d}" if end_of_epoch else f"step{global_step:09d}"
 
 
+def checkpoint_meta(config: dict[str, Any] | None, ds: dict[str, Any] | None) -> dict[str, Any]:
+    """What the saved tensors fit: compared against the new run before DeepSpeed loads anything."""
+    config, ds = config or {}, ds or {}
+    meta = {f"{s}.{k}": (config.get(s) or {}).get(k) for s, k in MUST_MATCH}
+    meta["optimizer"] = (ds.get("optimizer") or {}).get("type")
+    meta["zero_stage"] = (ds.get("zero_optimization") or {}).get("stage", 0)
+    return meta
+
+
 def save(engine, root: Path, tag: str, *, client_state: dict[str, Any], rank_state: dict[str, Any],
          keep_last: int) -> Path:
+    """Write one checkpoint on every rank; committed by rank 0 with one rename after all ranks wrote."""
     root = Path(root)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    tmp_tag = TMP_PREFIX + tag
+    if dist.is_main_process() and (root / tmp_tag).exists():
+        shutil.rmtree(root / tmp_tag)  # left over from a save that crashed
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
     import io
 
     buf = io.BytesIO()
     torch.save(rank_state, buf)
-    atomic_write_bytes(root / tag / f"rank_state_{dist.rank()}.pt", buf.getvalue())
-    dist.barrier()  # every rank's files are on disk before the commit mark
+    atomic_write_bytes(root / tmp_tag / f"rank_state_{dist.rank()}.pt", buf.getvalue())
+    dist.barrier()  # every rank's files are on disk before the commit
     if dist.is_main_process():
-        atomic_write_json(root / tag / COMPLETE, {"tag": tag, "global_step": client_state["global_step"],
-                                                  "epoch": client_state["epoch"], "world_size": dist.world_size()})
+        files = {str(p.relative_to(root / tmp_tag)): p.stat().st_size
+                 for p in sorted((root / tmp_tag).rglob("*")) if p.is_file()}
+        atomic_write_json(root / tmp_tag / COMPLETE, {
+            "tag": tag, "global_step": client_state["global_step"], "epoch": client_state["epoch"],
+            "step_in_epoch": client_state.get("step_in_epoch"), "world_size": dist.world_size(),
+            "fits": checkpoint_meta(client_state.get("config"), client_state.get("ds_config")), "files": files,
+        })
+        old = root / f"{TMP_PREFIX}old-{tag}"
+        if (root / tag).exists():  # the same tag again (e.g. re-run after resuming an older one)
+            os.replace(root / tag, old)
+        os.replace(root / tmp_tag, root / tag)  # the commit
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
         atomic_write_text(root / "latest", tag + "\n")
         _prune(root, keep_last, keep=tag)
     dist.barrier()
     return root / tag
 
 
-def complete_tags(root: Path) -> list[tuple[int, str]]:
-    import json
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
+
+def read_complete(tag_dir: Path) -> dict[str, Any] | None:
+    try:
+        mark = json.loads((Path(tag_dir) / COMPLETE).read_text())
+        int(mark["global_step"])
+        return mark
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def complete_tags(root: Path) -> list[tuple[int, str]]:
+    """Committed tags as ``(global_step, tag)``, oldest first."""
     out = []
-    for d in Path(root).iterdir() if Path(root).is_dir() else []:
-        mark = d / COMPLETE
-        if d.is_dir() and mark.is_file():
-            try:
-                out.append((int(json.loads(mark.read_text())["global_step"]), d.name))
-            except (ValueError, KeyError, json.JSONDecodeError):
-                log.warning("checkpoint %s has an unreadable %s; skipping it", d, COMPLETE)
-    return sorted(out)
+    root = Path(root)
+    for d in root.iterdir() if root.is_dir() else []:
+        if not d.is_dir() or d.name.startswith(TMP_PREFIX) or not (d / COMPLETE).is_file():
+            continue
+        mark = read_complete(d)
+        if mark is None:
+            log.warning("checkpoint %s has an unreadable %s; skipping it", d, COMPLETE)
+            continue
+        # epoch tags sort after step tags of the same global step: they also hold the epoch's eval
+        out.append((int(mark["global_step"]), int(d.name.startswith("epoch")), d.name))
+    return [(step, tag) for step, _, tag in sorted(out)]
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
-    tags = complete_tags(root)
-    for _, tag in tags[:-keep_last]:
+    for _, tag in complete_tags(root)[:-keep_last]:
         if tag != keep:
             shutil.rmtree(root / tag, ignore_errors=True)
+    for d in root.iterdir():  # folders of saves that crashed before their commit
+        if d.is_dir() and d.name.startswith(TMP_PREFIX):
+            shutil.rmtree(d, ignore_errors=True)
 
 
-def find_resume_tag(root: Path) -> str | None:
-    """The newest complete checkpoint; interrupted ones are skipped with a warning."""
+# ----------------------------------------------------------------------------- verify
+
+
+# Plain-data types DeepSpeed writes into its checkpoints besides tensors and builtins (ZeRO configs).
+def _deepspeed_safe_globals() -> list[Any]:
+    out: list[Any] = []
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        out.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        out.append(fragment_address)
+    except ImportError:
+        pass
+    return out
+
+
+class CorruptCheckpoint(Exception):
+    """A file of the checkpoint is truncated or unreadable (as opposed to unsafe)."""
+
+
+def verify_file(path: Path) -> None:
+    """Open ``path`` with the restricted unpickler; ConfigError if it needs code, CorruptCheckpoint if broken."""
+    import pickle
+    import zipfile
+
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:  # noqa: BLE001 - a file we cannot even list is corrupt
+        raise CorruptCheckpoint(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _deepspeed_safe_globals()}
+    bad = sorted(set(unsafe) - allowed)
+    if bad:
+        raise ConfigError(
+            f"refusing to load {str(path)!r}: it references {', '.join(bad[:3])}, which could run code when "
+            "unpickled; only load checkpoints you wrote yourself, or export the weights to safetensors"
+        )
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"refusing to load {str(path)!r}: the restricted unpickler rejects it ({str(e).splitlines()[0]}); "
+                          "only load checkpoints written by dat-ds") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CorruptCheckpoint(f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def verify_tag(root: Path, tag: str) -> None:
+    """Check a committed tag's files (sizes recorded at commit time, then the restricted unpickler)."""
+    tag_dir = Path(root) / tag
+    mark = read_complete(tag_dir)
+    if mark is None:
+        raise CorruptCheckpoint(f"{tag_dir} has no readable {COMPLETE}")
+    for name, size in (mark.get("files") or {}).items():
+        p = tag_dir / name
+        if name == COMPLETE:
+            continue
+        if not p.is_file() or p.stat().st_size != size:
+            raise CorruptCheckpoint(f"{p} is missing or has the wrong size (want {size} bytes)")
+    for p in sorted(tag_dir.rglob("*.pt")):
+        verify_file(p)
+
+
+def check_compatible(root: Path, tag: str, cfg, ds: dict[str, Any] | None = None) -> None:
+    """ConfigError when the checkpoint's tensors cannot fit this run (other model, data set, optimizer, ZeRO)."""
+    mark = read_complete(Path(root) / tag) or {}
+    fits = mark.get("fits")
+    if not fits:
+        return  # written before dat-ds recorded it; DeepSpeed's strict load still checks the shapes
+    if ds is None:
+        from .ds_config import load_ds_json
+
+        ds = load_ds_json(cfg.deepspeed_config)
+    want = checkpoint_meta(cfg.to_dict(), ds)
+    for key, saved in fits.items():
+        if saved is None or want.get(key) is None or saved == want[key]:
+            continue
+        hint = f"--set {key}={saved}" if "." in key else f"a DeepSpeed config with {key} {saved!r}"
+        raise ConfigError(
+            f"checkpoint {str(Path(root) / tag)!r} was saved with {key}={saved!r}, but this run has {want[key]!r}; "
+            f"resume with {hint}, or start a new run with another --name"
+        )
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def find_resume_tag(root: Path, verify: bool = True) -> str | None:
+    """The newest complete checkpoint whose files are intact; interrupted or corrupt ones are skipped
+    with a warning. Unsafe files raise ConfigError (they are never skipped silently)."""
     root = Path(root)
     if not root.is_dir():
         return None
@@ -112,21 +284,42 @@ def find_resume_tag(root: Path) -> str | None:
             log.warning("skipping incomplete checkpoint %s (no %s: it was interrupted while being written)", d, COMPLETE)
     latest = root / "latest"
     if latest.is_file():
-        tag = latest.read_text().strip()
-        if tag in complete and tags and tags[-1][1] == tag:
+        pointed = latest.read_text().strip()
+        if pointed not in complete:
+            log.warning("checkpoint/latest names %r, which is not a complete checkpoint; using the newest complete one",
+                        pointed)
+    for _, tag in reversed(tags):
+        if not verify:
             return tag
-    return tags[-1][1] if tags else None
+        try:
+            verify_tag(root, tag)
+            return tag
+        except CorruptCheckpoint as e:
+            log.warning("skipping corrupt checkpoint %s: %s", root / tag, e)
+    return None
 
 
-def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str]:
-    """``--resume auto`` (this run's folder), a run folder, a checkpoint folder or one tag folder."""
+def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
+    """``--resume auto`` (this run's folder), a run folder, a checkpoint folder or one tag folder.
+
+    ``auto`` with no usable checkpoint returns None (start from scratch: a pre-empted job can always be
+    restarted with the same command); an explicit path with none is a ConfigError.
+    """
+    run_dir = Path(run_dir)
     candidates = [run_dir / "checkpoint"] if resume == "auto" else [Path(resume) / "checkpoint", Path(resume)]
     for root in candidates:
         if (root / COMPLETE).is_file():  # a tag folder itself
+            try:
+                verify_tag(root.parent, root.name)
+            except CorruptCheckpoint as e:
+                raise ConfigError(f"checkpoint {str(root)!r} is corrupt ({e}); resume from another one") from None
             return root.parent, root.name
         tag = find_resume_tag(root)
         if tag is not None:
             return root, tag
+    if resume == "auto":
+        log.warning("--resume auto: no complete checkpoint in %s; starting from scratch", run_dir / "checkpoint")
+        return None
     raise ConfigError(
         f"no complete checkpoint found for --resume {resume}; give a run folder with a checkpoint/ inside, "
         "or start without --resume"
@@ -134,7 +327,17 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str]:
 
 
 def load(engine, root: Path, tag: str, generator: torch.Generator | None) -> dict[str, Any]:
-    load_path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
+    """Restore engine + RNG from a tag that ``verify_tag`` accepted (call ``check_compatible`` first)."""
+    try:
+        verify_tag(root, tag)  # cheap next to training, and the files may have changed since the preflight
+    except CorruptCheckpoint as e:
+        raise ConfigError(f"checkpoint {str(Path(root) / tag)!r} is corrupt ({e}); resume from another one") from None
+    try:
+        load_path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
+    except RuntimeError as e:  # shape mismatches etc. from torch's load_state_dict
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"checkpoint {str(Path(root) / tag)!r} does not fit this model ({first}); "
+                          "resume with the model and data set it was saved with") from None
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {root / tag}; it is incomplete or from another setup")
     rank_file = Path(root) / tag / f"rank_state_{dist.rank()}.pt"

@@ -19,6 +19,19 @@ from .. import dist
 from ..attacks import ATTACKS, ATTACK_LOSSES, eval_mode
 
 
+_DISPLAY = {"fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "autoattack": "AutoAttack", "apgd-ce": "APGD-CE",
+            "apgd-dlr": "APGD-DLR", "square": "Square", "none": "clean"}
+
+
+def batch_generator(seed: int, batch: int, device) -> torch.Generator:
+    """The attack noise of test batch ``batch``: the same on any rank and for every attack spec.
+
+    Sharing it across specs makes comparisons exact: PGD-20 with 5 restarts starts its first restart
+    where plain PGD-20 starts, so (worst case over restarts) it can only break more examples.
+    """
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch * 101)
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     attack: str = "pgd"
@@ -32,12 +45,18 @@ class AttackSpec:
 
     @property
     def label(self) -> str:
+        """A short unique name, e.g. ``PGD-20@0.1``, ``PGD-20x5-L2-margin@0.5``, ``AutoAttack@0.03137``."""
         if self.attack == "pgd":
             name = f"PGD-{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
-            name += "" if self.norm == "linf" else f"-{self.norm.upper()}"
-            name += "" if self.loss == "ce" else f"-{self.loss}"
+            if self.step_size is not None:
+                name += f"-a{self.step_size:.3g}"
         else:
-            name = self.attack
+            name = _DISPLAY.get(self.attack, self.attack)
+        name += "" if self.norm == "linf" else f"-{self.norm.upper()}"
+        if self.attack in ("pgd", "fgsm", "fgsm_rs") and self.loss != "ce":
+            name += f"-{self.loss}"
+        for key, value in sorted(self.extra.items()):
+            name += f"-{key}{value}"
         return f"{name}@{self.eps:.4g}"
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -87,6 +106,9 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
     ``lockstep`` makes every rank run the same number of forward passes (ZeRO-3 gathers parameters
     collectively in each one), padding short ranks with a discarded batch.
     """
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate attack specs in {labels}")
     device = next(model.parameters()).device
     n = len(dataset) if max_examples is None else min(max_examples, len(dataset))
     batches = _batches(n, batch_size)
@@ -107,8 +129,8 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
             with torch.no_grad():
                 clean = model(x).argmax(1) == y
             robust = {}
-            for spec_i, spec in enumerate(specs):
-                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b * 101 + spec_i)
+            for spec in specs:
+                g = batch_generator(seed, max(b, 0), device)
                 t0 = time.perf_counter()
                 x_adv = spec.run(model, x, y, g)
                 with torch.no_grad():

@@ -17,7 +17,7 @@ from ..data import build_dataset
 from ..data.loaders import build_train_loader
 from ..io import JsonlWriter, atomic_write_json, atomic_write_text
 from ..models import create_model
-from ..objectives import ObjectiveContext, build_objective
+from ..objectives import ObjectiveContext, build_objective, prepare_model
 from ..optim import build_optimizer, build_scheduler, lr_scale, param_groups
 from . import checkpoint, ds_config
 from .evaluate import AttackSpec, evaluate
@@ -89,6 +89,10 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
     settings = ds_config.prepare(cfg.deepspeed_config, world)
     run_dir = cfg.run_dir
     ckpt_root = run_dir / "checkpoint"
+    # Resolve and vet the checkpoint before anything is built: a mismatch is one line, not a DeepSpeed crash.
+    found = checkpoint.resolve_resume(resume, run_dir) if resume is not None else None
+    if found is not None:
+        checkpoint.check_compatible(*found, cfg, {**settings.ds_config, "optimizer": settings.optimizer})
     if dist.is_main_process():
         if overwrite and resume is None and run_dir.exists():
             shutil.rmtree(ckpt_root, ignore_errors=True)
@@ -107,6 +111,7 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
     train_set, spec = build_dataset(cfg.data, "train")
     test_set, _ = build_dataset(cfg.data, "test")
     model = create_model(cfg.model.name, spec, cfg.model.weights)
+    model = prepare_model(cfg, spec, model)  # e.g. acl trains an encoder + projection head
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loaders = build_train_loader(cfg, train_set, micro_batch=settings.micro_batch, rank=rank, world_size=world)
@@ -130,8 +135,8 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
     ctx = ObjectiveContext(model=engine, module=engine.module, cfg=cfg, generator=generator)
 
     state = TrainState()
-    if resume is not None:
-        root, tag = checkpoint.resolve_resume(resume, run_dir)
+    if found is not None:
+        root, tag = found
         client = checkpoint.load(engine, root, tag, generator)
         state = TrainState(epoch=client["epoch"], step_in_epoch=client["step_in_epoch"],
                            global_step=client["global_step"], skipped_steps=client.get("skipped_steps", 0),

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import Registry
+from .cifar import CIFAR_MODELS
 from .small import SmallCNN
 from .wrapper import NormalizedModel
 
@@ -24,6 +25,21 @@ def small_cnn(in_chans: int, num_classes: int, img_size: int) -> nn.Module:
 @MODELS.register("tiny_cnn")
 def tiny_cnn(in_chans: int, num_classes: int, img_size: int) -> nn.Module:
     return SmallCNN(in_chans=in_chans, num_classes=num_classes, img_size=img_size, width=8)
+
+
+def _register_timm_cifar(name: str) -> None:
+    # The CIFAR models live in timm's registry (so plain timm code can build them); listing them here
+    # too makes `dat-ds list models` show them.
+    def build(in_chans: int, num_classes: int, img_size: int) -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+    MODELS.register(name)(build)
+
+
+for _name in CIFAR_MODELS:
+    _register_timm_cifar(_name)
 
 
 def model_names() -> list[str]:

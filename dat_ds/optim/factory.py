@@ -66,6 +66,34 @@ OPTIMIZERS.register("lars")(OptimizerEntry(
                            "always_adapt", "eps"})))
 
 
+# Ours (dat_ds/optim/onebit.py): they average gradients themselves, compressed; DeepSpeed 0.18 names.
+_COMM_KEYS = frozenset({"cuda_aware", "comm_backend_name"})
+# DeepSpeed 0.18 accepted these for its 1-bit optimizers; they have no effect there or here.
+_ONEBIT_IGNORED = frozenset({"bias_correction", "eps_inside_sqrt", "max_grad_norm", "amsgrad"})
+
+
+def _onebit(cls_name: str):
+    def build(params, **kw):
+        from . import onebit
+
+        return getattr(onebit, cls_name)(params, **kw)
+
+    return build
+
+
+OPTIMIZERS.register("onebitadam")(OptimizerEntry(
+    _onebit("OneBitAdam"), _ADAM_KEYS - {"amsgrad"} | {"freeze_step"} | _COMM_KEYS, compresses=True,
+    ignored=_ONEBIT_IGNORED))
+OPTIMIZERS.register("zerooneadam")(OptimizerEntry(
+    _onebit("ZeroOneAdam"), _ADAM_KEYS - {"amsgrad"} | {"var_freeze_step", "var_update_scaler", "local_step_scaler",
+                                                       "local_step_clipper"} | _COMM_KEYS,
+    compresses=True, ignored=_ONEBIT_IGNORED))
+OPTIMIZERS.register("onebitlamb")(OptimizerEntry(
+    _onebit("OneBitLamb"), _ADAM_KEYS - {"amsgrad"} | {"freeze_step", "max_coeff", "min_coeff", "coeff_beta", "factor_max",
+                                                      "factor_min", "factor_threshold"} | _COMM_KEYS,
+    compresses=True, ignored=_ONEBIT_IGNORED))
+
+
 def _normalise(type_name: str) -> str:
     return type_name.replace("_", "").replace("-", "").lower()
 

@@ -1,0 +1,127 @@
+"""AutoAttack, APGD and Square through ``torchattacks``, behind our pure-function signature.
+
+``fn(model, x, y, *, eps, norm, generator, ...) -> x_adv`` like every other attack: the model runs in eval
+mode (our context manager; torchattacks then sees an eval model and leaves it alone), inputs and outputs
+are [0, 1] images (``NormalizedModel`` normalises inside), and the randomness comes from ``generator``.
+
+torchattacks seeds the *global* torch RNG itself (``torch.random.manual_seed(self.seed)`` inside APGD,
+APGD-T, FAB and Square), so each call draws its seed from ``generator`` and runs inside
+``torch.random.fork_rng``: the caller's global RNG stream is untouched, and a batch seeded the same way
+gives the same adversarial examples on any rank.
+
+``torchattacks.AutoAttack(version="standard")`` is APGD-CE, APGD-T, FAB-T and Square (5,000 queries),
+each attack run only on the points the previous ones did not break, but with torchattacks' default of 10
+iterations for APGD/APGD-T/FAB-T. Croce & Hein's reference uses 100; pass ``steps`` to build that same
+ensemble from torchattacks' components with another iteration count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .core import eval_mode
+
+_NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+def _ta_norm(norm: str) -> str:
+    try:
+        return _NORMS[norm.lower()]
+    except KeyError:
+        raise ValueError(f"norm={norm!r}; torchattacks attacks take linf or l2") from None
+
+
+def _seed_from(generator: torch.Generator | None) -> int:
+    if generator is None:
+        return 0
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x[:1]).shape[1])
+
+
+def _run(make_attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> torch.Tensor:
+    if x.numel() == 0:
+        return x.clone()
+    seed = _seed_from(generator)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with eval_mode(model), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        attack = make_attack(seed)
+        x_adv = attack(x.detach(), y.detach())
+    return x_adv.detach().to(x.dtype)
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+               version: str = "standard", n_classes: int | None = None, aa_steps: int | None = None,
+               n_queries: int = 5000, generator: torch.Generator | None = None, **_unused) -> torch.Tensor:
+    """AutoAttack (Croce & Hein, ICML 2020) via torchattacks; ``aa_steps`` sets APGD/APGD-T/FAB-T iterations."""
+    import torchattacks
+
+    classes = n_classes or _num_classes(model, x)
+    ta_norm = _ta_norm(norm)
+
+    def make(seed: int):
+        if aa_steps is None and n_queries == 5000:
+            return torchattacks.AutoAttack(model, norm=ta_norm, eps=eps, version=version, n_classes=classes, seed=seed)
+        if version != "standard":
+            raise ValueError("aa_steps/n_queries are only supported for version='standard'")
+        steps = aa_steps or 10
+        return torchattacks.MultiAttack([
+            torchattacks.APGD(model, norm=ta_norm, eps=eps, steps=steps, seed=seed, loss="ce", n_restarts=1),
+            torchattacks.APGDT(model, norm=ta_norm, eps=eps, steps=steps, seed=seed, n_classes=classes, n_restarts=1),
+            torchattacks.FAB(model, norm=ta_norm, eps=eps, steps=steps, seed=seed, multi_targeted=True,
+                             n_classes=classes, n_restarts=1),
+            torchattacks.Square(model, norm=ta_norm, eps=eps, seed=seed, n_queries=n_queries, n_restarts=1),
+        ])
+
+    return _clip_to_ball(_run(make, model, x, y, generator), x, eps, norm)
+
+
+def apgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+            apgd_steps: int = 100, restarts: int = 1, generator: torch.Generator | None = None,
+            **_unused) -> torch.Tensor:
+    """APGD with the cross-entropy loss (the first AutoAttack stage), ``apgd_steps`` iterations."""
+    import torchattacks
+
+    def make(seed: int):
+        return torchattacks.APGD(model, norm=_ta_norm(norm), eps=eps, steps=apgd_steps, n_restarts=restarts,
+                                 seed=seed, loss="ce")
+
+    return _clip_to_ball(_run(make, model, x, y, generator), x, eps, norm)
+
+
+def apgd_dlr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+             apgd_steps: int = 100, restarts: int = 1, generator: torch.Generator | None = None,
+             **_unused) -> torch.Tensor:
+    """APGD with the scale-invariant DLR loss (needs >= 3 classes)."""
+    import torchattacks
+
+    def make(seed: int):
+        return torchattacks.APGD(model, norm=_ta_norm(norm), eps=eps, steps=apgd_steps, n_restarts=restarts,
+                                 seed=seed, loss="dlr")
+
+    return _clip_to_ball(_run(make, model, x, y, generator), x, eps, norm)
+
+
+def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+           n_queries: int = 1000, restarts: int = 1, generator: torch.Generator | None = None,
+           **_unused) -> torch.Tensor:
+    """Square attack (Andriushchenko et al., 2020): score-based black box, no gradients at all."""
+    import torchattacks
+
+    def make(seed: int):
+        return torchattacks.Square(model, norm=_ta_norm(norm), eps=eps, n_queries=n_queries, n_restarts=restarts,
+                                   seed=seed, loss="margin")
+
+    return _clip_to_ball(_run(make, model, x, y, generator), x, eps, norm)
+
+
+def _clip_to_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """torchattacks stays in the ball up to float error; one projection makes our contract exact."""
+    from .geometry import GEOMETRIES
+
+    return GEOMETRIES.get(norm.lower())(eps).project(x_adv, x).detach()

@@ -1,0 +1,236 @@
+"""Unlabeled data, RST-style (Carmon et al. 2019): pools, pseudo-label files, and mixed batches.
+
+- A *pool* is a set of images without labels: ``embedded:train[1000:]`` (the part of the embedded
+  training split not used as labeled data when ``data.train_subset=1000``), ``fashion-mnist-full:train[10000:]``
+  (the Debian IDX files), or an ``.npz`` file with an ``images`` array (uint8, NHWC or NHW).
+- ``dat-ds pseudo-label`` runs a teacher over a pool and writes a *pseudo-label file*: an ``.npz``
+  (read with ``allow_pickle=False``, so loading it never runs code) holding ``images``, ``labels``,
+  ``confidences`` and a JSON ``meta`` string, written atomically.
+- With ``data.unlabeled: FILE.npz`` training draws every micro-batch of ``B`` examples as
+  ``B - round(f * B)`` labeled + ``round(f * B)`` pseudo-labelled ones (``f = data.unsup_fraction``) on
+  every rank. An epoch has as many steps as the concatenated data set holds global batches; the smaller
+  group is cycled through fresh permutations. The order depends only on (seed, epoch, rank), so a run
+  resumes mid-epoch exactly, and every rank takes the same number of steps.
+- Legacy pickle files (RST's ``ti_500K_pseudo_labeled.pickle``: ``data`` + ``extrapolated_targets``)
+  can run arbitrary code when loaded: refused unless ``data.trust_pickle: true``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
+
+from .. import dist
+from ..errors import ConfigError
+from ..io import atomic_write_bytes
+from .embedded import DEBIAN_DIR, ArrayDataset, load_embedded_arrays, read_idx
+
+log = logging.getLogger(__name__)
+
+_POOL_SPEC = re.compile(r"^(?P<source>[\w-]+):(?P<split>train|test)\[(?P<lo>\d*):(?P<hi>\d*)\]$")
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+
+
+@dataclass
+class PseudoLabeled:
+    images: np.ndarray  # uint8, NHWC
+    labels: np.ndarray  # int64 pseudo-labels
+    confidences: np.ndarray  # float32 teacher probability of the pseudo-label (1.0 when unknown)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _nhwc(images: np.ndarray, what: str) -> np.ndarray:
+    if images.dtype != np.uint8:
+        raise ConfigError(f"{what} holds {images.dtype} images; store uint8 pixels (0-255), NHWC or NHW")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ConfigError(f"{what} images have shape {images.shape}; expected N x H x W (x C)")
+    return images
+
+
+def _load_pickle(path: Path, trust_pickle: bool) -> dict[str, Any]:
+    if not trust_pickle:
+        raise ConfigError(
+            f"{str(path)!r} is a pickle file, which can run code when loaded; convert it to .npz "
+            "(`dat-ds pseudo-label --pool FILE.npz ...`) or set data.trust_pickle=true if you trust its source"
+        )
+    log.warning("loading pickle file %s because data.trust_pickle is set", path)
+    with open(path, "rb") as f:
+        obj = pickle.load(f)  # noqa: S301 - the user vouched for this file
+    if not isinstance(obj, dict):
+        raise ConfigError(f"pickle file {str(path)!r} holds a {type(obj).__name__}; expected a dict with 'data'")
+    return obj
+
+
+def load_pool(spec: str, *, trust_pickle: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (uint8 NHWC) of an unlabeled pool, plus its true labels when the source has them."""
+    m = _POOL_SPEC.match(spec)
+    if m:
+        lo = int(m["lo"]) if m["lo"] else None
+        hi = int(m["hi"]) if m["hi"] else None
+        split = m["split"]
+        if m["source"] == "embedded":
+            arrays = load_embedded_arrays()
+            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        elif m["source"] == "fashion-mnist-full":
+            prefix = "train" if split == "train" else "t10k"
+            path = DEBIAN_DIR / f"{prefix}-images-idx3-ubyte.gz"
+            if not path.exists():
+                raise ConfigError(f"pool {spec!r} needs the Debian Fashion-MNIST files in {str(DEBIAN_DIR)!r}; "
+                                  "install them with `apt-get install dataset-fashion-mnist` or use an embedded: pool")
+            images, labels = read_idx(path), read_idx(DEBIAN_DIR / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+        else:
+            raise ConfigError(f"unknown pool source {m['source']!r} in {spec!r}; use embedded:, fashion-mnist-full: or a .npz file")
+        images, labels = images[lo:hi], labels[lo:hi]
+        if len(images) == 0:
+            raise ConfigError(f"pool {spec!r} is empty; check the slice (e.g. embedded:train[1000:])")
+        return _nhwc(np.ascontiguousarray(images), f"pool {spec!r}"), np.asarray(labels, dtype=np.int64)
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"pool {spec!r} is neither an existing file nor a spec like embedded:train[1000:]")
+    if path.suffix in PICKLE_SUFFIXES:
+        obj = _load_pickle(path, trust_pickle)
+        return _nhwc(np.asarray(obj.get("data", obj.get("images"))), f"pool {spec!r}"), None
+    if path.suffix != ".npz":
+        raise ConfigError(f"pool file {spec!r} must be .npz with an 'images' array (uint8 NHWC)")
+    with np.load(path, allow_pickle=False) as z:
+        if "images" not in z.files:
+            raise ConfigError(f"pool file {spec!r} has no 'images' array (it has {', '.join(z.files)})")
+        labels = z["true_labels"] if "true_labels" in z.files else None
+        return _nhwc(z["images"], f"pool {spec!r}"), labels
+
+
+def save_pseudo_labels(path: str | Path, data: PseudoLabeled) -> Path:
+    """Write ``data`` as a pickle-free .npz, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ConfigError(f"pseudo-label output {str(path)!r} must end in .npz")
+    if not (len(data.images) == len(data.labels) == len(data.confidences)):
+        raise ValueError("images, labels and confidences must have the same length")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=_nhwc(np.asarray(data.images), "pseudo-label data"),
+                        labels=np.asarray(data.labels, dtype=np.int64),
+                        confidences=np.asarray(data.confidences, dtype=np.float32),
+                        meta=np.array(json.dumps(data.meta)))
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load_pseudo_labels(path: str | Path, *, trust_pickle: bool = False) -> PseudoLabeled:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data.unlabeled file {str(path)!r} not found; create it with `dat-ds pseudo-label`")
+    if path.suffix in PICKLE_SUFFIXES:
+        obj = _load_pickle(path, trust_pickle)
+        images = obj.get("data", obj.get("images"))
+        labels = obj.get("extrapolated_targets", obj.get("labels"))
+        if images is None or labels is None:
+            raise ConfigError(f"pickle file {str(path)!r} lacks 'data'/'extrapolated_targets' (RST format)")
+        labels = np.asarray(labels, dtype=np.int64)
+        return PseudoLabeled(_nhwc(np.asarray(images), str(path)), labels, np.ones(len(labels), np.float32),
+                             {"source": str(path), "format": "rst-pickle"})
+    if path.suffix != ".npz":
+        raise ConfigError(f"data.unlabeled={str(path)!r} must be an .npz written by `dat-ds pseudo-label`")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"images", "labels"} - set(z.files)
+            if missing:
+                raise ConfigError(f"pseudo-label file {str(path)!r} lacks {', '.join(sorted(missing))}; "
+                                  "rewrite it with `dat-ds pseudo-label`")
+            labels = z["labels"].astype(np.int64)
+            conf = z["confidences"].astype(np.float32) if "confidences" in z.files else np.ones(len(labels), np.float32)
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+            return PseudoLabeled(_nhwc(z["images"], str(path)), labels, conf, meta)
+    except ValueError as e:  # object arrays need pickle: refuse them
+        raise ConfigError(f"pseudo-label file {str(path)!r} cannot be read without pickle ({e}); "
+                          "rewrite it with `dat-ds pseudo-label`") from None
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """Per-rank batches of ``labeled_per_batch`` indices into ``[0, n_labeled)`` followed by
+    ``unlabeled_per_batch`` indices into ``[n_labeled, n_labeled + n_unlabeled)`` (a ConcatDataset)."""
+
+    def __init__(self, n_labeled: int, n_unlabeled: int, *, labeled_per_batch: int, unlabeled_per_batch: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.n_labeled, self.n_unlabeled = n_labeled, n_unlabeled
+        self.k_lab, self.k_unl = labeled_per_batch, unlabeled_per_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch, self.start = 0, 0
+        batch = self.k_lab + self.k_unl
+        # As many steps as the concatenated data set holds global batches (RST's epoch length).
+        self.steps = (n_labeled + n_unlabeled) // (world_size * batch)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start = epoch, start_step
+
+    def _stream(self, n: int, group: int, count: int) -> list[int]:
+        """This rank's first ``count`` indices of a stream of per-cycle permutations of ``range(n)``."""
+        out: list[int] = []
+        per_rank = n // self.world_size
+        cycle = 0
+        while len(out) < count:
+            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 7 + group) * 10_007 + cycle)
+            out += torch.randperm(n, generator=g).tolist()[self.rank::self.world_size][:per_rank]
+            cycle += 1
+        return out[:count]
+
+    def batches(self) -> list[list[int]]:
+        lab = self._stream(self.n_labeled, 0, self.steps * self.k_lab) if self.k_lab else []
+        unl = self._stream(self.n_unlabeled, 1, self.steps * self.k_unl) if self.k_unl else []
+        return [lab[s * self.k_lab:(s + 1) * self.k_lab] + [self.n_labeled + i for i in unl[s * self.k_unl:(s + 1) * self.k_unl]]
+                for s in range(self.steps)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+
+class MixedTrainLoaderFactory:
+    """Drop-in for ``TrainLoaderFactory`` when ``data.unlabeled`` is set: labeled + pseudo-labelled batches."""
+
+    def __init__(self, cfg, labeled, *, micro_batch: int, rank: int, world_size: int):
+        self.cfg, self.micro_batch = cfg, micro_batch
+        pseudo = load_pseudo_labels(cfg.data.unlabeled, trust_pickle=cfg.data.trust_pickle)
+        unlabeled = ArrayDataset(pseudo.images, pseudo.labels)
+        shape_l, shape_u = tuple(labeled[0][0].shape), tuple(unlabeled[0][0].shape)
+        if shape_l != shape_u:
+            raise ConfigError(f"data.unlabeled images are {shape_u} but the labeled data gives {shape_l}; "
+                              "pseudo-label a pool of the same data set")
+        k_unl = round(cfg.data.unsup_fraction * micro_batch)
+        if k_unl >= micro_batch:
+            raise ConfigError(f"data.unsup_fraction={cfg.data.unsup_fraction} leaves no labeled example in a micro-batch "
+                              f"of {micro_batch}; lower it or raise train_micro_batch_size_per_gpu")
+        for name, n, k in (("labeled", len(labeled), micro_batch - k_unl), ("unlabeled", len(unlabeled), k_unl)):
+            if k and n < world_size:
+                raise ConfigError(f"the {name} set has {n} examples, fewer than the {world_size} ranks; add data")
+        self.dataset = ConcatDataset([labeled, unlabeled])
+        self.labeled_per_batch, self.unlabeled_per_batch = micro_batch - k_unl, k_unl
+        self.sampler = MixedBatchSampler(len(labeled), len(unlabeled), labeled_per_batch=micro_batch - k_unl,
+                                         unlabeled_per_batch=k_unl, rank=rank, world_size=world_size, seed=cfg.seed)
+        log.info("mixing %d labeled + %d pseudo-labelled examples (%s): %d + %d per micro-batch, %d steps per epoch",
+                 len(labeled), len(unlabeled), cfg.data.unlabeled, micro_batch - k_unl, k_unl, self.sampler.steps)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps
+
+    def loader(self, epoch: int, start_step: int = 0) -> DataLoader:
+        self.sampler.set_epoch(epoch, start_step)
+        return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers,
+                          pin_memory=dist.accelerator().device_name() != "cpu", persistent_workers=False)

@@ -1,0 +1,68 @@
+"""Free adversarial training (Shafahi et al., NeurIPS 2019): adversarial training "for free".
+
+Each minibatch is replayed ``m = objective.replays`` times (the loop does the replaying). Every replay
+trains on ``x + delta`` and the *same* backward pass that produces the parameter gradient also
+produces the input gradient, which moves ``delta`` one signed step of size eps (``attack.step_size``
+if set) and projects it back into the eps-ball. ``delta`` persists across replays and minibatches, as
+in the paper. With m replays an epoch costs about m plain epochs, so divide the epoch count by m:
+E / m epochs of Free-AT cost about as much as E epochs of standard training.
+
+Each rank keeps its own ``delta`` (its own data shard); ``state_dict`` gathers all of them so a resumed
+run with the same world size continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import dist
+from ..attacks import GEOMETRIES
+from .base import OBJECTIVES, Objective
+
+log = logging.getLogger(__name__)
+
+
+@OBJECTIVES.register("free")
+class FreeAT(Objective):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.replays = cfg.objective.replays
+        self.geometry = GEOMETRIES.get(cfg.attack.norm)(cfg.attack.eps)
+        self.step_size = cfg.attack.step_size if cfg.attack.step_size is not None else cfg.attack.eps
+        self.delta: torch.Tensor | None = None
+
+    def __call__(self, ctx, x, y):
+        if self.delta is None or self.delta.shape != x.shape:
+            self.delta = torch.zeros_like(x)
+        self.delta = self.delta.to(device=x.device, dtype=x.dtype)
+        # A leaf that requires grad: engine.backward fills x_adv.grad along with the parameter gradients.
+        x_adv = (x + self.delta).clamp(0, 1).detach().requires_grad_(True)
+        logits = ctx.model(x_adv)
+        loss = F.cross_entropy(logits.float(), y)
+
+        def update_delta() -> None:
+            if x_adv.grad is None:  # e.g. a skipped step: keep the perturbation as it was
+                return
+            stepped = self.geometry.step(x_adv.detach(), x_adv.grad, self.step_size)
+            self.delta = (self.geometry.project(stepped, x) - x).detach()
+            x_adv.grad = None
+
+        return {"loss": loss, "logits": logits, "loss_adv": loss.detach(), "after_backward": update_delta}
+
+    def state_dict(self) -> dict[str, Any]:
+        # Collective: every rank calls state_dict() when a checkpoint is saved, and rank 0 writes it.
+        mine = None if self.delta is None else self.delta.detach().cpu()
+        return {"delta_by_rank": dist.all_gather_object(mine)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        deltas = state.get("delta_by_rank") or []
+        if len(deltas) != dist.world_size():
+            log.warning("Free-AT state was saved with %d rank(s), this run has %d: perturbations restart at zero",
+                        len(deltas), dist.world_size())
+            self.delta = None
+            return
+        self.delta = deltas[dist.rank()]

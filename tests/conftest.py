@@ -1,0 +1,75 @@
+"""Shared test helpers: run the CLI in a subprocess, find free ports, small trained models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | str | None = None, timeout: float = 600, env: dict | None = None,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """``dat-ds ARGS`` in a fresh interpreter (the way users run it); returns the completed process."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.run([sys.executable, "-m", "dat_ds.cli", *args], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dat-ds {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def embedded_test_tensors():
+    """The first 512 embedded test images and labels as tensors."""
+    import torch
+
+    from dat_ds.config import DataConfig
+    from dat_ds.data import build_dataset
+
+    ds, spec = build_dataset(DataConfig(), "test")
+    xs, ys = zip(*(ds[i] for i in range(512)))
+    return torch.stack(xs), torch.tensor(ys), spec
+
+
+@pytest.fixture(scope="session")
+def trained_demo_model(embedded_test_tensors):
+    """small_cnn adversarially trained (PGD-3, eps=0.1) for two epochs on the embedded data, in eval mode.
+
+    Plain torch loop, one process: about 20-40 s on two cores; shared by every test that needs a robust model.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from dat_ds.attacks import pgd
+    from dat_ds.config import DataConfig
+    from dat_ds.data import build_dataset
+    from dat_ds.models import create_model
+
+    torch.manual_seed(0)
+    train, spec = build_dataset(DataConfig(), "train")
+    model = create_model("small_cnn", spec)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        for x, y in loader:
+            x_adv = pgd(model, x, y, eps=0.1, steps=3, generator=g)
+            model.train()
+            loss = F.cross_entropy(model(x_adv), y) + 0.5 * F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
