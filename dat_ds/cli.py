@@ -53,7 +53,27 @@ def launch(module: str, argv: list[str], nproc: int, hostfile: str | None, maste
     log.info("launching: %s", " ".join(cmd[1:]))
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    return subprocess.call(cmd, env=env)
+    if hostfile:
+        return subprocess.call(cmd, env=env)
+    import tempfile
+
+    # The launcher stops every rank when one exits non-zero; the ranks' exit reports name the culprit.
+    with tempfile.TemporaryDirectory(prefix="dat-ds-ranks-") as status_dir:
+        env[dist.STATUS_ENV] = status_dir
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0:
+            line = dist.failed_rank_line(status_dir, nproc, rc)
+            if line is not None:
+                raise RankFailure(line, rc)
+    return rc
+
+
+class RankFailure(Exception):
+    """A rank of a launched run failed; the others were stopped. Printed as one line."""
+
+    def __init__(self, line: str, code: int):
+        super().__init__(line)
+        self.code = code
 
 
 def _strip(argv: list[str], flags: tuple[str, ...]) -> list[str]:
@@ -99,6 +119,9 @@ def _preflight(args: argparse.Namespace, world: int) -> None:
     ds_config.prepare(cfg.deepspeed_config, world)
     if not args.dry_run:
         check_run_dir(cfg, args.resume, args.overwrite)
+        from .tools.preflight import preflight
+
+        preflight(cfg, args.resume, world)
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
@@ -233,10 +256,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
+    except RankFailure as e:
+        sys.stderr.write(f"error: {e}\n")
+        return e.code
+    except RuntimeError as e:
+        from .engine.loop import NonFiniteLossError
+
+        if not isinstance(e, NonFiniteLossError):
+            raise
+        sys.stderr.write(f"error: {e}\n")
+        return 3
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: extensions register into `dat_ds.cli`, not into `__main__`.
+    from dat_ds.cli import main as _main
+
+    sys.exit(_main())

@@ -37,6 +37,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                         help="continue from the newest complete checkpoint of this run (auto) or of DIR")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     parser.add_argument("--dry-run", action="store_true", help="validate the configs and exit")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow legacy pickle data files (they can run code when loaded; only for files you trust)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,8 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
         overrides.append(f"train.epochs={args.epochs}")
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    if getattr(args, "trust_pickle", False):
+        overrides.append("data.trust_pickle=true")
     return build_config(args.config, overrides, base=base)
 
 
@@ -67,6 +71,8 @@ def check_run_dir(cfg: RunConfig, resume: str | None, overwrite: bool) -> Path:
     probe = parent if parent.exists() else next((p for p in parent.parents if p.exists()), Path("."))
     import os
 
+    if not probe.is_dir():
+        raise ConfigError(f"output path {str(run_dir)!r} lies under the file {str(probe)!r}; choose another --output-dir")
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"output folder {str(probe)!r} is not writable; choose another --output-dir")
     if resume is None and (run_dir / "checkpoint").exists() and any((run_dir / "checkpoint").iterdir()):
@@ -107,19 +113,35 @@ def main(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[s
         log.info("config OK: %s", json.dumps(info))
         return info
     check_run_dir(cfg, args.resume, args.overwrite)
+    from .tools.preflight import preflight
+
+    preflight(cfg, args.resume)  # bad data, models, checkpoints: one line before any output is written
     from .engine.trainer import run_training
 
     return run_training(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
 def cli_entry(argv: list[str] | None = None) -> int:
+    from .engine.loop import NonFiniteLossError
+
+    dist.install_sigterm_status()
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
     except ConfigError as e:
         if dist.is_main_process():
             sys.stderr.write(f"error: {e}\n")
+        dist.write_rank_status(2, e)
         return 2
+    except NonFiniteLossError as e:  # every rank sees it (the check is all-reduced); rank 0 says it once
+        if dist.is_main_process():
+            sys.stderr.write(f"error: {e}\n")
+        dist.write_rank_status(3, e)
+        return 3
+    except BaseException as e:
+        dist.write_rank_status(1, e)
+        raise
+    dist.write_rank_status(0)
     return 0
 
 

@@ -30,7 +30,7 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
     t = Table(title=title)
     for c in columns:
-        t.add_column(c, justify="right" if c not in ("recipe", "attack", "check", "status", "detail", "arm", "name") else "left")
+        t.add_column(c, justify="right" if c not in ("recipe", "attack", "check", "status", "detail", "arm", "name", "case", "optimizer", "method") else "left")
     for r in rows:
         t.add_row(*[fmt(v) for v in r])
     return t

@@ -18,9 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
-# Tiny run per config: tiny_cnn on the embedded data, one optimizer step, FGSM-ish PGD-1, 32 eval images.
+# Tiny run per config: tiny_cnn on the embedded data, one optimizer step, PGD-1, 32 eval images.
 SMOKE_OVERRIDES = ["data.name=fashion-mnist", "model.name=tiny_cnn", "attack.steps=1", "train.epochs=1",
-                   "train.max_steps_per_epoch=1", "train.log_every=1", "eval.max_examples=32", "eval.steps=1",
+                   "train.log_every=1", "eval.max_examples=32", "eval.steps=1",
                    "eval.batch_size=16", "optim.schedule=constant", "optim.warmup_epochs=0"]
 
 
@@ -30,18 +30,22 @@ def _rank_main(out_dir: str, paths: list[str]) -> None:
 
     from dat_ds import dist
     from dat_ds.config import build_config
+    from dat_ds.engine import ds_config
     from dat_ds.engine.trainer import run_training
 
     results = {}
     for path in paths:
         stem = Path(path).stem
         try:
+            # One optimizer step: as many micro-steps as the config accumulates.
+            accum = ds_config.prepare(path, dist.world_size()).grad_accum
             cfg = build_config(None, [*SMOKE_OVERRIDES, f"deepspeed_config={path}", f"name={stem}",
-                                      f"output_dir={out_dir}"])
+                                      f"output_dir={out_dir}", f"train.max_steps_per_epoch={accum}"])
             summary = run_training(cfg)
             final = summary["final"]
             results[stem] = {"ok": True, "train_loss": final["train_loss"], "clean_acc": final["clean_acc"],
-                             "robust_acc": final["robust_acc"], "eval_count": final["eval_count"]}
+                             "robust_acc": final["robust_acc"], "eval_count": final["eval_count"],
+                             "micro_steps": accum}
         except Exception as e:  # noqa: BLE001 - recorded per config, reported by its test
             results[stem] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         torch.distributed.barrier() if torch.distributed.is_initialized() else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -54,9 +55,17 @@ def _open(folder: Path):
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(folder), loader=_rgb_loader)
+        # allow_empty: an empty class folder keeps its index, so labels match the folder names' order
+        folder_ds = ImageFolder(str(folder), loader=_rgb_loader, allow_empty=True)
     except FileNotFoundError as e:
-        raise ConfigError(f"{str(folder)!r} has no usable class folders or images ({e}); expected {LAYOUT}") from None
+        raise ConfigError(f"{str(folder)!r} has no class folders ({e}); expected {LAYOUT}") from None
+    if not folder_ds.samples:
+        raise ConfigError(f"{str(folder)!r} has class folders but no images (.jpg/.png/...); expected {LAYOUT}")
+    counts = np.bincount([y for _, y in folder_ds.samples], minlength=len(folder_ds.classes))
+    if (counts == 0).any():
+        log.warning("%s: %d of %d class folders are empty (e.g. %r)", folder, int((counts == 0).sum()),
+                    len(counts), folder_ds.classes[int(np.argmin(counts))])
+    return folder_ds
 
 
 def _rgb_loader(path: str):

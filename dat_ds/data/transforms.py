@@ -26,7 +26,7 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 def to_tensor(img) -> torch.Tensor:
     """PIL image or HWC/HW uint8 array -> float CHW tensor in [0, 1]."""
-    arr = np.asarray(img)
+    arr = np.array(img)  # a copy: PIL-backed arrays are read-only
     if arr.ndim == 2:
         arr = arr[..., None]
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)

@@ -29,6 +29,7 @@ KNOWN_KEYS = frozenset({
     "load_universal_checkpoint", "use_node_local_storage", "torch_autocast", "seed", "comms_logger",
     "data_efficiency", "compression_training", "weight_quantization", "pipeline", "disable_allgather",
     "graph_harvesting", "mics_shard_size", "mics_hierarchical_params_gather", "monitor_config",
+    "gradient_compression",  # dat-ds: DAT's quantized gradient all-reduce (dat_ds.comm.gradient); stripped
 })
 # Keys of "zero_optimization" we pass through; a typo there silently changes memory use in DeepSpeed.
 ZERO_KEYS = frozenset({
@@ -55,6 +56,7 @@ class EngineSettings:
     precision: str  # fp32 | bf16 | fp16
     has_scheduler: bool  # the JSON brings its own DeepSpeed scheduler
     compresses: bool  # the optimizer does its own compressed communication
+    gradient_compression: dict[str, Any] | None = None  # e.g. {"type": "dat_quantizer", "bits": 8, "block": 256}
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -158,6 +160,21 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
         raise ConfigError(
             f"optimizer {optimizer['type']!r} communicates at every micro-step; set gradient_accumulation_steps to 1"
         )
+    if entry.compresses and precision != "fp32":
+        raise ConfigError(
+            f"optimizer {optimizer['type']!r} keeps its own fp32 state and needs the fp32 engine; disable {precision}"
+        )
+    gradient_compression = data.pop("gradient_compression", None)
+    if gradient_compression is not None:
+        from ..comm.gradient import check_gradient_compression
+
+        gradient_compression = check_gradient_compression(gradient_compression)
+        conflict = ("optimizer " + repr(optimizer["type"]) + " already compresses its own communication" if entry.compresses
+                    else f"ZeRO stage {stage}" if stage > 0 else f"gradient_accumulation_steps={accum}" if accum > 1
+                    else precision if precision != "fp32" else None)
+        if conflict:
+            raise ConfigError(f"gradient_compression replaces DeepSpeed's gradient all-reduce and cannot run with "
+                              f"{conflict}; use a plain optimizer, ZeRO 0, no accumulation and fp32, or drop it")
     clip = data.get("gradient_clipping", 0)
     if not isinstance(clip, (int, float)) or clip < 0:
         raise ConfigError(f"gradient_clipping={clip!r} must be a number >= 0 (0 disables)")
@@ -168,4 +185,5 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
     return EngineSettings(
         ds_config=data, optimizer=optimizer, micro_batch=micro, grad_accum=accum, global_batch=global_batch,
         zero_stage=stage, precision=precision, has_scheduler="scheduler" in data, compresses=entry.compresses,
+        gradient_compression=gradient_compression,
     )

@@ -63,6 +63,45 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return dist.all_reduce_sum(flag).item() == 0
 
 
+def _local_grads(engine) -> list[torch.Tensor]:
+    """This rank's gradients: ``.grad`` of the module (ZeRO-0) plus ZeRO-1/2's reduced partitions."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    partitions = getattr(engine.optimizer, "averaged_gradients", None)
+    if isinstance(partitions, dict):
+        for group in partitions.values():
+            grads.extend(g for g in (group or []) if isinstance(g, torch.Tensor))
+    return grads
+
+
+def _grads_finite(engine) -> bool:
+    """True when every rank's gradients are finite (all ranks get the same answer: one all-reduce)."""
+    grads = _local_grads(engine)
+    bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    flag = torch.tensor([1.0 if bad else 0.0], dtype=torch.float64)
+    return dist.all_reduce_sum(flag).item() == 0
+
+
+def _drop_grads(engine) -> None:
+    """Forget this step's gradients without an optimizer step (the optimizer state is untouched)."""
+    engine.zero_grad()
+    zero = getattr(engine.optimizer, "zero_grad", None)
+    if callable(zero):
+        zero()
+
+
+def _non_finite(state: TrainState, what: str, policy: str) -> None:
+    """Apply ``train.nan_policy`` to a non-finite loss or gradient seen in this step."""
+    if policy == "abort":
+        raise NonFiniteLossError(
+            f"non-finite {what} at epoch {state.epoch + 1} step {state.step_in_epoch + 1} (global step "
+            f"{state.global_step + 1}); the last checkpoint is the last good state. Lower the LR, or set "
+            "train.nan_policy=skip to skip such steps"
+        )
+    state.skipped_steps += 1
+    log.warning("skipping step %d: non-finite %s (%d skipped so far)", state.global_step + 1, what,
+                state.skipped_steps)
+
+
 def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, metrics=None,
                     on_step: Callable[[TrainState], None] | None = None, progress=None) -> dict[str, float]:
     """Train one (possibly resumed) epoch; returns rank-reduced loss/accuracy and timing."""
@@ -84,18 +123,15 @@ def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, m
             out = objective(ctx, x, y)
             loss = out["loss"]
             if not _all_finite(loss):
-                if cfg.train.nan_policy == "abort":
-                    raise NonFiniteLossError(
-                        f"non-finite loss at epoch {state.epoch} step {state.step_in_epoch} (global step "
-                        f"{state.global_step}); the last checkpoint is the last good state. Lower the LR, or set "
-                        "train.nan_policy=skip to skip such steps"
-                    )
-                state.skipped_steps += 1
-                log.warning("skipping step %d: non-finite loss (%d skipped so far)", state.global_step, state.skipped_steps)
+                _non_finite(state, "loss", cfg.train.nan_policy)
                 continue
             engine.backward(loss)
             if "after_backward" in out:
                 out["after_backward"]()
+            if not _grads_finite(engine):  # e.g. inf gradients from a finite loss
+                _non_finite(state, "gradient", cfg.train.nan_policy)
+                _drop_grads(engine)
+                continue
             engine.step()
             logits = out.get("logits")
             correct = float((logits.argmax(1) == out.get("targets", y)).sum()) if logits is not None else 0.0

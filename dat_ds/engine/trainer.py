@@ -38,6 +38,11 @@ def build_engine(cfg: RunConfig, settings: ds_config.EngineSettings, model: torc
     weight_decay = (settings.optimizer.get("params") or {}).get("weight_decay")
     scale = lr_scale(cfg.optim, settings.global_batch)
     optimizer = build_optimizer(settings.optimizer, param_groups(model, weight_decay), lr_scale=scale)
+    if settings.gradient_compression is not None:
+        from ..comm import QuantizedGradientAllReduce
+
+        gc = settings.gradient_compression
+        QuantizedGradientAllReduce(bits=gc["bits"], block=gc["block"], seed=cfg.seed).attach(optimizer)
     scheduler = None
     if not settings.has_scheduler:
         scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
@@ -49,6 +54,10 @@ def build_engine(cfg: RunConfig, settings: ds_config.EngineSettings, model: torc
         engine.enable_backward_allreduce = False
         log.info("%s does its own compressed communication; DeepSpeed's gradient all-reduce is off",
                  settings.optimizer["type"])
+    elif settings.gradient_compression is not None:
+        engine.enable_backward_allreduce = False  # the quantized all-reduce in the optimizer's step pre-hook replaces it
+        log.info("gradient_compression %s: %d-bit quantized gradient all-reduce replaces DeepSpeed's",
+                 settings.gradient_compression["type"], settings.gradient_compression["bits"])
     return engine, optimizer, scheduler, scale
 
 
@@ -125,6 +134,10 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
                           f"({settings.global_batch}); lower train_micro_batch_size_per_gpu")
     optimizer_steps_per_epoch = max(1, steps_per_epoch // settings.grad_accum)
     engine, optimizer, scheduler, scale = build_engine(cfg, settings, model, optimizer_steps_per_epoch)
+    if settings.compresses:
+        from ..optim.onebit import check_compression_plan
+
+        check_compression_plan(engine.optimizer, cfg.train.epochs * optimizer_steps_per_epoch, world)
     if scale != 1.0:
         log.info("LR scaled x%.3g (%s rule, global batch %d / base %d)", scale, cfg.optim.lr_scaling,
                  settings.global_batch, cfg.optim.base_batch_size)
@@ -151,7 +164,9 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
     metrics = JsonlWriter(run_dir / "metrics.jsonl") if dist.is_main_process() else None
     write = (lambda rec: metrics.write(rec)) if metrics is not None else (lambda rec: None)
     specs = eval_specs(cfg)
-    client_extra = {"config": cfg.to_dict(), "ds_config": {**settings.ds_config, "optimizer": settings.optimizer}}
+    client_extra = {"config": cfg.to_dict(), "ds_config": {**settings.ds_config, "optimizer": settings.optimizer},
+                    "data_spec": {"in_chans": spec.in_chans, "num_classes": spec.num_classes, "img_size": spec.img_size,
+                                  "mean": list(spec.mean), "std": list(spec.std), "classes": list(spec.classes)}}
 
     def save(end_of_epoch: bool) -> None:
         tag = checkpoint.tag_for(state.epoch, state.global_step, end_of_epoch)
@@ -204,6 +219,10 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
                  epoch + 1, cfg.train.epochs, row["train_loss"], row["train_acc"], row["clean_acc"],
                  f", {specs[0].label} acc {row['robust_acc']:.4f}" if robust else "", row["train_seconds"],
                  row["eval_seconds"])
+        if callable(getattr(engine.optimizer, "comm_stats", None)):
+            from ..optim.onebit import describe_comm
+
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.train.epochs, describe_comm(engine.optimizer.comm_stats()))
         state.step_in_epoch = steps_per_epoch
         save(end_of_epoch=True)
         state.epoch, state.step_in_epoch = epoch + 1, 0

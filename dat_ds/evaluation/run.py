@@ -66,8 +66,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="PGD steps (step size 2.5*eps/steps)")
     p.add_argument("--restarts", type=int, default=1, help="PGD restarts (worst case per example)")
     p.add_argument("--loss", default="ce", choices=ATTACK_LOSSES.names(), help="PGD/FGSM loss")
-    p.add_argument("--aa-steps", type=int, default=None,
-                   help="APGD/APGD-T/FAB-T iterations inside autoattack (default: torchattacks' 10; reference 100)")
+    p.add_argument("--aa-steps", type=int, default=100,
+                   help="APGD/APGD-T/FAB-T iterations inside autoattack (reference 100; 10 for a quick look)")
+    p.add_argument("--aa-queries", type=int, default=5000, help="Square queries inside autoattack (reference 5000)")
     p.add_argument("--apgd-steps", type=int, default=100, help="iterations for apgd-ce / apgd-dlr")
     p.add_argument("--square-queries", type=int, default=1000, help="queries of the square attack")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate the first N test examples")
@@ -85,8 +86,10 @@ def build_specs(args: argparse.Namespace, eps_list: list[float]) -> list[AttackS
         if name not in ATTACKS or name == "none":
             raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(n for n in ATTACKS.names() if n != 'none')}")
         extra: dict[str, Any] = {}
-        if name == "autoattack" and args.aa_steps is not None:
+        if name == "autoattack" and args.aa_steps != 100:
             extra["aa_steps"] = args.aa_steps
+        if name == "autoattack" and args.aa_queries != 5000:
+            extra["n_queries"] = args.aa_queries
         if name in ("apgd-ce", "apgd-dlr") and args.apgd_steps != 100:
             extra["apgd_steps"] = args.apgd_steps
         if name == "square":

@@ -98,7 +98,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         params = self._params()
         flat = torch.cat([self._grad(p).reshape(-1) for _, p in params])
         self.backend.all_reduce_mean_(flat)
-        return list(torch.split(flat, [p.numel() for _, p in params]))
+        return [g.view_as(p) for g, (_, p) in zip(torch.split(flat, [p.numel() for _, p in params]), params)]
 
     def _compressed_average(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """1-bit all-reduce with worker and server error feedback of one flat buffer of ``tensors``."""
@@ -119,7 +119,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
                      "an fp32 all-reduce (%.1fx less)", self.label, self.global_step, backend.world,
                      self.meter.step_bytes_sent, self.meter.step_bytes_fp32_equiv,
                      self.meter.step_bytes_fp32_equiv / max(1, self.meter.step_bytes_sent))
-        return list(torch.split(out, [t.numel() for t in tensors]))
+        return [o.view_as(t) for o, t in zip(torch.split(out, [t.numel() for t in tensors]), tensors)]
 
     # ------------------------------------------------------------------ reporting
     def comm_stats(self) -> dict[str, Any]:
@@ -176,6 +176,21 @@ class CompressedOptimizer(torch.optim.Optimizer):
                      self.label, comm["rank"], comm["world"])
 
 
+VARIANCE_FLOOR = 1e-2  # frozen v is clamped below at this fraction of its layer's mean (see frozen_denom)
+
+
+def frozen_denom(v: torch.Tensor, bias_correction: float, eps: float) -> torch.Tensor:
+    """``sqrt(v_hat) + eps`` for a variance that stops tracking the gradient.
+
+    Adam normalises each step by a variance that keeps up with the gradient; a frozen one does not, so a
+    coordinate whose gradient was ~0 during warm-up (a ReLU unit that was dead then) would later move by
+    ``g / eps``. Clamping ``v_hat`` below at ``VARIANCE_FLOOR`` x the layer's mean bounds such a step to
+    about 10x the layer's typical one (without it, 1-bit Adam diverged on our CNN within a few steps).
+    """
+    v_hat = v / bias_correction
+    return v_hat.clamp_min(VARIANCE_FLOOR * v_hat.mean()).sqrt_().add_(eps)
+
+
 def _adam_moments(state: dict, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if "exp_avg" not in state:
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
@@ -211,20 +226,26 @@ class OneBitAdam(CompressedOptimizer):
                 m, v = _adam_moments(self.state[p], p)
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        else:
-            moments = []
-            for group, p in params:
-                b1, _ = group["betas"]
+        var_steps = min(t, self.freeze_step)  # the variance stops changing at freeze_step
+        denoms = []
+        for group, p in params:
+            _, v = _adam_moments(self.state[p], p)
+            bc2 = 1 - group["betas"][1] ** max(1, var_steps)
+            denoms.append(frozen_denom(v, bc2, group["eps"]) if compress else (v / bc2).sqrt_().add_(group["eps"]))
+        if compress:
+            preconditioned = []
+            for (group, p), denom in zip(params, denoms):
+                b1 = group["betas"][0]
                 m, _ = _adam_moments(self.state[p], p)
                 m.mul_(b1).add_(self._grad(p), alpha=1 - b1)  # local momentum, then averaged in 1 bit
-                moments.append(m)
-            for m, avg in zip(moments, self._compressed_average(moments)):
-                m.copy_(avg.view_as(m))
-        var_steps = min(t, self.freeze_step)  # the variance stops changing at freeze_step
-        for group, p in params:
-            b1, b2 = group["betas"]
-            m, v = _adam_moments(self.state[p], p)
-            denom = (v / (1 - b2 ** max(1, var_steps))).sqrt_().add_(group["eps"])
+                preconditioned.append(m / denom)
+            # The frozen variance is identical on every rank, so averaging m / denom is averaging m; in
+            # these coordinates the 1-bit error can never be amplified by a near-zero variance.
+            for (group, p), denom, avg in zip(params, denoms, self._compressed_average(preconditioned)):
+                self.state[p]["exp_avg"].copy_(avg * denom)
+        for (group, p), denom in zip(params, denoms):
+            b1 = group["betas"][0]
+            m, _ = _adam_moments(self.state[p], p)
             update = m / (1 - b1 ** t) / denom
             if group["weight_decay"]:
                 update.add_(p, alpha=group["weight_decay"])
@@ -269,8 +290,8 @@ class ZeroOneAdam(CompressedOptimizer):
         return st, m, v
 
     def _denom(self, group, v):
-        bc2 = 1 - group["betas"][1] ** max(1, self.var_updates)
-        return (v / bc2).sqrt_().add_(group["eps"])
+        # The variance lags between refreshes: floor it like a frozen one.
+        return frozen_denom(v, 1 - group["betas"][1] ** max(1, self.var_updates), group["eps"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -408,28 +429,31 @@ class OneBitLamb(CompressedOptimizer):
             return loss
         if "scaling_coeff" not in self.state[params[0][1]]:
             self._freeze(params)
-        previous, moments = [], []
-        for group, p in params:
+        previous, preconditioned, denoms = [], [], []
+        bc2s = [1 - group["betas"][1] ** self.freeze_step if self.freeze_step else 1.0 for group, _ in params]
+        for (group, p), bc2 in zip(params, bc2s):
             st = self.state[p]
-            m, _ = _adam_moments(st, p)
+            m, v = _adam_moments(st, p)
             previous.append(m.clone())
             m.mul_(group["betas"][0]).add_(self._grad(p), alpha=1 - group["betas"][0])
-            moments.append(m * st["scaling_coeff"])  # equalise layer scales so 1-bit blocks fit all layers
-        for (group, p), m_prev, avg in zip(params, previous, self._compressed_average(moments)):
+            denoms.append(frozen_denom(v, bc2, group["eps"]))
+            # Frozen variance: compress m / denom (same average, bounded error, as in 1-bit Adam), rescaled
+            # per layer so that one 1-bit scale fits every layer.
+            preconditioned.append(m / denoms[-1] * st["scaling_coeff"])
+        averaged = self._compressed_average(preconditioned)
+        for (group, p), m_prev, avg, denom, bc2 in zip(params, previous, averaged, denoms, bc2s):
             st = self.state[p]
             b1, b2 = group["betas"]
-            m, v = st["exp_avg"], st["exp_avg_sq"]
-            m.copy_(avg.view_as(m) / st["scaling_coeff"])
+            m = st["exp_avg"]
+            m.copy_(avg / st["scaling_coeff"] * denom)
             grad_estimate = (m - b1 * m_prev) / (1 - b1)
             fresh = st["exp_avg_sq_fresh"]
             fresh.mul_(b2).addcmul_(grad_estimate, grad_estimate, value=1 - b2)
-            bc2 = 1 - b2 ** self.freeze_step if self.freeze_step else 1.0
-            denom = (v / bc2).sqrt().add_(group["eps"])
             update = m / (1 - b1 ** t) / denom
             if group["weight_decay"]:
                 update.add_(p, alpha=group["weight_decay"])
             # How far the frozen variance is from a fresh estimate, bounded in size and in change per step.
-            factor = (denom / (fresh / bc2).sqrt().add_(group["eps"])).max().item()
+            factor = (denom / frozen_denom(fresh, bc2, group["eps"])).max().item()
             factor = min(max(factor, group["factor_min"]), group["factor_max"])
             last = st["last_factor"]
             factor = min(max(factor, last * (1 - group["factor_threshold"])), last * (1 + group["factor_threshold"]))
@@ -446,7 +470,9 @@ class OneBitLamb(CompressedOptimizer):
             st.setdefault("lamb_coeff_freeze", 1.0)
             st["exp_avg_sq_fresh"] = v.clone()
             st["last_factor"] = 1.0
-            rms.append(m.norm().item() / math.sqrt(max(1, m.numel())))
+            bc2 = 1 - group["betas"][1] ** self.freeze_step if self.freeze_step else 1.0
+            u = m / frozen_denom(v, bc2, group["eps"])
+            rms.append(u.norm().item() / math.sqrt(max(1, u.numel())))
         positive = [r for r in rms if r > 0]
         united = sum(positive) / len(positive) if positive else 1.0
         for (group, p), r in zip(params, rms):
@@ -456,3 +482,25 @@ class OneBitLamb(CompressedOptimizer):
 
     def _extra_state(self):
         return {"freeze_step": self.freeze_step}
+
+
+def describe_comm(stats: dict[str, Any]) -> str:
+    """One line for the log: stage and bytes this rank sent vs an fp32 all-reduce."""
+    if stats.get("world_size", 1) <= 1:
+        return f"communication stage {stats['stage']} (world size 1: nothing sent)"
+    return (f"communication stage {stats['stage']}: this rank sent {stats['bytes_sent'] / 2**20:.2f} MiB vs "
+            f"{stats['bytes_fp32_equiv'] / 2**20:.2f} MiB for fp32 all-reduce ({stats['ratio']:.1f}x less); "
+            f"last step {stats['step_bytes_sent']} vs {stats['step_bytes_fp32_equiv']} bytes")
+
+
+def check_compression_plan(optimizer, total_steps: int, world: int) -> None:
+    """Say up front when a run configured to compress will never reach its compression stage."""
+    freeze = getattr(optimizer, "freeze_step", None)
+    label = getattr(optimizer, "label", type(optimizer).__name__)
+    if freeze is not None and freeze >= total_steps:
+        log.warning("%s: freeze_step=%d >= the %d optimizer steps of this run, so it will NEVER compress "
+                    "(plain fp32 all-reduce throughout); lower freeze_step (15-25%% of the steps is typical)",
+                    label, freeze, total_steps)
+    elif freeze is not None:
+        log.info("%s: fp32 warm-up for %d of %d steps, then 1-bit compressed momentum on %d rank(s)", label, freeze,
+                 total_steps, world)

@@ -30,8 +30,10 @@ def load_run_state(run_dir: str | Path) -> dict[str, torch.Tensor]:
     path = root / tag / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(root / tag)!r} has no mp_rank_00_model_states.pt; it is not a dat-ds checkpoint")
-    # Our own checkpoint, written by this package: it holds plain containers and tensors.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: loading a checkpoint never runs code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise ConfigError(f"cannot load {str(path)!r} safely ({type(e).__name__}); is it a dat-ds checkpoint?") from None
     return state["module"]
 
 

@@ -1,0 +1,85 @@
+"""Shared benchmark plumbing: interleaved timing, pass counting, plots, table output."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+
+def interleaved_timing(arms: dict[str, Callable[[], None]], *, warmup: int = 2, rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Time each arm ``rounds`` times, alternating arms round by round so drifts hit all arms alike."""
+    for fn in arms.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(rounds):
+        for name, fn in arms.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "rounds": len(v)}
+            for k, v in samples.items()}
+
+
+class PassCounter:
+    """Counts forward passes through a module and backward passes that flow back through its output."""
+
+    def __init__(self):
+        self.forward = 0
+        self.backward = 0
+
+    def _on_forward(self, module, inputs, output):
+        self.forward += 1
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self._on_backward)
+
+    def _on_backward(self, grad):
+        self.backward += 1
+
+
+@contextmanager
+def count_passes(model: nn.Module) -> Iterator[PassCounter]:
+    counter = PassCounter()
+    handle = model.register_forward_hook(counter._on_forward)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+def save_bar_plot(path, labels: list[str], values: list[float], *, ylabel: str, title: str,
+                  hline: float | None = None, hline_label: str | None = None) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(labels) + 2), 3.6))
+    bars = ax.bar(labels, values, color="#4472c4")
+    for b, v in zip(bars, values):
+        ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    if hline is not None:
+        ax.axhline(hline, color="#c00000", ls="--", label=hline_label)
+        ax.legend()
+    ax.set(ylabel=ylabel, title=title)
+    plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def show_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from .. import ui
+
+    ui.show(ui.table(title, columns, rows))

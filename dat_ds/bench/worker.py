@@ -1,0 +1,107 @@
+"""One benchmark arm on every rank: N timed adversarial-training steps, DeepSpeed engine or plain DDP.
+
+Started by the benchmarks through the DeepSpeed launcher (``python -m dat_ds.bench.worker ...``). Both
+arms run the same objective (``dat_ds.objectives``), data shard, model, optimizer and batch; rank 0
+writes ``--result`` (JSON) with samples/s over the timed steps and the pass counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--arm", choices=["deepspeed", "ddp"], required=True)
+    p.add_argument("--result", required=True)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--micro", type=int, default=64)
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--attack-steps", type=int, default=5)
+    p.add_argument("--deepspeed_config", default="ds_configs/zero0_fp32.json")
+    p.add_argument("--local_rank", type=int, default=None)
+    args = p.parse_args(argv)
+
+    from .. import dist
+    from ..config import build_config
+    from ..data import build_dataset
+    from ..data.loaders import build_train_loader
+    from ..engine import ds_config
+    from ..engine.loop import TrainState, train_one_epoch
+    from ..engine.trainer import build_engine
+    from ..io import atomic_write_json
+    from ..models import create_model
+    from ..objectives import ObjectiveContext, build_objective
+    from .common import count_passes
+
+    dist.setup_logging()
+    dist.init_distributed()
+    threads = dist.set_threads_per_rank()
+    rank, world = dist.rank(), dist.world_size()
+    total = args.warmup + args.steps
+    cfg = build_config(None, [f"model.name={args.model}", f"attack.steps={args.attack_steps}", "objective.name=dat",
+                              f"train.max_steps_per_epoch={total}", f"train.log_every={10**6}",
+                              f"deepspeed_config={args.deepspeed_config}"])
+    raw = ds_config.load_ds_json(cfg.deepspeed_config)
+    raw.pop("train_batch_size", None)
+    raw["train_micro_batch_size_per_gpu"] = args.micro
+    raw["gradient_accumulation_steps"] = 1
+    settings = ds_config.prepare(cfg.deepspeed_config, world, data=raw)
+    torch.manual_seed(cfg.seed)
+    train_set, spec = build_dataset(cfg.data, "train")
+    model = create_model(cfg.model.name, spec)
+    loaders = build_train_loader(cfg, train_set, micro_batch=args.micro, rank=rank, world_size=world)
+    objective = build_objective(cfg)
+    generator = torch.Generator(device=dist.device()).manual_seed(1 + rank)
+    stamps: list[float] = []
+
+    if args.arm == "deepspeed":
+        engine, *_ = build_engine(cfg, settings, model, loaders.steps_per_epoch)
+        ctx = ObjectiveContext(model=engine, module=engine.module, cfg=cfg, generator=generator)
+        with count_passes(engine.module) as counter:
+            train_one_epoch(engine, objective, ctx, loaders.loader(0), TrainState(), cfg=cfg,
+                            on_step=lambda s: stamps.append(time.perf_counter()))
+    else:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from ..optim import build_optimizer, param_groups
+
+        model = model.to(dist.device())
+        ddp = DDP(model) if world > 1 else model
+        opt = build_optimizer(settings.optimizer, param_groups(model, 1e-4))
+        ctx = ObjectiveContext(model=ddp, module=model, cfg=cfg, generator=generator)
+        device = dist.device()
+        with count_passes(model) as counter:
+            for step, (x, y) in enumerate(loaders.loader(0)):
+                if step >= total:
+                    break
+                x, y = x.to(device), y.to(device)
+                ddp.train()
+                out = objective(ctx, x, y)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                opt.step()
+                stamps.append(time.perf_counter())
+    timed = stamps[args.warmup - 1:] if args.warmup > 0 else stamps
+    seconds = timed[-1] - timed[0]
+    n_steps = len(timed) - 1
+    samples = n_steps * args.micro * world
+    per_rank = dist.all_gather_object({"seconds": seconds, "forward": counter.forward, "backward": counter.backward})
+    if dist.is_main_process():
+        slowest = max(r["seconds"] for r in per_rank)
+        atomic_write_json(args.result, {
+            "arm": args.arm, "world_size": world, "threads_per_rank": threads, "micro_batch": args.micro,
+            "timed_steps": n_steps, "seconds": slowest, "samples_per_s": samples / slowest,
+            "forward_passes_rank0": per_rank[0]["forward"], "backward_passes_rank0": per_rank[0]["backward"],
+        })
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""``dat-ds pseudo-label``, ``dat-ds pretrain`` and ``dat-ds finetune`` (registered on import by dat_ds.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..cli import _train, _train_args, command, resolve_recipe
+from ..errors import ConfigError
+from ..io import atomic_write_json
+
+log = logging.getLogger("dat_ds.ssl")
+
+
+# ----------------------------------------------------------------------------- pseudo-label
+
+
+def _pseudo_label_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", default=None, metavar="RUN_DIR", help="teacher: a `dat-ds train` run folder")
+    src.add_argument("--weights", default=None, metavar="FILE", help="teacher: a .safetensors/.pt state dict (needs --model)")
+    p.add_argument("--model", default=None, help="model name for --weights (e.g. small_cnn)")
+    p.add_argument("--data", default="fashion-mnist", help="data set whose shape/normalisation --weights expects")
+    p.add_argument("--data-root", default=None, help="data.root for --data")
+    p.add_argument("--pool", default=None,
+                   help="unlabeled images: embedded:train[1000:], fashion-mnist-full:train[10000:] or FILE.npz "
+                        "(default with --run on the embedded data: the training examples after data.train_subset)")
+    p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write images + pseudo-labels + confidences")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--trust-pickle", action="store_true", help="allow a legacy pickle pool file (it can run code)")
+
+
+def _pseudo_label(args: argparse.Namespace, argv: list[str]) -> int:
+    from ..config import DataConfig
+    from ..data import build_dataset
+    from ..models import create_model
+    from .pseudo_label import pseudo_label
+    from .runs import load_run_model
+
+    if args.run:
+        cfg, model, _ = load_run_model(args.run)
+        teacher, pool = f"run:{args.run}", args.pool
+        if pool is None:
+            if cfg.data.name != "fashion-mnist" or cfg.data.train_subset is None:
+                raise ConfigError("--pool is needed: the teacher was not trained on a data.train_subset of the "
+                                  "embedded data, so there is no default unlabeled remainder")
+            pool = f"embedded:train[{cfg.data.train_subset}:]"
+    else:
+        if not args.model:
+            raise ConfigError("--weights needs --model NAME (the architecture the weights belong to)")
+        if args.pool is None:
+            raise ConfigError("--weights needs --pool (e.g. embedded:train[1000:] or FILE.npz)")
+        _, spec = build_dataset(DataConfig(name=args.data, root=args.data_root), "test")
+        model = create_model(args.model, spec, args.weights)
+        teacher, pool = f"weights:{args.weights}", args.pool
+    from .. import ui
+
+    data = pseudo_label(model, pool, args.out, batch_size=args.batch_size, teacher=teacher,
+                        trust_pickle=args.trust_pickle)
+    rows = [("images", len(data)), ("mean confidence", f"{data.meta['mean_confidence']:.4f}"),
+            ("class counts", " ".join(map(str, data.meta["class_counts"])))]
+    if "pseudo_label_accuracy" in data.meta:
+        rows.append(("accuracy vs withheld labels", f"{data.meta['pseudo_label_accuracy']:.4f}"))
+    ui.show(ui.table(f"pseudo-labels {pool} -> {args.out}", ["", "value"], rows))
+    return 0
+
+
+command("pseudo-label", "label an unlabeled pool with a trained teacher (RST); writes a safe .npz")(
+    (_pseudo_label_args, _pseudo_label))
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def _pretrain(args: argparse.Namespace, argv: list[str]) -> int:
+    from ..objectives import OBJECTIVES
+    from ..train import config_from_args
+
+    args.config = resolve_recipe(args.config)
+    cfg = config_from_args(args)
+    if OBJECTIVES.get(cfg.objective.name).needs_labels:
+        raise ConfigError(f"dat-ds pretrain needs a self-supervised objective (acl), the config has "
+                          f"{cfg.objective.name!r}; set objective.name=acl or use `dat-ds train`")
+    return _train(args, argv)
+
+
+command("pretrain", "self-supervised adversarial pre-training (ACL) of an encoder; same options as train")(
+    (_train_args, _pretrain))
+
+
+# ----------------------------------------------------------------------------- finetune
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", required=True, choices=["slf", "alf", "aff"],
+                   help="slf: linear head, clean CE; alf: linear head, PGD examples; aff: full PGD-AT")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--encoder", default=None, metavar="RUN_DIR", help="a `dat-ds pretrain` run folder")
+    src.add_argument("--random-init", action="store_true",
+                     help="baseline: a randomly initialised encoder of --config's model")
+    p.add_argument("--config", "--recipe", dest="config", default=None,
+                   help="recipe for --random-init (e.g. recipes/acl_pretrain_embedded.yaml)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=None, help="Adam LR (default 0.01 for slf/alf, 0.001 for aff)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eps", type=float, default=None, help="attack radius (default: the run's attack.eps)")
+    p.add_argument("--attack-steps", type=int, default=None, help="PGD steps of the training attack")
+    p.add_argument("--train-subset", type=int, default=None, help="use only the first N labeled examples")
+    p.add_argument("--eval-examples", type=int, default=None, help="evaluate on the first N test examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="FILE.json",
+                   help="result file (default <encoder run>/finetune_<mode>.json; required with --random-init)")
+
+
+def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
+    from .. import ui
+    from ..config import build_config
+    from .finetune import FinetuneSettings, encoder_from_run, finetune, random_encoder
+
+    settings = FinetuneSettings(mode=args.mode, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                eps=args.eps, attack_steps=args.attack_steps, train_subset=args.train_subset,
+                                eval_examples=args.eval_examples, seed=args.seed)
+    if args.random_init:
+        if not args.config or not args.out:
+            raise ConfigError("--random-init needs --config RECIPE (the encoder architecture and data) and --out FILE.json")
+        cfg = build_config(resolve_recipe(args.config))
+        encoder, spec = random_encoder(cfg, args.seed)
+        source, out = "random-init", Path(args.out)
+    else:
+        cfg, encoder, spec = encoder_from_run(args.encoder)
+        source, out = f"run:{args.encoder}", Path(args.out or Path(args.encoder) / f"finetune_{args.mode}.json")
+    result = {"encoder": source, **finetune(cfg, encoder, spec, settings)}
+    atomic_write_json(out, result)
+    ui.show(ui.table(f"finetune {args.mode.upper()} ({source})", ["clean acc", f"{result['robust_attack']} acc",
+                                                                  "train examples", "epochs", "seconds"],
+                     [(result["clean_acc"], result["robust_acc"], result["train_examples"], result["epochs"],
+                       result["train_seconds"])]))
+    log.info("wrote %s", out)
+    return 0
+
+
+command("finetune", "SLF / ALF / AFF evaluation of a pre-trained encoder: clean and PGD-20 accuracy")(
+    (_finetune_args, _finetune))

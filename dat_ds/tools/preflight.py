@@ -1,0 +1,134 @@
+"""Start-up checks: every user mistake we can see before training is reported here, as one line.
+
+Called by ``dat-ds train`` before it launches ranks and by every rank before the run folder is written,
+so a bad config, data file or checkpoint leaves no partial outputs behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .. import dist
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def check_components(cfg) -> None:
+    """Every name in the config is registered (models may also be timm names)."""
+    from ..attacks import ATTACKS
+    from ..data import DATASETS
+    from ..models import MODELS
+    from ..objectives import OBJECTIVES
+
+    OBJECTIVES.get(cfg.objective.name)
+    ATTACKS.get(cfg.attack.name)
+    ATTACKS.get(cfg.eval.attack)
+    DATASETS.get(cfg.data.name)
+    if cfg.model.name not in MODELS:
+        import timm
+
+        if not timm.is_model(cfg.model.name):
+            raise ConfigError(f"unknown model {cfg.model.name!r}; use one of {', '.join(MODELS.names())} "
+                              "or a timm model name (see `timm.list_models()`)")
+
+
+def warn_step_sizes(cfg) -> list[str]:
+    """A step larger than the radius is legal (FGSM-RS uses 1.25 eps) but usually a units mistake."""
+    from ..config import attack_step_size
+
+    out = []
+    a = cfg.attack
+    if a.name != "none" and a.eps > 0 and a.step_size is not None and a.step_size > a.eps and a.name != "fgsm_rs":
+        out.append(f"attack.step_size={a.step_size:g} is larger than attack.eps={a.eps:g}; every step overshoots "
+                   "the eps-ball and is projected back (did you mean a step in pixel units, e.g. eps/4?)")
+    e = cfg.eval
+    eps = e.eps if e.eps is not None else a.eps
+    step = attack_step_size(e.attack, eps, e.steps, e.step_size)
+    if e.step_size is not None and eps > 0 and step > eps and e.attack != "fgsm_rs":
+        out.append(f"eval.step_size={step:g} is larger than the eval eps={eps:g}; PGD will mostly bounce on the "
+                   "ball's surface")
+    for msg in out:
+        log.warning(msg)
+    return out
+
+
+def _labels_of(ds) -> torch.Tensor | None:
+    tensors = getattr(ds, "tensors", None)
+    if isinstance(tensors, (tuple, list)) and len(tensors) >= 2:
+        return torch.as_tensor(tensors[1])
+    for name in ("targets", "labels"):
+        value = getattr(ds, name, None)
+        if value is not None and not callable(value):
+            try:
+                return torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError):
+                return None
+    return None
+
+
+def check_dataset(ds, spec, where: str) -> None:
+    """Images match the spec's channels and size; labels are finite integers in [0, num_classes)."""
+    if len(ds) == 0:
+        raise ConfigError(f"{where} is empty; check data.root and data.train_subset")
+    x, y = ds[0]
+    if isinstance(x, torch.Tensor) and spec.img_size:
+        want = (spec.in_chans, spec.img_size, spec.img_size)
+        if x.dim() != 3 or x.shape[0] != spec.in_chans:
+            raise ConfigError(f"{where} images have shape {tuple(x.shape)} but {spec.in_chans} channel(s) are "
+                              f"expected ({want}); check the data files under data.root")
+        if tuple(x.shape[1:]) != want[1:]:
+            raise ConfigError(f"{where} images are {x.shape[1]}x{x.shape[2]} but the data set declares "
+                              f"{spec.img_size}x{spec.img_size}; check the data files under data.root")
+    labels = _labels_of(ds)
+    if labels is None:
+        labels = torch.as_tensor([y]) if isinstance(y, (int, float)) or (isinstance(y, torch.Tensor) and y.dim() == 0) else None
+    if labels is None or labels.numel() == 0:
+        return
+    if labels.is_floating_point():
+        bad = ~torch.isfinite(labels)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ConfigError(f"{where} label {i} is {labels[i].item()}; labels must be integer class indices")
+        if (labels != labels.round()).any():
+            raise ConfigError(f"{where} has fractional labels; labels must be integer class indices")
+    low, high = labels.min().item(), labels.max().item()
+    if low < 0 or high >= spec.num_classes:
+        value = low if low < 0 else high
+        raise ConfigError(f"{where} has label {value:g} outside [0, {spec.num_classes - 1}]; "
+                          "fix the label file or the data set's class count")
+
+
+def check_data(cfg) -> Any:
+    from ..data import build_dataset
+
+    spec = None
+    for split in ("train", "test"):
+        where = f"data set {cfg.data.name!r} ({split} split)"
+        try:
+            ds, spec = build_dataset(cfg.data, split)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unreadable user data is a user problem, said in one line
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ConfigError(f"cannot load {where} ({type(e).__name__}: {msg}); check the files under "
+                              f"data.root={cfg.data.root!r}") from None
+        check_dataset(ds, spec, where)
+    return spec
+
+
+def preflight(cfg, resume: str | None = None, world: int | None = None) -> None:
+    """All start-up checks; raises ConfigError (one line) on the first problem found."""
+    from ..engine import checkpoint, ds_config
+
+    settings = ds_config.prepare(cfg.deepspeed_config, world or dist.world_size())
+    check_components(cfg)
+    warn_step_sizes(cfg)
+    if resume is not None:
+        found = checkpoint.resolve_resume(resume, cfg.run_dir)
+        if found is not None:
+            checkpoint.check_compatible(*found, cfg, {**settings.ds_config, "optimizer": settings.optimizer})
+    check_data(cfg)

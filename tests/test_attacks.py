@@ -1,0 +1,216 @@
+"""Attacks: the contract every registered attack keeps, the maths of each geometry, and agreement with
+torchattacks on a trained model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dat_ds.attacks import ATTACKS, GEOMETRIES, ce_loss, fgsm, margin_loss, pgd
+from dat_ds.config import DataConfig
+from dat_ds.data import build_dataset
+from dat_ds.models import create_model
+
+# Cheap settings per attack so the registry-wide contract test stays fast.
+QUICK = {"pgd": dict(steps=3), "fgsm": {}, "fgsm_rs": {}, "apgd-ce": dict(apgd_steps=3),
+         "apgd-dlr": dict(apgd_steps=3), "square": dict(n_queries=20), "autoattack": dict(aa_steps=2, n_queries=20)}
+L2_ATTACKS = ("pgd", "fgsm", "fgsm_rs", "apgd-ce", "apgd-dlr", "square")
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(0)
+    _, spec = build_dataset(DataConfig(), "test")
+    return create_model("tiny_cnn", spec).eval()
+
+
+def _acc(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def _correct(model, x, y) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1) == y
+
+
+def test_registry_lists_every_attack():
+    assert {"fgsm", "fgsm_rs", "pgd", "autoattack", "apgd-ce", "apgd-dlr", "square", "none"} <= set(ATTACKS.names())
+    assert set(QUICK) == set(ATTACKS.names()) - {"none"}, "add QUICK settings for a new attack"
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", sorted(QUICK))
+def test_attack_contract(name, norm, random_model, embedded_test_tensors):
+    """Output in [0, 1], inside the eps-ball, same shape, model flags restored, no parameter gradients."""
+    if norm == "l2" and name not in L2_ATTACKS:
+        pytest.skip(f"{name} is L-inf only here")
+    x, y, _ = embedded_test_tensors
+    x, y = x[:16], y[:16]
+    eps = 0.1 if norm == "linf" else 1.0
+    random_model.train()
+    x_adv = ATTACKS.get(name)(random_model, x, y, eps=eps, norm=norm, generator=torch.Generator().manual_seed(0),
+                              **QUICK[name])
+    assert random_model.training, "the attack must restore the model's train flag"
+    random_model.eval()
+    assert all(p.grad is None for p in random_model.parameters())
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    delta = (x_adv - x).flatten(1)
+    if norm == "linf":
+        assert delta.abs().max() <= eps + 1e-6
+    else:
+        assert delta.norm(dim=1).max() <= eps + 1e-5
+
+
+@pytest.mark.parametrize("name", ["pgd", "fgsm", "fgsm_rs", "apgd-ce"])
+def test_attack_raises_loss(name, trained_demo_model, embedded_test_tensors):
+    x, y, _ = embedded_test_tensors
+    x, y = x[:64], y[:64]
+    x_adv = ATTACKS.get(name)(trained_demo_model, x, y, eps=0.1, generator=torch.Generator().manual_seed(0),
+                              **QUICK[name])
+    with torch.no_grad():
+        assert ce_loss(trained_demo_model(x_adv), y).mean() > ce_loss(trained_demo_model(x), y).mean()
+
+
+@pytest.mark.parametrize("name", ["square", "autoattack", "apgd-dlr"])
+def test_torchattacks_wrappers_are_seeded_by_the_generator(name, trained_demo_model, embedded_test_tensors):
+    """Same generator seed -> same output (what makes N-rank eval exact); the global RNG is left alone."""
+    x, y, _ = embedded_test_tensors
+    x, y = x[:12], y[:12]
+    fn = ATTACKS.get(name)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = fn(trained_demo_model, x, y, eps=0.1, generator=torch.Generator().manual_seed(5), **QUICK[name])
+    assert torch.equal(torch.get_rng_state(), before)
+    b = fn(trained_demo_model, x, y, eps=0.1, generator=torch.Generator().manual_seed(5), **QUICK[name])
+    assert torch.equal(a, b)
+
+
+def test_geometry_projection_stays_in_ball():
+    x = torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    far = x + 5 * torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    for norm, eps in (("linf", 0.1), ("l2", 0.5)):
+        geometry = GEOMETRIES.get(norm)(eps)
+        p = geometry.project(far, x)
+        assert p.min() >= 0 and p.max() <= 1
+        d = (p - x).flatten(1)
+        assert (d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-6
+        start = geometry.random_start(x, torch.Generator().manual_seed(2))
+        d = (start - x).flatten(1)
+        assert (d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-6
+        # A point already inside the ball is left where it is.
+        assert torch.allclose(geometry.project(x, x), x)
+
+
+def test_l2_pgd_keeps_delta_in_ball(trained_demo_model, embedded_test_tensors):
+    x, y, _ = embedded_test_tensors
+    x, y = x[:64], y[:64]
+    eps = 1.5
+    x_adv = pgd(trained_demo_model, x, y, eps=eps, steps=10, norm="l2", generator=torch.Generator().manual_seed(0))
+    norms = (x_adv - x).flatten(1).norm(dim=1)
+    assert norms.max() <= eps + 1e-5
+    assert norms.mean() > 0.5 * eps  # it actually moved
+    assert _acc(trained_demo_model, x_adv, y) < _acc(trained_demo_model, x, y)
+
+
+def test_margin_loss_sign():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    y = torch.tensor([0, 0])
+    m = margin_loss(logits, y)
+    assert m[0] == -2.0 and m[1] == 2.0  # negative when correct, positive when misclassified
+
+
+def test_pgd_default_step_is_2_5_eps_over_k(trained_demo_model, embedded_test_tensors):
+    x, y, _ = embedded_test_tensors
+    x, y = x[:32], y[:32]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = pgd(trained_demo_model, x, y, eps=0.1, steps=4, generator=g())
+    b = pgd(trained_demo_model, x, y, eps=0.1, steps=4, step_size=2.5 * 0.1 / 4, generator=g())
+    assert torch.equal(a, b)
+
+
+def test_pgd20_matches_torchattacks(trained_demo_model, embedded_test_tensors):
+    """Our PGD-20 L-inf accuracy is within 1 pp of torchattacks.PGD with the same eps/alpha/steps."""
+    import torchattacks
+
+    x, y, _ = embedded_test_tensors
+    eps, steps = 0.1, 20
+    alpha = 2.5 * eps / steps
+    ours = pgd(trained_demo_model, x, y, eps=eps, steps=steps, step_size=alpha, random_start=False)
+    theirs = torchattacks.PGD(trained_demo_model, eps=eps, alpha=alpha, steps=steps, random_start=False)(x, y)
+    acc_ours, acc_theirs = _acc(trained_demo_model, ours, y), _acc(trained_demo_model, theirs, y)
+    assert abs(acc_ours - acc_theirs) <= 0.01, (acc_ours, acc_theirs)
+    assert acc_ours < _acc(trained_demo_model, x, y) - 0.05  # the attack does something
+
+
+@pytest.mark.slow
+def test_pgd20_random_start_matches_torchattacks_on_full_test_set(trained_demo_model):
+    import torchattacks
+
+    ds, _ = build_dataset(DataConfig(), "test")
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    eps, steps = 0.1, 20
+    alpha = 2.5 * eps / steps
+    ours = pgd(trained_demo_model, x, y, eps=eps, steps=steps, step_size=alpha, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    theirs = torchattacks.PGD(trained_demo_model, eps=eps, alpha=alpha, steps=steps, random_start=True)(x, y)
+    assert abs(_acc(trained_demo_model, ours, y) - _acc(trained_demo_model, theirs, y)) <= 0.01
+
+
+def test_restarts_never_raise_accuracy(trained_demo_model, embedded_test_tensors):
+    """Worst case per example: every example one restart breaks, three restarts break too."""
+    x, y, _ = embedded_test_tensors
+    x, y = x[:128], y[:128]
+    for loss_fn in (ce_loss, margin_loss):
+        one = pgd(trained_demo_model, x, y, eps=0.1, steps=5, loss_fn=loss_fn, generator=torch.Generator().manual_seed(3))
+        three = pgd(trained_demo_model, x, y, eps=0.1, steps=5, restarts=3, loss_fn=loss_fn,
+                    generator=torch.Generator().manual_seed(3))
+        c1, c3 = _correct(trained_demo_model, one, y), _correct(trained_demo_model, three, y)
+        assert not (c3 & ~c1).any(), "an example broken by 1 restart survived 3"
+        assert c3.sum() <= c1.sum()
+
+
+def test_accuracy_order_on_trained_model(trained_demo_model, embedded_test_tensors):
+    """PGD-20 <= FGSM <= clean, and robust accuracy falls as eps grows."""
+    x, y, _ = embedded_test_tensors
+    x, y = x[:256], y[:256]
+    clean = _acc(trained_demo_model, x, y)
+    acc_fgsm = _acc(trained_demo_model, fgsm(trained_demo_model, x, y, eps=0.1), y)
+    acc_pgd = _acc(trained_demo_model, pgd(trained_demo_model, x, y, eps=0.1, steps=20,
+                                           generator=torch.Generator().manual_seed(0)), y)
+    assert acc_pgd <= acc_fgsm <= clean
+    curve = [_acc(trained_demo_model, pgd(trained_demo_model, x, y, eps=e, steps=10,
+                                          generator=torch.Generator().manual_seed(0)), y) for e in (0.05, 0.15, 0.3)]
+    assert curve[0] >= curve[1] >= curve[2]
+    assert curve[0] > curve[2] + 0.1
+
+
+def test_autoattack_not_weaker_than_pgd20(trained_demo_model, embedded_test_tensors):
+    """On a small subset (reference AutoAttack is slow on CPU): AutoAttack accuracy <= PGD-20 accuracy."""
+    x, y, _ = embedded_test_tensors
+    x, y = x[:48], y[:48]
+    x_aa = ATTACKS.get("autoattack")(trained_demo_model, x, y, eps=0.1, aa_steps=100, n_queries=500,
+                                     generator=torch.Generator().manual_seed(0))
+    x_pgd = pgd(trained_demo_model, x, y, eps=0.1, steps=20, generator=torch.Generator().manual_seed(0))
+    clean = _correct(trained_demo_model, x, y)
+    acc_aa = float((_correct(trained_demo_model, x_aa, y) & clean).float().mean())
+    acc_pgd = float((_correct(trained_demo_model, x_pgd, y) & clean).float().mean())
+    assert acc_aa <= acc_pgd, (acc_aa, acc_pgd)
+
+
+def test_attacks_use_input_gradients_only(trained_demo_model, embedded_test_tensors):
+    """An attack between backward and step must not change parameter gradients."""
+    x, y, _ = embedded_test_tensors
+    x, y = x[:16], y[:16]
+    model = trained_demo_model
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    pgd(model, x, y, eps=0.1, steps=2, generator=torch.Generator().manual_seed(0))
+    ATTACKS.get("apgd-ce")(model, x, y, eps=0.1, apgd_steps=2, generator=torch.Generator().manual_seed(0))
+    for g, p in zip(grads, model.parameters()):
+        assert torch.equal(g, p.grad)
+    model.zero_grad(set_to_none=True)

@@ -1,0 +1,89 @@
+"""Models: the CIFAR-stem nets registered with timm, timm names through our factory, local weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dat_ds.data import DataSpec
+from dat_ds.errors import ConfigError
+from dat_ds.models import MODELS, create_model
+from dat_ds.models.cifar import CIFAR_MODELS
+
+CIFAR_SPEC = DataSpec(in_chans=3, num_classes=10, img_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
+# The two timm names of the acceptance list: a ResNet and a ViT at CIFAR resolution (img_size=32 from the data set).
+TIMM_NAMES = ("resnet18", "vit_tiny_patch16_224")
+
+
+@pytest.mark.parametrize("name", CIFAR_MODELS + TIMM_NAMES)
+def test_forward_backward_on_cifar_input(name):
+    torch.manual_seed(0)
+    model = create_model(name, CIFAR_SPEC)
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    y = torch.tensor([3, 7])
+    logits = model(x)
+    assert logits.shape == (2, 10)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # attacks need the input gradient
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", CIFAR_MODELS)
+def test_cifar_models_are_timm_models(name):
+    import timm
+
+    assert timm.is_model(name) and name in MODELS
+    model = timm.create_model(name, num_classes=100, in_chans=1)
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 100)
+    assert model.num_classes == 100 and model.get_classifier().out_features == 100
+    model.reset_classifier(5)
+    assert model(torch.rand(1, 1, 32, 32)).shape == (1, 5)
+    assert model.forward_head(model.forward_features(torch.rand(1, 1, 32, 32)), pre_logits=True).shape == (1, model.num_features)
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        timm.create_model(name, pretrained=True)
+
+
+def test_parameter_counts_match_the_literature():
+    # PreActResNet-18 11.2M and WRN-34-10 46.2M parameters are the sizes the AT papers report.
+    counts = {n: sum(p.numel() for p in create_model(n, CIFAR_SPEC).parameters()) / 1e6
+              for n in ("preactresnet18", "wideresnet28_10", "wideresnet34_10")}
+    assert counts["preactresnet18"] == pytest.approx(11.17, abs=0.01)
+    assert counts["wideresnet28_10"] == pytest.approx(36.48, abs=0.01)
+    assert counts["wideresnet34_10"] == pytest.approx(46.16, abs=0.01)
+
+
+def test_names_do_not_shadow_timm_builtins():
+    # In a fresh interpreter: none of our names is a timm built-in, and registering them warns about no overwrite.
+    code = ("import warnings, timm; before = set(timm.list_models()); "
+            "from dat_ds.models.cifar import CIFAR_MODELS; "
+            "assert not before & set(CIFAR_MODELS), before & set(CIFAR_MODELS); "
+            "warnings.simplefilter('error'); import dat_ds.models; "
+            "assert set(CIFAR_MODELS) <= set(timm.list_models())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_model_takes_channels_and_classes_from_the_data_set():
+    gray = DataSpec(in_chans=1, num_classes=100, img_size=32, mean=(0.5,), std=(0.5,))
+    for name in ("wideresnet16_4", "resnet18"):
+        model = create_model(name, gray)
+        assert model(torch.rand(2, 1, 32, 32)).shape == (2, 100)
+
+
+def test_local_weights_round_trip(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = create_model("wideresnet16_4", CIFAR_SPEC).eval()
+    save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    torch.manual_seed(1)
+    loaded = create_model("wideresnet16_4", CIFAR_SPEC, weights=str(tmp_path / "w.safetensors")).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    with pytest.raises(ConfigError, match="do not fit"):
+        create_model("preactresnet18", CIFAR_SPEC, weights=str(tmp_path / "w.safetensors"))

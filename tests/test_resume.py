@@ -1,0 +1,182 @@
+"""Exact resume: a run interrupted mid-epoch and resumed ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dat_ds import cli
+from dat_ds.engine import checkpoint
+from reliability_utils import assert_identical, model_state, tiny_args, write_ds
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Crash(Exception):
+    """Stands in for a node dying right after a checkpoint was committed."""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted 1-rank run: 6 steps per epoch, 2 epochs, mid-epoch saves every 4 steps."""
+    folder = tmp_path_factory.mktemp("resume")
+    ds = write_ds(folder)
+    assert cli.main(["train", *tiny_args(folder / "runs", "ref", ds)]) == 0
+    return folder, ds
+
+
+def test_tags_and_commit_marks(reference):
+    folder, _ = reference
+    root = folder / "runs" / "ref" / "checkpoint"
+    # steps 4 and 8 mid-epoch (step 12 closes epoch 2, so it is the epoch tag), plus one tag per epoch
+    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000004", "epoch0000", "step000000008", "epoch0001"]
+    assert (root / "latest").read_text().strip() == "epoch0001"
+    assert not [d for d in root.iterdir() if d.name.startswith(checkpoint.TMP_PREFIX)]
+    mark = checkpoint.read_complete(root / "step000000004")
+    assert mark["fits"] == {"model.name": "tiny_cnn", "data.name": "fashion-mnist", "optimizer": "AdamW", "zero_stage": 0}
+    assert mark["step_in_epoch"] == 4 and mark["epoch"] == 0
+
+
+def test_crash_mid_epoch_then_resume_auto_is_bit_identical(reference, monkeypatch, caplog):
+    folder, ds = reference
+    real_save = checkpoint.save
+
+    def save_then_crash(engine, root, tag, **kw):
+        out = real_save(engine, root, tag, **kw)
+        if tag == "step000000004":
+            raise Crash(tag)
+        return out
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(Crash):
+        cli.main(["train", *tiny_args(folder / "runs", "crash", ds)])
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    root = folder / "runs" / "crash" / "checkpoint"
+    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000004"]
+
+    # A newer checkpoint whose model file got truncated, and a save interrupted before its commit:
+    # --resume auto must skip both (with warnings) and take step 4.
+    shutil.copytree(root / "step000000004", root / "step000000005")
+    mark = checkpoint.read_complete(root / "step000000005")
+    (root / "step000000005" / "complete.json").write_text(
+        (root / "step000000005" / "complete.json").read_text().replace('"global_step": 4', '"global_step": 5'))
+    model_file = root / "step000000005" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[: mark["files"]["mp_rank_00_model_states.pt"] // 2])
+    shutil.copytree(root / "step000000004", root / ".tmp-step000000006")
+    (root / "latest").write_text("step000000005\n")
+    with caplog.at_level(logging.WARNING, logger="dat_ds"):
+        assert checkpoint.resolve_resume("auto", root.parent) == (root, "step000000004")
+    assert "skipping corrupt checkpoint" in caplog.text and "step000000005" in caplog.text
+    assert "skipping incomplete checkpoint" in caplog.text and ".tmp-step000000006" in caplog.text
+    shutil.rmtree(root / "step000000005")  # a real crash would not leave it behind twice
+
+    assert cli.main(["train", *tiny_args(folder / "runs", "crash", ds), "--resume", "auto"]) == 0
+    ref_root = folder / "runs" / "ref" / "checkpoint"
+    for tag in ("step000000008", "epoch0001"):
+        assert_identical(model_state(ref_root / tag), model_state(root / tag))
+
+
+def test_resume_with_another_model_is_one_line(reference, capsys):
+    folder, ds = reference
+    args = tiny_args(folder / "runs", "ref", ds, "--set", "model.name=small_cnn", "--resume", "auto")
+    before = sorted(p.name for p in (folder / "runs" / "ref" / "checkpoint").iterdir())
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("error: checkpoint ") and "was saved with model.name='tiny_cnn', but this run has 'small_cnn'" in err
+    assert "--set model.name=tiny_cnn" in err
+    assert sorted(p.name for p in (folder / "runs" / "ref" / "checkpoint").iterdir()) == before
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="dat_ds"):
+        assert checkpoint.resolve_resume("auto", tmp_path / "nothing") is None
+    assert "starting from scratch" in caplog.text
+    with pytest.raises(Exception, match="no complete checkpoint found for --resume"):
+        checkpoint.resolve_resume(str(tmp_path / "nothing"), tmp_path / "other")
+
+
+def test_rng_roundtrip_restores_every_stream():
+    import random
+
+    import numpy as np
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in python's state
+    np.random.standard_normal()
+    state = checkpoint.capture_rng(g)
+    want = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(),
+            torch.rand(3, generator=g))
+    torch.manual_seed(99), random.seed(99), np.random.seed(99), g.manual_seed(99)
+    checkpoint.restore_rng(state, g)
+    got = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(),
+           torch.rand(3, generator=g))
+    assert torch.equal(want[0], got[0]) and want[1:5] == got[1:5] and torch.equal(want[5], got[5])
+
+
+def _launch(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_process(parent: psutil.Process, local_rank: int, timeout: float = 300) -> psutil.Process:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in parent.children(recursive=True):
+            try:
+                if f"--local_rank={local_rank}" in p.cmdline():
+                    return p
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"rank {local_rank} never started")
+
+
+def wait_for_tag(root: Path, proc: subprocess.Popen, timeout: float = 400) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        tags = [t for _, t in checkpoint.complete_tags(root)] if root.is_dir() else []
+        if tags:
+            return tags[-1]
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_sigkill_two_ranks_then_resume_is_bit_identical(tmp_path):
+    """2 CPU ranks: SIGKILL rank 1 after the first mid-epoch checkpoint, resume, compare with a clean run."""
+    ds = write_ds(tmp_path)
+    runs = tmp_path / "runs"
+    common = dict(subset=640, epochs=2, save_every=3)  # 20 steps per epoch on 2 ranks
+    ref = subprocess.run([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2",
+                          *tiny_args(runs, "ref", ds, **common)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = _launch(tiny_args(runs, "killed", ds, **common))
+    victim = rank_process(psutil.Process(proc.pid), 1)
+    root = runs / "killed" / "checkpoint"
+    first = wait_for_tag(root, proc)
+    assert first.startswith("step")
+    victim.send_signal(signal.SIGKILL)
+    t_kill = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t_kill < 60
+    assert "error: rank 1 failed (exit code -9: killed by SIGKILL)" in err
+    tags = [t for _, t in checkpoint.complete_tags(root)]
+    assert "epoch0001" not in tags  # it really was interrupted
+
+    res = subprocess.run([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2",
+                          *tiny_args(runs, "killed", ds, **common), "--resume", "auto"],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_identical(model_state(runs / "ref" / "checkpoint" / "epoch0001"), model_state(root / "epoch0001"))
