@@ -98,16 +98,26 @@ def test_pretrain_on_two_ranks_then_finetune(tmp_path):
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["kind"] == "step"] == [1, 2, 3]
     assert all(0 <= r["train_acc"] <= 1 for r in steps if r["kind"] == "step")  # contrastive top-1
-    proc = run_cli("finetune", "--mode", "slf", "--encoder", str(run), "--epochs", "1", "--train-subset", "256",
-                   "--eval-examples", "64")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    from dat_ds.cli import main as cli_main  # in-process: a subprocess costs ~10 s of imports each
+
+    assert cli_main(["finetune", "--mode", "slf", "--encoder", str(run), "--epochs", "1", "--train-subset", "256",
+                     "--eval-examples", "64"]) == 0
     result = json.loads((run / "finetune_slf.json").read_text())
     assert result["mode"] == "slf" and result["eval_count"] == 64 and 0 <= result["robust_acc"] <= result["clean_acc"]
     from dat_ds.ssl.runs import load_run_model
 
     _, model, _ = load_run_model(run)
     assert isinstance(model, ContrastiveModel)
-    refused = run_cli("pretrain", "--config", "recipes/demo.yaml", "--output-dir", str(tmp_path), "--name", "x")
-    assert refused.returncode == 2 and "self-supervised" in refused.stderr
-    not_ssl = run_cli("finetune", "--mode", "alf", "--random-init", "--config", "recipes/acl_pretrain_embedded.yaml")
-    assert not_ssl.returncode == 2 and "--out" in not_ssl.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["pretrain", "--config", "recipes/demo.yaml"], "self-supervised"),
+    (["finetune", "--mode", "alf", "--random-init", "--config", "recipes/acl_pretrain_embedded.yaml"], "--out"),
+    (["finetune", "--mode", "alf", "--encoder", "recipes"], "not a run folder"),
+])
+def test_ssl_commands_refuse_mistakes_in_one_line(argv, message, capsys, tmp_path):
+    from dat_ds.cli import main as cli_main
+
+    assert cli_main([*argv, *(["--output-dir", str(tmp_path)] if argv[0] == "pretrain" else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err

@@ -143,3 +143,20 @@ def test_pseudo_label_command_writes_a_loadable_file(tmp_path, clean_teacher):
     assert data.meta["pseudo_label_accuracy"] > 0.6
     refused = run_cli("pseudo-label", "--weights", str(weights), "--pool", "embedded:train[9000:]", "--out", str(out))
     assert refused.returncode == 2 and "--model" in refused.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_rank_training_with_pseudo_labels(tmp_path):
+    import json
+
+    data = _fake(400)
+    path = save_pseudo_labels(tmp_path / "pl.npz", data)
+    proc = run_cli("train", "--nproc", "2", "--config", "recipes/rst_embedded.yaml", "--set", f"data.unlabeled={path}",
+                   "--set", "data.train_subset=300", "--set", "model.name=tiny_cnn", "--set", "attack.steps=1",
+                   "--set", "eval.max_examples=64", "--set", "train.log_every=1", "--epochs", "1",
+                   "--output-dir", str(tmp_path), "--name", "rst")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    steps = [json.loads(line) for line in (tmp_path / "rst" / "metrics.jsonl").read_text().splitlines()]
+    # (300 labeled + 400 pseudo-labelled) // (2 ranks x 64) = 5 steps, each rank on 32 + 32 examples
+    assert [r["step"] for r in steps if r["kind"] == "step"] == [1, 2, 3, 4, 5]

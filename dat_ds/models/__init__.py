@@ -88,7 +88,11 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # same names, other shapes: weights of another width/depth/class count
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)[:200]
+        raise ConfigError(f"weights {path!r} do not fit this model ({first.strip()}); check model.name and the data set") from None
     if missing or unexpected:
         raise ConfigError(
             f"weights {path!r} do not fit this model (missing {len(missing)} keys, e.g. {missing[:2]}, "

@@ -99,7 +99,7 @@ def finetune(cfg: RunConfig, encoder: nn.Module, spec, settings: FinetuneSetting
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
         log.info("finetune %s epoch %d/%d: loss %.4f, train acc %.4f", settings.mode, epoch + 1, settings.epochs,

@@ -120,6 +120,41 @@ def check_data(cfg) -> Any:
     return spec
 
 
+def check_unlabeled(cfg, spec) -> None:
+    """The pseudo-labelled pool: readable without pickle (unless trusted), finite in-range labels."""
+    if not cfg.data.unlabeled:
+        return
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(cfg.data.unlabeled)
+    if path.suffix == ".npz" and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                raw = z["labels"] if "labels" in z.files else None
+        except (ValueError, OSError, EOFError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"pseudo-label file {str(path)!r} is unreadable without pickle ({first}); "
+                              "rewrite it with `dat-ds pseudo-label`") from None
+        if raw is not None:
+            check_dataset(torch.utils.data.TensorDataset(torch.zeros(len(raw), 0), torch.from_numpy(np.asarray(raw))),
+                          _no_image_spec(spec), f"data.unlabeled {str(path)!r}")
+    from ..data.unlabeled import load_pseudo_labels
+
+    if path.suffix in (".npz", ".pkl", ".pickle"):  # other forms are pool specs, checked by their owner
+        pseudo = load_pseudo_labels(path, trust_pickle=cfg.data.trust_pickle)
+        from ..data.embedded import ArrayDataset
+
+        check_dataset(ArrayDataset(pseudo.images[:1], pseudo.labels[:1]), spec, f"data.unlabeled {str(path)!r}")
+
+
+def _no_image_spec(spec):
+    import dataclasses
+
+    return dataclasses.replace(spec, img_size=0)
+
+
 def preflight(cfg, resume: str | None = None, world: int | None = None) -> None:
     """All start-up checks; raises ConfigError (one line) on the first problem found."""
     from ..engine import checkpoint, ds_config
@@ -131,4 +166,5 @@ def preflight(cfg, resume: str | None = None, world: int | None = None) -> None:
         found = checkpoint.resolve_resume(resume, cfg.run_dir)
         if found is not None:
             checkpoint.check_compatible(*found, cfg, {**settings.ds_config, "optimizer": settings.optimizer})
-    check_data(cfg)
+    spec = check_data(cfg)
+    check_unlabeled(cfg, spec)

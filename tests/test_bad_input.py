@@ -1,0 +1,258 @@
+"""Bad inputs: each gives exactly one stderr line ``error: <problem>; <fix>``, exit code 2, and no outputs.
+
+Table-driven: a case is (id, args builder, expected error line). Everything runs in-process through
+``dat_ds.cli.main`` and is caught before any rank, engine or run folder exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dat_ds import cli, dist
+from dat_ds.attacks import ATTACKS
+from dat_ds.config import AttackConfig, RunConfig
+from dat_ds.data import DATASETS
+from dat_ds.models import MODELS
+from dat_ds.objectives import OBJECTIVES
+from dat_ds.optim import OPTIMIZERS
+from reliability_utils import TINY_DS, snapshot
+
+dist.setup_logging()  # bind the log handler outside capsys: stderr then holds only the error line
+
+FIELDS = lambda cls: ", ".join(sorted(f.name for f in dataclasses.fields(cls)))  # noqa: E731
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def idx_root(tmp: Path, images: np.ndarray | None = None, labels: np.ndarray | None = None, n: int = 64) -> Path:
+    """A fashion-mnist-full folder with n random 28x28 images; override the train images/labels."""
+    root = tmp / "fmnist"
+    root.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    good_x, good_y = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+    write_idx(root / "train-images-idx3-ubyte.gz", good_x if images is None else images)
+    write_idx(root / "train-labels-idx1-ubyte.gz", good_y if labels is None else labels)
+    write_idx(root / "t10k-images-idx3-ubyte.gz", good_x)
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", good_y)
+    return root
+
+
+def ds_file(tmp: Path, text: str | None = None, **changes) -> Path:
+    cfg = json.loads(json.dumps(TINY_DS))
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    p = tmp / "bad_ds.json"
+    p.write_text(text if text is not None else json.dumps(cfg))
+    return p
+
+
+def recipe(tmp: Path, text: str) -> Path:
+    p = tmp / "recipe.yaml"
+    p.write_text(text)
+    return p
+
+
+def fake_checkpoint(tmp: Path, model: str) -> Path:
+    """A committed checkpoint of another model: the mismatch is caught from complete.json alone."""
+    tag = tmp / "runs" / "run" / "checkpoint" / "step000000004"
+    tag.mkdir(parents=True)
+    (tag / "complete.json").write_text(json.dumps({
+        "tag": tag.name, "global_step": 4, "epoch": 0, "world_size": 1, "files": {},
+        "fits": {"model.name": model, "data.name": "fashion-mnist", "optimizer": "AdamW", "zero_stage": 0}}))
+    (tag.parent / "latest").write_text(tag.name + "\n")
+    return tag
+
+
+def names(reg) -> str:
+    return ", ".join(reg.names())
+
+
+# Each case: (id, fn(tmp) -> extra argv, expected line with {tmp} for the temp folder)
+CASES = [
+    ("typo-in-section", lambda t: ["--set", "attack.epz=0.1"],
+     f"unknown config key 'attack.epz' in section 'attack'; allowed: {FIELDS(AttackConfig)}"),
+    ("typo-top-level", lambda t: ["--set", "sed=1"],
+     f"unknown config key 'sed' in the run config; allowed: {FIELDS(RunConfig)}"),
+    ("typo-in-recipe", lambda t: ["--config", str(recipe(t, "attack: {name: pgd, stesp: 3}\n"))],
+     f"unknown config key 'attack.stesp' in section 'attack'; allowed: {FIELDS(AttackConfig)}"),
+    ("section-not-mapping", lambda t: ["--set", "attack=pgd"], "config key 'attack' must be a mapping of its fields"),
+    ("int-wrong-type", lambda t: ["--set", "attack.steps=abc"], "config key 'attack.steps' must be an integer, got 'abc'"),
+    ("int-given-float", lambda t: ["--set", "train.epochs=1.5"], "config key 'train.epochs' must be an integer, got 1.5"),
+    ("bool-wrong-type", lambda t: ["--set", "data.augment=maybe"], "config key 'data.augment' must be true or false, got 'maybe'"),
+    ("float-wrong-type", lambda t: ["--set", "attack.eps=big"], "config key 'attack.eps' must be a number, got 'big'"),
+    ("eps-negative", lambda t: ["--set", "attack.eps=-0.1"], "attack.eps=-0.1 is outside [0, 1]; eps is in pixel units, e.g. 8/255"),
+    ("eps-above-one", lambda t: ["--set", "attack.eps=8"], "attack.eps=8.0 is outside [0, 1]; eps is in pixel units, e.g. 8/255"),
+    ("eps-not-a-number", lambda t: ["--set", "attack.eps=.nan"], "attack.eps=nan is outside [0, 1]; eps is in pixel units, e.g. 8/255"),
+    ("attack-steps-zero", lambda t: ["--set", "attack.steps=0"], "attack.steps=0 must be >= 1"),
+    ("epochs-zero", lambda t: ["--epochs", "0"], "train.epochs=0 must be >= 1"),
+    ("eval-steps-zero", lambda t: ["--set", "eval.steps=0"], "eval.steps=0 must be >= 1"),
+    ("bad-nan-policy", lambda t: ["--set", "train.nan_policy=ignore"], "config key 'train.nan_policy' is 'ignore'; allowed: abort, skip"),
+    ("bad-override-syntax", lambda t: ["--set", "attack.eps"], "bad override 'attack.eps'; expected KEY=VALUE, e.g. --set attack.eps=0.1"),
+    ("unknown-attack", lambda t: ["--set", "attack.name=pgdd"], f"unknown attack 'pgdd'; choose one of: {names(ATTACKS)}"),
+    ("unknown-eval-attack", lambda t: ["--set", "eval.attack=autoattak"], f"unknown attack 'autoattak'; choose one of: {names(ATTACKS)}"),
+    ("unknown-objective", lambda t: ["--set", "objective.name=madri"], f"unknown objective 'madri'; choose one of: {names(OBJECTIVES)}"),
+    ("unknown-model", lambda t: ["--set", "model.name=resnet_9000"],
+     f"unknown model 'resnet_9000'; use one of {names(MODELS)} or a timm model name (see `timm.list_models()`)"),
+    ("unknown-dataset", lambda t: ["--set", "data.name=mnist-fashion"], f"unknown data set 'mnist-fashion'; choose one of: {names(DATASETS)}"),
+    ("unknown-optimizer", lambda t: ["--ds-config", str(ds_file(t, optimizer={"type": "Adamm", "params": {"lr": 0.001}}))],
+     None),  # message owned by the optimizer factory: asserted to name the type below
+    ("batch-does-not-divide", lambda t: ["--nproc", "2", "--ds-config", str(ds_file(t, train_batch_size=33, train_micro_batch_size_per_gpu=None))],
+     "train_batch_size=33 is not divisible by gradient_accumulation_steps=1 x world_size=2; change train_batch_size or give train_micro_batch_size_per_gpu"),
+    ("batch-arithmetic", lambda t: ["--ds-config", str(ds_file(t, train_batch_size=100))],
+     "batch arithmetic fails: train_batch_size=100 != micro 16 x accumulation 1 x world_size 1; drop train_batch_size to let it follow"),
+    ("micro-batch-zero", lambda t: ["--ds-config", str(ds_file(t, train_micro_batch_size_per_gpu=0))],
+     "DeepSpeed config train_micro_batch_size_per_gpu=0 must be a positive integer"),
+    ("zero-with-onebit", lambda t: ["--ds-config", str(ds_file(t, optimizer={"type": "OneBitAdam", "params": {"lr": 0.001}}, zero_optimization={"stage": 2}))],
+     "optimizer 'OneBitAdam' does its own compressed communication and cannot run with ZeRO stage 2; use zero_optimization.stage 0"),
+    ("ds-unknown-key", lambda t: ["--ds-config", str(ds_file(t, train_micro_batch_size=16))],
+     "unknown key 'train_micro_batch_size' in DeepSpeed config '{tmp}/bad_ds.json'; check the spelling against the DeepSpeed config docs"),
+    ("ds-unknown-zero-key", lambda t: ["--ds-config", str(ds_file(t, zero_optimization={"stage": 0, "overlap_com": True}))],
+     "unknown key 'overlap_com' in DeepSpeed config zero_optimization; check the spelling"),
+    ("ds-bad-zero-stage", lambda t: ["--ds-config", str(ds_file(t, zero_optimization={"stage": 4}))],
+     "zero_optimization.stage=4 must be 0, 1, 2 or 3"),
+    ("ds-malformed-json", lambda t: ["--ds-config", str(ds_file(t, text='{"train_micro_batch_size_per_gpu": 16,'))],
+     "DeepSpeed config '{tmp}/bad_ds.json' is not valid JSON (line 1: Expecting property name enclosed in double quotes); fix the syntax"),
+    ("ds-missing", lambda t: ["--ds-config", str(t / "nope.json")],
+     "DeepSpeed config '{tmp}/nope.json' not found; pass one of ds_configs/*.json with --deepspeed_config"),
+    ("ds-no-optimizer", lambda t: ["--ds-config", str(ds_file(t, optimizer=None))],
+     """DeepSpeed config '{tmp}/bad_ds.json' has no "optimizer" section; add e.g. {"type": "AdamW", "params": {"lr": 1e-3}}"""),
+    ("recipe-malformed-yaml", lambda t: ["--config", str(recipe(t, "attack: {name: pgd\nmodel: [\n"))],
+     "recipe file '{tmp}/recipe.yaml' is not valid YAML at line 3; fix the syntax"),
+    ("recipe-not-mapping", lambda t: ["--config", str(recipe(t, "- a\n- b\n"))],
+     "recipe file '{tmp}/recipe.yaml' must hold a mapping of config sections"),
+    ("recipe-missing", lambda t: ["--config", str(t / "nope.yaml")],
+     "recipe file '{tmp}/nope.yaml' not found; pass an existing YAML file (see recipes/)"),
+    ("data-folder-missing", lambda t: ["--set", "data.name=fashion-mnist-full", "--set", f"data.root={t}/absent"],
+     "no Fashion-MNIST IDX files in '{tmp}/absent'; install them with `apt-get install dataset-fashion-mnist` or set data.root to their folder"),
+    ("data-file-empty", lambda t: _full(t, empty=True),
+     "'{tmp}/fmnist/train-images-idx3-ubyte.gz' is not a uint8 IDX file; point data.root at the Fashion-MNIST IDX files"),
+    ("data-file-corrupt-gzip", lambda t: _full(t, garbage=True),
+     "cannot read IDX file '{tmp}/fmnist/train-images-idx3-ubyte.gz' (Not a gzipped file (b'\\x00\\x01')); re-download or reinstall it"),
+    ("data-file-truncated", lambda t: _full(t, truncate=True),
+     "IDX file '{tmp}/fmnist/train-images-idx3-ubyte.gz' is truncated or corrupt (1000 bytes, want 50176); re-download or reinstall it"),
+    ("images-wrong-size", lambda t: _full(t, images=np.zeros((64, 32, 32))),
+     "data set 'fashion-mnist-full' (train split) images are 32x32 but the data set declares 28x28; check the data files under data.root"),
+    ("images-wrong-channels", lambda t: _full(t, images=np.zeros((64, 28, 28, 3))),
+     "data set 'fashion-mnist-full' (train split) images have shape (3, 28, 28) but 1 channel(s) are expected ((1, 28, 28)); check the data files under data.root"),
+    ("labels-out-of-range", lambda t: _full(t, labels=np.r_[np.zeros(63), 12]),
+     "data set 'fashion-mnist-full' (train split) has label 12 outside [0, 9]; fix the label file or the data set's class count"),
+    ("labels-count-mismatch", lambda t: _full(t, labels=np.zeros(10)),
+     "cannot load data set 'fashion-mnist-full' (train split) (AssertionError: Size mismatch between tensors); check the files under data.root='{tmp}/fmnist'"),
+    ("subset-too-large", lambda t: ["--set", "data.train_subset=20000"],
+     "data.train_subset=20000 is larger than the training set (10000 examples)"),
+    ("checkpoint-other-model", lambda t: [*_ckpt(t, "small_cnn"), "--resume", "auto"],
+     "checkpoint '{tmp}/runs/run/checkpoint/step000000004' was saved with model.name='small_cnn', but this run has 'tiny_cnn'; resume with --set model.name=small_cnn, or start a new run with another --name"),
+    ("resume-from-nothing", lambda t: ["--resume", str(t / "elsewhere")],
+     "no complete checkpoint found for --resume {tmp}/elsewhere; give a run folder with a checkpoint/ inside, or start without --resume"),
+    ("run-exists", lambda t: _ckpt(t, "tiny_cnn"),
+     "run folder '{tmp}/runs/run' already holds a run; pass --resume auto to continue it, --overwrite to replace it, or --name NEW"),
+    ("output-dir-is-file", lambda t: [*_file_at(t / "runs" / "run"), "--name", "run"],
+     "output path '{tmp}/runs/run' is a file; choose another output_dir or name"),
+    ("output-dir-under-file", lambda t: ["--output-dir", str(_file_at(t / "blocker")[1]) + "/sub"],
+     "output path '{tmp}/blocker/sub/run' lies under the file '{tmp}/blocker'; choose another --output-dir"),
+    ("nproc-zero", lambda t: ["--nproc", "0"], "--nproc=0 must be >= 1"),
+    ("unlabeled-nan-labels", lambda t: ["--set", f"data.unlabeled={_pool(t, labels=np.r_[np.zeros(7), np.nan])}"],
+     "data.unlabeled '{tmp}/pool.npz' label 7 is nan; labels must be integer class indices"),
+    ("unlabeled-pickle-untrusted", lambda t: ["--set", f"data.unlabeled={_pickle_pool(t)}"],
+     "'{tmp}/pool.pkl' is a pickle file, which can run code when loaded; convert it to .npz (`dat-ds pseudo-label --pool FILE.npz ...`) or set data.trust_pickle=true if you trust its source"),
+]
+
+
+def _full(t: Path, *, empty=False, garbage=False, truncate=False, images=None, labels=None) -> list[str]:
+    root = idx_root(t, images=images, labels=labels)
+    img = root / "train-images-idx3-ubyte.gz"
+    if empty:
+        with gzip.open(img, "wb"):
+            pass
+    if garbage:
+        img.write_bytes(b"\x00\x01not gzip at all")
+    if truncate:
+        raw = gzip.decompress(img.read_bytes())
+        with gzip.open(img, "wb") as f:
+            f.write(raw[:16 + 1000])
+    return ["--set", "data.name=fashion-mnist-full", "--set", f"data.root={root}"]
+
+
+def _ckpt(t: Path, model: str) -> list[str]:
+    fake_checkpoint(t, model)
+    return ["--name", "run"]
+
+
+def _file_at(path: Path) -> list[str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a folder")
+    return ["--output-dir", str(path.parent)] if path.name == "run" else ["--output-dir", str(path)]
+
+
+def _pool(t: Path, labels: np.ndarray) -> Path:
+    p = t / "pool.npz"
+    np.savez(p, images=np.zeros((len(labels), 28, 28), np.uint8), labels=labels)
+    return p
+
+
+def _pickle_pool(t: Path) -> Path:
+    import pickle
+
+    p = t / "pool.pkl"
+    p.write_bytes(pickle.dumps({"data": np.zeros((4, 28, 28), np.uint8), "extrapolated_targets": [0, 1, 2, 3]}))
+    return p
+
+
+def base_args(t: Path) -> list[str]:
+    ds = t / "ok_ds.json"
+    ds.write_text(json.dumps(TINY_DS))
+    return ["train", "--name", "run", "--output-dir", str(t / "runs"), "--ds-config", str(ds),
+            "--set", "model.name=tiny_cnn"]
+
+
+def test_at_least_thirty_cases():
+    assert len(CASES) >= 30
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case_id,extra,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case_id, extra, expected, tmp_path, capsys):
+    argv = base_args(tmp_path)
+    argv += extra(tmp_path)  # may create files (and the run folder, for the run-exists cases)
+    before = snapshot(tmp_path / "runs")
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    if expected is None:
+        assert lines[0].startswith("error: ") and "Adamm" in lines[0]
+    else:
+        assert lines[0] == "error: " + expected.replace("{tmp}", str(tmp_path))
+    assert snapshot(tmp_path / "runs") == before  # no partial outputs
+
+
+def test_step_larger_than_eps_is_a_warning_not_an_error(tmp_path, caplog):
+    from dat_ds.config import build_config
+    from dat_ds.tools.preflight import preflight
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(TINY_DS))
+    cfg = build_config(None, ["attack.eps=0.05", "attack.step_size=0.2", f"deepspeed_config={ds}",
+                              f"output_dir={tmp_path}", "model.name=tiny_cnn"])
+    with caplog.at_level(logging.WARNING, logger="dat_ds"):
+        preflight(cfg)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "attack.step_size=0.2 is larger than attack.eps=0.05; every step overshoots the eps-ball and is projected "
+        "back (did you mean a step in pixel units, e.g. eps/4?)"]
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,210 @@
+"""dat_ds.comm: compressor maths on tiny tensors, and the compressed all-reduce on 2 gloo ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from dat_ds.comm import (COMPRESSORS, ByteMeter, SignCompressor, StochasticQuantizer, TorchBackend, build_compressor,
+                         compressed_allreduce, error_buffers, fp32_allreduce_bytes, pack_bits, padded_numel,
+                         unpack_bits)
+from dat_ds.errors import ConfigError
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_pack_unpack_round_trip_is_exact(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (3, 64), generator=g).to(torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 64 * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits), codes)
+
+
+def test_sign_compressor_keeps_every_sign_and_each_block_norm():
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
+    x[0, :7] = 0.0  # sign(0) is sent as +
+    comp = SignCompressor(block=128)
+    payload = comp.encode(x)
+    assert payload.dtype == torch.uint8 and payload.shape == (2, comp.payload_bytes(512))
+    assert comp.payload_bytes(512) == 512 // 8 + 4 * (512 // 128)
+    y = comp.decode(payload, 512)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert torch.equal(y >= 0, x >= 0)
+    # scale = ||x_block|| / sqrt(block): the decoded block has the same L2 norm as the input block
+    torch.testing.assert_close(y.view(2, 4, 128).norm(dim=-1), x.view(2, 4, 128).norm(dim=-1))
+
+
+# ----------------------------------------------------------------------------- DAT quantizer
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_stochastic_quantizer_is_unbiased(bits):
+    q = StochasticQuantizer(bits=bits, block=64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 256, generator=g) * torch.linspace(0.01, 3, 256)
+    draws = 2000
+    samples = torch.stack([q.roundtrip(x, g) for _ in range(draws)])
+    err = samples.mean(0) - x
+    # Each element's mean over `draws` has std sigma / sqrt(draws); 6 sigma over 256 elements never trips
+    # by chance, and a systematic bias of even a tenth of a quantization step would.
+    sigma = samples.std(0).clamp_min(1e-12) / math.sqrt(draws)
+    float_slack = 1e-6 * x.abs() + 1e-7  # elements on a grid point (the block max) decode exactly, up to fp32
+    assert (err.abs() <= 6 * sigma + float_slack).all(), float(((err.abs() - float_slack) / sigma).max())
+    step = 2 * x.abs().view(4, 64).amax(1) / (2**bits - 1)
+    assert float(err.abs().mean()) < 0.02 * float(step.mean())
+    # Every decoded value sits on the block's grid of 2^b levels on [-s, s].
+    assert (samples.abs() <= x.abs().view(4, 64).amax(1).repeat_interleave(64) * (1 + 1e-6)).all()
+
+
+def test_stochastic_quantizer_handles_all_zero_tensors_and_blocks():
+    q = StochasticQuantizer(bits=8, block=32)
+    zeros = torch.zeros(2, 64)
+    out = q.roundtrip(zeros, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all() and torch.equal(out, zeros)
+    mixed = torch.cat([torch.zeros(1, 32), torch.ones(1, 32)], dim=1)
+    out = q.roundtrip(mixed, torch.Generator().manual_seed(0))
+    assert torch.equal(out[0, :32], torch.zeros(32)) and torch.allclose(out[0, 32:], torch.ones(32))
+
+
+def test_quantizer_payload_shape_dtype_and_size():
+    q = StochasticQuantizer(bits=4, block=64)
+    payload = q.encode(torch.randn(3, 128))
+    assert payload.dtype == torch.uint8 and payload.shape == (3, 128 * 4 // 8 + 4 * 2)
+    assert q.decode(payload, 128).shape == (3, 128)
+
+
+def test_compressor_registry_and_bad_options():
+    assert set(COMPRESSORS.names()) >= {"onebit", "dat_quantizer"}
+    assert isinstance(build_compressor("dat_quantizer", bits=4), StochasticQuantizer)
+    with pytest.raises(ConfigError, match="bits=3"):
+        build_compressor("dat_quantizer", bits=3)
+    with pytest.raises(ConfigError, match="unknown compressor"):
+        build_compressor("topk")
+
+
+def test_single_rank_compressed_allreduce_with_error_feedback_tracks_the_input():
+    """World size 1: nothing is sent, but the maths (two compressions + error feedback) still runs."""
+    backend = TorchBackend()
+    comp = SignCompressor(block=64)
+    worker, server = error_buffers(300, 1, 64)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(300, generator=g) for _ in range(200)]
+    total = sum(compressed_allreduce(x, comp, backend, worker, server) for x in xs)
+    exact = sum(xs)
+    assert float((total - exact).norm() / exact.norm()) < 0.05
+    assert backend.meter.bytes_sent == 0 and backend.meter.bytes_fp32_equiv == 0
+
+
+def test_byte_meter_and_fp32_reference():
+    assert fp32_allreduce_bytes(1000, 1) == 0
+    assert fp32_allreduce_bytes(1000, 2) == 4000  # 2 (W-1)/W * 4 n
+    assert fp32_allreduce_bytes(1000, 4) == 6000
+    m = ByteMeter()
+    m.add(10, 40)
+    m.start_step()
+    m.add(5, 100)
+    d = m.as_dict()
+    assert (d["bytes_sent"], d["bytes_fp32_equiv"], d["step_bytes_sent"], d["ratio"]) == (15, 140, 5, 140 / 15)
+    assert padded_numel(1000, 2, 256) == 1024 and padded_numel(1024, 2, 256) == 1024
+
+
+# ----------------------------------------------------------------------------- 2 ranks, gloo
+
+
+def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as tdist
+
+    from dat_ds.dist import accelerator
+
+    tdist.init_process_group(accelerator().communication_backend_name(), rank=rank, world_size=2)
+    result: dict = {}
+    numel = 1000
+    # A fixed sequence of different tensors on each rank: the running average of the 1-bit results
+    # must converge to the running average of the exact means (error feedback).
+    backend = TorchBackend()
+    comp = SignCompressor(block=128)
+    worker, server = error_buffers(numel, 2, 128)
+    gens = [torch.Generator().manual_seed(100 * r) for r in range(2)]
+    sum_exact, sum_compressed, rel_errors, first_round = torch.zeros(numel), torch.zeros(numel), [], None
+    for rnd in range(200):
+        xs = [torch.randn(numel, generator=g) + 0.5 * torch.sin(torch.arange(numel) / 7.0) for g in gens]
+        exact = (xs[0] + xs[1]) / 2
+        got = compressed_allreduce(xs[rank], comp, backend, worker, server)
+        if rnd == 0:
+            first_round = float((got - exact).norm() / exact.norm())
+            sent = backend.meter.step_bytes_sent
+        sum_exact += exact
+        sum_compressed += got
+        rel_errors.append(float((sum_compressed - sum_exact).norm() / sum_exact.norm()))
+    result["onebit"] = {"first_round": first_round, "after_200": rel_errors[-1], "after_20": rel_errors[19],
+                        "result_sum": sum_compressed.tolist()[:50], "bytes_per_call": sent,
+                        "meter": backend.meter.as_dict()}
+    # DAT 8-bit: unbiased, no error feedback; the average over draws approaches the exact mean.
+    q_backend = TorchBackend()
+    quant = StochasticQuantizer(bits=8, block=128)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(7 + rank)) * 3
+    other = torch.randn(numel, generator=torch.Generator().manual_seed(8 - rank)) * 3
+    exact = (x + other) / 2
+    g = torch.Generator().manual_seed(1000 + rank)
+    draws = [compressed_allreduce(x, quant, q_backend, generator=g) for _ in range(300)]
+    stack = torch.stack(draws)
+    result["quant"] = {"single_error": float((draws[0] - exact).norm() / exact.norm()),
+                       "mean_error": float((stack.mean(0) - exact).norm() / exact.norm()),
+                       "bytes_per_call": q_backend.meter.bytes_sent // 300,
+                       "fp32_per_call": q_backend.meter.bytes_fp32_equiv // 300,
+                       "first": draws[0].tolist()[:50]}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    tdist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    from dat_ds.dist import free_port
+
+    out = tmp_path_factory.mktemp("comm2")
+    mp.spawn(_two_rank_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.dist
+def test_error_feedback_running_average_converges_to_the_exact_mean(two_rank_results):
+    r = two_rank_results[0]["onebit"]
+    assert r["after_200"] < 0.05
+    assert r["after_200"] < r["first_round"] / 10  # error feedback, not luck: one round alone is far off
+    assert r["after_200"] < r["after_20"]
+    # Both ranks decode the same all-gathered bytes: identical results.
+    assert two_rank_results[0]["onebit"]["result_sum"] == two_rank_results[1]["onebit"]["result_sum"]
+
+
+@pytest.mark.dist
+def test_compressed_allreduce_byte_counts(two_rank_results):
+    r = two_rank_results[0]["onebit"]
+    n, m = padded_numel(1000, 2, 128), padded_numel(1000, 2, 128) // 2
+    chunk_payload = m // 8 + 4 * (m // 128)  # signs + one fp32 scale per block, for one rank's chunk
+    assert r["bytes_per_call"] == 2 * chunk_payload  # one chunk out in the all-to-all, one in the all-gather
+    assert r["meter"]["bytes_fp32_equiv"] == 200 * fp32_allreduce_bytes(1000, 2)
+    assert fp32_allreduce_bytes(1000, 2) / r["bytes_per_call"] >= 20
+    q = two_rank_results[0]["quant"]
+    assert q["fp32_per_call"] / q["bytes_per_call"] >= 3.9
+    assert n == 1024
+
+
+@pytest.mark.dist
+def test_quantized_allreduce_is_unbiased_across_ranks(two_rank_results):
+    q = two_rank_results[0]["quant"]
+    assert q["single_error"] > 0  # it really quantizes
+    assert q["mean_error"] < q["single_error"] / 8  # noise averages out: ~1/sqrt(300) of one draw
+    assert two_rank_results[0]["quant"]["first"] == two_rank_results[1]["quant"]["first"]
