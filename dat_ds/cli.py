@@ -30,12 +30,23 @@ def command(name: str, help: str):
 
 
 def resolve_recipe(path: str | None) -> str | None:
+    """A recipe file path, or a bare recipe name (``cifar10_prn18_dat_pgd`` -> recipes/cifar10_prn18_dat_pgd.yaml)."""
     if path is None:
         return None
     p = Path(path)
     if not p.exists() and (REPO_ROOT / p).exists():
         return str(REPO_ROOT / p)
+    named = REPO_ROOT / "recipes" / f"{path}.yaml"
+    if not p.exists() and named.is_file():
+        return str(named)
     return path
+
+
+def _hostfile_nodes(hostfile: str | None) -> int:
+    if not hostfile or not Path(hostfile).is_file():
+        return 1
+    lines = [ln.split("#", 1)[0].strip() for ln in Path(hostfile).read_text().splitlines()]
+    return max(1, sum(1 for ln in lines if ln))
 
 
 def launch(module: str, argv: list[str], nproc: int, hostfile: str | None, master_port: int | None) -> int:
@@ -130,6 +141,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be >= 1")
     args.config = resolve_recipe(args.config)
+    if args.dry_run:  # validate for the requested world size; no process is started
+        args.dry_run_world = args.nproc * _hostfile_nodes(args.hostfile)
+        train.main(args)
+        return 0
     if args.nproc == 1 and not args.hostfile:
         train.main(args)
         return 0
@@ -219,6 +234,37 @@ def _list(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 command("list", "list registered attacks, objectives, models, data sets and optimizers")((_list_args, _list))
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def recipe_rows() -> list[tuple[str, str, str, str]]:
+    """(name, model / data, attack, published clean / robust accuracy) for every recipes/*.yaml."""
+    import yaml
+
+    rows = []
+    for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        paper, attack = raw.get("paper") or {}, raw.get("attack") or {}
+        clean, robust = paper.get("clean_acc"), paper.get("robust_acc")
+        published = "-"
+        if isinstance(clean, float) and isinstance(robust, float):
+            published = f"{clean:.1%} / {robust:.1%} {paper.get('robust_attack', '')}".rstrip()
+        rows.append((path.stem, f"{(raw.get('model') or {}).get('name', '-')} / {(raw.get('data') or {}).get('name', '-')}",
+                     f"{attack.get('name', '-')} eps={attack.get('eps', '-')}", published))
+    return rows
+
+
+def _recipes(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import ui
+
+    ui.show(ui.table("recipes/*.yaml (run: dat-ds train --recipe NAME --nproc N; validate: add --dry-run)",
+                     ["recipe", "model / data", "attack", "paper clean / robust"], recipe_rows()))
+    return 0
+
+
+command("recipes", "list the benchmark recipes with their published numbers")((lambda p: None, _recipes))
 
 
 def _load_extensions() -> None:

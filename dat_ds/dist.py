@@ -201,8 +201,8 @@ def failed_rank_line(folder: str, nproc: int, launcher_rc: int) -> str | None:
         except (OSError, ValueError):
             pass
     silent = [r for r in range(nproc) if r not in records]
-    if not silent and all(rec["code"] == 2 for rec in records.values()):
-        return None  # a config/data error: rank 0 already printed its one line
+    if not silent and all(rec["code"] in (2, 3) for rec in records.values()):
+        return None  # a config/data error or a NaN abort that every rank agreed on: rank 0 printed its line
     if silent:
         r = silent[0]
         if launcher_rc > 128:  # the launcher exits with the child's negative return code, mod 256

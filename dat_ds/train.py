@@ -84,12 +84,13 @@ def check_run_dir(cfg: RunConfig, resume: str | None, overwrite: bool) -> Path:
     return run_dir
 
 
-def dry_run(cfg: RunConfig) -> dict[str, Any]:
-    """Validate both documents without touching data or starting processes."""
+def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict[str, Any]:
+    """Validate both documents for ``world_size`` ranks without touching data or starting processes."""
     from .engine import ds_config
     from .models import MODELS
 
-    settings = ds_config.prepare(cfg.deepspeed_config, dist.world_size())
+    world = world_size or dist.world_size()
+    settings = ds_config.prepare(cfg.deepspeed_config, world)
     from .objectives import OBJECTIVES
     from .attacks import ATTACKS
     from .data import DATASETS
@@ -102,14 +103,16 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
 
         if not timm.is_model(cfg.model.name):
             MODELS.get(cfg.model.name)  # raises the one-line error listing the choices
-    return {"global_batch": settings.global_batch, "zero_stage": settings.zero_stage, "precision": settings.precision}
+    return {"world_size": world, "global_batch": settings.global_batch, "micro_batch_per_rank": settings.micro_batch,
+            "grad_accum": settings.grad_accum, "zero_stage": settings.zero_stage, "precision": settings.precision}
 
 
 def main(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
     dist.setup_logging()
     cfg = config_from_args(args, base)
     if args.dry_run:
-        info = dry_run(cfg)
+        info = dry_run(cfg, getattr(args, "dry_run_world", None))
+        log.info("resolved config:\n%s", cfg.to_yaml().rstrip())
         log.info("config OK: %s", json.dumps(info))
         return info
     check_run_dir(cfg, args.resume, args.overwrite)

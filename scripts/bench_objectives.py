@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Bench:
-    def __init__(self, out: Path, nproc: int, eval_examples: int, attack_steps: int):
-        self.out, self.nproc = out, nproc
+    def __init__(self, out: Path, nproc: int, eval_examples: int, attack_steps: int, overrides: list[str]):
+        self.out, self.nproc, self.overrides = out, nproc, overrides
         self.eval_examples, self.attack_steps = eval_examples, attack_steps
         self.results_path = out / "results.json"
         self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
@@ -48,7 +48,10 @@ class Bench:
 
     def common(self) -> list[str]:
         return ["--nproc", str(self.nproc), "--output-dir", str(self.out), "--overwrite",
-                "--set", f"eval.max_examples={self.eval_examples}", "--set", "train.log_every=50"]
+                "--set", f"eval.max_examples={self.eval_examples}", "--set", "train.log_every=50", *self.sets()]
+
+    def sets(self) -> list[str]:
+        return [a for o in self.overrides for a in ("--set", o)]
 
     def train_result(self, key: str, name: str) -> None:
         final = json.loads((self.out / name / "summary.json").read_text())["final"]
@@ -69,10 +72,11 @@ def objectives(b: Bench, epochs: int, with_free: bool) -> None:
         b.train_result("free", "bench-free")
 
 
-def rst(b: Bench, rst_epochs: int, labeled: int = 1000, micro_batch: int = 64) -> None:
-    b.run("rst_teacher", "train", "--config", "recipes/demo.yaml", "--name", "bench-teacher", "--epochs", "20",
+def rst(b: Bench, rst_epochs: int, teacher_epochs: int, labeled: int = 1000, micro_batch: int = 64) -> None:
+    b.run("rst_teacher", "train", "--config", "recipes/demo.yaml", "--name", "bench-teacher",
+          "--epochs", str(teacher_epochs),
           *b.common(), "--set", "objective.name=clean", "--set", f"data.train_subset={labeled}",
-          "--set", "eval.attack=none", "--set", "eval.every_epochs=20")
+          "--set", "eval.attack=none", "--set", f"eval.every_epochs={teacher_epochs}")
     b.train_result("rst_teacher", "bench-teacher")
     pl = b.out / "pseudo_labels.npz"
     b.run("rst_pseudo_label", "pseudo-label", "--run", str(b.out / "bench-teacher"), "--out", str(pl))
@@ -103,7 +107,8 @@ def acl(b: Bench, pretrain_epochs: int, finetune_epochs: int) -> None:
     encoder = str(b.out / "bench-acl")
     for mode in ("alf", "slf"):
         for source, flags in (("acl", ["--encoder", encoder]),
-                              ("random", ["--random-init", "--config", "recipes/acl_pretrain_embedded.yaml"])):
+                              ("random", ["--random-init", "--config", "recipes/acl_pretrain_embedded.yaml",
+                                          *b.sets()])):
             key = f"{mode}_{source}"
             out = b.out / f"{key}.json"
             b.run(key, "finetune", "--mode", mode, *flags, "--epochs", str(finetune_epochs),
@@ -122,16 +127,19 @@ def main() -> None:
     p.add_argument("--attack-steps", type=int, default=3, help="PGD steps of the training attacks")
     p.add_argument("--epochs", type=int, default=3, help="epochs of the DAT/TRADES/MART runs")
     p.add_argument("--rst-epochs", type=int, default=2)
+    p.add_argument("--teacher-epochs", type=int, default=20, help="clean training of the RST teacher on 1,000 labels")
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--with-free", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every training run (e.g. model.name=tiny_cnn)")
     args = p.parse_args()
-    b = Bench(Path(args.out), args.nproc, args.eval_examples, args.attack_steps)
+    b = Bench(Path(args.out), args.nproc, args.eval_examples, args.attack_steps, args.overrides)
     for group in args.groups.split(","):
         if group == "objectives":
             objectives(b, args.epochs, args.with_free)
         elif group == "rst":
-            rst(b, args.rst_epochs)
+            rst(b, args.rst_epochs, args.teacher_epochs)
         elif group == "acl":
             acl(b, args.pretrain_epochs, args.finetune_epochs)
         else:

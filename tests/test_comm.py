@@ -95,7 +95,8 @@ def test_single_rank_compressed_allreduce_with_error_feedback_tracks_the_input()
     comp = SignCompressor(block=64)
     worker, server = error_buffers(300, 1, 64)
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(300, generator=g) for _ in range(200)]
+    signal = 0.5 * torch.sin(torch.arange(300) / 7.0)  # what the running average converges to
+    xs = [torch.randn(300, generator=g) + signal for _ in range(200)]
     total = sum(compressed_allreduce(x, comp, backend, worker, server) for x in xs)
     exact = sum(xs)
     assert float((total - exact).norm() / exact.norm()) < 0.05
@@ -151,9 +152,10 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
                         "meter": backend.meter.as_dict()}
     # DAT 8-bit: unbiased, no error feedback; the average over draws approaches the exact mean.
     q_backend = TorchBackend()
-    quant = StochasticQuantizer(bits=8, block=128)
+    quant = StochasticQuantizer(bits=8, block=256)
+    numel = 2048
     x = torch.randn(numel, generator=torch.Generator().manual_seed(7 + rank)) * 3
-    other = torch.randn(numel, generator=torch.Generator().manual_seed(8 - rank)) * 3
+    other = torch.randn(numel, generator=torch.Generator().manual_seed(8 - rank)) * 3  # the other rank's x
     exact = (x + other) / 2
     g = torch.Generator().manual_seed(1000 + rank)
     draws = [compressed_allreduce(x, quant, q_backend, generator=g) for _ in range(300)]
@@ -198,6 +200,7 @@ def test_compressed_allreduce_byte_counts(two_rank_results):
     assert r["meter"]["bytes_fp32_equiv"] == 200 * fp32_allreduce_bytes(1000, 2)
     assert fp32_allreduce_bytes(1000, 2) / r["bytes_per_call"] >= 20
     q = two_rank_results[0]["quant"]
+    assert q["bytes_per_call"] == 2 * (1024 + 4 * 4)  # 8-bit codes + a scale per 256-block, two chunk transfers
     assert q["fp32_per_call"] / q["bytes_per_call"] >= 3.9
     assert n == 1024
 

@@ -48,7 +48,8 @@ def _rank_main(out_dir: str, paths: list[str]) -> None:
                              "micro_steps": accum}
         except Exception as e:  # noqa: BLE001 - recorded per config, reported by its test
             results[stem] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        torch.distributed.barrier() if torch.distributed.is_initialized() else None
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the next config starts together on both ranks
     if dist.is_main_process():
         (Path(out_dir) / "results.json").write_text(json.dumps(results, indent=1))
 

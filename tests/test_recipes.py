@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dat_ds import cli
+from dat_ds import cli as dat_cli
 from dat_ds.config import build_config
 from dat_ds.engine import ds_config
 
@@ -23,15 +23,29 @@ BENCHMARKS = ("cifar10_prn18_dat_pgd", "cifar10_prn18_dat_fgsm", "cifar10_prn18_
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_validates_with_dry_run(path, capsys):
-    assert cli.main(["train", "--config", str(path), "--dry-run"]) == 0
+    assert dat_cli.main(["train", "--config", str(path), "--dry-run"]) == 0
     cfg = build_config(path)
     assert ds_config.resolve_path(cfg.deepspeed_config).is_file()
 
 
 def test_dry_run_through_the_installed_command(cli):
-    proc = cli("train", "--config", "recipes/cifar10_prn18_dat_pgd.yaml", "--dry-run", timeout=300)
+    # A bare recipe name, validated for 8 ranks without starting any: resolved config + per-rank batch.
+    proc = cli("train", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "8", "--dry-run", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert '"global_batch": 2048' in proc.stderr + proc.stdout
+    out = proc.stderr + proc.stdout
+    assert '"world_size": 8, "global_batch": 2048, "micro_batch_per_rank": 256' in out
+    assert "name: preactresnet18" in out  # the resolved config is printed
+    bad = cli("train", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "3", "--dry-run", timeout=300)
+    assert bad.returncode == 2 and "not divisible" in bad.stderr  # 2048 over 3 ranks
+
+
+def test_recipes_command_lists_every_recipe_with_paper_numbers():
+    rows = {r[0]: r for r in dat_cli.recipe_rows()}
+    assert set(rows) == {p.stem for p in RECIPES}
+    assert rows["cifar10_prn18_dat_pgd_500k"][3] == "89.4% / 52.5% PGD-10"
+    assert rows["imagenet_r50_dat_fgsm"][3] == "60.9% / 43.5%"
+    assert rows["cifar10_wrn34_pgd_at"][1] == "wideresnet34_10 / cifar10"
+    assert dat_cli.main(["recipes"]) == 0
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
@@ -40,7 +54,7 @@ def test_benchmark_recipe_documents_commands_and_numbers(name):
     text = path.read_text()
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert f"deepspeed --num_gpus 8 --module dat_ds.train --config recipes/{name}.yaml" in header
-    assert f"deepspeed --hostfile hostfile --num_nodes" in header and f"--config recipes/{name}.yaml" in header
+    assert "deepspeed --hostfile hostfile --num_nodes" in header and f"--config recipes/{name}.yaml" in header
     raw = yaml.safe_load(text)
     assert raw["paper"]["source"] and raw["expected"]["ours"]
     assert raw["name"] == name

@@ -93,7 +93,8 @@ class QuantizedGradientAllReduce:
     def comm_stats(self) -> dict[str, Any]:
         world = self.backend.world
         stats: dict[str, Any] = {"stage": "compressed" if self.steps else "warmup", "world_size": world,
-                                 **self.meter.as_dict(), "compressed_steps": self.steps, "bits": self.quantizer.bits}
+                                 **self.meter.as_dict(), "compressed_steps": self.steps, "local_steps": 0,
+                                 "bits": self.quantizer.bits}
         if world == 1:
             stats["note"] = "world size 1: nothing to communicate"
         return stats

@@ -18,7 +18,6 @@ and horizontal flip to the training split.
 from __future__ import annotations
 
 import io
-import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,6 @@ from ..errors import ConfigError
 from .base import DATASETS, DataSpec
 from .embedded import ArrayDataset, subset_first
 from .transforms import maybe_transform, pick_transform
-
-log = logging.getLogger(__name__)
 
 PIXELS = 3 * 32 * 32
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -18,7 +18,6 @@ channel, everything else is converted to RGB.
 from __future__ import annotations
 
 import io
-import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,8 +28,6 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError
 from .base import DATASETS, DataSpec
 from .transforms import pick_transform, to_tensor
-
-log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("img", "image", "pixel_values")
 LABEL_COLUMNS = ("label", "fine_label", "labels")
@@ -120,7 +117,7 @@ def _pick_columns(ds, root: str) -> tuple[str, str]:
     return image_col, label_col
 
 
-def _decode(value) -> "np.ndarray | object":
+def _decode(value):
     if isinstance(value, dict) and value.get("bytes") is not None:  # undecoded Image struct
         import PIL.Image
 
@@ -140,9 +137,9 @@ def _as_mode(img, mode: str):
 
 
 class HFImageDataset(Dataset):
-    def __init__(self, ds, image_col: str, label_col: str, mode: str, size: int, transform):
+    def __init__(self, ds, image_col: str, label_col: str, mode: str, transform):
         self.ds, self.image_col, self.label_col = ds, image_col, label_col
-        self.mode, self.size, self.transform = mode, size, transform
+        self.mode, self.transform = mode, transform
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -197,4 +194,4 @@ def hf_dataset(data_cfg, split: str) -> tuple[Dataset, DataSpec]:
     mean, std = default_stats(in_chans, size, num_classes)
     spec = DataSpec(in_chans=in_chans, num_classes=num_classes, img_size=size, mean=mean, std=std, classes=classes)
     transform = pick_transform(split, data_cfg.augment, size)  # resizes only images not already at size
-    return HFImageDataset(ds, image_col, label_col, mode, size, transform), spec
+    return HFImageDataset(ds, image_col, label_col, mode, transform), spec

@@ -27,10 +27,10 @@ LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg"
 
 
 class FolderDataset(Dataset):
-    """torchvision ImageFolder -> float CHW in [0, 1] at ``size`` x ``size``."""
+    """torchvision ImageFolder -> float CHW in [0, 1], resized/cropped by ``transform``."""
 
-    def __init__(self, folder, size: int, transform):
-        self.folder, self.size, self.transform = folder, size, transform
+    def __init__(self, folder, transform):
+        self.folder, self.transform = folder, transform
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -106,4 +106,4 @@ def imagefolder(data_cfg, split: str) -> tuple[Dataset, DataSpec]:
     mean, std = default_stats(3, size, len(train.classes))
     spec = DataSpec(in_chans=3, num_classes=len(train.classes), img_size=size, mean=mean, std=std,
                     classes=tuple(train.classes))
-    return FolderDataset(folder, size, pick_transform(split, data_cfg.augment, size)), spec
+    return FolderDataset(folder, pick_transform(split, data_cfg.augment, size)), spec

@@ -42,7 +42,7 @@ def large_train_transform(size: int) -> Transform:
 
 
 def large_eval_transform(size: int) -> Transform:
-    resize = v2.Compose([v2.Resize(int(round(size / EVAL_CROP_FRACTION)), antialias=True), v2.CenterCrop(size)])
+    resize = v2.Compose([v2.Resize(round(size / EVAL_CROP_FRACTION), antialias=True), v2.CenterCrop(size)])
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         return x if tuple(x.shape[-2:]) == (size, size) else resize(x)

@@ -210,8 +210,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.sanity:
         plan = sanity.sanity_specs(eps_list[0], in_chans=spec.in_chans, steps=args.steps, norm=args.norm,
                                    square_queries=args.square_queries)
-        labels = {s.label for s in all_specs}
-        all_specs += [s for s in plan.specs() if s.label not in labels and not labels.add(s.label)]
+        for extra_spec in plan.specs():
+            if extra_spec.label not in {s.label for s in all_specs}:
+                all_specs.append(extra_spec)
     n = len(test_set) if args.max_examples is None else min(args.max_examples, len(test_set))
     log.info("evaluating %s on %d %s test examples, %d rank(s): %s", loaded.source.get("run_dir") or
              loaded.source.get("weights"), n, loaded.data_cfg.name, dist.world_size(),

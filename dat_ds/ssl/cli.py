@@ -101,6 +101,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                      help="baseline: a randomly initialised encoder of --config's model")
     p.add_argument("--config", "--recipe", dest="config", default=None,
                    help="recipe for --random-init (e.g. recipes/acl_pretrain_embedded.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of --config for --random-init (e.g. model.name=tiny_cnn)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=None, help="Adam LR (default 0.01 for slf/alf, 0.001 for aff)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -124,10 +126,12 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
     if args.random_init:
         if not args.config or not args.out:
             raise ConfigError("--random-init needs --config RECIPE (the encoder architecture and data) and --out FILE.json")
-        cfg = build_config(resolve_recipe(args.config))
+        cfg = build_config(resolve_recipe(args.config), args.overrides)
         encoder, spec = random_encoder(cfg, args.seed)
         source, out = "random-init", Path(args.out)
     else:
+        if args.overrides:
+            raise ConfigError("--set only applies to --random-init; an --encoder run brings its own config")
         cfg, encoder, spec = encoder_from_run(args.encoder)
         source, out = f"run:{args.encoder}", Path(args.out or Path(args.encoder) / f"finetune_{args.mode}.json")
     result = {"encoder": source, **finetune(cfg, encoder, spec, settings)}

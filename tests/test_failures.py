@@ -1,0 +1,85 @@
+"""Rank failure: when one rank dies the others do not hang; the CLI names the failed rank in one line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import psutil
+
+from dat_ds import dist, train
+from dat_ds.engine import checkpoint
+from reliability_utils import tiny_args, write_ds
+from test_resume import _launch, rank_process, wait_for_tag
+
+
+def test_sigkill_one_rank_stops_all_within_60s(tmp_path):
+    ds = write_ds(tmp_path)
+    runs = tmp_path / "runs"
+    proc = _launch(tiny_args(runs, "victim", ds, subset=640, epochs=3, save_every=3))
+    parent = psutil.Process(proc.pid)
+    victim = rank_process(parent, 1)
+    survivor = rank_process(parent, 0)
+    root = runs / "victim" / "checkpoint"
+    wait_for_tag(root, proc)
+    family = parent.children(recursive=True)
+    victim.send_signal(signal.SIGKILL)
+    t_kill = time.time()
+    _, err = proc.communicate(timeout=120)
+    elapsed = time.time() - t_kill
+    assert proc.returncode != 0
+    assert elapsed < 60, f"took {elapsed:.0f}s to stop"
+    gone, alive = psutil.wait_procs(family, timeout=5)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"left behind: {alive}"
+    assert not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: rank 1 failed (exit code -9: killed by SIGKILL); the other ranks were stopped"]
+    # the last good checkpoint is intact: committed, and its files pass verification
+    tag = checkpoint.find_resume_tag(root)
+    assert tag is not None and tag != "epoch0002"
+    checkpoint.verify_tag(root, tag)
+
+
+def _status(folder, rank, code, error, comm=False, t=0.0):
+    (folder / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "code": code, "error": error, "comm": comm,
+                                                         "time": t}))
+
+
+def test_report_names_the_rank_that_raised_not_its_echo(tmp_path):
+    _status(tmp_path, 0, 1, "DistBackendError: Connection closed by peer", comm=True, t=1.0)
+    _status(tmp_path, 1, 1, "ValueError: boom", t=2.0)
+    assert dist.failed_rank_line(str(tmp_path), 2, 1) == (
+        "rank 1 failed (exit code 1: ValueError: boom); the other ranks were stopped")
+
+
+def test_report_ignores_siblings_stopped_by_the_launcher(tmp_path):
+    _status(tmp_path, 0, 143, "terminated by the launcher", t=2.0)
+    _status(tmp_path, 1, 1, "RuntimeError: out of memory", t=1.0)
+    assert dist.failed_rank_line(str(tmp_path), 2, 1).startswith("rank 1 failed (exit code 1: RuntimeError: out of memory)")
+
+
+def test_report_silent_rank_was_killed(tmp_path):
+    _status(tmp_path, 0, 143, "terminated by the launcher")
+    assert dist.failed_rank_line(str(tmp_path), 2, 247) == (
+        "rank 1 failed (exit code -9: killed by SIGKILL); the other ranks were stopped")
+
+
+def test_config_errors_are_not_reported_twice(tmp_path):
+    _status(tmp_path, 0, 2, "ConfigError: bad")
+    _status(tmp_path, 1, 2, "ConfigError: bad")
+    assert dist.failed_rank_line(str(tmp_path), 2, 2) is None
+
+
+def test_rank_entry_point_leaves_a_status_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(dist.STATUS_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert train.cli_entry(["--set", "attack.eps=2"]) == 2
+        assert signal.getsignal(signal.SIGTERM) is not previous  # a launcher's SIGTERM is recorded, too
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    record = json.loads((tmp_path / "rank0.json").read_text())
+    assert record["code"] == 2 and record["error"].startswith("ConfigError: attack.eps=2.0 is outside [0, 1]")
+    assert capsys.readouterr().err.startswith("error: attack.eps=2.0")
