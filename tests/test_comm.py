@@ -211,3 +211,26 @@ def test_quantized_allreduce_is_unbiased_across_ranks(two_rank_results):
     assert q["single_error"] > 0  # it really quantizes
     assert q["mean_error"] < q["single_error"] / 8  # noise averages out: ~1/sqrt(300) of one draw
     assert two_rank_results[0]["quant"]["first"] == two_rank_results[1]["quant"]["first"]
+
+
+# ----------------------------------------------------------------------------- dat-ds bench comm
+
+
+def test_bench_comm_needs_two_ranks(cli, tmp_path):
+    proc = cli("bench", "comm", "--nproc", "1", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--nproc >= 2" in proc.stderr
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_bench_comm_writes_json_and_png_and_meets_the_byte_goals(cli, tmp_path):
+    proc = cli("bench", "comm", "--steps", "3", "--warmup", "2", "--out", str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "comm.json").read_text())
+    assert (tmp_path / "comm.png").stat().st_size > 0
+    arms = result["arms"]
+    assert set(arms) == {"fp32 all-reduce", "DAT 8-bit", "1-bit Adam", "0/1 Adam", "1-bit LAMB"}
+    assert arms["DAT 8-bit"]["ratio"] >= 3.9
+    for name in ("1-bit Adam", "0/1 Adam", "1-bit LAMB"):
+        assert arms[name]["stage"] == "compressed" and arms[name]["ratio"] >= 20
+    assert result["goal_met"]

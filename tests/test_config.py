@@ -62,3 +62,14 @@ def test_standard_step_sizes():
     assert attack_step_size("pgd", 0.1, 10, None) == pytest.approx(0.025)  # 2.5 eps / k (Madry)
     assert attack_step_size("fgsm_rs", 0.1, 1, None) == pytest.approx(0.125)  # 1.25 eps (Wong)
     assert attack_step_size("pgd", 0.1, 10, 0.01) == 0.01
+
+
+def test_layerwise_optimizers_refuse_flattening_engines():
+    from dat_ds.engine import ds_config
+
+    base = {"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "Lamb", "params": {"lr": 0.01}}}
+    ok = ds_config.prepare("inline.json", 2, data={**base, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}})
+    assert ok.precision == "bf16-autocast"
+    for extra in ({"zero_optimization": {"stage": 2}}, {"bf16": {"enabled": True}}):
+        with pytest.raises(ConfigError, match="needs per-layer tensors"):
+            ds_config.prepare("inline.json", 2, data={**base, **extra})

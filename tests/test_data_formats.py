@@ -265,3 +265,17 @@ def test_pickles_outside_the_cifar_format_are_refused_unless_trusted(fixture_roo
     (folder / "test_batch").write_bytes(pickle.dumps(OrderedDict(batch)))
     assert "collections.OrderedDict" in _error(cfg, "test")
     assert len(build_dataset(replace(cfg, trust_pickle=True), "test")[0]) == 20
+
+
+def test_imagefolder_val_missing_a_class_keeps_train_numbering(fixture_root, tmp_path):
+    import shutil
+
+    root, _, _ = fixture_root
+    shutil.copytree(root / "imagefolder", tmp_path / "inet")
+    shutil.rmtree(tmp_path / "inet" / "val" / "airplane")  # index 0 in train/
+    ds, spec = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "inet"), image_size=32), "test")
+    _, y = _all(ds)
+    assert spec.num_classes == 10 and spec.classes == CIFAR10_CLASSES
+    assert sorted(y.tolist()) == sorted(label for label in fixture_root[2].tolist() if label != 0)
+    (tmp_path / "inet" / "val" / "unicorn").mkdir()
+    assert "unicorn" in _error(DataConfig(name="imagefolder", root=str(tmp_path / "inet"), image_size=32), "test")

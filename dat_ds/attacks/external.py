@@ -48,10 +48,18 @@ def _run(make_attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, genera
         return x.clone()
     seed = _seed_from(generator)
     devices = [x.device] if x.device.type == "cuda" else []
-    with eval_mode(model), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        attack = make_attack(seed)
-        x_adv = attack(x.detach(), y.detach())
+    # FAB calls .backward(), which would add into parameter .grad: freeze the parameters meanwhile.
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with eval_mode(model), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            attack = make_attack(seed)
+            x_adv = attack(x.detach(), y.detach())
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return x_adv.detach().to(x.dtype)
 
 

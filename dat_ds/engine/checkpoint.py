@@ -183,21 +183,26 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
 # ----------------------------------------------------------------------------- verify
 
 
-# Plain-data types DeepSpeed writes into its checkpoints besides tensors and builtins (ZeRO configs).
+# Plain-data types DeepSpeed writes into its checkpoints besides tensors and builtins (ZeRO stage enum,
+# partition addresses, loss-scaler records). The restricted unpickler rebuilds them field by field;
+# it never calls their code.
+_DEEPSPEED_DATA_TYPES = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+)
+
+
 def _deepspeed_safe_globals() -> list[Any]:
+    import importlib
+
     out: list[Any] = []
-    try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        out.append(ZeroStageEnum)
-    except ImportError:
-        pass
-    try:
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        out.append(fragment_address)
-    except ImportError:
-        pass
+    for module, name in _DEEPSPEED_DATA_TYPES:
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
     return out
 
 
@@ -243,8 +248,16 @@ def verify_tag(root: Path, tag: str) -> None:
             continue
         if not p.is_file() or p.stat().st_size != size:
             raise CorruptCheckpoint(f"{p} is missing or has the wrong size (want {size} bytes)")
-    for p in sorted(tag_dir.rglob("*.pt")):
+    files = sorted(tag_dir.rglob("*.pt"))
+    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key in _VERIFIED:  # preflight, then the trainer: unpickle each file once per process
+        return
+    for p in files:
         verify_file(p)
+    _VERIFIED.add(key)
+
+
+_VERIFIED: set[tuple] = set()
 
 
 def check_compatible(root: Path, tag: str, cfg, ds: dict[str, Any] | None = None) -> None:

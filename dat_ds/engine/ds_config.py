@@ -53,7 +53,7 @@ class EngineSettings:
     grad_accum: int
     global_batch: int
     zero_stage: int
-    precision: str  # fp32 | bf16 | fp16
+    precision: str  # fp32 | bf16 | fp16 | bf16-autocast (fp32 weights, bf16 compute)
     has_scheduler: bool  # the JSON brings its own DeepSpeed scheduler
     compresses: bool  # the optimizer does its own compressed communication
     gradient_compression: dict[str, Any] | None = None  # e.g. {"type": "dat_quantizer", "bits": 8, "block": 256}
@@ -141,7 +141,11 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
     fp16 = bool((data.get("fp16") or {}).get("enabled", False))
     if bf16 and fp16:
         raise ConfigError("DeepSpeed config enables both bf16 and fp16; enable one")
-    precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"
+    autocast = (data.get("torch_autocast") or {})
+    autocast_bf16 = bool(autocast.get("enabled", False)) and str(autocast.get("dtype", "bfloat16")).endswith("bfloat16")
+    if autocast_bf16 and (bf16 or fp16):
+        raise ConfigError("DeepSpeed config enables torch_autocast together with bf16/fp16; choose one precision mode")
+    precision = "bf16" if bf16 else "fp16" if fp16 else "bf16-autocast" if autocast_bf16 else "fp32"
     micro, accum, global_batch = resolve_batch(data, world_size)
     data["train_micro_batch_size_per_gpu"] = micro
     data["gradient_accumulation_steps"] = accum
@@ -160,7 +164,14 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
         raise ConfigError(
             f"optimizer {optimizer['type']!r} communicates at every micro-step; set gradient_accumulation_steps to 1"
         )
-    if entry.compresses and precision != "fp32":
+    if optimizer_entry(optimizer)[0] in ("lamb", "lars") and (stage > 0 or precision in ("bf16", "fp16")):
+        # ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers hand the optimizer one flat tensor per parameter
+        # group, so LAMB/LARS would compute one trust ratio for the whole model instead of one per layer.
+        raise ConfigError(
+            f"optimizer {optimizer['type']!r} needs per-layer tensors but ZeRO stage {stage} / {precision} flattens them; "
+            'use zero_optimization.stage 0 with "torch_autocast": {"enabled": true, "dtype": "bfloat16"} for bf16'
+        )
+    if entry.compresses and precision not in ("fp32", "bf16-autocast"):
         raise ConfigError(
             f"optimizer {optimizer['type']!r} keeps its own fp32 state and needs the fp32 engine; disable {precision}"
         )

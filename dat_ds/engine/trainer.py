@@ -145,7 +145,12 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
     device = dist.device()
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1))
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout etc. differ per rank from here on
-    ctx = ObjectiveContext(model=engine, module=engine.module, cfg=cfg, generator=generator)
+    attack_module = engine.module
+    if settings.precision == "bf16-autocast":  # attacks run in the same precision as the training forward
+        from ..models.wrapper import AutocastModule
+
+        attack_module = AutocastModule(engine.module, dist.accelerator().device_name())
+    ctx = ObjectiveContext(model=engine, module=attack_module, cfg=cfg, generator=generator)
 
     state = TrainState()
     if found is not None:

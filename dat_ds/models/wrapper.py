@@ -22,3 +22,26 @@ class NormalizedModel(nn.Module):
         if weight is not None and weight.dtype != z.dtype:
             z = z.to(weight.dtype)
         return self.backbone(z)
+
+
+class AutocastModule(nn.Module):
+    """Runs a module under ``torch.autocast`` so attacks use the same precision as the training forward.
+
+    DeepSpeed's ``torch_autocast`` only wraps ``engine.forward``; attacks call the bare module, so the
+    trainer hands them this wrapper. Attribute lookups fall through to the wrapped module.
+    """
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.module = module
+        self.device_type, self.dtype = device_type, dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)

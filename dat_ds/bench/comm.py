@@ -1,0 +1,203 @@
+"""``dat-ds bench comm``: bytes and wall time per optimizer step for each way of averaging gradients.
+
+Arms (each an optimizer step on a model-sized set of parameters with random per-rank gradients,
+``--nproc`` ranks over the run's torch.distributed backend, one thread per rank):
+
+* ``fp32 all-reduce``: AdamW after an fp32 all-reduce of the gradients (what DeepSpeed does);
+* ``DAT 8-bit``: AdamW after DAT's quantized all-reduce (``ds_configs/dat_8bit.json``);
+* ``1-bit Adam``, ``0/1 Adam``, ``1-bit LAMB``: our compressing optimizers from their ds_configs, with
+  the warm-up shortened to ``--warmup`` steps; only compression-stage steps are measured.
+
+Bytes are what rank 0 put on the wire (deterministic); times are medians over the measured steps with
+a barrier before each step (noisy on shared machines: compare arms of one run, not runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cli import BENCHES, Bench, write_result
+from .common import show_table
+
+REPO = Path(__file__).resolve().parents[2]
+ARMS = {  # label -> (ds_configs file, warm-up keys to shorten)
+    "fp32 all-reduce": ("zero0_fp32.json", ()),
+    "DAT 8-bit": ("dat_8bit.json", ()),
+    "1-bit Adam": ("onebit_adam.json", ("freeze_step",)),
+    "0/1 Adam": ("zero_one_adam.json", ("var_freeze_step",)),
+    "1-bit LAMB": ("onebit_lamb.json", ("freeze_step",)),
+}
+GOALS = {"DAT 8-bit": 3.9, "1-bit Adam": 20.0, "0/1 Adam": 20.0, "1-bit LAMB": 20.0}  # min fp32/compressed bytes
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
+    p.add_argument("--steps", type=int, default=30, help="measured steps per arm (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="uncompressed warm-up steps before measuring (default 5)")
+    p.add_argument("--model", default="small_cnn", help="parameter shapes to communicate (default small_cnn)")
+
+
+def _params(model_name: str) -> list[torch.nn.Parameter]:
+    from ..data.base import DataSpec
+    from ..models import create_model
+
+    spec = DataSpec(in_chans=1, num_classes=10, img_size=28, mean=(0.5,), std=(0.5,))
+    torch.manual_seed(0)
+    return [p for p in create_model(model_name, spec).parameters() if p.requires_grad]
+
+
+def _arm_optimizer(label: str, params, warmup: int):
+    from ..comm import QuantizedGradientAllReduce
+    from ..engine import ds_config
+    from ..optim import build_optimizer
+
+    file, keys = ARMS[label]
+    data = json.loads((REPO / "ds_configs" / file).read_text())
+    for k in keys:
+        data["optimizer"]["params"][k] = warmup
+    settings = ds_config.prepare(file, 1, data=data)
+    opt = build_optimizer(settings.optimizer, params)
+    if settings.gradient_compression is not None:
+        gc = settings.gradient_compression
+        QuantizedGradientAllReduce(bits=gc["bits"], block=gc["block"]).attach(opt)
+    return opt, settings.compresses or settings.gradient_compression is not None
+
+
+def _run_arm(label: str, args, rank: int, world: int) -> dict[str, Any]:
+    import torch.distributed as tdist
+
+    from ..comm import fp32_allreduce_bytes
+
+    params = _params(args.model)
+    numel = sum(p.numel() for p in params)
+    opt, compresses = _arm_optimizer(label, params, args.warmup)
+    g = torch.Generator().manual_seed(1234 + rank)
+    times, sent, fp32 = [], [], []
+    for step in range(args.warmup + args.steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-2
+        tdist.barrier()
+        t0 = time.perf_counter()
+        if not compresses:  # the uncompressed baseline: DeepSpeed's fp32 gradient all-reduce, then AdamW
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            tdist.all_reduce(flat)
+            flat /= world
+            for p, chunk in zip(params, torch.split(flat, [p.numel() for p in params])):
+                p.grad.copy_(chunk.view_as(p))
+        opt.step()
+        elapsed = time.perf_counter() - t0
+        if step < args.warmup:
+            continue
+        times.append(elapsed)
+        if compresses:
+            stats = opt.comm_stats()
+            sent.append(stats["step_bytes_sent"])
+            fp32.append(stats["step_bytes_fp32_equiv"])
+        else:
+            sent.append(fp32_allreduce_bytes(numel, world))
+            fp32.append(fp32_allreduce_bytes(numel, world))
+    stats = opt.comm_stats() if compresses else {"stage": "fp32", "local_steps": 0}
+    mean_sent = sum(sent) / len(sent)
+    return {"numel": numel, "stage": stats["stage"], "bytes_per_step": mean_sent,
+            "fp32_bytes_per_step": sum(fp32) / len(fp32), "ratio": (sum(fp32) / max(1, sum(sent))),
+            "max_bytes_in_a_step": max(sent), "ms_per_step": 1000 * statistics.median(times),
+            "local_steps": stats.get("local_steps", 0), "measured_steps": len(times)}
+
+
+def _worker(rank: int, world: int, port: int, args_dict: dict[str, Any], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    torch.set_num_threads(1)
+    from .. import dist
+
+    dist.init_distributed()
+    args = argparse.Namespace(**args_dict)
+    results = {label: _run_arm(label, args, rank, world) for label in ARMS}
+    if rank == 0:
+        Path(out).write_text(json.dumps({"backend": dist.accelerator().communication_backend_name(),
+                                         "arms": results}))
+    dist.barrier()
+
+
+def _plot(arms: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write_bytes
+
+    labels = list(arms)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    kib = [arms[k]["bytes_per_step"] / 1024 for k in labels]
+    bars = ax1.bar(labels, kib, color=["#7f7f7f"] + ["#4472c4"] * (len(labels) - 1))
+    ax1.set_yscale("log")
+    for b, k in zip(bars, labels):
+        ax1.annotate(f"{arms[k]['ratio']:.1f}x less" if k != "fp32 all-reduce" else "fp32",
+                     (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    ax1.set(ylabel="KiB sent per step by one rank (log)", title="bytes on the wire")
+    ms = [arms[k]["ms_per_step"] for k in labels]
+    bars = ax2.bar(labels, ms, color=["#7f7f7f"] + ["#ed7d31"] * (len(labels) - 1))
+    for b, v in zip(bars, ms):
+        ax2.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    ax2.set(ylabel="ms per optimizer step (median)", title="wall time per step (comm + update)")
+    for ax in (ax1, ax2):
+        plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch.multiprocessing as mp
+
+    from .. import dist
+    from ..errors import ConfigError
+
+    if args.nproc < 2:
+        raise ConfigError(f"bench comm needs --nproc >= 2 (got {args.nproc}); with one rank nothing is sent")
+    if args.steps < 1 or args.warmup < 1:
+        raise ConfigError("bench comm needs --steps >= 1 and --warmup >= 1")
+    args_dict = {"steps": args.steps, "warmup": args.warmup, "model": args.model}
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "comm.json")
+        t0 = time.perf_counter()
+        mp.spawn(_worker, args=(args.nproc, dist.free_port(), args_dict, out_file), nprocs=args.nproc, join=True)
+        measured = json.loads(Path(out_file).read_text())
+    arms = measured["arms"]
+    goals = {k: {"min_ratio": v, "ratio": arms[k]["ratio"], "met": arms[k]["ratio"] >= v} for k, v in GOALS.items()}
+    base_ms = arms["fp32 all-reduce"]["ms_per_step"]
+    result = {"nproc": args.nproc, "backend": measured["backend"], "model": args.model,
+              "numel": arms["fp32 all-reduce"]["numel"], "warmup_steps": args.warmup, "measured_steps": args.steps,
+              "threads_per_rank": 1, "seconds": time.perf_counter() - t0, "arms": arms, "goals": goals,
+              "goal_met": all(g["met"] for g in goals.values())}
+    out = Path(args.out)
+    write_result(out, "comm", result)
+    title = (f"{args.nproc} ranks, {measured['backend']}, {args.model} ({result['numel']:,} params), "
+             f"compression stage")
+    _plot(arms, out / "comm.png", title)
+    show_table(f"bench comm: {title}", ["arm", "bytes/step", "fp32 bytes/step", "less than fp32", "ms/step",
+                                        "vs fp32 time", "goal"],
+               [[k, int(a["bytes_per_step"]), int(a["fp32_bytes_per_step"]), f"{a['ratio']:.1f}x",
+                 a["ms_per_step"], f"{a['ms_per_step'] / base_ms:.2f}x",
+                 (f">= {GOALS[k]}x: {'met' if goals[k]['met'] else 'MISSED'}" if k in GOALS else "-")]
+                for k, a in arms.items()])
+    return result
+
+
+BENCHES.register("comm")(Bench(add_args, run, "bytes and time per step: fp32 all-reduce vs DAT 8-bit, 1-bit Adam, "
+                                               "0/1 Adam, 1-bit LAMB"))
