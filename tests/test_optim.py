@@ -239,3 +239,16 @@ def test_layerwise_adaptive_optimizers_from_json(name):
         opt = build_optimizer(section, param_groups(model, 1e-4))
         losses = _train(model, opt, x, y, 25)
         assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("OneBitAdam", {"freeze_step": 0}, "freeze_step=0"),
+    ("OneBitLamb", {"freeze_step": 0}, "freeze_step >= 1"),
+    ("OneBitLamb", {"min_coeff": 2.0, "max_coeff": 1.0}, "min_coeff <= max_coeff"),
+    ("ZeroOneAdam", {"local_step_clipper": 0}, "local_step_clipper=0"),
+    ("OneBitAdam", {"betas": [0.9, 1.0]}, "betas"),
+])
+def test_compressing_optimizers_reject_bad_values(name, params, match):
+    model, _, _ = _tiny_problem()
+    with pytest.raises(ConfigError, match=match):
+        build_optimizer({"type": name, "params": {"lr": 0.01, **params}}, model.parameters())

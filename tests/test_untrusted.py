@@ -145,3 +145,8 @@ def test_export_loads_in_timm_and_dat_ds(tmp_path, capsys):
         # what `dat-ds eval --weights FILE --model NAME` does: model.weights through create_model
         loaded = create_model(meta["model"], spec, weights=str(out)).eval()
         torch.testing.assert_close(loaded(x), ours(x))
+        try:
+            from dat_ds.evaluation.loading import load_weights
+        except ImportError:
+            return
+        torch.testing.assert_close(load_weights(out, meta["model"], meta["dataset"]).model(x), ours(x))

@@ -203,8 +203,9 @@ class OneBitAdam(CompressedOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  freeze_step: int = 100000, cuda_aware: bool = False, comm_backend_name: str = "nccl", **runtime):
-        if freeze_step < 0:
-            raise ConfigError(f"1-bit Adam freeze_step={freeze_step} must be >= 0")
+        if not isinstance(freeze_step, int) or freeze_step < 1:
+            raise ConfigError(f"1-bit Adam freeze_step={freeze_step!r} must be an integer >= 1 (the variance is "
+                              "estimated during the warm-up; 15-25% of the steps is typical)")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
                          cuda_aware=cuda_aware, comm_backend_name=comm_backend_name, **runtime)
         self.freeze_step = freeze_step
@@ -264,7 +265,7 @@ class ZeroOneAdam(CompressedOptimizer):
                  local_step_clipper: int = 16, cuda_aware: bool = False, comm_backend_name: str = "nccl", **runtime):
         for name, value in (("var_freeze_step", var_freeze_step), ("var_update_scaler", var_update_scaler),
                             ("local_step_scaler", local_step_scaler), ("local_step_clipper", local_step_clipper)):
-            if not isinstance(value, int) or value < (0 if name == "var_freeze_step" else 1):
+            if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"0/1 Adam {name}={value!r} must be a positive integer")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
                          cuda_aware=cuda_aware, comm_backend_name=comm_backend_name, **runtime)
@@ -389,8 +390,9 @@ class OneBitLamb(CompressedOptimizer):
             raise ConfigError(f"1-bit LAMB needs 0 < min_coeff <= max_coeff (got {min_coeff}, {max_coeff})")
         if not 0 < factor_min <= 1 <= factor_max:
             raise ConfigError(f"1-bit LAMB needs 0 < factor_min <= 1 <= factor_max (got {factor_min}, {factor_max})")
-        if not 0 <= coeff_beta < 1 or factor_threshold < 0 or freeze_step < 0:
-            raise ConfigError("1-bit LAMB needs coeff_beta in [0, 1), factor_threshold >= 0 and freeze_step >= 0")
+        if not 0 <= coeff_beta < 1 or factor_threshold < 0 or not isinstance(freeze_step, int) or freeze_step < 1:
+            raise ConfigError("1-bit LAMB needs coeff_beta in [0, 1), factor_threshold >= 0 and an integer "
+                              "freeze_step >= 1")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       max_coeff=max_coeff, min_coeff=min_coeff, coeff_beta=coeff_beta,
                                       factor_max=factor_max, factor_min=factor_min, factor_threshold=factor_threshold),
