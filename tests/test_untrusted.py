@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from dat_ds import cli, dist
-from dat_ds.engine import checkpoint
 from dat_ds.errors import ConfigError
 from reliability_utils import tiny_args, write_ds
 

@@ -9,7 +9,8 @@ Arms (each an optimizer step on a model-sized set of parameters with random per-
   the warm-up shortened to ``--warmup`` steps; only compression-stage steps are measured.
 
 Bytes are what rank 0 put on the wire (deterministic); times are medians over the measured steps with
-a barrier before each step (noisy on shared machines: compare arms of one run, not runs).
+a barrier before each step, the arms stepped round-robin (noisy on shared machines: compare arms of
+one run, not runs).
 """
 
 from __future__ import annotations
@@ -72,45 +73,62 @@ def _arm_optimizer(label: str, params, warmup: int):
     return opt, settings.compresses or settings.gradient_compression is not None
 
 
-def _run_arm(label: str, args, rank: int, world: int) -> dict[str, Any]:
-    import torch.distributed as tdist
+class _Arm:
+    """One arm's parameters, optimizer and measurements."""
 
-    from ..comm import fp32_allreduce_bytes
+    def __init__(self, label: str, args, rank: int):
+        self.label = label
+        self.params = _params(args.model)
+        self.numel = sum(p.numel() for p in self.params)
+        self.opt, self.compresses = _arm_optimizer(label, self.params, args.warmup)
+        self.generator = torch.Generator().manual_seed(1234 + rank)
+        self.times: list[float] = []
+        self.sent: list[int] = []
+        self.fp32: list[int] = []
 
-    params = _params(args.model)
-    numel = sum(p.numel() for p in params)
-    opt, compresses = _arm_optimizer(label, params, args.warmup)
-    g = torch.Generator().manual_seed(1234 + rank)
-    times, sent, fp32 = [], [], []
-    for step in range(args.warmup + args.steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g) * 1e-2
+    def step(self, world: int, measure: bool) -> None:
+        import torch.distributed as tdist
+
+        from ..comm import fp32_allreduce_bytes
+
+        for p in self.params:
+            p.grad = torch.randn(p.shape, generator=self.generator) * 1e-2
         tdist.barrier()
         t0 = time.perf_counter()
-        if not compresses:  # the uncompressed baseline: DeepSpeed's fp32 gradient all-reduce, then AdamW
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
+        if not self.compresses:  # the uncompressed baseline: DeepSpeed's fp32 gradient all-reduce, then AdamW
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
             tdist.all_reduce(flat)
             flat /= world
-            for p, chunk in zip(params, torch.split(flat, [p.numel() for p in params])):
+            for p, chunk in zip(self.params, torch.split(flat, [p.numel() for p in self.params])):
                 p.grad.copy_(chunk.view_as(p))
-        opt.step()
+        self.opt.step()
         elapsed = time.perf_counter() - t0
-        if step < args.warmup:
-            continue
-        times.append(elapsed)
-        if compresses:
-            stats = opt.comm_stats()
-            sent.append(stats["step_bytes_sent"])
-            fp32.append(stats["step_bytes_fp32_equiv"])
+        if not measure:
+            return
+        self.times.append(elapsed)
+        if self.compresses:
+            stats = self.opt.comm_stats()
+            self.sent.append(stats["step_bytes_sent"])
+            self.fp32.append(stats["step_bytes_fp32_equiv"])
         else:
-            sent.append(fp32_allreduce_bytes(numel, world))
-            fp32.append(fp32_allreduce_bytes(numel, world))
-    stats = opt.comm_stats() if compresses else {"stage": "fp32", "local_steps": 0}
-    mean_sent = sum(sent) / len(sent)
-    return {"numel": numel, "stage": stats["stage"], "bytes_per_step": mean_sent,
-            "fp32_bytes_per_step": sum(fp32) / len(fp32), "ratio": (sum(fp32) / max(1, sum(sent))),
-            "max_bytes_in_a_step": max(sent), "ms_per_step": 1000 * statistics.median(times),
-            "local_steps": stats.get("local_steps", 0), "measured_steps": len(times)}
+            self.sent.append(fp32_allreduce_bytes(self.numel, world))
+            self.fp32.append(fp32_allreduce_bytes(self.numel, world))
+
+    def summary(self) -> dict[str, Any]:
+        stats = self.opt.comm_stats() if self.compresses else {"stage": "fp32", "local_steps": 0}
+        return {"numel": self.numel, "stage": stats["stage"], "bytes_per_step": sum(self.sent) / len(self.sent),
+                "fp32_bytes_per_step": sum(self.fp32) / len(self.fp32), "ratio": sum(self.fp32) / max(1, sum(self.sent)),
+                "max_bytes_in_a_step": max(self.sent), "ms_per_step": 1000 * statistics.median(self.times),
+                "local_steps": stats.get("local_steps", 0), "measured_steps": len(self.times)}
+
+
+def _run_arms(args, rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """Step the arms round-robin, one step each per round, so load drifts hit every arm alike."""
+    arms = [_Arm(label, args, rank) for label in ARMS]
+    for step in range(args.warmup + args.steps):
+        for arm in arms:
+            arm.step(world, measure=step >= args.warmup)
+    return {arm.label: arm.summary() for arm in arms}
 
 
 def _worker(rank: int, world: int, port: int, args_dict: dict[str, Any], out: str) -> None:
@@ -121,7 +139,7 @@ def _worker(rank: int, world: int, port: int, args_dict: dict[str, Any], out: st
 
     dist.init_distributed()
     args = argparse.Namespace(**args_dict)
-    results = {label: _run_arm(label, args, rank, world) for label in ARMS}
+    results = _run_arms(args, rank, world)
     if rank == 0:
         Path(out).write_text(json.dumps({"backend": dist.accelerator().communication_backend_name(),
                                          "arms": results}))

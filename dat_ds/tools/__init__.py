@@ -1,1 +1,1 @@
-"""Run tools: start-up checks (preflight), weight export, and guards for untrusted files."""
+"""Run tools: start-up checks (``preflight``) and weight export (``dat-ds export``)."""
