@@ -262,7 +262,7 @@ def test_a_run_that_would_never_compress_says_so():
 
 # ----------------------------------------------------------------------------- accuracy vs Adam (slow)
 
-# The 0/1 Adam arm refreshes the variance at steps 1, 2, 4, 8, 16 and takes local steps soon after the
+# The 0/1 Adam arm refreshes the variance at steps 1, 3, 7, 15 and takes local steps soon after the
 # freeze (interval doubling every 2 steps, at most 4): an aggressive setting, to exercise its local steps.
 COMPARE = {"fp32_adamw": {}, "onebit_adam": {"freeze_step": 16},
            "zero_one_adam": {"var_freeze_step": 16, "var_update_scaler": 1, "local_step_scaler": 2, "local_step_clipper": 4},
