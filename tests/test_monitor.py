@@ -65,17 +65,18 @@ def fgsm_training_run(test_set):
                                          write=records.append)
     loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
     state = TrainState()
-    for x, y in loader:
-        x_adv = fgsm(model, x, y, eps=0.3)
-        model.train()
-        loss = F.cross_entropy(model(x_adv), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        state.global_step += 1
-        mon.on_step(state)
-        if state.global_step >= 100:
-            break
+    while state.global_step < 100:  # one epoch is 79 steps
+        for x, y in loader:
+            x_adv = fgsm(model, x, y, eps=0.3)
+            model.train()
+            loss = F.cross_entropy(model(x_adv), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state.global_step += 1
+            mon.on_step(state)
+            if state.global_step >= 100:
+                break
     model.eval()
     return model, records
 

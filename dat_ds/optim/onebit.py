@@ -339,6 +339,7 @@ class ZeroOneAdam(CompressedOptimizer):
             p.mul_(decay).add_(update.to(p.dtype), alpha=-group["lr"])
         if t < self.next_sync_step:
             self.local_steps += 1
+            self.backend.account_reference(self._numel())  # plain data parallel would all-reduce here
             return loss
         # Synchronise: 1-bit average of the accumulated updates; every rank lands on the same point.
         accs = [self.state[p]["update_acc"] for _, p in params]
