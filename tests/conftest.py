@@ -89,9 +89,10 @@ def pytest_sessionstart(session):
         lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:  # no build takes 10 minutes
             lock.unlink()
-        import deepspeed.comm.torch as ds_torch_comm
+        import importlib
 
-        ds_torch_comm.build_shm_op()
+        # `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm re-exports it).
+        importlib.import_module("deepspeed.comm.torch").build_shm_op()
     except Exception as e:  # noqa: BLE001 - a missing op only costs speed; tests will show real failures
         import warnings
 
