@@ -53,3 +53,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         if line:
             rows.append(json.loads(line))
     return rows
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Render a matplotlib figure to PNG atomically and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

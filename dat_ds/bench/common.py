@@ -54,14 +54,12 @@ def count_passes(model: nn.Module) -> Iterator[PassCounter]:
 
 def save_bar_plot(path, labels: list[str], values: list[float], *, ylabel: str, title: str,
                   hline: float | None = None, hline_label: str | None = None) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_write_bytes
+    from ..io import save_figure
 
     fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(labels) + 2), 3.6))
     bars = ax.bar(labels, values, color="#4472c4")
@@ -73,10 +71,7 @@ def save_bar_plot(path, labels: list[str], values: list[float], *, ylabel: str, 
     ax.set(ylabel=ylabel, title=title)
     plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def show_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:

@@ -9,7 +9,6 @@ accuracy on a fixed slice of the test set after every epoch. The x-axis is cumul
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import subprocess
@@ -18,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_bytes
+from ..io import save_figure
 from .cli import BENCHES, Bench, write_result
 from .common import show_table
 
@@ -111,10 +110,7 @@ def _plot(curves, target: float, path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 BENCHES.register("time-to-robust")(Bench(add_args, run, "wall time for FGSM-RS / Free-AT / PGD-7 AT to reach a PGD-20 target"))

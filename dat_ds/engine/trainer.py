@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -67,6 +66,8 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..io import save_figure
+
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax1.plot(epochs, [h["train_loss"] for h in history], marker="o")
@@ -79,14 +80,7 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    from ..io import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from ..attacks import ATTACK_LOSSES, ATTACKS
 from ..data import build_dataset
 from ..engine.evaluate import AttackSpec, EvalResult, evaluate
 from ..errors import ConfigError
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_json, save_figure
 from . import sanity
 from .loading import LoadedModel, load_run, load_weights
 
@@ -150,8 +150,6 @@ def build_report(result: EvalResult, specs: list[AttackSpec], source: dict[str, 
 
 
 def plot_curves(report: dict[str, Any], path: Path, title: str) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,10 +168,7 @@ def plot_curves(report: dict[str, Any], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
