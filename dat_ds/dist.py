@@ -91,6 +91,27 @@ def init_distributed(timeout_s: float = 120.0) -> None:
         dist_backend=acc.communication_backend_name(),
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    _unlink_deepspeed_shm()
+
+
+def _unlink_deepspeed_shm() -> None:
+    """Drop the name of DeepSpeed's CPU shared-memory all-reduce buffer once every rank has mapped it.
+
+    On the CPU accelerator DeepSpeed maps one ~70 MB ``/dev/shm`` segment per rank (named by uid,
+    MASTER_ADDR, MASTER_PORT and rank) and never unlinks it, so every run leaks it until /dev/shm is
+    full and later runs abort. After a barrier all ranks hold their mappings; unlinking the name frees
+    the memory when the processes exit, as for any anonymous mapping.
+    """
+    shm = "/dev/shm"
+    if not os.path.isdir(shm):
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    barrier()
+    try:
+        os.unlink(os.path.join(shm, name))
+    except FileNotFoundError:  # not the CPU accelerator, or ranks on several nodes: nothing was created
+        pass
 
 
 def barrier() -> None:
