@@ -84,8 +84,6 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    import deepspeed  # noqa: F401  (imported here so `--dry-run` and the CLI stay fast)
-
     dist.init_distributed()
     threads = dist.set_threads_per_rank()
     rank, world = dist.rank(), dist.world_size()

@@ -27,8 +27,9 @@ from ..errors import ConfigError
 class PreActBlock(nn.Module):
     """BN-ReLU-conv twice; the shortcut taps the pre-activation when the shape changes."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, drop_rate: float = 0.0):
         super().__init__()
+        self.drop_rate = drop_rate  # WideResNet's dropout between the two convs
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -40,9 +41,10 @@ class PreActBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
         shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + shortcut
+        out = F.relu(self.bn2(self.conv1(out)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return self.conv2(out) + shortcut
 
 
 class _Classifier(nn.Module):
@@ -87,28 +89,6 @@ class PreActResNet(_Classifier):
         return F.relu(self.bn(self.layers(self.conv1(x))))
 
 
-class WideBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float = 0.0):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.drop_rate = drop_rate
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = F.relu(self.bn2(out))
-        if self.drop_rate > 0:
-            out = F.dropout(out, p=self.drop_rate, training=self.training)
-        return self.conv2(out) + shortcut
-
-
 class WideResNet(_Classifier):
     def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, in_chans: int = 3,
                  drop_rate: float = 0.0):
@@ -122,7 +102,7 @@ class WideResNet(_Classifier):
         layers, in_planes = [], widths[0]
         for i, planes in enumerate(widths[1:]):
             for j in range(n):
-                layers.append(WideBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1, drop_rate=drop_rate))
+                layers.append(PreActBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1, drop_rate=drop_rate))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(in_planes)

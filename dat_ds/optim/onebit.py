@@ -84,6 +84,16 @@ class CompressedOptimizer(torch.optim.Optimizer):
 
         return dist.rank(), dist.world_size()
 
+    def _begin_step(self, closure):
+        """The prologue of every step: evaluate the closure, start the byte meter, advance the step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.meter.start_step()
+        self.global_step += 1
+        return loss, self.global_step, self._params()
+
     def _params(self) -> list[tuple[dict, torch.nn.Parameter]]:
         return [(g, p) for g in self.param_groups for p in g["params"]]
 
@@ -212,14 +222,7 @@ class OneBitAdam(CompressedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.meter.start_step()
-        self.global_step += 1
-        t = self.global_step
-        params = self._params()
+        loss, t, params = self._begin_step(closure)
         compress = t > self.freeze_step
         if not compress:
             for (group, p), g in zip(params, self._averaged_grads()):
@@ -296,14 +299,7 @@ class ZeroOneAdam(CompressedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.meter.start_step()
-        self.global_step += 1
-        t = self.global_step
-        params = self._params()
+        loss, t, params = self._begin_step(closure)
         refresh_variance = t <= self.var_freeze_step and t >= self.next_var_step
         if refresh_variance:
             # Everything is in sync here (local steps only start after var_freeze_step): fp32 gradient
@@ -407,14 +403,7 @@ class OneBitLamb(CompressedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.meter.start_step()
-        self.global_step += 1
-        t = self.global_step
-        params = self._params()
+        loss, t, params = self._begin_step(closure)
         if t <= self.freeze_step:  # LAMB with an fp32 gradient average; track the trust ratios
             for (group, p), g in zip(params, self._averaged_grads()):
                 st = self.state[p]
