@@ -283,3 +283,50 @@ def test_one_epoch_accuracy_is_close_to_adam(cli, tmp_path):
     print(json.dumps(acc))
     for name, (clean, robust) in acc.items():
         assert clean >= acc["fp32_adamw"][0] - 0.05, (name, acc)
+
+
+# ----------------------------------------------------------------------------- exact resume per rank
+
+# Compression from step 3; 0/1 Adam synchronises at steps 2, 3, 4, 6, 10, 14, 18, so the epoch-1
+# checkpoint (step 9 of 18) falls between two synchronisations, with local steps pending on every rank.
+RESUME = {"zero_one_adam": {"var_freeze_step": 2, "var_update_scaler": 1, "local_step_scaler": 2,
+                            "local_step_clipper": 4},
+          "onebit_adam": {"freeze_step": 2}, "onebit_lamb": {"freeze_step": 2}, "dat_8bit": {}}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", [n if n == "zero_one_adam" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in RESUME])
+def test_compressed_run_resumes_bit_identical_on_every_rank(cli, tmp_path, name):
+    """2 ranks: 1 epoch, then --resume auto to 2 epochs == 2 epochs uninterrupted, bit for bit.
+
+    DeepSpeed (ZeRO 0) saves rank 0's optimizer state only; rank 1's error feedback (and 0/1 Adam's
+    pending local steps, the quantizer's noise counter) must come from rank 1's own checkpoint file.
+    """
+    from reliability_utils import assert_identical, model_state, tiny_args
+
+    ds = write_setup(name, tmp_path, **RESUME[name])
+    ds.write_text(json.dumps({**json.loads(ds.read_text()), "train_micro_batch_size_per_gpu": 16}))  # 9 steps/epoch
+    runs = tmp_path / "runs"
+
+    def train(run: str, epochs: int, *extra: str):
+        cli("train", "--nproc", "2", *tiny_args(runs, run, ds, subset=288, epochs=epochs, save_every=0), *extra,
+            check=True, timeout=900)
+
+    train("ref", 2)
+    train("resumed", 1)
+    first = runs / "resumed" / "checkpoint" / "epoch0000"
+    local = [torch.load(first / f"rank_state_{r}.pt", weights_only=True)["optimizer_local"] for r in range(2)]
+    if name == "dat_8bit":
+        assert local[0]["steps"] == local[1]["steps"] == 9
+    else:
+        assert [s["rank"] for s in local] == [0, 1]
+        assert not torch.equal(local[0]["worker_error"], local[1]["worker_error"])  # really per rank
+    if name == "zero_one_adam":
+        assert "local" in local[1]  # the checkpoint sits between two synchronisations
+        assert not torch.equal(local[0]["local"][0]["param"], local[1]["local"][0]["param"])
+    train("resumed", 2, "--resume", "auto")
+    assert_identical(model_state(runs / "ref" / "checkpoint" / "epoch0001"), model_state(runs / "resumed" / "checkpoint" / "epoch0001"))
+    rows = [r for r in read_jsonl(runs / "resumed" / "metrics.jsonl") if r["kind"] == "step"]
+    ref_rows = [r for r in read_jsonl(runs / "ref" / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]

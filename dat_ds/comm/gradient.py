@@ -65,7 +65,18 @@ class QuantizedGradientAllReduce:
         """Quantize-and-average the gradients at every ``optimizer.step()``; expose ``comm_stats`` on it."""
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.reduce_(opt))
         optimizer.comm_stats = self.comm_stats  # the training loop logs it into metrics.jsonl
+        # Checkpoints keep the step counter (it seeds the rounding noise) and the byte counts per rank.
+        optimizer.rank_local_state = self.rank_local_state
+        optimizer.load_rank_local_state = self.load_rank_local_state
         return optimizer
+
+    def rank_local_state(self) -> dict[str, Any]:
+        return {"steps": self.steps, "meter": self.meter.state_dict()}
+
+    def load_rank_local_state(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.meter.load_state_dict(state["meter"])
+        self._logged = self.steps > 0
 
     @torch.no_grad()
     def reduce_(self, optimizer: torch.optim.Optimizer) -> None:

@@ -3,7 +3,9 @@
 Layout of ``<run>/checkpoint/``::
 
     <tag>/                   DeepSpeed files (model, optimizer incl. error feedback, scheduler, client state)
-    <tag>/rank_state_<r>.pt  per-rank RNG states (torch, accelerator, numpy, python, attack generator)
+    <tag>/rank_state_<r>.pt  per-rank RNG states (torch, accelerator, numpy, python, attack generator) and
+                             the compressing optimizer's per-rank state (error feedback, 0/1 Adam local
+                             steps, the quantizer's step counter): DeepSpeed keeps rank 0's optimizer only
     <tag>/complete.json      the commit mark: step, epoch, world size, what the weights fit, file sizes
     latest                   the newest complete tag, replaced atomically after the tag is committed
 
@@ -38,6 +40,7 @@ COMPLETE = "complete.json"
 TMP_PREFIX = ".tmp-"
 # Config keys whose change makes the saved tensors unusable: checked before DeepSpeed sees the files.
 MUST_MATCH = (("model", "name"), ("data", "name"))
+OPTIMIZER_LOCAL = "optimizer_local"  # key of the optimizer's per-rank state in rank_state_<r>.pt
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -109,6 +112,9 @@ def save(engine, root: Path, tag: str, *, client_state: dict[str, Any], rank_sta
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
     import io
 
+    local = getattr(engine.optimizer, "rank_local_state", None)
+    if callable(local):  # compressing optimizers: error feedback etc. differ per rank
+        rank_state = {**rank_state, OPTIMIZER_LOCAL: local()}
     buf = io.BytesIO()
     torch.save(rank_state, buf)
     atomic_write_bytes(root / tmp_tag / f"rank_state_{dist.rank()}.pt", buf.getvalue())
@@ -355,7 +361,11 @@ def load(engine, root: Path, tag: str, generator: torch.Generator | None) -> dic
         raise ConfigError(f"DeepSpeed could not load checkpoint {root / tag}; it is incomplete or from another setup")
     rank_file = Path(root) / tag / f"rank_state_{dist.rank()}.pt"
     if rank_file.is_file():
-        restore_rng(torch.load(rank_file, map_location="cpu", weights_only=True), generator)
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        restore_rng(rank_state, generator)
+        load_local = getattr(engine.optimizer, "load_rank_local_state", None)
+        if OPTIMIZER_LOCAL in rank_state and callable(load_local):
+            load_local(rank_state[OPTIMIZER_LOCAL])
     else:
         log.warning("checkpoint %s has no RNG state for rank %d (saved with another world size?); "
                     "training continues but will not be bit-identical", tag, dist.rank())

@@ -145,6 +145,32 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def _extra_state(self) -> dict[str, Any]:
         return {}
 
+    def rank_local_state(self) -> dict[str, Any]:
+        """This rank's own state: DeepSpeed (ZeRO 0) saves rank 0's optimizer state for every rank.
+
+        The error-feedback residuals differ per rank; ``dat_ds.engine.checkpoint`` writes this into the
+        rank's own file, so a resumed run continues each rank's residuals exactly.
+        """
+        rank, world = self._rank_world()
+        worker, server = self.worker_error, self.server_error
+        if worker is None and self._loaded_errors is not None:  # resumed, not yet stepped
+            worker, server = self._loaded_errors["worker"], self._loaded_errors["server"]
+        return {"rank": rank, "world": world,
+                "worker_error": None if worker is None else worker.detach().clone(),
+                "server_error": None if server is None else server.detach().clone()}
+
+    def load_rank_local_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`rank_local_state`, after DeepSpeed loaded rank 0's optimizer state."""
+        if (state["rank"], state["world"]) != self._rank_world():
+            log.warning("%s: the checkpoint's per-rank state is from rank %d of %d, this is rank %d of %d; "
+                        "error feedback restarts from zero", self.label, state["rank"], state["world"],
+                        *self._rank_world())
+            self.worker_error = self.server_error = self._loaded_errors = None
+            return
+        self.worker_error = self.server_error = None
+        self._loaded_errors = None if state["worker_error"] is None else {
+            "worker": state["worker_error"], "server": state["server_error"]}
+
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
@@ -176,14 +202,11 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self.worker_error = self.server_error = None
         if comm["worker_error"] is None:
             return
-        # Error feedback is per rank. DeepSpeed (ZeRO 0) saves rank 0's optimizer state only, so other
-        # ranks restart their residuals from zero, as DeepSpeed's own 1-bit optimizers did.
-        same = (comm["rank"], comm["world"]) == self._rank_world()
-        if same:
+        # Error feedback is per rank, and DeepSpeed (ZeRO 0) hands every rank rank 0's optimizer state:
+        # keep the residuals only if they are this rank's. The checkpoint's per-rank files restore the
+        # others' (load_rank_local_state, called after this).
+        if (comm["rank"], comm["world"]) == self._rank_world():
             self._loaded_errors = {"worker": comm["worker_error"], "server": comm["server_error"]}
-        else:
-            log.info("%s: error-feedback buffers were saved by rank %d of %d; this rank restarts them from zero",
-                     self.label, comm["rank"], comm["world"])
 
 
 VARIANCE_FLOOR = 1e-2  # frozen v is clamped below at this fraction of its layer's mean (see frozen_denom)
@@ -374,6 +397,35 @@ class ZeroOneAdam(CompressedOptimizer):
         for k in self._COUNTERS:
             if k in state:
                 setattr(self, k, state[k])
+
+    _LOCAL = ("exp_avg", "update_acc", "decay_acc")  # what local steps change on each rank on its own
+
+    def rank_local_state(self) -> dict[str, Any]:
+        """Also, between synchronisations, this rank's parameters and the momentum and update sums of its
+        local steps (they differ per rank until the next 1-bit average)."""
+        out = super().rank_local_state()
+        params = self._params()
+        if any(self.state[p].get("lr_acc", 0.0) > 0 for _, p in params):
+            out["local"] = [{"param": p.detach().clone(), "lr_acc": float(self.state[p]["lr_acc"]),
+                             **{k: self.state[p][k].clone() for k in self._LOCAL}} for _, p in params]
+        return out
+
+    @torch.no_grad()
+    def load_rank_local_state(self, state: dict[str, Any]) -> None:
+        super().load_rank_local_state(state)
+        local = state.get("local")
+        if local is None or (state["rank"], state["world"]) != self._rank_world():
+            return
+        params = self._params()
+        if len(local) != len(params) or any(e["param"].shape != p.shape for e, (_, p) in zip(local, params)):
+            raise ConfigError("0/1 Adam: the checkpoint's per-rank state does not fit this model; resume with the "
+                              "model it was saved with")
+        for entry, (_, p) in zip(local, params):
+            st, _, _ = self._state(p)
+            p.copy_(entry["param"])
+            for k in self._LOCAL:
+                st[k].copy_(entry[k])
+            st["lr_acc"] = entry["lr_acc"]
 
 
 class OneBitLamb(CompressedOptimizer):
