@@ -45,7 +45,8 @@ def embedded_test_tensors():
 
 @pytest.fixture(scope="session")
 def trained_demo_model(embedded_test_tensors):
-    """small_cnn adversarially trained (PGD-3, eps=0.1) for two epochs on the embedded data, in eval mode.
+    """The demo's model (small_cnn_avgpool) adversarially trained (PGD-3, eps=0.1) for two epochs on the embedded
+    data, in eval mode.
 
     Plain torch loop, one process: about 20-40 s on two cores; shared by every test that needs a robust model.
     """
@@ -59,7 +60,7 @@ def trained_demo_model(embedded_test_tensors):
 
     torch.manual_seed(0)
     train, spec = build_dataset(DataConfig(), "train")
-    model = create_model("small_cnn", spec)
+    model = create_model("small_cnn_avgpool", spec)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))

@@ -85,3 +85,23 @@ def test_local_weights_round_trip(tmp_path):
         assert torch.equal(model(x), loaded(x))
     with pytest.raises(ConfigError, match="do not fit"):
         create_model("preactresnet18", CIFAR_SPEC, weights=str(tmp_path / "w.safetensors"))
+
+
+def test_avgpool_small_cnn_is_small_cnn_with_average_pooling():
+    """Same parameters and state-dict keys as small_cnn; the pooled features are window means, not maxima."""
+    from dat_ds.models.small import SmallCNN
+
+    spec = DataSpec(in_chans=1, num_classes=10, img_size=28, mean=(0.5,), std=(0.5,))
+    torch.manual_seed(0)
+    avg = create_model("small_cnn_avgpool", spec).eval()
+    torch.manual_seed(0)
+    mx = create_model("small_cnn", spec).eval()
+    assert avg.state_dict().keys() == mx.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(avg.state_dict().values(), mx.state_dict().values()))
+    x = torch.rand(3, 1, 28, 28)
+    first = avg.backbone.features[:2](x)
+    pooled = avg.backbone.features[2](first)
+    assert torch.allclose(pooled, first.unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2)))
+    assert not torch.allclose(avg(x), mx(x))
+    with pytest.raises(ValueError, match="pool='min'"):
+        SmallCNN(pool="min")

@@ -22,6 +22,12 @@ def small_cnn(in_chans: int, num_classes: int, img_size: int) -> nn.Module:
     return SmallCNN(in_chans=in_chans, num_classes=num_classes, img_size=img_size)
 
 
+@MODELS.register("small_cnn_avgpool")
+def small_cnn_avgpool(in_chans: int, num_classes: int, img_size: int) -> nn.Module:
+    """The demo model: small_cnn with average pooling (a smoother input-loss surface for the attacks)."""
+    return SmallCNN(in_chans=in_chans, num_classes=num_classes, img_size=img_size, pool="avg")
+
+
 @MODELS.register("tiny_cnn")
 def tiny_cnn(in_chans: int, num_classes: int, img_size: int) -> nn.Module:
     return SmallCNN(in_chans=in_chans, num_classes=num_classes, img_size=img_size, width=8)
