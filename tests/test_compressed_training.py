@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dat_ds.io import read_jsonl
+from reliability_utils import assert_identical, model_state, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 SETUPS = {  # name -> (ds_configs file, optimizer params changed so the compression stage starts at once)
@@ -303,8 +304,6 @@ def test_compressed_run_resumes_bit_identical_on_every_rank(cli, tmp_path, name)
     DeepSpeed (ZeRO 0) saves rank 0's optimizer state only; rank 1's error feedback (and 0/1 Adam's
     pending local steps, the quantizer's noise counter) must come from rank 1's own checkpoint file.
     """
-    from reliability_utils import assert_identical, model_state, tiny_args
-
     ds = write_setup(name, tmp_path, **RESUME[name])
     ds.write_text(json.dumps({**json.loads(ds.read_text()), "train_micro_batch_size_per_gpu": 16}))  # 9 steps/epoch
     runs = tmp_path / "runs"

@@ -145,12 +145,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def _extra_state(self) -> dict[str, Any]:
         return {}
 
-    def rank_local_state(self) -> dict[str, Any]:
-        """This rank's own state: DeepSpeed (ZeRO 0) saves rank 0's optimizer state for every rank.
-
-        The error-feedback residuals differ per rank; ``dat_ds.engine.checkpoint`` writes this into the
-        rank's own file, so a resumed run continues each rank's residuals exactly.
-        """
+    def _error_state(self) -> dict[str, Any]:
+        """This rank's error-feedback residuals (also those loaded but not yet used), tagged with the rank."""
         rank, world = self._rank_world()
         worker, server = self.worker_error, self.server_error
         if worker is None and self._loaded_errors is not None:  # resumed, not yet stepped
@@ -159,31 +155,44 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 "worker_error": None if worker is None else worker.detach().clone(),
                 "server_error": None if server is None else server.detach().clone()}
 
-    def load_rank_local_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`rank_local_state`, after DeepSpeed loaded rank 0's optimizer state."""
+    def _adopt_errors(self, state: dict[str, Any]) -> bool:
+        """Take the residuals of an :meth:`_error_state` if this rank saved them; False if another did."""
+        self.worker_error = self.server_error = self._loaded_errors = None
         if (state["rank"], state["world"]) != self._rank_world():
-            log.warning("%s: the checkpoint's per-rank state is from rank %d of %d, this is rank %d of %d; "
-                        "error feedback restarts from zero", self.label, state["rank"], state["world"],
-                        *self._rank_world())
-            self.worker_error = self.server_error = self._loaded_errors = None
-            return
-        self.worker_error = self.server_error = None
-        self._loaded_errors = None if state["worker_error"] is None else {
-            "worker": state["worker_error"], "server": state["server_error"]}
+            return False
+        if state["worker_error"] is not None:  # installed at the first compressed step
+            self._loaded_errors = {"worker": state["worker_error"], "server": state["server_error"]}
+        return True
+
+    def rank_local_state(self) -> dict[str, Any]:
+        """This rank's own state: DeepSpeed (ZeRO 0) saves rank 0's optimizer state for every rank.
+
+        The error-feedback residuals differ per rank; ``dat_ds.engine.checkpoint`` writes this into the
+        rank's own file, so a resumed run continues each rank's residuals exactly.
+        """
+        return self._error_state()
+
+    def load_rank_local_state(self, state: dict[str, Any]) -> bool:
+        """Restore :meth:`rank_local_state`, after DeepSpeed loaded rank 0's optimizer state.
+
+        Returns whether the state was this rank's (another world size restarts error feedback from zero).
+        """
+        if self._adopt_errors(state):
+            return True
+        log.warning("%s: the checkpoint's per-rank state is from rank %d of %d, this is rank %d of %d; "
+                    "error feedback restarts from zero", self.label, state["rank"], state["world"],
+                    *self._rank_world())
+        return False
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        rank, world = self._rank_world()
         sd["comm"] = {
-            "rank": rank, "world": world, "global_step": self.global_step,
+            "global_step": self.global_step,
             "stage": self.stage, "compressed_steps": self.compressed_steps, "local_steps": self.local_steps,
-            "meter": self.meter.state_dict(),
-            "worker_error": None if self.worker_error is None else self.worker_error.clone(),
-            "server_error": None if self.server_error is None else self.server_error.clone(),
-            **self._extra_state(),
+            "meter": self.meter.state_dict(), **self._error_state(), **self._extra_state(),
         }
         return sd
 
@@ -199,14 +208,10 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self.local_steps = comm["local_steps"]
         self.meter.load_state_dict(comm["meter"])
         self._load_extra_state(comm)
-        self.worker_error = self.server_error = None
-        if comm["worker_error"] is None:
-            return
         # Error feedback is per rank, and DeepSpeed (ZeRO 0) hands every rank rank 0's optimizer state:
         # keep the residuals only if they are this rank's. The checkpoint's per-rank files restore the
         # others' (load_rank_local_state, called after this).
-        if (comm["rank"], comm["world"]) == self._rank_world():
-            self._loaded_errors = {"worker": comm["worker_error"], "server": comm["server_error"]}
+        self._adopt_errors(comm)
 
 
 VARIANCE_FLOOR = 1e-2  # frozen v is clamped below at this fraction of its layer's mean (see frozen_denom)
@@ -411,11 +416,11 @@ class ZeroOneAdam(CompressedOptimizer):
         return out
 
     @torch.no_grad()
-    def load_rank_local_state(self, state: dict[str, Any]) -> None:
-        super().load_rank_local_state(state)
+    def load_rank_local_state(self, state: dict[str, Any]) -> bool:
+        adopted = super().load_rank_local_state(state)
         local = state.get("local")
-        if local is None or (state["rank"], state["world"]) != self._rank_world():
-            return
+        if not adopted or local is None:
+            return adopted
         params = self._params()
         if len(local) != len(params) or any(e["param"].shape != p.shape for e, (_, p) in zip(local, params)):
             raise ConfigError("0/1 Adam: the checkpoint's per-rank state does not fit this model; resume with the "
@@ -426,6 +431,7 @@ class ZeroOneAdam(CompressedOptimizer):
             for k in self._LOCAL:
                 st[k].copy_(entry[k])
             st["lr_acc"] = entry["lr_acc"]
+        return True
 
 
 class OneBitLamb(CompressedOptimizer):
