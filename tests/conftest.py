@@ -35,7 +35,7 @@ def embedded_test_tensors():
     """The first 512 embedded test images and labels as tensors."""
     import torch
 
-    from dat_ds.config import DataConfig
+    from dat_ds.core.config import DataConfig
     from dat_ds.data import build_dataset
 
     ds, spec = build_dataset(DataConfig(), "test")
@@ -54,7 +54,7 @@ def trained_demo_model(embedded_test_tensors):
     import torch.nn.functional as F
 
     from dat_ds.attacks import pgd
-    from dat_ds.config import DataConfig
+    from dat_ds.core.config import DataConfig
     from dat_ds.data import build_dataset
     from dat_ds.models import create_model
 

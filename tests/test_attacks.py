@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dat_ds.attacks import ATTACKS, GEOMETRIES, ce_loss, fgsm, margin_loss, pgd
-from dat_ds.config import DataConfig
+from dat_ds.core.config import DataConfig
 from dat_ds.data import build_dataset
 from dat_ds.models import create_model
 

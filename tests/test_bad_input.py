@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dat_ds import cli, dist
+from dat_ds import cli
+from dat_ds.core import dist
 from dat_ds.attacks import ATTACKS
-from dat_ds.config import AttackConfig, RunConfig
+from dat_ds.core.config import AttackConfig, RunConfig
 from dat_ds.data import DATASETS
 from dat_ds.models import MODELS
 from dat_ds.objectives import OBJECTIVES
@@ -243,8 +244,8 @@ def test_bad_input(case_id, extra, expected, tmp_path, capsys):
 
 
 def test_step_larger_than_eps_is_a_warning_not_an_error(tmp_path, caplog):
-    from dat_ds.config import build_config
-    from dat_ds.tools.preflight import preflight
+    from dat_ds.core.config import build_config
+    from dat_ds.launch.preflight import preflight
 
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(TINY_DS))

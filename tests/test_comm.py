@@ -9,10 +9,8 @@ import os
 import pytest
 import torch
 
-from dat_ds.comm import (COMPRESSORS, ByteMeter, SignCompressor, StochasticQuantizer, TorchBackend, build_compressor,
-                         compressed_allreduce, error_buffers, fp32_allreduce_bytes, pack_bits, padded_numel,
-                         unpack_bits)
-from dat_ds.errors import ConfigError
+from dat_ds.comm import COMPRESSORS, ByteMeter, SignCompressor, StochasticQuantizer, TorchBackend, build_compressor, compressed_allreduce, error_buffers, fp32_allreduce_bytes, pack_bits, padded_numel, unpack_bits
+from dat_ds.core.errors import ConfigError
 
 
 # ----------------------------------------------------------------------------- packing
@@ -125,7 +123,7 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as tdist
 
-    from dat_ds.dist import accelerator
+    from dat_ds.core.dist import accelerator
 
     tdist.init_process_group(accelerator().communication_backend_name(), rank=rank, world_size=2)
     result: dict = {}
@@ -174,7 +172,7 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
 def two_rank_results(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    from dat_ds.dist import free_port
+    from dat_ds.core.dist import free_port
 
     out = tmp_path_factory.mktemp("comm2")
     mp.spawn(_two_rank_worker, args=(free_port(), str(out)), nprocs=2, join=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dat_ds.io import read_jsonl
+from dat_ds.core.io import read_jsonl
 from reliability_utils import assert_identical, model_state, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,9 +51,9 @@ def _gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _engine_checks(rank: int, ds_dir: Path) -> dict:
-    from dat_ds.config import build_config
-    from dat_ds.engine import ds_config
-    from dat_ds.engine.trainer import build_engine
+    from dat_ds.core.config import build_config
+    from dat_ds.runtime import ds_config
+    from dat_ds.runtime.trainer import build_engine
     from dat_ds.models import create_model
     from dat_ds.data.base import DataSpec
 
@@ -128,7 +128,7 @@ def _worker(rank: int, port: int, out_dir: str, ds_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_SIZE="2")
     torch.set_num_threads(1)
-    from dat_ds import dist
+    from dat_ds.core import dist
 
     dist.init_distributed()  # DeepSpeed's accelerator picks the backend (gloo here)
     result = {"least_squares": _least_squares(rank), "engine": _engine_checks(rank, Path(ds_dir))}
@@ -139,7 +139,7 @@ def _worker(rank: int, port: int, out_dir: str, ds_dir: str) -> None:
 def two_ranks(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    from dat_ds.dist import free_port
+    from dat_ds.core.dist import free_port
 
     out = tmp_path_factory.mktemp("compressed2")
     for name in SETUPS:

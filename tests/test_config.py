@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dat_ds.config import RunConfig, attack_step_size, build_config, config_from_dict
-from dat_ds.errors import ConfigError
+from dat_ds.core.config import RunConfig, attack_step_size, build_config, config_from_dict
+from dat_ds.core.errors import ConfigError
 
 
 def test_defaults_validate():
@@ -65,7 +65,7 @@ def test_standard_step_sizes():
 
 
 def test_layerwise_optimizers_refuse_flattening_engines():
-    from dat_ds.engine import ds_config
+    from dat_ds.runtime import ds_config
 
     base = {"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "Lamb", "params": {"lr": 0.01}}}
     ok = ds_config.prepare("inline.json", 2, data={**base, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}})

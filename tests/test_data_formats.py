@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from dat_ds.config import DataConfig
+from dat_ds.core.config import DataConfig
 from dat_ds.data import DATASETS, build_dataset
-from dat_ds.errors import ConfigError
+from dat_ds.core.errors import ConfigError
 
 FOOLBOX_DATA = Path(importlib.util.find_spec("foolbox").origin).parent / "data"  # no import: foolbox is slow to load
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -28,10 +28,10 @@ def _rank_main(out_dir: str, paths: list[str]) -> None:
     """Runs inside each rank: one engine per config, results written by rank 0."""
     import torch
 
-    from dat_ds import dist
-    from dat_ds.config import build_config
-    from dat_ds.engine import ds_config
-    from dat_ds.engine.trainer import run_training
+    from dat_ds.core import dist
+    from dat_ds.core.config import build_config
+    from dat_ds.runtime import ds_config
+    from dat_ds.runtime.trainer import run_training
 
     results = {}
     for path in paths:
@@ -56,7 +56,7 @@ def _rank_main(out_dir: str, paths: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory):
-    from dat_ds.dist import free_port
+    from dat_ds.core.dist import free_port
 
     out = tmp_path_factory.mktemp("ds_configs")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
@@ -71,7 +71,7 @@ def smoke_results(tmp_path_factory):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_ds_config_validates(path):
-    from dat_ds.engine import ds_config
+    from dat_ds.runtime import ds_config
 
     for world in (1, 2):
         settings = ds_config.prepare(path, world)

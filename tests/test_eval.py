@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dat_ds.engine.evaluate import AttackSpec, evaluate
-from dat_ds.errors import ConfigError
+from dat_ds.evaluation.evaluate import AttackSpec, evaluate
+from dat_ds.core.errors import ConfigError
 from dat_ds.evaluation import run as eval_run
 from dat_ds.evaluation import sanity
 
@@ -69,7 +69,7 @@ def test_sanity_checks_flag_masking():
 
 def test_evaluate_shares_noise_across_specs(trained_demo_model):
     """Restarts in evaluate() start from plain PGD's noise, so they can only lower accuracy per example."""
-    from dat_ds.config import DataConfig
+    from dat_ds.core.config import DataConfig
     from dat_ds.data import build_dataset
 
     ds, _ = build_dataset(DataConfig(), "test")

@@ -8,8 +8,9 @@ import time
 
 import psutil
 
-from dat_ds import dist, train
-from dat_ds.engine import checkpoint
+from dat_ds.core import dist
+from dat_ds.launch import train
+from dat_ds.runtime import checkpoint
 from reliability_utils import tiny_args, write_ds
 from test_resume import _launch, rank_process, wait_for_tag
 

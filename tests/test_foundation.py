@@ -11,8 +11,8 @@ import torch
 
 from conftest import REPO, run_cli
 from dat_ds.data import ShardSampler
-from dat_ds.dist import free_port
-from dat_ds.io import read_jsonl
+from dat_ds.core.dist import free_port
+from dat_ds.core.io import read_jsonl
 
 SMALL = ["--set", "train.max_steps_per_epoch=6", "--set", "eval.max_examples=128", "--set", "model.name=tiny_cnn",
          "--set", "attack.steps=2", "--set", "train.log_every=2"]
@@ -46,7 +46,7 @@ def _launcher(*args: str, tmp: Path) -> "subprocess.CompletedProcess":  # noqa: 
     import subprocess
 
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "dat_ds.train", *args]
+           "--module", "dat_ds.launch.train", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.dist
 def test_two_node_launch_trains_one_short_epoch(tmp_path):
-    from dat_ds.dist import free_port
+    from dat_ds.core.dist import free_port
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
@@ -36,7 +36,7 @@ def test_two_node_launch_trains_one_short_epoch(tmp_path):
     for node_rank in (0, 1):
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
                "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "--module", "dat_ds.train", *run_args]
+               "--module", "dat_ds.launch.train", *run_args]
         log = open(tmp_path / f"node{node_rank}.log", "w")
         procs.append((subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     try:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dat_ds.data import DataSpec
-from dat_ds.errors import ConfigError
+from dat_ds.core.errors import ConfigError
 from dat_ds.models import MODELS, create_model
 from dat_ds.models.cifar import CIFAR_MODELS
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dat_ds.attacks import fgsm
-from dat_ds.config import DataConfig, build_config
+from dat_ds.core.config import DataConfig, build_config
 from dat_ds.data import build_dataset
-from dat_ds.engine.loop import StopTraining, TrainState
+from dat_ds.runtime.loop import StopTraining, TrainState
 from dat_ds.evaluation import monitor as monitor_mod
 from dat_ds.evaluation.monitor import CatastrophicOverfittingMonitor
 from dat_ds.models import create_model

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dat_ds import cli, dist
-from dat_ds.engine import checkpoint
-from dat_ds.io import read_jsonl
+from dat_ds import cli
+from dat_ds.core import dist
+from dat_ds.runtime import checkpoint
+from dat_ds.core.io import read_jsonl
 from dat_ds.objectives import OBJECTIVES
 from dat_ds.objectives.base import Objective
 from reliability_utils import model_state, tiny_args, write_ds

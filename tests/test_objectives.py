@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import run_cli
 from dat_ds.attacks import pgd
-from dat_ds.config import build_config
+from dat_ds.core.config import build_config
 from dat_ds.models import create_model
 from dat_ds.objectives import OBJECTIVES, ObjectiveContext, build_objective, prepare_model
 from dat_ds.objectives.mart import boosted_ce

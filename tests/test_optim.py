@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dat_ds.config import OptimConfig
-from dat_ds.engine import ds_config
-from dat_ds.errors import ConfigError
+from dat_ds.core.config import OptimConfig
+from dat_ds.runtime import ds_config
+from dat_ds.core.errors import ConfigError
 from dat_ds.optim import OPTIMIZERS, build_optimizer, build_scheduler, lr_multiplier, lr_scale, param_groups
 from dat_ds.optim.onebit import OneBitAdam
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from dat_ds import cli as dat_cli
-from dat_ds.config import build_config
-from dat_ds.engine import ds_config
+from dat_ds.core.config import build_config
+from dat_ds.runtime import ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from dat_ds import cli
-from dat_ds.engine import checkpoint
+from dat_ds.runtime import checkpoint
 from reliability_utils import assert_identical, model_state, tiny_args, write_ds
 
 REPO = Path(__file__).resolve().parents[1]

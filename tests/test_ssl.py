@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 from conftest import run_cli
 from dat_ds.attacks import pgd
-from dat_ds.config import build_config
-from dat_ds.ssl import ContrastiveModel, LinearProbe, build_contrastive_model, nt_xent, nt_xent_to_target, two_views
-from dat_ds.ssl.finetune import FinetuneSettings, finetune, random_encoder
+from dat_ds.core.config import build_config
+from dat_ds.objectives.augment import two_views
+from dat_ds.objectives.nt_xent import nt_xent, nt_xent_to_target
+from dat_ds.objectives.ssl_model import ContrastiveModel, LinearProbe, build_contrastive_model
+from dat_ds.evaluation.finetune import FinetuneSettings, finetune, random_encoder
 
 
 def test_augment_keeps_shape_and_range_and_follows_the_generator(embedded_test_tensors):
@@ -104,7 +106,7 @@ def test_pretrain_on_two_ranks_then_finetune(tmp_path):
                      "--eval-examples", "64"]) == 0
     result = json.loads((run / "finetune_slf.json").read_text())
     assert result["mode"] == "slf" and result["eval_count"] == 64 and 0 <= result["robust_acc"] <= result["clean_acc"]
-    from dat_ds.ssl.runs import load_run_model
+    from dat_ds.evaluation.runs import load_run_model
 
     _, model, _ = load_run_model(run)
     assert isinstance(model, ContrastiveModel)

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from conftest import run_cli
-from dat_ds.config import build_config
+from dat_ds.core.config import build_config
 from dat_ds.data import build_dataset
 from dat_ds.data.loaders import build_train_loader
-from dat_ds.data.unlabeled import (MixedBatchSampler, MixedTrainLoaderFactory, PseudoLabeled, load_pool,
-                                   load_pseudo_labels, save_pseudo_labels)
-from dat_ds.errors import ConfigError
+from dat_ds.data.unlabeled import MixedBatchSampler, MixedTrainLoaderFactory, PseudoLabeled, load_pool, load_pseudo_labels, save_pseudo_labels
+from dat_ds.core.errors import ConfigError
 
 
 def _fake(n=50, seed=0):

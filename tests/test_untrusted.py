@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from dat_ds import cli, dist
-from dat_ds.errors import ConfigError
+from dat_ds import cli
+from dat_ds.core import dist
+from dat_ds.core.errors import ConfigError
 from reliability_utils import tiny_args, write_ds
 
 dist.setup_logging()
@@ -61,7 +62,7 @@ def test_export_refuses_crafted_checkpoint(tmp_path):
     marker = tmp_path / "pwned"
     tag = crafted_checkpoint(tmp_path, marker)
     with pytest.raises(ConfigError, match="refusing to load"):
-        from dat_ds.tools.export import export
+        from dat_ds.evaluation.export import export
 
         export(tag.parent.parent, tmp_path / "model.safetensors")
     assert not marker.exists() and not (tmp_path / "model.safetensors").exists()
@@ -100,7 +101,7 @@ def test_pickle_data_that_runs_code_is_refused_without_trust_pickle(tmp_path, ca
 
 
 def test_trust_pickle_flag_sets_the_config():
-    from dat_ds.train import config_from_args, get_args_parser
+    from dat_ds.launch.train import config_from_args, get_args_parser
 
     args = get_args_parser().parse_args(["--trust-pickle"])
     assert config_from_args(args).data.trust_pickle is True
@@ -111,7 +112,7 @@ def test_export_loads_in_timm_and_dat_ds(tmp_path, capsys):
     import timm
     from safetensors.torch import load_file
 
-    from dat_ds.config import DataConfig
+    from dat_ds.core.config import DataConfig
     from dat_ds.data import build_dataset
     from dat_ds.models import create_model
 

@@ -6,8 +6,8 @@ from typing import Callable
 
 import torch
 
-from ..config import AttackConfig, attack_step_size
-from ..registry import Registry
+from ..core.config import AttackConfig, attack_step_size
+from ..core.registry import Registry
 from .core import eval_mode, fgsm, fgsm_rs, pgd
 from .external import apgd_ce, apgd_dlr, autoattack, square
 from .geometry import GEOMETRIES, L2Geometry, LinfGeometry

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import Registry
+from ..core.registry import Registry
 
 
 class Geometry:

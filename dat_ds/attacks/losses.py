@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..registry import Registry
+from ..core.registry import Registry
 
 ATTACK_LOSSES: Registry = Registry("attack loss")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..cli import command
-from ..registry import Registry
+from ..core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def machine_info() -> dict[str, Any]:
 
     import torch
 
-    from .. import dist
+    from ..core import dist
 
     return {"host_cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "accelerator": dist.accelerator().device_name(),
@@ -51,7 +51,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def write_result(out_dir: str | Path, name: str, result: dict[str, Any]) -> Path:
-    from ..io import atomic_write_json
+    from ..core.io import atomic_write_json
 
     path = Path(out_dir) / f"{name}.json"
     atomic_write_json(path, {"benchmark": name, "machine": machine_info(), **result})

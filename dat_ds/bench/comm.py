@@ -58,7 +58,7 @@ def _params(model_name: str) -> list[torch.nn.Parameter]:
 
 def _arm_optimizer(label: str, params, warmup: int):
     from ..comm import QuantizedGradientAllReduce
-    from ..engine import ds_config
+    from ..runtime import ds_config
     from ..optim import build_optimizer
 
     file, keys = ARMS[label]
@@ -135,7 +135,7 @@ def _worker(rank: int, world: int, port: int, args_dict: dict[str, Any], out: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     torch.set_num_threads(1)
-    from .. import dist
+    from ..core import dist
 
     dist.init_distributed()
     args = argparse.Namespace(**args_dict)
@@ -154,7 +154,7 @@ def _plot(arms: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_write_bytes
+    from ..core.io import atomic_write_bytes
 
     labels = list(arms)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -183,8 +183,8 @@ def _plot(arms: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
-    from .. import dist
-    from ..errors import ConfigError
+    from ..core import dist
+    from ..core.errors import ConfigError
 
     if args.nproc < 2:
         raise ConfigError(f"bench comm needs --nproc >= 2 (got {args.nproc}); with one rank nothing is sent")

@@ -59,7 +59,7 @@ def save_bar_plot(path, labels: list[str], values: list[float], *, ylabel: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import save_figure
+    from ..core.io import save_figure
 
     fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(labels) + 2), 3.6))
     bars = ax.bar(labels, values, color="#4472c4")
@@ -75,6 +75,6 @@ def save_bar_plot(path, labels: list[str], values: list[float], *, ylabel: str, 
 
 
 def show_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    from .. import ui
+    from ..core import ui
 
     ui.show(ui.table(title, columns, rows))

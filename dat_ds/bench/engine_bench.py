@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .. import dist
+from ..core import dist
 from .cli import BENCHES, Bench, write_result
 from .common import save_bar_plot, show_table
 

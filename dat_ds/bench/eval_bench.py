@@ -39,7 +39,7 @@ def _eval_once(nproc: int, source: list[str], args: argparse.Namespace, out: Pat
 
 
 def run_eval_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from ..config import DataConfig
+    from ..core.config import DataConfig
     from ..data import build_dataset
     from ..models import create_model
 
@@ -70,7 +70,7 @@ def run_eval_bench(args: argparse.Namespace) -> dict[str, Any]:
            "speedup": speedup, "goal": f"speedup >= {0.9 * n:.1f}", "goal_met": speedup >= 0.9 * n,
            "per_example_identical": identical}
     path = write_result(args.out, "eval", out)
-    from .. import ui
+    from ..core import ui
 
     ui.show(ui.table(f"bench eval: {out['attack']} on {rows[1]['examples']} examples, 1 thread per rank",
                      ["ranks", "attack seconds", "examples/s", "robust acc"],

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..io import save_figure
+from ..core.io import save_figure
 from .cli import BENCHES, Bench, write_result
 from .common import show_table
 

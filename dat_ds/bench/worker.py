@@ -27,14 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_args(argv)
 
-    from .. import dist
-    from ..config import build_config
+    from ..core import dist
+    from ..core.config import build_config
     from ..data import build_dataset
     from ..data.loaders import build_train_loader
-    from ..engine import ds_config
-    from ..engine.loop import TrainState, train_one_epoch
-    from ..engine.trainer import build_engine
-    from ..io import atomic_write_json
+    from ..runtime import ds_config
+    from ..runtime.loop import TrainState, train_one_epoch
+    from ..runtime.trainer import build_engine
+    from ..core.io import atomic_write_json
     from ..models import create_model
     from ..objectives import ObjectiveContext, build_objective
     from .common import count_passes

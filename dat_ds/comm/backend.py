@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

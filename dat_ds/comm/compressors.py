@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from ..registry import Registry
+from ..core.errors import ConfigError
+from ..core.registry import Registry
 
 COMPRESSORS: Registry[type] = Registry("compressor")
 

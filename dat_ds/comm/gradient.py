@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .allreduce import compressed_allreduce
 from .backend import ByteMeter, TorchBackend
 from .compressors import StochasticQuantizer

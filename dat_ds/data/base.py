@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
-from ..registry import Registry
+from ..core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import DATASETS, DataSpec
 from .embedded import ArrayDataset, subset_first
 from .transforms import maybe_transform, pick_transform

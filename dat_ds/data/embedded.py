@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import DATASETS, DataSpec
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import DATASETS, DataSpec
 from .transforms import pick_transform, to_tensor
 

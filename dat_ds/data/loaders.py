@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from .. import dist
+from ..core import dist
 from .sampler import ShardSampler
 
 

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
-from .. import dist
-from ..errors import ConfigError
-from ..io import atomic_write_bytes
+from ..core import dist
+from ..core.errors import ConfigError
+from ..core.io import atomic_write_bytes
 from .embedded import DEBIAN_DIR, ArrayDataset, load_embedded_arrays, read_idx
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import yaml
 
-from ..config import DataConfig, RunConfig, config_from_dict
+from ..core.config import DataConfig, RunConfig, config_from_dict
 from ..data import build_dataset
-from ..engine import checkpoint
-from ..errors import ConfigError
+from ..runtime import checkpoint
+from ..core.errors import ConfigError
 from ..models import NormalizedModel, create_model
 
 log = logging.getLogger(__name__)

@@ -23,11 +23,11 @@ from typing import Any, Callable
 
 import torch
 
-from .. import dist
+from ..core import dist
 from ..attacks import eval_mode, fgsm, pgd
-from ..engine import checkpoint
-from ..engine.evaluate import batch_generator
-from ..engine.loop import StopTraining
+from ..runtime import checkpoint
+from .evaluate import batch_generator
+from ..runtime.loop import StopTraining
 
 log = logging.getLogger(__name__)
 MAX_ROLLBACKS = 3

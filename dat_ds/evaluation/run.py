@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from .. import dist, ui
+from ..core import dist, ui
 from ..attacks import ATTACK_LOSSES, ATTACKS
 from ..data import build_dataset
-from ..engine.evaluate import AttackSpec, EvalResult, evaluate
-from ..errors import ConfigError
-from ..io import atomic_write_json, save_figure
+from .evaluate import AttackSpec, EvalResult, evaluate
+from ..core.errors import ConfigError
+from ..core.io import atomic_write_json, save_figure
 from . import sanity
 from .loading import LoadedModel, load_run, load_weights
 

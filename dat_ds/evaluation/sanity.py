@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..engine.evaluate import AttackSpec
+from .evaluate import AttackSpec
 
 TOL = 0.01  # accuracy differences below 1 pp are noise on a few hundred examples
 NEAR_ZERO = 0.05  # "robust accuracy reaches ~0" at the large eps

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..registry import Registry
+from ..core.errors import ConfigError
+from ..core.registry import Registry
 from .cifar import CIFAR_MODELS
 from .small import SmallCNN
 from .wrapper import NormalizedModel

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 
 class PreActBlock(nn.Module):

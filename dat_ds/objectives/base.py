@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import RunConfig
-from ..registry import Registry
+from ..core.config import RunConfig
+from ..core.registry import Registry
 
 
 @dataclass

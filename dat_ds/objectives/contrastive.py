@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import attack_from_config, eval_mode
-from ..ssl.augment import two_views
-from ..ssl.losses import nt_xent, nt_xent_to_target
-from ..ssl.model import build_contrastive_model
+from .augment import two_views
+from .nt_xent import nt_xent, nt_xent_to_target
+from .ssl_model import build_contrastive_model
 from .base import OBJECTIVES, Objective
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import dist
+from ..core import dist
 from ..attacks import GEOMETRIES
 from .base import OBJECTIVES, Objective
 

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..errors import ConfigError
-from ..registry import Registry
+from ..core.errors import ConfigError
+from ..core.registry import Registry
 
 
 @dataclass(frozen=True)

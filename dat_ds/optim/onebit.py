@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..comm import ByteMeter, SignCompressor, TorchBackend, compressed_allreduce, error_buffers
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def _rank_world(self) -> tuple[int, int]:
         if self._backend is not None:
             return self._backend.rank, self._backend.world
-        from .. import dist
+        from ..core import dist
 
         return dist.rank(), dist.world_size()
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..config import OptimConfig
+from ..core.config import OptimConfig
 
 
 def lr_scale(cfg: OptimConfig, global_batch: int) -> float:

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ..engine import checkpoint
-from ..errors import ConfigError
-from ..io import atomic_write_bytes, atomic_write_json
+from ..runtime import checkpoint
+from ..core.errors import ConfigError
+from ..core.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def export(run: str | Path, out: str | Path, tag: str | None = None) -> dict[str
     config = states.get("config") or {}
     spec = states.get("data_spec")
     if spec is None:  # checkpoints written before the spec was stored: ask the data set
-        from ..config import config_from_dict
+        from ..core.config import config_from_dict
         from ..data import build_dataset
 
         cfg = config_from_dict(config)

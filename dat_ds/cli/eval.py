@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import LAUNCH_FLAGS, _add_launch_args, _strip, command, launch
-from ..errors import ConfigError
+from . import LAUNCH_FLAGS, _add_launch_args, _strip, command, launch
+from ..core.errors import ConfigError
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from .run import add_eval_args
+    from ..evaluation.run import add_eval_args
 
     add_eval_args(p)
     _add_launch_args(p)
 
 
 def _eval(args: argparse.Namespace, argv: list[str]) -> int:
-    from . import run
+    from ..evaluation import run
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be >= 1")

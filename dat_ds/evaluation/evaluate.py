@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import dist
+from ..core import dist
 from ..attacks import ATTACKS, ATTACK_LOSSES, eval_mode
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import command
+from . import command
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -14,8 +14,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace, argv: list[str]) -> int:
-    from .. import ui
-    from .export import export
+    from ..core import ui
+    from ..evaluation.export import export
 
     info = export(args.run, args.out, args.tag)
     ui.console.print(f"wrote {info['weights']} and {info['meta']} ({info['model']}, {info['num_classes']} classes, "

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .. import dist
-from ..errors import ConfigError
+from ..core import dist
+from ..core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def check_components(cfg) -> None:
 
 def warn_step_sizes(cfg) -> list[str]:
     """A step larger than the radius is legal (FGSM-RS uses 1.25 eps) but usually a units mistake."""
-    from ..config import attack_step_size
+    from ..core.config import attack_step_size
 
     out = []
     a = cfg.attack
@@ -157,7 +157,7 @@ def _no_image_spec(spec):
 
 def preflight(cfg, resume: str | None = None, world: int | None = None) -> None:
     """All start-up checks; raises ConfigError (one line) on the first problem found."""
-    from ..engine import checkpoint, ds_config
+    from ..runtime import checkpoint, ds_config
 
     settings = ds_config.prepare(cfg.deepspeed_config, world or dist.world_size())
     check_components(cfg)

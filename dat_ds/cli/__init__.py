@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import dist
-from .errors import ConfigError
+from ..core import dist
+from ..core.errors import ConfigError
 
 log = logging.getLogger("dat_ds.cli")
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, list[str]], int], str]] = {}
 
 
@@ -115,7 +115,7 @@ def _add_launch_args(p: argparse.ArgumentParser, default_nproc: int = 1) -> None
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from .train import add_run_args
+    from ..launch.train import add_run_args
 
     add_run_args(p)
     _add_launch_args(p)
@@ -123,20 +123,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _preflight(args: argparse.Namespace, world: int) -> None:
     """Catch config mistakes in this process, before any rank starts, so they exit with code 2."""
-    from .engine import ds_config
-    from .train import check_run_dir, config_from_args
+    from ..runtime import ds_config
+    from ..launch.train import check_run_dir, config_from_args
 
     cfg = config_from_args(args)
     ds_config.prepare(cfg.deepspeed_config, world)
     if not args.dry_run:
         check_run_dir(cfg, args.resume, args.overwrite)
-        from .tools.preflight import preflight
+        from ..launch.preflight import preflight
 
         preflight(cfg, args.resume, world)
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
-    from . import train
+    from ..launch import train
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be >= 1")
@@ -152,7 +152,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     forwarded = _strip(argv, LAUNCH_FLAGS)
     if args.config:
         forwarded = _replace_value(forwarded, ("--config", "--recipe"), args.config)
-    return launch("dat_ds.train", forwarded, args.nproc, args.hostfile, args.master_port)
+    return launch("dat_ds.launch.train", forwarded, args.nproc, args.hostfile, args.master_port)
 
 
 def _replace_value(argv: list[str], flags: tuple[str, ...], value: str) -> list[str]:
@@ -196,7 +196,7 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     rc = _train(train_args, forwarded)
     if rc == 0:
         run_dir = Path(args.output_dir) / name
-        from . import ui
+        from ..core import ui
 
         ui.console.print(
             f"\n[bold]done.[/bold] outputs in {run_dir}/: config.yaml, ds_config.json, metrics.jsonl, "
@@ -219,12 +219,12 @@ def _list_args(p: argparse.ArgumentParser) -> None:
 
 
 def _list(args: argparse.Namespace, argv: list[str]) -> int:
-    from . import ui
-    from .attacks import ATTACKS
-    from .data import DATASETS
-    from .models import MODELS
-    from .objectives import OBJECTIVES
-    from .optim import OPTIMIZERS
+    from ..core import ui
+    from ..attacks import ATTACKS
+    from ..data import DATASETS
+    from ..models import MODELS
+    from ..objectives import OBJECTIVES
+    from ..optim import OPTIMIZERS
 
     regs = {"attacks": ATTACKS, "objectives": OBJECTIVES, "models": MODELS, "datasets": DATASETS,
             "optimizers": OPTIMIZERS}
@@ -257,7 +257,7 @@ def recipe_rows() -> list[tuple[str, str, str, str]]:
 
 
 def _recipes(args: argparse.Namespace, argv: list[str]) -> int:
-    from . import ui
+    from ..core import ui
 
     ui.show(ui.table("recipes/*.yaml (run: dat-ds train --recipe NAME --nproc N; validate: add --dry-run)",
                      ["recipe", "model / data", "attack", "paper clean / robust"], recipe_rows()))
@@ -271,7 +271,7 @@ def _load_extensions() -> None:
     """Subcommands contributed by other modules register themselves on import."""
     import importlib
 
-    for mod in ("dat_ds.evaluation.cli", "dat_ds.bench.cli", "dat_ds.ssl.cli", "dat_ds.tools.cli"):
+    for mod in ("dat_ds.cli.eval", "dat_ds.bench.cli", "dat_ds.cli.ssl", "dat_ds.cli.export"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -282,7 +282,7 @@ def _load_extensions() -> None:
 def build_parser() -> argparse.ArgumentParser:
     _load_extensions()
     parser = argparse.ArgumentParser(prog="dat-ds", description="Distributed adversarial training on DeepSpeed")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"dat-ds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {e}\n")
         return e.code
     except RuntimeError as e:
-        from .engine.loop import NonFiniteLossError
+        from ..runtime.loop import NonFiniteLossError
 
         if not isinstance(e, NonFiniteLossError):
             raise
@@ -315,10 +315,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
-
-
-if __name__ == "__main__":
-    # Run the imported module's main: extensions register into `dat_ds.cli`, not into `__main__`.
-    from dat_ds.cli import main as _main
-
-    sys.exit(_main())

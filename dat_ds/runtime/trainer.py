@@ -10,19 +10,19 @@ from typing import Any
 
 import torch
 
-from .. import dist, ui
-from ..config import RunConfig
+from ..core import dist, ui
+from ..core.config import RunConfig
 from ..data import build_dataset
 from ..data.loaders import build_train_loader
-from ..io import JsonlWriter, atomic_write_json, atomic_write_text
+from ..core.io import JsonlWriter, atomic_write_json, atomic_write_text
 from ..models import create_model
 from ..objectives import ObjectiveContext, build_objective, prepare_model
 from ..optim import build_optimizer, build_scheduler, lr_scale, param_groups
 from . import checkpoint, ds_config
-from .evaluate import AttackSpec, evaluate
+from ..evaluation.evaluate import AttackSpec, evaluate
 from .loop import StopTraining, TrainState, train_one_epoch
 
-log = logging.getLogger("dat_ds.train")
+log = logging.getLogger("dat_ds.launch.train")
 
 
 def eval_specs(cfg: RunConfig) -> list[AttackSpec]:
@@ -66,7 +66,7 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import save_figure
+    from ..core.io import save_figure
 
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -120,7 +120,7 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
     if cfg.train.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     if steps_per_epoch == 0:
-        from ..errors import ConfigError
+        from ..core.errors import ConfigError
 
         raise ConfigError(f"the training set ({len(train_set)} examples) is smaller than one global batch "
                           f"({settings.global_batch}); lower train_micro_batch_size_per_gpu")

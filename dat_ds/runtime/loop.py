@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import dist
+from ..core import dist
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import dist
-from ..errors import ConfigError
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..core import dist
+from ..core.errors import ConfigError
+from ..core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"

@@ -8,8 +8,8 @@ import torch
 import yaml
 from torch import nn
 
-from ..config import RunConfig, config_from_dict
-from ..errors import ConfigError
+from ..core.config import RunConfig, config_from_dict
+from ..core.errors import ConfigError
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -21,7 +21,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 def load_run_state(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """The model weights of the newest complete checkpoint of ``run_dir``."""
-    from ..engine.checkpoint import find_resume_tag
+    from ..runtime.checkpoint import find_resume_tag
 
     root = Path(run_dir) / "checkpoint"
     tag = find_resume_tag(root)

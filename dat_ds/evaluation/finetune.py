@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import pgd
-from ..config import RunConfig, attack_step_size
+from ..core.config import RunConfig, attack_step_size
 from ..data import build_dataset
-from ..engine.evaluate import AttackSpec, evaluate
-from ..errors import ConfigError
-from .model import ContrastiveModel, LinearProbe, build_encoder
+from .evaluate import AttackSpec, evaluate
+from ..core.errors import ConfigError
+from ..objectives.ssl_model import ContrastiveModel, LinearProbe, build_encoder
 from .runs import load_run_model
 
 log = logging.getLogger(__name__)

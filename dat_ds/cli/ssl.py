@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli import _train, _train_args, command, resolve_recipe
-from ..errors import ConfigError
-from ..io import atomic_write_json
+from . import _train, _train_args, command, resolve_recipe
+from ..core.errors import ConfigError
+from ..core.io import atomic_write_json
 
 log = logging.getLogger("dat_ds.ssl")
 
@@ -32,11 +32,11 @@ def _pseudo_label_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pseudo_label(args: argparse.Namespace, argv: list[str]) -> int:
-    from ..config import DataConfig
+    from ..core.config import DataConfig
     from ..data import build_dataset
     from ..models import create_model
-    from .pseudo_label import pseudo_label
-    from .runs import load_run_model
+    from ..evaluation.pseudo_label import pseudo_label
+    from ..evaluation.runs import load_run_model
 
     if args.run:
         cfg, model, _ = load_run_model(args.run)
@@ -54,7 +54,7 @@ def _pseudo_label(args: argparse.Namespace, argv: list[str]) -> int:
         _, spec = build_dataset(DataConfig(name=args.data, root=args.data_root), "test")
         model = create_model(args.model, spec, args.weights)
         teacher, pool = f"weights:{args.weights}", args.pool
-    from .. import ui
+    from ..core import ui
 
     data = pseudo_label(model, pool, args.out, batch_size=args.batch_size, teacher=teacher,
                         trust_pickle=args.trust_pickle)
@@ -75,7 +75,7 @@ command("pseudo-label", "label an unlabeled pool with a trained teacher (RST); w
 
 def _pretrain(args: argparse.Namespace, argv: list[str]) -> int:
     from ..objectives import OBJECTIVES
-    from ..train import config_from_args
+    from ..launch.train import config_from_args
 
     args.config = resolve_recipe(args.config)
     cfg = config_from_args(args)
@@ -116,9 +116,9 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 
 
 def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
-    from .. import ui
-    from ..config import build_config
-    from .finetune import FinetuneSettings, encoder_from_run, finetune, random_encoder
+    from ..core import ui
+    from ..core.config import build_config
+    from ..evaluation.finetune import FinetuneSettings, encoder_from_run, finetune, random_encoder
 
     settings = FinetuneSettings(mode=args.mode, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                 eps=args.eps, attack_steps=args.attack_steps, train_subset=args.train_subset,

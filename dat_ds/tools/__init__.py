@@ -1,1 +1,0 @@
-"""Run tools: start-up checks (``preflight``) and weight export (``dat-ds export``)."""
