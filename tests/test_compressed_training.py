@@ -1,6 +1,6 @@
 """Compressed communication in training, on 2 gloo ranks.
 
-* the real DeepSpeed engine (``trainer.build_engine``) with each compressing setup: DeepSpeed's own
+* the real DeepSpeed engine (``runtime.build.build_engine``) with each compressing setup: DeepSpeed's own
   gradient all-reduce is off (gradients differ across ranks after ``engine.backward``), our optimizer
   keeps the replicas identical, and ``comm_stats`` reports the compression stage and its bytes;
 * 1-bit Adam reaches Adam's loss on a convex least-squares problem;
@@ -53,7 +53,7 @@ def _gather(t: torch.Tensor) -> list[torch.Tensor]:
 def _engine_checks(rank: int, ds_dir: Path) -> dict:
     from dat_ds.core.config import build_config
     from dat_ds.runtime import ds_config
-    from dat_ds.runtime.trainer import build_engine
+    from dat_ds.runtime.build import build_engine
     from dat_ds.models import create_model
     from dat_ds.data.base import DataSpec
 
@@ -65,7 +65,8 @@ def _engine_checks(rank: int, ds_dir: Path) -> dict:
         settings = ds_config.prepare(path, 2)
         torch.manual_seed(0)
         model = create_model("tiny_cnn", spec)
-        engine, optimizer, _, _ = build_engine(cfg, settings, model, steps_per_epoch=8)
+        built = build_engine(cfg, settings, model, steps_per_epoch=8)
+        engine, optimizer = built.engine, built.optimizer
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         grads_differ, params_equal = [], []
         for _ in range(6):

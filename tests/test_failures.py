@@ -9,6 +9,7 @@ import time
 import psutil
 
 from dat_ds.core import dist
+from dat_ds.launch import status
 from dat_ds.launch import train
 from dat_ds.runtime import checkpoint
 from reliability_utils import tiny_args, write_ds
@@ -50,30 +51,30 @@ def _status(folder, rank, code, error, comm=False, t=0.0):
 def test_report_names_the_rank_that_raised_not_its_echo(tmp_path):
     _status(tmp_path, 0, 1, "DistBackendError: Connection closed by peer", comm=True, t=1.0)
     _status(tmp_path, 1, 1, "ValueError: boom", t=2.0)
-    assert dist.failed_rank_line(str(tmp_path), 2, 1) == (
+    assert status.failed_rank_line(str(tmp_path), 2, 1) == (
         "rank 1 failed (exit code 1: ValueError: boom); the other ranks were stopped")
 
 
 def test_report_ignores_siblings_stopped_by_the_launcher(tmp_path):
     _status(tmp_path, 0, 143, "terminated by the launcher", t=2.0)
     _status(tmp_path, 1, 1, "RuntimeError: out of memory", t=1.0)
-    assert dist.failed_rank_line(str(tmp_path), 2, 1).startswith("rank 1 failed (exit code 1: RuntimeError: out of memory)")
+    assert status.failed_rank_line(str(tmp_path), 2, 1).startswith("rank 1 failed (exit code 1: RuntimeError: out of memory)")
 
 
 def test_report_silent_rank_was_killed(tmp_path):
     _status(tmp_path, 0, 143, "terminated by the launcher")
-    assert dist.failed_rank_line(str(tmp_path), 2, 247) == (
+    assert status.failed_rank_line(str(tmp_path), 2, 247) == (
         "rank 1 failed (exit code -9: killed by SIGKILL); the other ranks were stopped")
 
 
 def test_config_errors_are_not_reported_twice(tmp_path):
     _status(tmp_path, 0, 2, "ConfigError: bad")
     _status(tmp_path, 1, 2, "ConfigError: bad")
-    assert dist.failed_rank_line(str(tmp_path), 2, 2) is None
+    assert status.failed_rank_line(str(tmp_path), 2, 2) is None
 
 
 def test_rank_entry_point_leaves_a_status_report(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(dist.STATUS_ENV, str(tmp_path))
+    monkeypatch.setenv(status.STATUS_ENV, str(tmp_path))
     monkeypatch.setenv("RANK", "0")
     previous = signal.getsignal(signal.SIGTERM)
     try:

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.loaders import build_train_loader
     from ..runtime import ds_config
     from ..runtime.loop import TrainState, train_one_epoch
-    from ..runtime.trainer import build_engine
+    from ..runtime.build import build_engine
     from ..core.io import atomic_write_json
     from ..models import create_model
     from ..objectives import ObjectiveContext, build_objective
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     stamps: list[float] = []
 
     if args.arm == "deepspeed":
-        engine, *_ = build_engine(cfg, settings, model, loaders.steps_per_epoch)
+        engine = build_engine(cfg, settings, model, loaders.steps_per_epoch).engine
         ctx = ObjectiveContext(model=engine, module=engine.module, cfg=cfg, generator=generator)
         with count_passes(engine.module) as counter:
             train_one_epoch(engine, objective, ctx, loaders.loader(0), TrainState(), cfg=cfg,

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
-from ..core import dist
 from ..core.errors import ConfigError
+from ..launch.launcher import add_launch_args, hostfile_nodes, launch, strip_launch_args
 
 log = logging.getLogger("dat_ds.cli")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,75 +40,6 @@ def resolve_recipe(path: str | None) -> str | None:
     return path
 
 
-def _hostfile_nodes(hostfile: str | None) -> int:
-    if not hostfile or not Path(hostfile).is_file():
-        return 1
-    lines = [ln.split("#", 1)[0].strip() for ln in Path(hostfile).read_text().splitlines()]
-    return max(1, sum(1 for ln in lines if ln))
-
-
-def launch(module: str, argv: list[str], nproc: int, hostfile: str | None, master_port: int | None) -> int:
-    """Start ``module`` on ``nproc`` processes per node through the DeepSpeed launcher."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(master_port or dist.free_port())]
-    if hostfile:
-        if not Path(hostfile).is_file():
-            raise ConfigError(f"hostfile {hostfile!r} not found; write one 'host slots=N' line per node")
-        cmd += ["--hostfile", hostfile]
-        if nproc:
-            cmd += ["--num_gpus", str(nproc)]
-    else:
-        cmd += ["--num_gpus", str(nproc)]
-    cmd += ["--module", module, *argv]
-    log.info("launching: %s", " ".join(cmd[1:]))
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if hostfile:
-        return subprocess.call(cmd, env=env)
-    import tempfile
-
-    # The launcher stops every rank when one exits non-zero; the ranks' exit reports name the culprit.
-    with tempfile.TemporaryDirectory(prefix="dat-ds-ranks-") as status_dir:
-        env[dist.STATUS_ENV] = status_dir
-        rc = subprocess.call(cmd, env=env)
-        if rc != 0:
-            line = dist.failed_rank_line(status_dir, nproc, rc)
-            if line is not None:
-                raise RankFailure(line, rc)
-    return rc
-
-
-class RankFailure(Exception):
-    """A rank of a launched run failed; the others were stopped. Printed as one line."""
-
-    def __init__(self, line: str, code: int):
-        super().__init__(line)
-        self.code = code
-
-
-def _strip(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """Remove launcher-only flags (and their values) before forwarding argv to the ranks."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        name = a.split("=", 1)[0]
-        if name in flags:
-            skip = "=" not in a
-            continue
-        out.append(a)
-    return out
-
-
-LAUNCH_FLAGS = ("--nproc", "--hostfile", "--master-port")
-
-
-def _add_launch_args(p: argparse.ArgumentParser, default_nproc: int = 1) -> None:
-    p.add_argument("--nproc", type=int, default=default_nproc, help=f"processes (ranks) per node (default {default_nproc})")
-    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for several nodes ('host slots=N' lines)")
-    p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
-
-
 # ----------------------------------------------------------------------------- train
 
 
@@ -118,7 +47,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     from ..launch.train import add_run_args
 
     add_run_args(p)
-    _add_launch_args(p)
+    add_launch_args(p)
 
 
 def _preflight(args: argparse.Namespace, world: int) -> None:
@@ -142,17 +71,18 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError(f"--nproc={args.nproc} must be >= 1")
     args.config = resolve_recipe(args.config)
     if args.dry_run:  # validate for the requested world size; no process is started
-        args.dry_run_world = args.nproc * _hostfile_nodes(args.hostfile)
+        args.dry_run_world = args.nproc * hostfile_nodes(args.hostfile)
         train.main(args)
         return 0
     if args.nproc == 1 and not args.hostfile:
         train.main(args)
         return 0
     _preflight(args, args.nproc)
-    forwarded = _strip(argv, LAUNCH_FLAGS)
+    forwarded = strip_launch_args(argv)
     if args.config:
         forwarded = _replace_value(forwarded, ("--config", "--recipe"), args.config)
-    return launch("dat_ds.launch.train", forwarded, args.nproc, args.hostfile, args.master_port)
+    return launch("dat_ds.launch.train", forwarded, nproc=args.nproc, hostfile=args.hostfile,
+                  master_port=args.master_port)
 
 
 def _replace_value(argv: list[str], flags: tuple[str, ...], value: str) -> list[str]:
@@ -292,26 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..launch.entry import run_entry
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    from ..core import dist
+
     dist.setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     _, run, _ = COMMANDS[args.command]
-    try:
-        return run(args, argv[1:]) or 0
-    except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
-    except RankFailure as e:
-        sys.stderr.write(f"error: {e}\n")
-        return e.code
-    except RuntimeError as e:
-        from ..runtime.loop import NonFiniteLossError
-
-        if not isinstance(e, NonFiniteLossError):
-            raise
-        sys.stderr.write(f"error: {e}\n")
-        return 3
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return 130
+    return run_entry(lambda: run(args, argv[1:]) or 0)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import LAUNCH_FLAGS, _add_launch_args, _strip, command, launch
+from ..launch.launcher import add_launch_args, launch, strip_launch_args
+from . import command
 from ..core.errors import ConfigError
 
 
@@ -12,7 +13,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     from ..evaluation.run import add_eval_args
 
     add_eval_args(p)
-    _add_launch_args(p)
+    add_launch_args(p)
 
 
 def _eval(args: argparse.Namespace, argv: list[str]) -> int:
@@ -24,7 +25,8 @@ def _eval(args: argparse.Namespace, argv: list[str]) -> int:
     if args.nproc == 1 and not args.hostfile:
         run.main(args)
         return 0
-    return launch("dat_ds.evaluation.run", _strip(argv, LAUNCH_FLAGS), args.nproc, args.hostfile, args.master_port)
+    return launch("dat_ds.launch.evaluate", strip_launch_args(argv), nproc=args.nproc, hostfile=args.hostfile,
+                  master_port=args.master_port)
 
 
 command("eval", "robust accuracy of a checkpoint under attacks and eps values (--nproc N shards the test set; "

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-from contextlib import closing
 
 import torch
 import torch.distributed as dist
+
+from .ports import free_port
 
 _LOG_FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
 
@@ -41,12 +41,6 @@ def local_world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerator():
@@ -163,82 +157,3 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger._dat_ds_configured = True  # type: ignore[attr-defined]
     # DeepSpeed is chatty at INFO on every rank; keep its warnings.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
-# ----------------------------------------------------------------------------- rank failure reports
-# `dat-ds train --nproc N` sets DAT_DS_STATUS_DIR; every rank leaves rank<R>.json there when it exits
-# (normally, by exception or by SIGTERM from the launcher). A rank that left nothing died hard (SIGKILL,
-# OOM killer, segfault). The CLI turns that into one line naming the failed rank.
-STATUS_ENV = "DAT_DS_STATUS_DIR"
-
-
-def write_rank_status(code: int, error: BaseException | str | None = None) -> None:
-    folder = os.environ.get(STATUS_ENV)
-    if not folder:
-        return
-    import json
-    import time
-
-    r = int(os.environ.get("RANK", rank()))
-    if isinstance(error, BaseException):
-        comm = isinstance(error, getattr(dist, "DistBackendError", ())) or any(
-            s in str(error) for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
-        text = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-    else:
-        comm, text = False, error
-    record = {"rank": r, "code": code, "error": text, "comm": comm, "time": time.time()}
-    try:
-        path = os.path.join(folder, f"rank{r}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f)
-        os.replace(path + ".tmp", path)
-    except OSError:
-        pass
-
-
-def install_sigterm_status() -> None:
-    """Record a launcher's SIGTERM (a sibling failed) before exiting, so it is not blamed on this rank."""
-    if not os.environ.get(STATUS_ENV):
-        return
-    import signal
-
-    def handler(signum, frame):
-        write_rank_status(128 + signum, "terminated by the launcher")
-        os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def failed_rank_line(folder: str, nproc: int, launcher_rc: int) -> str | None:
-    """One line naming the rank that failed first, or None when every rank reported a user error (code 2)."""
-    import json
-    import signal
-
-    records = {}
-    for r in range(nproc):
-        try:
-            with open(os.path.join(folder, f"rank{r}.json")) as f:
-                records[r] = json.load(f)
-        except (OSError, ValueError):
-            pass
-    silent = [r for r in range(nproc) if r not in records]
-    if not silent and all(rec["code"] in (2, 3) for rec in records.values()):
-        return None  # a config/data error or a NaN abort that every rank agreed on: rank 0 printed its line
-    if silent:
-        r = silent[0]
-        if launcher_rc > 128:  # the launcher exits with the child's negative return code, mod 256
-            sig = 256 - launcher_rc
-            try:
-                name = signal.Signals(sig).name
-            except ValueError:
-                name = f"signal {sig}"
-            return f"rank {r} failed (exit code -{sig}: killed by {name}); the other ranks were stopped"
-        return f"rank {r} failed (exited without a report; launcher exit code {launcher_rc}); the other ranks were stopped"
-    failed = [rec for rec in records.values() if rec["code"] not in (0, 2) and rec["error"] != "terminated by the launcher"]
-    if not failed:
-        failed = [rec for rec in records.values() if rec["code"] != 0]
-    if not failed:
-        return None
-    failed.sort(key=lambda rec: (rec.get("comm", False), rec["time"]))  # the cause, not its echo in a collective
-    rec = failed[0]
-    return f"rank {rec['rank']} failed (exit code {rec['code']}: {rec['error']}); the other ranks were stopped"

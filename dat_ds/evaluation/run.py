@@ -1,7 +1,7 @@
 """``dat-ds eval``: robust accuracy of a checkpoint under a list of attacks and eps values, on N ranks.
 
 Module entry for every rank (``dat-ds eval --nproc 2`` starts it through the DeepSpeed launcher, or run
-``deepspeed --num_gpus 2 --module dat_ds.evaluation.run --run runs/demo`` yourself). The test set is
+``deepspeed --num_gpus 2 --module dat_ds.launch.evaluate --run runs/demo`` yourself). The test set is
 sharded over ranks batch by batch, each batch's attack noise is seeded by its index, and per-example
 results are gathered, so ``eval.json`` is the same for any number of ranks. Rank 0 writes the outputs.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -252,18 +251,3 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_eval_args(p)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the DeepSpeed launcher
     return p
-
-
-def cli_entry(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except ConfigError as e:
-        if dist.is_main_process():
-            sys.stderr.write(f"error: {e}\n")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_entry())

@@ -20,6 +20,7 @@ from typing import Any
 from ..core import dist
 from ..core.config import RunConfig, build_config
 from ..core.errors import ConfigError
+from .entry import run_entry
 
 log = logging.getLogger("dat_ds.launch.train")
 
@@ -125,27 +126,8 @@ def main(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[s
 
 
 def cli_entry(argv: list[str] | None = None) -> int:
-    from ..runtime.loop import NonFiniteLossError
-
-    dist.install_sigterm_status()
     args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except ConfigError as e:
-        if dist.is_main_process():
-            sys.stderr.write(f"error: {e}\n")
-        dist.write_rank_status(2, e)
-        return 2
-    except NonFiniteLossError as e:  # every rank sees it (the check is all-reduced); rank 0 says it once
-        if dist.is_main_process():
-            sys.stderr.write(f"error: {e}\n")
-        dist.write_rank_status(3, e)
-        return 3
-    except BaseException as e:
-        dist.write_rank_status(1, e)
-        raise
-    dist.write_rank_status(0)
-    return 0
+    return run_entry(lambda: main(args))
 
 
 if __name__ == "__main__":

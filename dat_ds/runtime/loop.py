@@ -14,16 +14,13 @@ from typing import Any, Callable
 import torch
 
 from ..core import dist
+from ..core.errors import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
 
 class StopTraining(Exception):
     """Raised by a callback (e.g. the catastrophic-overfitting monitor) to end training cleanly."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised under ``train.nan_policy=abort``; the last checkpoint on disk is the last good state."""
 
 
 @dataclass

@@ -17,8 +17,8 @@ from ..data.loaders import build_train_loader
 from ..core.io import JsonlWriter, atomic_write_json, atomic_write_text
 from ..models import create_model
 from ..objectives import ObjectiveContext, build_objective, prepare_model
-from ..optim import build_optimizer, build_scheduler, lr_scale, param_groups
 from . import checkpoint, ds_config
+from .build import build_engine
 from ..evaluation.evaluate import AttackSpec, evaluate
 from .loop import StopTraining, TrainState, train_one_epoch
 
@@ -29,35 +29,6 @@ def eval_specs(cfg: RunConfig) -> list[AttackSpec]:
     eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
     return [AttackSpec(attack=cfg.eval.attack, eps=eps, steps=cfg.eval.steps, restarts=cfg.eval.restarts,
                        step_size=cfg.eval.step_size, norm=cfg.attack.norm)]
-
-
-def build_engine(cfg: RunConfig, settings: ds_config.EngineSettings, model: torch.nn.Module, steps_per_epoch: int):
-    import deepspeed
-
-    weight_decay = (settings.optimizer.get("params") or {}).get("weight_decay")
-    scale = lr_scale(cfg.optim, settings.global_batch)
-    optimizer = build_optimizer(settings.optimizer, param_groups(model, weight_decay), lr_scale=scale)
-    if settings.gradient_compression is not None:
-        from ..comm import QuantizedGradientAllReduce
-
-        gc = settings.gradient_compression
-        QuantizedGradientAllReduce(bits=gc["bits"], block=gc["block"], seed=cfg.seed).attach(optimizer)
-    scheduler = None
-    if not settings.has_scheduler:
-        scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=settings.ds_config
-    )
-    if settings.compresses:
-        # The optimizer communicates (compressed) itself: DeepSpeed must not also all-reduce gradients.
-        engine.enable_backward_allreduce = False
-        log.info("%s does its own compressed communication; DeepSpeed's gradient all-reduce is off",
-                 settings.optimizer["type"])
-    elif settings.gradient_compression is not None:
-        engine.enable_backward_allreduce = False  # the quantized all-reduce in the optimizer's step pre-hook replaces it
-        log.info("gradient_compression %s: %d-bit quantized gradient all-reduce replaces DeepSpeed's",
-                 settings.gradient_compression["type"], settings.gradient_compression["bits"])
-    return engine, optimizer, scheduler, scale
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -125,7 +96,8 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
         raise ConfigError(f"the training set ({len(train_set)} examples) is smaller than one global batch "
                           f"({settings.global_batch}); lower train_micro_batch_size_per_gpu")
     optimizer_steps_per_epoch = max(1, steps_per_epoch // settings.grad_accum)
-    engine, optimizer, scheduler, scale = build_engine(cfg, settings, model, optimizer_steps_per_epoch)
+    built = build_engine(cfg, settings, model, optimizer_steps_per_epoch)
+    engine, scale = built.engine, built.lr_scale
     if settings.compresses:
         from ..optim.onebit import check_compression_plan
 

@@ -1,0 +1,62 @@
+"""The one run entry: every command and every rank runs under ``run_entry``.
+
+It maps exceptions to exit codes (``ConfigError`` 2, ``NonFiniteLossError`` 3, ``RankFailure`` the
+launcher's code, anything else 1 with its traceback), prints the reason once (``error: ...`` on stderr,
+from rank 0 only when the error is one every rank sees), and, in a rank started by ``launch()``, writes
+the rank's exit report that names the culprit when a run fails. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+from ..core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NAN_ABORT, EXIT_OK, EXIT_USER_ERROR, ConfigError, NonFiniteLossError
+from .launcher import RankFailure
+from .status import STATUS_ENV, install_sigterm_status, write_rank_status
+
+
+def _is_rank() -> bool:
+    return bool(os.environ.get(STATUS_ENV)) or "LOCAL_RANK" in os.environ
+
+
+def _say(message: str, *, every_rank_sees_it: bool) -> None:
+    """One line on stderr; errors that every rank raises alike are printed by rank 0 only."""
+    if every_rank_sees_it and _is_rank() and int(os.environ.get("RANK", 0)) != 0:
+        return
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
+def run_entry(main: Callable[[], Any]) -> int:
+    """Run ``main()`` and return the process exit code; see the module docstring."""
+    install_sigterm_status()
+    try:
+        rc = main()
+    except ConfigError as e:
+        _say(str(e), every_rank_sees_it=True)
+        write_rank_status(EXIT_USER_ERROR, e)
+        return EXIT_USER_ERROR
+    except NonFiniteLossError as e:  # the check is reduced over ranks: every rank raises it at the same step
+        _say(str(e), every_rank_sees_it=True)
+        write_rank_status(EXIT_NAN_ABORT, e)
+        return EXIT_NAN_ABORT
+    except RankFailure as e:
+        if str(e):  # empty: every rank failed alike and rank 0 has printed the reason
+            _say(str(e), every_rank_sees_it=False)
+        write_rank_status(e.code, e)
+        return e.code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        write_rank_status(EXIT_INTERRUPTED, "interrupted")
+        return EXIT_INTERRUPTED
+    except SystemExit as e:  # argparse's own exit (usage errors: code 2)
+        write_rank_status(e.code if isinstance(e.code, int) else EXIT_FAILURE, "exited")
+        raise
+    except BaseException as e:
+        write_rank_status(EXIT_FAILURE, e)
+        raise
+    code = rc if isinstance(rc, int) else EXIT_OK
+    write_rank_status(code)
+    return code

@@ -1,0 +1,98 @@
+"""Rank exit reports: which rank failed first, and why, in one line.
+
+``launch()`` sets ``DAT_DS_STATUS_DIR`` for the ranks it starts; every rank leaves ``rank<R>.json`` there
+when it exits (normally, by exception, or by SIGTERM from the launcher). A rank that left nothing died
+hard (SIGKILL, OOM killer, segfault). ``failed_rank_line`` turns the reports into one line naming the
+rank that failed first. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+STATUS_ENV = "DAT_DS_STATUS_DIR"
+TERMINATED = "terminated by the launcher"
+_COMM_HINTS = ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def _is_comm_error(error: BaseException) -> bool:
+    """A collective that failed because a peer went away: an echo of another rank's failure."""
+    try:
+        import torch.distributed as tdist
+
+        if isinstance(error, getattr(tdist, "DistBackendError", ())):
+            return True
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return any(s in str(error) for s in _COMM_HINTS)
+
+
+def write_rank_status(code: int, error: BaseException | str | None = None) -> None:
+    folder = os.environ.get(STATUS_ENV)
+    if not folder:
+        return
+    if isinstance(error, BaseException):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        comm, text = _is_comm_error(error), f"{type(error).__name__}: {first}"
+    else:
+        comm, text = False, error
+    r = _rank()
+    record = {"rank": r, "code": code, "error": text, "comm": comm, "time": time.time()}
+    try:
+        path = os.path.join(folder, f"rank{r}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass
+
+
+def install_sigterm_status() -> None:
+    """Record a launcher's SIGTERM (a sibling failed) before exiting, so it is not blamed on this rank."""
+    if not os.environ.get(STATUS_ENV):
+        return
+
+    def handler(signum, frame):
+        write_rank_status(128 + signum, TERMINATED)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def failed_rank_line(folder: str, nproc: int, launcher_rc: int) -> str | None:
+    """One line naming the rank that failed first, or None when every rank reported a user error (code 2)."""
+    records = {}
+    for r in range(nproc):
+        try:
+            with open(os.path.join(folder, f"rank{r}.json")) as f:
+                records[r] = json.load(f)
+        except (OSError, ValueError):
+            pass
+    silent = [r for r in range(nproc) if r not in records]
+    if not silent and all(rec["code"] in (2, 3) for rec in records.values()):
+        return None  # a config/data error or a NaN abort that every rank agreed on: rank 0 printed its line
+    if silent:
+        r = silent[0]
+        if launcher_rc > 128:  # the launcher exits with the child's negative return code, mod 256
+            sig = 256 - launcher_rc
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            return f"rank {r} failed (exit code -{sig}: killed by {name}); the other ranks were stopped"
+        return f"rank {r} failed (exited without a report; launcher exit code {launcher_rc}); the other ranks were stopped"
+    failed = [rec for rec in records.values() if rec["code"] not in (0, 2) and rec["error"] != TERMINATED]
+    if not failed:
+        failed = [rec for rec in records.values() if rec["code"] != 0]
+    if not failed:
+        return None
+    failed.sort(key=lambda rec: (rec.get("comm", False), rec["time"]))  # the cause, not its echo in a collective
+    rec = failed[0]
+    return f"rank {rec['rank']} failed (exit code {rec['code']}: {rec['error']}); the other ranks were stopped"
