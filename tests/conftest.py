@@ -74,27 +74,3 @@ def trained_demo_model(embedded_test_tensors):
             opt.step()
     model.eval()
     return model
-
-
-def pytest_sessionstart(session):
-    """Build DeepSpeed's JIT CPU communication op once, before any test starts ranks.
-
-    Otherwise the first 2-rank tests race to compile it, and a test that kills a rank mid-build leaves
-    torch's build lock behind, which makes every later DeepSpeed start wait forever.
-    """
-    import time
-
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > 600:  # no build takes 10 minutes
-            lock.unlink()
-        import importlib
-
-        # `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm re-exports it).
-        importlib.import_module("deepspeed.comm.torch").build_shm_op()
-    except Exception as e:  # noqa: BLE001 - a missing op only costs speed; tests will show real failures
-        import warnings
-
-        warnings.warn(f"could not pre-build DeepSpeed's shm comm op: {e}")

@@ -7,8 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dat_ds.attacks import ATTACKS, GEOMETRIES, ce_loss, fgsm, margin_loss, pgd
-from dat_ds.core.config import DataConfig
+import inspect
+
+from dat_ds.attacks import (ATTACKS, GEOMETRIES, AttackSpec, attack_from_config, ce_loss, default_step_size, fgsm,
+                            fgsm_rs, margin_loss, pgd)
+from dat_ds.core.config import AttackConfig, DataConfig, build_config
+from dat_ds.core.errors import ConfigError
 from dat_ds.data import build_dataset
 from dat_ds.models import create_model
 
@@ -122,13 +126,105 @@ def test_margin_loss_sign():
     assert m[0] == -2.0 and m[1] == 2.0  # negative when correct, positive when misclassified
 
 
-def test_pgd_default_step_is_2_5_eps_over_k(trained_demo_model, embedded_test_tensors):
+def test_default_step_size_is_the_single_source(trained_demo_model, embedded_test_tensors):
+    """pgd 2.5*eps/steps (Madry), fgsm_rs 1.25*eps (Wong), fgsm eps: step_size=None gives exactly these."""
     x, y, _ = embedded_test_tensors
     x, y = x[:32], y[:32]
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert default_step_size("pgd", 0.1, 4) == 2.5 * 0.1 / 4
+    assert default_step_size("fgsm_rs", 0.1) == 1.25 * 0.1 and default_step_size("fgsm", 0.1) == 0.1
     a = pgd(trained_demo_model, x, y, eps=0.1, steps=4, generator=g())
     b = pgd(trained_demo_model, x, y, eps=0.1, steps=4, step_size=2.5 * 0.1 / 4, generator=g())
     assert torch.equal(a, b)
+    assert not torch.equal(a, pgd(trained_demo_model, x, y, eps=0.1, steps=4, step_size=0.02, generator=g()))
+    assert torch.equal(fgsm_rs(trained_demo_model, x, y, eps=0.1, generator=g()),
+                       fgsm_rs(trained_demo_model, x, y, eps=0.1, step_size=1.25 * 0.1, generator=g()))
+    assert torch.equal(fgsm(trained_demo_model, x, y, eps=0.1), fgsm(trained_demo_model, x, y, eps=0.1, step_size=0.1))
+    # The spec reports the same step it runs with.
+    assert AttackSpec("pgd", eps=0.1, steps=4).effective_step_size == 2.5 * 0.1 / 4
+    assert AttackSpec("square", eps=0.1).effective_step_size is None
+    with pytest.raises(ValueError, match="takes no step size"):
+        default_step_size("autoattack", 0.1)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS.names()))
+def test_attacks_have_explicit_keyword_signatures(name):
+    """No ``**kwargs`` to swallow a misspelt argument; every attack takes eps, norm and generator."""
+    params = inspect.signature(ATTACKS.get(name)).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert {"eps", "norm", "generator"} <= {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS.names()))
+def test_unknown_attack_keyword_is_a_type_error(name, random_model, embedded_test_tensors):
+    x, y, _ = embedded_test_tensors
+    with pytest.raises(TypeError, match="stpes"):
+        ATTACKS.get(name)(random_model, x[:2], y[:2], eps=0.1, stpes=1000)
+    with pytest.raises(TypeError):
+        pgd(random_model, x[:2], y[:2], eps=0.1, stpes=1000, restart=5)
+
+
+@pytest.mark.parametrize("spec,message", [
+    (dict(attack="square", restarts=5), "attack 'square' does not take restarts=5; it takes eps, norm, n_queries"),
+    (dict(attack="autoattack", steps=10), "attack 'autoattack' does not take steps=10; it takes eps, norm, n_classes"),
+    (dict(attack="fgsm", steps=3), "attack 'fgsm' does not take steps=3; it takes eps, step_size, norm, loss"),
+    (dict(attack="none", step_size=0.1), "attack 'none' does not take step_size=0.1; it takes eps, norm"),
+    (dict(attack="pgd", extra={"stpes": 3}), "attack 'pgd' does not take stpes=3 as an extra argument"),
+    (dict(attack="pgd", extra={"steps": 3}), "attack 'pgd' does not take steps=3 as an extra argument"),
+    (dict(attack="pgdd"), "unknown attack 'pgdd'"),
+    (dict(attack="pgd", restarts=0), "restarts=0 must be >= 1"),
+    (dict(attack="pgd", loss="hinge"), "unknown attack loss 'hinge'"),
+])
+def test_spec_refuses_what_the_attack_does_not_take(spec, message):
+    with pytest.raises(ConfigError) as e:
+        AttackSpec(**{"eps": 0.1, **spec})
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_spec_passes_only_what_the_attack_declares(trained_demo_model, embedded_test_tensors):
+    x, y, _ = embedded_test_tensors
+    x, y = x[:32], y[:32]
+    square = AttackSpec("square", eps=0.1, extra={"n_queries": 5})
+    assert square.kwargs(None).keys() == {"eps", "generator", "n_queries"}
+    spec = AttackSpec("pgd", eps=0.1, steps=3, restarts=2, loss="margin")
+    assert spec.kwargs(None).keys() == {"eps", "generator", "steps", "restarts", "loss_fn"}
+    direct = pgd(trained_demo_model, x, y, eps=0.1, steps=3, restarts=2, loss_fn=margin_loss,
+                 generator=torch.Generator().manual_seed(1))
+    assert torch.equal(spec.run(trained_demo_model, x, y, torch.Generator().manual_seed(1)), direct)
+
+
+def test_attack_from_config_passes_each_attack_its_own_parameters(trained_demo_model, embedded_test_tensors):
+    """The config's steps are PGD's (fgsm and none ignore them); the objective's loss reaches the attacks that
+    take one; restarts or a step size for an attack without them are refused when the spec is built."""
+    x, y, _ = embedded_test_tensors
+    x, y = x[:32], y[:32]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cfg = AttackConfig(name="pgd", eps=0.1, steps=3)
+    assert torch.equal(attack_from_config(cfg, trained_demo_model, x, y, generator=g()),
+                       pgd(trained_demo_model, x, y, eps=0.1, steps=3, generator=g()))
+    assert torch.equal(attack_from_config(cfg, trained_demo_model, x, y, generator=g(), loss_fn=margin_loss),
+                       pgd(trained_demo_model, x, y, eps=0.1, steps=3, loss_fn=margin_loss, generator=g()))
+    fast = AttackConfig(name="fgsm", eps=0.1, steps=7)
+    assert torch.equal(attack_from_config(fast, trained_demo_model, x, y, generator=g(), success_fn=None),
+                       fgsm(trained_demo_model, x, y, eps=0.1))
+    clean = AttackConfig(name="none", eps=0.1)
+    assert attack_from_config(clean, trained_demo_model, x, y, generator=g(), loss_fn=margin_loss) is x
+    with pytest.raises(ConfigError, match="attack.restarts=3 does not apply to attack.name=fgsm; 'fgsm' takes eps"):
+        attack_from_config(AttackConfig(name="fgsm", restarts=3), trained_demo_model, x, y, generator=g())
+
+
+def test_config_attack_sections_are_checked_against_the_attack():
+    """What ``launch.preflight`` runs before any rank starts (and the trainer's eval spec)."""
+    from dat_ds.attacks import eval_spec, training_spec
+
+    cfg = build_config(None, ["eval.attack=none", "eval.steps=5", "attack.name=fgsm", "attack.steps=1"])
+    assert training_spec(cfg.attack) == AttackSpec("fgsm", eps=cfg.attack.eps)
+    assert eval_spec(cfg).label == f"clean@{cfg.attack.eps:.4g}"
+    assert eval_spec(build_config(None, ["eval.steps=7", "eval.restarts=2"])).label == "PGD-7x2@0.1"
+    with pytest.raises(ConfigError, match="eval.restarts=2 does not apply to eval.attack=fgsm"):
+        eval_spec(build_config(None, ["eval.attack=fgsm", "eval.restarts=2"]))
+    with pytest.raises(ConfigError, match="eval.step_size=0.01 does not apply to eval.attack=autoattack"):
+        eval_spec(build_config(None, ["eval.attack=autoattack", "eval.step_size=0.01"]))
 
 
 def test_pgd20_matches_torchattacks(trained_demo_model, embedded_test_tensors):

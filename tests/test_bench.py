@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
+import pytest
 import torch
 
 from dat_ds.bench import step
@@ -16,7 +18,7 @@ from dat_ds.bench.engine_bench import launch_worker
 
 
 def test_step_arms_do_the_same_passes():
-    _, spec, _ = step.CASES["small_cnn-28x28x1"]
+    spec = step.case_spec("small_cnn-28x28x1")
     from dat_ds.models import create_model
 
     model = create_model("small_cnn", spec)
@@ -31,7 +33,7 @@ def test_step_arms_do_the_same_passes():
 
 
 def test_naive_arm_really_fills_parameter_grads_and_ours_does_not():
-    _, spec, _ = step.CASES["small_cnn-28x28x1"]
+    spec = step.case_spec("small_cnn-28x28x1")
     from dat_ds.attacks import pgd
     from dat_ds.models import create_model
 
@@ -68,3 +70,141 @@ def test_engine_and_ddp_workers_do_the_same_work():
     # 5 steps (3 warm-up + 2 timed) x (1 attack pass + adversarial pass + clean pass)
     assert ds["forward_passes_rank0"] == ddp["forward_passes_rank0"] == 15
     assert ds["backward_passes_rank0"] == ddp["backward_passes_rank0"]
+
+
+# ----------------------------------------------------------------------------- one house: registry, launcher, layers
+
+
+def test_every_bench_resolves_and_no_bench_module_imports_torch():
+    """``dat-ds bench --help`` / ``bench <name> --help`` stay torch-free: every bench module imports without it."""
+    import subprocess
+    import sys
+
+    from dat_ds.bench import BENCH_HELP, get_bench
+
+    assert {"step", "engine", "scaling", "time-to-robust", "comm", "eval", "startup", "gpu-smoke"} <= set(BENCH_HELP)
+    for name in BENCH_HELP:
+        b = get_bench(name)
+        assert callable(b.add_args) and callable(b.run) and b.help == BENCH_HELP[name]
+    code = ("import sys, argparse\n"
+            "from dat_ds.bench import BENCH_HELP, get_bench\n"
+            "from dat_ds.cli import bench as cli_bench\n"
+            "for name in BENCH_HELP:\n"
+            "    get_bench(name).add_args(argparse.ArgumentParser())\n"
+            "p = argparse.ArgumentParser(); cli_bench._bench_args(p)\n"
+            "a = p.parse_args(['startup', '--rounds', '2'])\n"
+            "assert a.bench == 'startup' and a.rounds == 2 and a.out == 'bench', a\n"
+            "import dat_ds.bench.worker\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", f"torch imported: {proc.stdout[:300]}"
+
+
+def test_unknown_bench_is_a_config_error():
+    from dat_ds.bench import get_bench
+    from dat_ds.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown benchmark 'nope'.*startup"):
+        get_bench("nope")
+
+
+def test_only_the_launcher_starts_ranks():
+    """One launcher: no module but launch/launcher.py builds a DeepSpeed command line or spawns ranks."""
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "dat_ds"
+    allowed = {"launch/launcher.py", "bench/startup.py"}  # startup times the `dat-ds` command itself
+    offenders = []
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg).as_posix()
+        text = path.read_text()
+        for needle in ("deepspeed.launcher", "torch.multiprocessing", "mp.spawn", '"-m", "dat_ds'):
+            if needle in text and rel not in allowed:
+                offenders.append(f"{rel}: {needle}")
+    assert not offenders, offenders
+
+
+def test_gpu_smoke_refuses_without_cuda_in_one_line(tmp_path):
+    from dat_ds.bench import get_bench
+    from dat_ds.core import dist
+    from dat_ds.core.errors import ConfigError
+
+    if dist.accelerator().device_name() == "cuda":
+        pytest.skip("a CUDA device is present: gpu-smoke runs instead of refusing")
+    p = argparse.ArgumentParser()
+    bench = get_bench("gpu-smoke")
+    bench.add_args(p)
+    args = p.parse_args(["--out", str(tmp_path / "out")])
+    with pytest.raises(ConfigError) as e:
+        bench.run(args)
+    assert "needs a CUDA device" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_gpu_smoke_refusal_exits_2_with_one_error_line():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from dat_ds.bench import get_bench\n"
+            "from dat_ds.launch.entry import run_entry\n"
+            "import argparse\n"
+            "p = argparse.ArgumentParser(); b = get_bench('gpu-smoke'); b.add_args(p)\n"
+            "sys.exit(run_entry(lambda: b.run(p.parse_args([]))))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "needs a CUDA device" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_startup_time_command_keeps_exit_code_and_last_line():
+    import sys
+
+    from dat_ds.bench import startup
+
+    r = startup.time_command([sys.executable, "-c", "import sys; sys.stderr.write('error: bad eps\\n'); sys.exit(2)"], 60)
+    assert r["exit_code"] == 2 and r["last_line"] == "error: bad eps" and r["seconds"] > 0
+    cmds = startup.quick_commands("runs/x")
+    assert cmds["--help"][1] == 0 and cmds["config error"][1] == 2 and cmds["eval error"][1] == 2
+    assert cmds["eval error"][0][1:] == ["-m", "dat_ds.cli", "eval", "--run", "runs/x", "--attacks", "bogus",
+                                         "--nproc", "2"]
+
+
+def test_synthetic_worker_data_is_seeded_and_shaped():
+    from dat_ds.bench.worker import synthetic_data
+
+    (a, spec), (b, _) = synthetic_data("3x32", 8), synthetic_data("3x32", 8)
+    assert (spec.in_chans, spec.img_size, spec.num_classes) == (3, 32, 10) and len(a) == 8
+    assert torch.equal(a.tensors[0], b.tensors[0]) and a.tensors[0].shape == (8, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_bench_comm_runs_on_the_accelerator_through_launch(tmp_path):
+    from dat_ds.bench import get_bench
+
+    p = argparse.ArgumentParser()
+    bench = get_bench("comm")
+    bench.add_args(p)
+    bench.run(p.parse_args(["--out", str(tmp_path), "--steps", "2", "--warmup", "1"]))
+    data = json.loads((tmp_path / "comm.json").read_text())
+    assert data["nproc"] == 2 and data["threads_per_rank"] == 1
+    assert set(data["arms"]) == {"fp32 all-reduce", "DAT 8-bit", "1-bit Adam", "0/1 Adam", "1-bit LAMB"}
+    assert all(a["measured_steps"] == 2 and a["bytes_per_step"] > 0 for a in data["arms"].values())
+
+
+@pytest.mark.slow
+def test_bench_startup_writes_ratios(tmp_path):
+    from dat_ds.bench import get_bench
+
+    p = argparse.ArgumentParser()
+    bench = get_bench("startup")
+    bench.add_args(p)
+    bench.run(p.parse_args(["--out", str(tmp_path), "--rounds", "1", "--demo-rounds", "0"]))
+    data = json.loads((tmp_path / "startup.json").read_text())
+    assert data["import_torch"]["median_s"] > 0 and data["demo_first_step"] is None
+    for name in ("--help", "config error", "eval error"):
+        r = data["commands"][name]
+        assert r["ratio_to_import_torch"] > 0 and r["rounds"] == 1
+    assert data["commands"]["--help"]["exit_code"] == 0 and data["commands"]["config error"]["exit_code"] == 2

@@ -114,6 +114,144 @@ def test_byte_meter_and_fp32_reference():
     assert padded_numel(1000, 2, 256) == 1024 and padded_numel(1024, 2, 256) == 1024
 
 
+# ----------------------------------------------------------------------------- torch-free rules
+
+
+def test_compression_rules_import_no_torch_and_are_the_quantizers_own():
+    """ds_config validates gradient_compression with comm.spec before any rank starts: no torch import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dat_ds.comm.spec as s, dat_ds.comm.protocol; assert 'torch' not in sys.modules, 'torch'; "
+            "print(s.check_gradient_compression({'type': 'dat_quantizer', 'bits': 4}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "{'type': 'dat_quantizer', 'bits': 4, 'block': 256}"
+    from dat_ds.comm.spec import QUANTIZER_BITS, check_gradient_compression
+
+    for bits in QUANTIZER_BITS:  # what the JSON check accepts, the quantizer builds, and vice versa
+        assert StochasticQuantizer(bits=bits).bits == bits
+    for bad in ({"bits": 3}, {"bits": True}, {"block": 12}, {"block": 0}):
+        with pytest.raises(ConfigError, match="bits=|block="):
+            check_gradient_compression({"type": "dat_quantizer", **bad})
+        with pytest.raises(ConfigError, match="bits=|block="):
+            StochasticQuantizer(**bad)
+
+
+# ----------------------------------------------------------------------------- the optimizer wrapper
+
+
+def _wrapped_problem(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 4))
+    x, y = torch.randn(32, 20, generator=g), torch.randint(0, 4, (32,), generator=g)
+    return model, x, y
+
+
+def _backward(model, x, y):
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+
+
+def test_every_compressing_optimizer_is_a_communicating_optimizer_and_plain_ones_are_not():
+    from dat_ds.comm import CommunicatingOptimizer, QuantizedAllReduceOptimizer
+    from dat_ds.optim import OPTIMIZERS, build_optimizer
+
+    for name in OPTIMIZERS.names():
+        model, _, _ = _wrapped_problem()
+        opt = build_optimizer({"type": name, "params": {"lr": 0.01}}, model.parameters())
+        assert isinstance(opt, CommunicatingOptimizer) is OPTIMIZERS.get(name).compresses, name
+        if isinstance(opt, CommunicatingOptimizer):
+            assert opt.label and opt.scheme.startswith("1-bit") and opt.warmup_steps >= 1
+        else:
+            wrapped = QuantizedAllReduceOptimizer(opt, bits=4)
+            assert isinstance(wrapped, CommunicatingOptimizer) and isinstance(wrapped, torch.optim.Optimizer)
+            assert wrapped.warmup_steps == 0 and wrapped.scheme == "4-bit quantized gradients"
+
+
+def test_wrapper_shares_the_inner_optimizer_and_sets_nothing_on_it():
+    from dat_ds.comm import QuantizedAllReduceOptimizer
+    from dat_ds.optim import build_scheduler
+    from dat_ds.core.config import OptimConfig
+
+    model, x, y = _wrapped_problem()
+    inner = torch.optim.AdamW(model.parameters(), lr=0.01)
+    before = dict(vars(inner))
+    wrapped = QuantizedAllReduceOptimizer(inner)
+    sched = build_scheduler(wrapped, OptimConfig(warmup_epochs=1, schedule="cosine"), steps_per_epoch=4, total_epochs=2)
+    lrs = []
+    for _ in range(4):
+        _backward(model, x, y)
+        wrapped.step()
+        sched.step()
+        lrs.append(inner.param_groups[0]["lr"])
+    assert wrapped.param_groups is inner.param_groups and wrapped.state is inner.state
+    assert wrapped.defaults is inner.defaults and len(inner.state) == 4  # AdamW's moments, in one place
+    assert lrs == pytest.approx([0.005, 0.0075, 0.01, 0.01])  # the scheduler drives the inner optimizer
+    # No attribute patched onto the inner optimizer (LambdaLR's step counter lands on the wrapper)
+    assert set(vars(inner)) == set(before) and all(vars(inner)[k] is v for k, v in before.items())
+    assert not inner._optimizer_step_pre_hooks and not hasattr(inner, "comm_stats")
+    assert wrapped.comm_stats()["compressed_steps"] == 4
+    with pytest.raises(TypeError, match="already wrapped"):
+        QuantizedAllReduceOptimizer(wrapped)
+
+
+def test_wrapper_step_is_the_quantized_allreduce_then_the_inner_step():
+    """One rank: step() == compressed_allreduce of the flat gradient (the wrapper's noise seed), then AdamW."""
+    import copy
+
+    from dat_ds.comm import QuantizedAllReduceOptimizer
+
+    model_a, x, y = _wrapped_problem()
+    model_b = copy.deepcopy(model_a)
+    wrapped = QuantizedAllReduceOptimizer(torch.optim.AdamW(model_a.parameters(), lr=0.01), bits=4, block=64, seed=3)
+    ref = torch.optim.AdamW(model_b.parameters(), lr=0.01)
+    quantizer, backend = StochasticQuantizer(bits=4, block=64), TorchBackend()
+    for step in range(1, 4):
+        _backward(model_a, x, y)
+        _backward(model_b, x, y)
+        params = list(model_b.parameters())
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        averaged = compressed_allreduce(flat, quantizer, backend,
+                                        generator=torch.Generator().manual_seed(wrapped.noise_seed(0, step)))
+        assert not torch.equal(averaged, flat)  # it really quantizes ...
+        assert float((averaged - flat).abs().max()) <= 4 * float(flat.abs().max()) / 15  # two 4-bit roundings
+        for p, chunk in zip(params, torch.split(averaged, [p.numel() for p in params])):
+            p.grad.copy_(chunk.view_as(p))
+        wrapped.step()
+        ref.step()
+        for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+            assert torch.equal(pa.grad, pb.grad) and torch.equal(pa, pb)
+
+
+def test_wrapper_state_dict_resumes_exactly():
+    import copy
+
+    from dat_ds.comm import QuantizedAllReduceOptimizer
+
+    model, x, y = _wrapped_problem()
+    wrapped = QuantizedAllReduceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), seed=1)
+    for _ in range(3):
+        _backward(model, x, y)
+        wrapped.step()
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(wrapped.state_dict())
+    assert saved_opt["comm"]["steps"] == 3 and wrapped.rank_local_state()["steps"] == 3
+    for _ in range(3):
+        _backward(model, x, y)
+        wrapped.step()
+    model2, _, _ = _wrapped_problem(seed=1)
+    model2.load_state_dict(saved_model)
+    resumed = QuantizedAllReduceOptimizer(torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9), seed=1)
+    resumed.load_state_dict(saved_opt)
+    resumed.load_rank_local_state(saved_opt["comm"])
+    for _ in range(3):
+        _backward(model2, x, y)
+        resumed.step()
+    for p1, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p1, p2)
+    assert resumed.comm_stats()["compressed_steps"] == 6
+
+
 # ----------------------------------------------------------------------------- 2 ranks, gloo
 
 

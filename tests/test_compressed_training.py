@@ -51,7 +51,9 @@ def _gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _engine_checks(rank: int, ds_dir: Path) -> dict:
+    from dat_ds.comm import CommunicatingOptimizer
     from dat_ds.core.config import build_config
+    from dat_ds.optim import lr_multiplier
     from dat_ds.runtime import ds_config
     from dat_ds.runtime.build import build_engine
     from dat_ds.models import create_model
@@ -67,8 +69,9 @@ def _engine_checks(rank: int, ds_dir: Path) -> dict:
         model = create_model("tiny_cnn", spec)
         built = build_engine(cfg, settings, model, steps_per_epoch=8)
         engine, optimizer = built.engine, built.optimizer
+        base_lr = settings.optimizer["params"]["lr"] * built.lr_scale
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
-        grads_differ, params_equal = [], []
+        grads_differ, params_equal, lrs = [], [], []
         for _ in range(6):
             x, y = torch.rand(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
             loss = torch.nn.functional.cross_entropy(engine(x), y)
@@ -80,9 +83,17 @@ def _engine_checks(rank: int, ds_dir: Path) -> dict:
             flat = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()])
             a, b = _gather(flat)
             params_equal.append(bool(torch.equal(a, b)))
-        stats = engine.optimizer.comm_stats() if hasattr(engine.optimizer, "comm_stats") else None
+            lrs.append(engine.get_lr()[0] / base_lr)
+        comm = built.comm
+        stats = comm.comm_stats() if comm is not None else None
+        # the scheduler (LambdaLR on the object DeepSpeed steps) drives the LR of the parameters that move
+        inner_lr = comm.optimizer.param_groups[0]["lr"] if name == "dat_8bit" else None
         results[name] = {"backward_allreduce": bool(engine.enable_backward_allreduce), "grads_differ": grads_differ,
-                         "params_equal": params_equal, "stats": stats, "same_optimizer": engine.optimizer is optimizer}
+                         "params_equal": params_equal, "stats": stats,
+                         "same_optimizer": engine.optimizer is optimizer and (comm is None or optimizer is comm),
+                         "protocol": isinstance(comm, CommunicatingOptimizer), "comm_type": type(comm).__name__,
+                         "lrs": lrs, "want_lrs": [lr_multiplier(cfg.optim, k, 8, 1) for k in range(1, 7)],
+                         "inner_lr_ok": inner_lr is None or inner_lr == engine.get_lr()[0]}
     return results
 
 
@@ -153,7 +164,11 @@ def two_ranks(tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n in SETUPS if n != "fp32_adamw"])
 def test_deepspeed_does_not_allreduce_when_we_compress(two_ranks, name):
     r = two_ranks[0]["engine"][name]
-    assert r["same_optimizer"]  # the engine steps our optimizer itself (fp32, ZeRO 0): comm_stats is reachable
+    # the engine steps our optimizer itself (fp32, ZeRO 0), the one BuiltEngine.comm names
+    assert r["same_optimizer"] and r["protocol"]
+    if name == "dat_8bit":  # DAT's quantizer: the wrapper around AdamW is what DeepSpeed got
+        assert r["comm_type"] == "QuantizedAllReduceOptimizer"
+    assert r["lrs"] == pytest.approx(r["want_lrs"]) and r["inner_lr_ok"]
     assert r["backward_allreduce"] is False
     assert all(r["grads_differ"])  # DeepSpeed left each rank's local gradient alone ...
     stats = r["stats"]
@@ -172,7 +187,8 @@ def test_deepspeed_does_not_allreduce_when_we_compress(two_ranks, name):
 @pytest.mark.dist
 def test_control_plain_optimizer_gets_deepspeeds_allreduce(two_ranks):
     r = two_ranks[0]["engine"]["fp32_adamw"]
-    assert r["backward_allreduce"] is True and r["stats"] is None
+    assert r["backward_allreduce"] is True and r["stats"] is None and r["comm_type"] == "NoneType"
+    assert r["lrs"] == pytest.approx(r["want_lrs"])
     assert not any(r["grads_differ"]) and all(r["params_equal"])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dat_ds.core.config import RunConfig, attack_step_size, build_config, config_from_dict
+from dat_ds.core.config import RunConfig, build_config, config_from_dict
 from dat_ds.core.errors import ConfigError
 
 
@@ -59,9 +59,10 @@ def test_missing_recipe_file(tmp_path):
 
 
 def test_standard_step_sizes():
-    assert attack_step_size("pgd", 0.1, 10, None) == pytest.approx(0.025)  # 2.5 eps / k (Madry)
-    assert attack_step_size("fgsm_rs", 0.1, 1, None) == pytest.approx(0.125)  # 1.25 eps (Wong)
-    assert attack_step_size("pgd", 0.1, 10, 0.01) == 0.01
+    from dat_ds.attacks import default_step_size
+
+    assert default_step_size("pgd", 0.1, 10) == pytest.approx(0.025)  # 2.5 eps / k (Madry)
+    assert default_step_size("fgsm_rs", 0.1) == pytest.approx(0.125)  # 1.25 eps (Wong)
 
 
 def test_layerwise_optimizers_refuse_flattening_engines():

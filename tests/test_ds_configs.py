@@ -31,7 +31,7 @@ def _rank_main(out_dir: str, paths: list[str]) -> None:
     from dat_ds.core import dist
     from dat_ds.core.config import build_config
     from dat_ds.runtime import ds_config
-    from dat_ds.runtime.trainer import run_training
+    from dat_ds.evaluation.training import run_training
 
     results = {}
     for path in paths:

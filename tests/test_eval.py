@@ -9,34 +9,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from dat_ds.evaluation.evaluate import AttackSpec, evaluate
+from dat_ds.attacks import AttackSpec
+from dat_ds.core import dist
 from dat_ds.core.errors import ConfigError
 from dat_ds.evaluation import run as eval_run
 from dat_ds.evaluation import sanity
+from dat_ds.evaluation.evaluate import evaluate
+from dat_ds.launch import args as launch_args
 
 EVAL_FLAGS = ["--attacks", "pgd,fgsm,apgd-ce", "--eps", "0.05,0.1", "--steps", "3", "--apgd-steps", "3",
               "--max-examples", "80", "--batch-size", "16", "--threads", "1"]
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    return eval_run.get_args_parser().parse_args(list(argv))
+    return launch_args.eval_args_parser().parse_args(list(argv))
 
 
 def test_parse_eps_accepts_fractions():
-    assert eval_run.parse_eps("8/255, 0.1") == [8 / 255, 0.1]
+    assert launch_args.parse_eps("8/255, 0.1") == [8 / 255, 0.1]
     with pytest.raises(ConfigError, match="not a number"):
-        eval_run.parse_eps("eight")
+        launch_args.parse_eps("eight")
     with pytest.raises(ConfigError, match="empty"):
-        eval_run.parse_eps(",")
+        launch_args.parse_eps(",")
 
 
 def test_check_args_one_line_errors():
     with pytest.raises(ConfigError, match="nothing to evaluate"):
-        eval_run.check_args(_args())
+        launch_args.check_eval_args(_args())
     with pytest.raises(ConfigError, match="--model"):
-        eval_run.check_args(_args("--weights", "w.pt"))
+        launch_args.check_eval_args(_args("--weights", "w.pt"))
     with pytest.raises(ConfigError, match="above 1"):
-        eval_run.check_args(_args("--weights", "w.pt", "--model", "small_cnn", "--eps", "8"))
+        launch_args.check_eval_args(_args("--weights", "w.pt", "--model", "small_cnn", "--eps", "8"))
 
 
 def test_build_specs_labels_are_unique():
@@ -46,6 +49,29 @@ def test_build_specs_labels_are_unique():
     assert "PGD-20x2@0.1" in labels and "AutoAttack@0.03137" in labels
     with pytest.raises(ConfigError, match="unknown attack"):
         eval_run.build_specs(_args("--attacks", "pgdd"), [0.1])
+    # Each flag reaches the attacks that take it; the attack's own default otherwise.
+    specs = eval_run.build_specs(_args("--attacks", "pgd,autoattack,square", "--steps", "7", "--aa-steps", "3"), [0.1])
+    assert [s.label for s in specs] == ["PGD-7@0.1", "AutoAttack-aa_steps3@0.1", "Square@0.1"]
+    assert [s.kwargs(None).keys() - {"eps", "generator"} for s in specs] == [{"steps"}, {"aa_steps"}, set()]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attacks", "square", "--restarts", "5"],
+     "--restarts 5 does not apply to --attacks square: square takes eps, norm, n_queries"),
+    (["--attacks", "autoattack", "--steps", "10"],
+     "--steps 10 does not apply to --attacks autoattack: autoattack takes eps, norm, n_classes, aa_steps, n_queries"),
+    (["--attacks", "fgsm,square", "--loss", "margin", "--restarts", "2"],
+     "--restarts 2 does not apply to --attacks fgsm,square: fgsm takes"),
+    (["--attacks", "pgd", "--aa-queries", "10"],
+     "--aa-queries 10 does not apply to --attacks pgd (it is for autoattack): pgd takes"),
+])
+def test_flags_an_attack_does_not_take_are_refused(argv, message):
+    """Before any model loads (main calls attack_options first) and as one line."""
+    with pytest.raises(ConfigError) as e:
+        eval_run.attack_options(_args(*argv))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError):
+        eval_run.main(_args(*argv, "--weights", "missing.pt", "--model", "small_cnn", "--eps", "0.1"))
 
 
 def test_sanity_checks_flag_masking():
@@ -78,6 +104,30 @@ def test_evaluate_shares_noise_across_specs(trained_demo_model):
     r1, r3 = result.robust_correct[base.label], result.robust_correct[more.label]
     assert not (r3 & ~r1).any()
     assert result.count == 96 and result.clean_acc >= result.robust_acc(base.label) >= result.robust_acc(more.label)
+
+
+def test_evaluate_shards_like_any_world_size(trained_demo_model, monkeypatch):
+    """The per-rank DataLoader shards give each example the same batch and noise as one rank does:
+    ranks 0 and 1 of a 2-rank world (run here one after the other) together equal the 1-rank result."""
+    from dat_ds.core.config import DataConfig
+    from dat_ds.data import build_dataset
+
+    ds, _ = build_dataset(DataConfig(), "test")
+    specs = [AttackSpec("pgd", eps=0.1, steps=2), AttackSpec("fgsm_rs", eps=0.1)]
+    one = evaluate(trained_demo_model, ds, specs, batch_size=16, max_examples=72)  # 5 batches, the last one short
+    payloads = []
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda p: payloads.append(p) or [p])
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+        evaluate(trained_demo_model, ds, specs, batch_size=16, max_examples=72, lockstep=True)
+    idx = torch.cat([p[0] for p in payloads])
+    assert sorted(idx.tolist()) == list(range(72)) and len(payloads[1][0]) == 32  # rank 1: batches 1, 3
+    order = torch.argsort(idx)
+    assert torch.equal(torch.cat([p[1] for p in payloads])[order], one.clean_correct)
+    for s in specs:
+        assert torch.equal(torch.cat([p[2][s.label] for p in payloads])[order], one.robust_correct[s.label])
+    assert one.clean_acc > one.robust_acc(specs[0].label)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +182,7 @@ def test_eval_run_folder_end_to_end(cli, tmp_path):
     from dat_ds.evaluation.loading import load_run
 
     loaded = load_run(run_dir)
+    assert loaded.source["zero_stage"] == 0 and loaded.spec.num_classes == 10
     from dat_ds.data import build_dataset
 
     ds, _ = build_dataset(loaded.data_cfg, "test")

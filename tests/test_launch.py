@@ -59,3 +59,41 @@ def test_two_node_launch_trains_one_short_epoch(tmp_path):
     assert final["train_loss"] > 0 and 0.0 <= final["robust_acc"] <= final["clean_acc"] <= 1.0
     steps = [json.loads(line) for line in (tmp_path / "runs" / "two-nodes" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "epoch" for r in steps)
+
+
+def test_cpu_shm_comm_op_is_marked_incompatible_before_init():
+    """On the CPU accelerator DeepSpeed's shm comm op (only ``inference_all_reduce`` uses it) is never built."""
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+
+    from dat_ds.core import dist
+
+    acc = dist.accelerator()
+    if acc.device_name() != "cpu":
+        pytest.skip("the shm op is a CPU-accelerator detail")
+    dist._skip_cpu_shm_op(acc)
+    assert deepspeed.ops.__compatible_ops__[acc.create_op_builder("ShareMemCommBuilder").NAME] is False
+    assert build_shm_op() is None  # returns at once: no compiler, no /dev/shm segment
+
+
+@pytest.mark.dist
+def test_two_rank_run_is_quiet_builds_nothing_and_leaves_no_shm(tmp_path):
+    """A first run on a fresh machine: no JIT compile on the critical path, no leaked /dev/shm segment,
+    and none of DeepSpeed's start-up chatter unless --verbose."""
+    from conftest import run_cli
+
+    ext = tmp_path / "torch_extensions"  # an empty extensions cache, as on a fresh machine
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    proc = run_cli("train", "--recipe", "demo", "--nproc", "2", "--name", "quiet", "--output-dir", str(tmp_path / "runs"),
+                   "--set", "model.name=tiny_cnn", "--epochs", "1", "--set", "train.max_steps_per_epoch=2",
+                   "--set", "attack.steps=1", "--set", "eval.max_examples=32", "--set", "eval.steps=1",
+                   cwd=tmp_path, env={"TORCH_EXTENSIONS_DIR": str(ext)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    for noise in ("Setting accelerator to CPU", "[launch.py", "[runner.py", "shm_comm_op built", "CUDA_HOME"):
+        assert noise not in out, noise
+    assert "run quiet: 2 rank(s)" in out and "epoch 1/1" in out
+    assert not (ext.exists() and any(ext.rglob("*shm*")))
+    if os.path.isdir("/dev/shm"):
+        leaked = {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("deepspeed_allreduce_buffer")}
+        assert not leaked

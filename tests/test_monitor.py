@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from dat_ds.attacks import fgsm
 from dat_ds.core.config import DataConfig, build_config
 from dat_ds.data import build_dataset
-from dat_ds.runtime.loop import StopTraining, TrainState
+from dat_ds.runtime.callbacks import Callback, StopTraining
+from dat_ds.runtime.loop import TrainState
 from dat_ds.evaluation import monitor as monitor_mod
 from dat_ds.evaluation.monitor import CatastrophicOverfittingMonitor
 from dat_ds.models import create_model
@@ -74,7 +75,7 @@ def fgsm_training_run(test_set):
             loss.backward()
             opt.step()
             state.global_step += 1
-            mon.on_step(state)
+            mon.on_step(None, state)
             if state.global_step >= 100:
                 break
     model.eval()
@@ -97,7 +98,8 @@ def test_warn_policy_logs_a_warning(fgsm_training_run, test_set, warnings_logged
     records = []
     mon = CatastrophicOverfittingMonitor(_cfg("monitor.every_steps=1"), SimpleNamespace(module=model), test_set,
                                          ckpt_root=None, write=records.append)
-    mon.on_step(TrainState(global_step=7))
+    assert isinstance(mon, Callback)  # the trainer calls it like any other training callback
+    mon.on_step(None, TrainState(global_step=7))
     assert records[0]["overfit"] is True and records[0]["step"] == 7
     assert any("catastrophic overfitting" in m for m in warnings_logged)
     json.dumps(records)  # JSONL-ready
@@ -108,9 +110,9 @@ def test_healthy_pgd_model_is_not_flagged(trained_demo_model, test_set, warnings
     records = []
     mon = CatastrophicOverfittingMonitor(cfg, SimpleNamespace(module=trained_demo_model), test_set, ckpt_root=None,
                                          write=records.append)
-    mon.on_step(TrainState(global_step=3))  # not a multiple of every_steps: nothing measured
+    mon.on_step(None, TrainState(global_step=3))  # not a multiple of every_steps: nothing measured
     assert records == []
-    mon.on_step(TrainState(global_step=5))
+    mon.on_step(None, TrainState(global_step=5))
     assert records[0]["overfit"] is False and records[0]["fgsm_acc"] >= records[0]["pgd_acc"] > 0.3
     assert not warnings_logged
 
@@ -120,7 +122,7 @@ def test_stop_policy_raises_stop_training(fgsm_training_run, test_set):
     mon = CatastrophicOverfittingMonitor(_cfg("monitor.every_steps=1", "monitor.policy=stop"),
                                          SimpleNamespace(module=model), test_set, ckpt_root=None)
     with pytest.raises(StopTraining, match="catastrophic overfitting"):
-        mon.on_step(TrainState(global_step=1))
+        mon.on_step(None, TrainState(global_step=1))
 
 
 class _FakeEngine:
@@ -143,7 +145,7 @@ def test_rollback_without_checkpoint_stops(fgsm_training_run, test_set, tmp_path
     mon = CatastrophicOverfittingMonitor(_cfg("monitor.every_steps=1", "monitor.policy=rollback"),
                                          _FakeEngine(model), test_set, ckpt_root=tmp_path / "checkpoint")
     with pytest.raises(StopTraining, match="no complete checkpoint"):
-        mon.on_step(TrainState(global_step=1))
+        mon.on_step(None, TrainState(global_step=1))
 
 
 def test_rollback_reloads_last_good_checkpoint(fgsm_training_run, test_set, tmp_path):
@@ -157,13 +159,13 @@ def test_rollback_reloads_last_good_checkpoint(fgsm_training_run, test_set, tmp_
     mon = CatastrophicOverfittingMonitor(_cfg("monitor.every_steps=1", "monitor.policy=rollback"), engine, test_set,
                                          ckpt_root=root, write=records.append)
     mon.last_ok_step = 20  # the last measurement that was not overfit
-    mon.on_step(TrainState(global_step=41))
+    mon.on_step(None, TrainState(global_step=41))
     assert engine.loaded == ["step000000010"]
     assert records[-1] == {"kind": "monitor_rollback", "step": 41, "tag": "step000000010", "rollbacks": 1}
     for step in range(42, 42 + monitor_mod.MAX_ROLLBACKS - 1):
-        mon.on_step(TrainState(global_step=step))
+        mon.on_step(None, TrainState(global_step=step))
     with pytest.raises(StopTraining, match="rollbacks"):
-        mon.on_step(TrainState(global_step=99))
+        mon.on_step(None, TrainState(global_step=99))
 
 
 @pytest.mark.slow

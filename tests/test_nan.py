@@ -1,5 +1,6 @@
-"""NaN/inf: caught in the step it appears (loss before backward, gradients before the optimizer step)
-and handled by ``train.nan_policy``: ``abort`` keeps the last good checkpoint, ``skip`` drops the step."""
+"""NaN/inf: handled by ``train.nan_policy``. ``abort`` notes the first non-finite loss or gradient on the
+device and raises at the next log step, checkpoint save or epoch end, naming the step it happened in;
+no checkpoint is written after it, so the last one is the last good state. ``skip`` drops the step."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dat_ds.core import dist
 from dat_ds.runtime import checkpoint
 from dat_ds.core.io import read_jsonl
 from dat_ds.objectives import OBJECTIVES
-from dat_ds.objectives.base import Objective
+from dat_ds.objectives.base import Objective, ObjectiveOutput
 from reliability_utils import model_state, tiny_args, write_ds
 
 dist.setup_logging()
@@ -41,7 +42,7 @@ class PoisonedClean(Objective):
         loss = F.cross_entropy(logits.float(), y)
         if hit and POISON["where"] == "loss":
             loss = loss * float("nan")
-        return {"loss": loss, "logits": logits}
+        return ObjectiveOutput(loss=loss, logits=logits)
 
 
 if "test_poisoned" not in OBJECTIVES:
@@ -86,3 +87,30 @@ def test_skip_policy_drops_the_step_and_counts_it(tmp_path):
     assert all(torch.isfinite(v).all() for v in states["module"].values())
     rows = [r for r in read_jsonl(tmp_path / "runs" / "skip" / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["skipped_steps"] for r in rows] == [0] * 5 + [1] * 7
+
+
+def test_abort_names_the_bad_step_when_it_is_noticed_later(tmp_path, capsys):
+    """log_every=5: the NaN loss of global step 3 is first seen by the check before step 4's save."""
+    POISON.update(step=2, where="loss")
+    rc = run(tmp_path, "deferred", "--set", "train.log_every=5")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3
+    assert len(err) == 1 and err[0].startswith("error: non-finite loss at epoch 1 step 3 (global step 3);"), err
+    root = tmp_path / "runs" / "deferred" / "checkpoint"
+    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000002"]  # nothing saved after step 3
+    assert all(torch.isfinite(v).all() for v in model_state(root / "step000000002").values())
+    metrics = tmp_path / "runs" / "deferred" / "metrics.jsonl"
+    assert not metrics.exists() or not [r for r in read_jsonl(metrics) if r["kind"] == "step"]
+
+
+def test_abort_noticed_at_a_log_step_between_saves(tmp_path, capsys):
+    """No save between the bad step and the log step that notices it: the error still names the bad step."""
+    POISON.update(step=4, where="grad")
+    rc = run(tmp_path, "at_log", "--set", "train.log_every=3", "--set", "train.save_every_steps=4")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and len(err) == 1
+    assert err[0].startswith("error: non-finite gradient at epoch 1 step 5 (global step 5);"), err
+    root = tmp_path / "runs" / "at_log" / "checkpoint"
+    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000004"]
+    steps = [r["step"] for r in read_jsonl(tmp_path / "runs" / "at_log" / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == [3]  # the step-6 record would have covered the bad step: it is never written

@@ -12,7 +12,7 @@ from conftest import run_cli
 from dat_ds.attacks import pgd
 from dat_ds.core.config import build_config
 from dat_ds.models import create_model
-from dat_ds.objectives import OBJECTIVES, ObjectiveContext, build_objective, prepare_model
+from dat_ds.objectives import OBJECTIVES, Objective, ObjectiveContext, ObjectiveOutput, build_objective, prepare_model
 from dat_ds.objectives.mart import boosted_ce
 from dat_ds.objectives.trades import kl_attack, kl_clean_adv, kl_to_target
 
@@ -42,9 +42,8 @@ def _train_steps(model, objective, ctx, x, y, steps):
             model.train()
             out = objective(ctx, x, y)
             opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if "after_backward" in out:
-                out["after_backward"]()
+            out.loss.backward()
+            objective.after_backward()
             opt.step()
             losses.append(out)
     return losses
@@ -57,9 +56,14 @@ def test_every_objective_returns_a_finite_scalar_and_trains(name, batch):
     before = [p.detach().clone() for p in model.parameters()]
     outs = _train_steps(model, objective, ctx, x, y, steps=2)
     for out in outs:
-        assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
-        if "logits" in out:
-            assert out["logits"].shape[0] == x.shape[0]
+        assert isinstance(out, ObjectiveOutput)
+        assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+        if out.logits is not None:
+            assert out.logits.shape[0] == x.shape[0]
+            targets = out.targets if out.targets is not None else y
+            assert targets.shape == out.logits.shape[:1]
+        for name, value in out.metrics.items():  # detached scalars: the loop sums them on the device
+            assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value), name
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
@@ -67,7 +71,7 @@ def test_trades_with_beta_zero_is_clean_cross_entropy(batch):
     x, y, spec = batch
     _, model, objective, ctx = _setup("trades", spec, "objective.beta=0")
     out = objective(ctx, x, y)
-    assert torch.allclose(out["loss"], F.cross_entropy(model(x), y), atol=1e-6)
+    assert torch.allclose(out.loss, F.cross_entropy(model(x), y), atol=1e-6)
 
 
 def test_trades_attack_raises_the_kl_and_stays_in_the_ball(batch):
@@ -83,7 +87,7 @@ def test_trades_attack_raises_the_kl_and_stays_in_the_ball(batch):
     with torch.no_grad():
         assert torch.allclose(kl_to_target(model(x_adv), target), kl_clean_adv(model(x), model(x_adv)), atol=1e-5)
     trades = objective(ctx, x, y)
-    assert trades["loss"] > F.cross_entropy(model(x), y)  # beta * KL > 0 on top of the clean CE
+    assert trades.loss > F.cross_entropy(model(x), y)  # beta * KL > 0 on top of the clean CE
 
 
 def test_boosted_ce_on_a_tiny_example():
@@ -102,9 +106,9 @@ def test_mart_with_beta_zero_is_boosted_ce_on_adversarial_examples(batch):
     out = objective(ctx, x, y)
     x_adv = pgd(model, x, y, eps=cfg.attack.eps, step_size=2.5 * cfg.attack.eps / cfg.attack.steps,
                 steps=cfg.attack.steps, generator=torch.Generator().set_state(g_state))
-    assert torch.allclose(out["loss"], boosted_ce(model(x_adv), y).mean(), atol=1e-5)
+    assert torch.allclose(out.loss, boosted_ce(model(x_adv), y).mean(), atol=1e-5)
     _, _, weighted, ctx2 = _setup("mart", spec, "objective.beta=6")
-    assert weighted(ctx2, x, y)["loss"] > out["loss"]  # the KL term only adds
+    assert weighted(ctx2, x, y).loss > out.loss  # the KL term only adds
 
 
 def test_free_at_steps_the_perturbation_with_the_input_gradient(batch):
@@ -114,18 +118,18 @@ def test_free_at_steps_the_perturbation_with_the_input_gradient(batch):
     assert objective.replays == 3
     out = objective(ctx, x, y)
     assert objective.delta.abs().max() == 0  # Free-AT starts from zero
-    out["loss"].backward()
+    out.loss.backward()
     x_adv = (x + 0).requires_grad_(True)
     (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
-    out["after_backward"]()
+    objective.after_backward()
     want = ((x + eps * grad.sign()).clamp(x - eps, x + eps).clamp(0, 1)) - x
     assert torch.allclose(objective.delta, want, atol=1e-6)
     # Further replays keep the perturbation inside the eps-ball and the image box.
     model.zero_grad()
     for _ in range(4):
         out = objective(ctx, x, y)
-        out["loss"].backward()
-        out["after_backward"]()
+        out.loss.backward()
+        objective.after_backward()
     assert objective.delta.abs().max() <= eps + 1e-6
     assert (x + objective.delta).min() >= 0 and (x + objective.delta).max() <= 1
 
@@ -140,6 +144,29 @@ def test_free_at_state_round_trips(batch):
     assert torch.equal(fresh.delta, objective.delta)
     fresh.load_state_dict({"delta_by_rank": [None, None]})  # another world size: start over, do not crash
     assert fresh.delta is None
+
+
+def test_free_at_after_backward_without_a_backward_keeps_the_perturbation(batch):
+    """A step that never reached backward (e.g. dropped by nan_policy=skip) leaves delta as it was."""
+    x, y, spec = batch
+    _, model, objective, ctx = _setup("free", spec)
+    _train_steps(model, objective, ctx, x, y, steps=1)
+    before = objective.delta.clone()
+    objective(ctx, x, y)
+    objective.after_backward()
+    assert torch.equal(objective.delta, before)
+
+
+def test_prepare_model_is_the_classifier_unless_the_objective_replaces_it(batch):
+    from dat_ds.objectives.ssl_model import ContrastiveModel
+
+    _, _, spec = batch
+    cfg = build_config("recipes/demo.yaml", SMALL)
+    model = create_model(cfg.model.name, spec)
+    assert Objective.prepare_model(cfg, spec, model) is model
+    assert prepare_model(cfg, spec, model) is model
+    acl = build_config("recipes/demo.yaml", [*SMALL, "objective.name=acl"])
+    assert isinstance(prepare_model(acl, spec, model), ContrastiveModel)
 
 
 def _two_rank_train(tmp_path, name, *extra):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli
+from dat_ds.core.errors import ConfigError
 from dat_ds.attacks import pgd
 from dat_ds.core.config import build_config
 from dat_ds.objectives.augment import two_views
@@ -106,10 +107,12 @@ def test_pretrain_on_two_ranks_then_finetune(tmp_path):
                      "--eval-examples", "64"]) == 0
     result = json.loads((run / "finetune_slf.json").read_text())
     assert result["mode"] == "slf" and result["eval_count"] == 64 and 0 <= result["robust_acc"] <= result["clean_acc"]
-    from dat_ds.evaluation.runs import load_run_model
+    from dat_ds.evaluation.loading import load_classifier, load_run
 
-    _, model, _ = load_run_model(run)
-    assert isinstance(model, ContrastiveModel)
+    loaded = load_run(run)  # the one run loader builds what the objective trained
+    assert isinstance(loaded.model, ContrastiveModel) and loaded.source["objective"] == "acl"
+    with pytest.raises(ConfigError, match="self-supervised encoder"):
+        load_classifier(run)  # `dat-ds eval --run` / `pseudo-label --run` refuse an encoder
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -23,6 +23,24 @@ from .losses import ce_loss, misclassified
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SuccessFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# The standard step of each attack that takes one, the only place it is written down:
+# PGD-k takes 2.5*eps/k (Madry et al. 2018: k steps walk 2.5 eps, so any point of the ball is in reach),
+# FGSM-RS 1.25*eps from its random start (Wong et al. 2020), plain FGSM one step of eps.
+_DEFAULT_STEPS: dict[str, Callable[[float, int], float]] = {
+    "pgd": lambda eps, steps: 2.5 * eps / steps,
+    "fgsm_rs": lambda eps, steps: 1.25 * eps,
+    "fgsm": lambda eps, steps: eps,
+}
+
+
+def default_step_size(attack: str, eps: float, steps: int = 1) -> float:
+    """The step size ``attack`` uses when none is given (``steps`` matters for PGD only)."""
+    try:
+        rule = _DEFAULT_STEPS[attack]
+    except KeyError:
+        raise ValueError(f"attack {attack!r} takes no step size; those that do: {', '.join(_DEFAULT_STEPS)}") from None
+    return rule(eps, steps)
+
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
@@ -56,18 +74,22 @@ def _score(model: nn.Module, x_adv: torch.Tensor, y, loss_fn: LossFn, success_fn
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y, *, eps: float, step_size: float | None = None, norm: str = "linf",
-         loss_fn: LossFn = ce_loss, generator: torch.Generator | None = None, **_unused) -> torch.Tensor:
-    """One gradient step of size eps from the clean point (Goodfellow et al.; signed for L-inf, normalised for L2)."""
+         loss_fn: LossFn = ce_loss, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One gradient step of size eps from the clean point (Goodfellow et al.; signed for L-inf, normalised for L2).
+
+    Deterministic: ``generator`` is accepted so every attack shares ``(model, x, y, *, eps, norm, generator)``.
+    """
+    alpha = default_step_size("fgsm", eps) if step_size is None else step_size
     geometry = GEOMETRIES.get(norm)(eps)
     with eval_mode(model):
         grad, _ = _input_grad(model, x, y, loss_fn)
-        return geometry.project(geometry.step(x, grad, eps if step_size is None else step_size), x).detach()
+        return geometry.project(geometry.step(x, grad, alpha), x).detach()
 
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y, *, eps: float, step_size: float | None = None, norm: str = "linf",
-            loss_fn: LossFn = ce_loss, generator: torch.Generator | None = None, **_unused) -> torch.Tensor:
+            loss_fn: LossFn = ce_loss, generator: torch.Generator | None = None) -> torch.Tensor:
     """FGSM from a uniform random start with step 1.25*eps ("fast AT", Wong et al. 2020; DAT-FGSM)."""
-    alpha = 1.25 * eps if step_size is None else step_size
+    alpha = default_step_size("fgsm_rs", eps) if step_size is None else step_size
     geometry = GEOMETRIES.get(norm)(eps)
     with eval_mode(model):
         x_adv = geometry.random_start(x, generator)
@@ -77,8 +99,7 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y, *, eps: float, step_size: floa
 
 def pgd(model: nn.Module, x: torch.Tensor, y, *, eps: float, step_size: float | None = None, steps: int = 10,
         norm: str = "linf", restarts: int = 1, random_start: bool = True, loss_fn: LossFn = ce_loss,
-        success_fn: SuccessFn | None = misclassified, generator: torch.Generator | None = None,
-        **_unused) -> torch.Tensor:
+        success_fn: SuccessFn | None = misclassified, generator: torch.Generator | None = None) -> torch.Tensor:
     """Projected gradient ascent in the eps-ball (Madry et al. 2018), worst case over restarts.
 
     ``step_size`` defaults to 2.5*eps/steps. With ``restarts > 1`` each example keeps the restart that
@@ -88,7 +109,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y, *, eps: float, step_size: float | 
         raise ValueError(f"steps={steps} must be >= 1")
     if restarts < 1:
         raise ValueError(f"restarts={restarts} must be >= 1")
-    alpha = 2.5 * eps / steps if step_size is None else step_size
+    alpha = default_step_size("pgd", eps, steps) if step_size is None else step_size
     geometry = GEOMETRIES.get(norm)(eps)
     best_x, best_score = None, None
     with eval_mode(model):
@@ -107,3 +128,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y, *, eps: float, step_size: float | 
                 best_x = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best_x)
                 best_score = torch.where(better, score, best_score)
     return best_x
+
+
+def no_attack(model: nn.Module, x: torch.Tensor, y, *, eps: float, norm: str = "linf",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """The clean input itself (``attack.name=none``: clean training, or no robust evaluation)."""
+    return x

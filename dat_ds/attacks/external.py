@@ -65,7 +65,7 @@ def _run(make_attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, genera
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
                n_classes: int | None = None, aa_steps: int = 100, n_queries: int = 5000,
-               generator: torch.Generator | None = None, **_unused) -> torch.Tensor:
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard AutoAttack (Croce & Hein, ICML 2020) from torchattacks' parts: APGD-CE, APGD-T, FAB-T, Square.
 
     Each stage attacks only the points the previous stages left correct. ``aa_steps`` iterations for
@@ -90,40 +90,41 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     return _clip_to_ball(_run(make, model, x, y, generator), x, eps, norm)
 
 
-def apgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
-            apgd_steps: int = 100, restarts: int = 1, generator: torch.Generator | None = None,
-            **_unused) -> torch.Tensor:
-    """APGD with the cross-entropy loss (the first AutoAttack stage), ``apgd_steps`` iterations."""
+def _apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str, eps: float, norm: str, apgd_steps: int,
+          restarts: int, generator: torch.Generator | None) -> torch.Tensor:
     import torchattacks
 
     def make(seed: int):
         return torchattacks.APGD(model, norm=_ta_norm(norm), eps=eps, steps=apgd_steps, n_restarts=restarts,
-                                 seed=seed, loss="ce")
+                                 seed=seed, loss=loss)
 
     return _clip_to_ball(_run(make, model, x, y, generator), x, eps, norm)
+
+
+def apgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+            apgd_steps: int = 100, restarts: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """APGD with the cross-entropy loss (the first AutoAttack stage), ``apgd_steps`` iterations."""
+    return _apgd(model, x, y, loss="ce", eps=eps, norm=norm, apgd_steps=apgd_steps, restarts=restarts,
+                 generator=generator)
 
 
 def apgd_dlr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
-             apgd_steps: int = 100, restarts: int = 1, generator: torch.Generator | None = None,
-             **_unused) -> torch.Tensor:
+             apgd_steps: int = 100, restarts: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
     """APGD with the scale-invariant DLR loss (needs >= 3 classes)."""
-    import torchattacks
-
-    def make(seed: int):
-        return torchattacks.APGD(model, norm=_ta_norm(norm), eps=eps, steps=apgd_steps, n_restarts=restarts,
-                                 seed=seed, loss="dlr")
-
-    return _clip_to_ball(_run(make, model, x, y, generator), x, eps, norm)
+    return _apgd(model, x, y, loss="dlr", eps=eps, norm=norm, apgd_steps=apgd_steps, restarts=restarts,
+                 generator=generator)
 
 
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
-           n_queries: int = 1000, restarts: int = 1, generator: torch.Generator | None = None,
-           **_unused) -> torch.Tensor:
-    """Square attack (Andriushchenko et al., 2020): score-based black box, no gradients at all."""
+           n_queries: int = 1000, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Square attack (Andriushchenko et al., 2020): score-based black box, no gradients at all.
+
+    One run of ``n_queries``: more queries, not restarts, is how Square gets stronger.
+    """
     import torchattacks
 
     def make(seed: int):
-        return torchattacks.Square(model, norm=_ta_norm(norm), eps=eps, n_queries=n_queries, n_restarts=restarts,
+        return torchattacks.Square(model, norm=_ta_norm(norm), eps=eps, n_queries=n_queries, n_restarts=1,
                                    seed=seed, loss="margin")
 
     return _clip_to_ball(_run(make, model, x, y, generator), x, eps, norm)

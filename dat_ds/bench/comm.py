@@ -1,7 +1,7 @@
 """``dat-ds bench comm``: bytes and wall time per optimizer step for each way of averaging gradients.
 
 Arms (each an optimizer step on a model-sized set of parameters with random per-rank gradients,
-``--nproc`` ranks over the run's torch.distributed backend, one thread per rank):
+``--nproc`` ranks started by ``launch()``, on the accelerator's device and backend, one thread per rank):
 
 * ``fp32 all-reduce``: AdamW after an fp32 all-reduce of the gradients (what DeepSpeed does);
 * ``DAT 8-bit``: AdamW after DAT's quantized all-reduce (``ds_configs/dat_8bit.json``);
@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .cli import BENCHES, Bench, write_result
+from ..launch.entry import run_entry
+from ..launch.launcher import launch
+from . import write_result
 from .common import show_table
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[2]
 ARMS = {  # label -> (ds_configs file, warm-up keys to shorten)
@@ -48,16 +51,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _params(model_name: str) -> list[torch.nn.Parameter]:
+    """The model's parameters on this rank's device: NCCL only all-reduces accelerator tensors."""
+    import torch
+
+    from ..core import dist
     from ..data.base import DataSpec
     from ..models import create_model
 
     spec = DataSpec(in_chans=1, num_classes=10, img_size=28, mean=(0.5,), std=(0.5,))
     torch.manual_seed(0)
-    return [p for p in create_model(model_name, spec).parameters() if p.requires_grad]
+    model = create_model(model_name, spec).to(dist.device())
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _arm_optimizer(label: str, params, warmup: int):
-    from ..comm import QuantizedGradientAllReduce
+    from ..comm import QuantizedAllReduceOptimizer
     from ..runtime import ds_config
     from ..optim import build_optimizer
 
@@ -69,7 +77,7 @@ def _arm_optimizer(label: str, params, warmup: int):
     opt = build_optimizer(settings.optimizer, params)
     if settings.gradient_compression is not None:
         gc = settings.gradient_compression
-        QuantizedGradientAllReduce(bits=gc["bits"], block=gc["block"]).attach(opt)
+        opt = QuantizedAllReduceOptimizer(opt, bits=gc["bits"], block=gc["block"])
     return opt, settings.compresses or settings.gradient_compression is not None
 
 
@@ -77,22 +85,29 @@ class _Arm:
     """One arm's parameters, optimizer and measurements."""
 
     def __init__(self, label: str, args, rank: int):
+        import torch
+
+        from ..core import dist
+
         self.label = label
         self.params = _params(args.model)
         self.numel = sum(p.numel() for p in self.params)
         self.opt, self.compresses = _arm_optimizer(label, self.params, args.warmup)
-        self.generator = torch.Generator().manual_seed(1234 + rank)
+        self.device = dist.device()
+        self.generator = torch.Generator(device=self.device).manual_seed(1234 + rank)
         self.times: list[float] = []
         self.sent: list[int] = []
         self.fp32: list[int] = []
 
     def step(self, world: int, measure: bool) -> None:
+        import torch
         import torch.distributed as tdist
 
         from ..comm import fp32_allreduce_bytes
+        from ..core import dist
 
         for p in self.params:
-            p.grad = torch.randn(p.shape, generator=self.generator) * 1e-2
+            p.grad = torch.randn(p.shape, generator=self.generator, device=self.device) * 1e-2
         tdist.barrier()
         t0 = time.perf_counter()
         if not self.compresses:  # the uncompressed baseline: DeepSpeed's fp32 gradient all-reduce, then AdamW
@@ -102,6 +117,7 @@ class _Arm:
             for p, chunk in zip(self.params, torch.split(flat, [p.numel() for p in self.params])):
                 p.grad.copy_(chunk.view_as(p))
         self.opt.step()
+        dist.accelerator().synchronize()  # kernels are async on GPUs: time the work, not its launch
         elapsed = time.perf_counter() - t0
         if not measure:
             return
@@ -131,19 +147,30 @@ def _run_arms(args, rank: int, world: int) -> dict[str, dict[str, Any]]:
     return {arm.label: arm.summary() for arm in arms}
 
 
-def _worker(rank: int, world: int, port: int, args_dict: dict[str, Any], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
-    torch.set_num_threads(1)
-    from ..core import dist
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="bench comm on every rank (started by launch())")
+    p.add_argument("--result", required=True, help="JSON file rank 0 writes")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the DeepSpeed launcher
+    return p
 
+
+def main(args: argparse.Namespace) -> int:
+    """Rank entry: every arm on this rank; rank 0 writes ``--result``."""
+    from ..core import dist
+    from ..core.io import atomic_write_json
+
+    dist.setup_logging()
     dist.init_distributed()
-    args = argparse.Namespace(**args_dict)
-    results = _run_arms(args, rank, world)
-    if rank == 0:
-        Path(out).write_text(json.dumps({"backend": dist.accelerator().communication_backend_name(),
-                                         "arms": results}))
+    threads = dist.set_threads_per_rank()
+    results = _run_arms(args, dist.rank(), dist.world_size())
+    if dist.is_main_process():
+        atomic_write_json(args.result, {"backend": dist.accelerator().communication_backend_name(),
+                                        "device": str(dist.device()), "threads_per_rank": threads, "arms": results})
     dist.barrier()
+    return 0
 
 
 def _plot(arms: dict[str, dict[str, Any]], path: Path, title: str) -> None:
@@ -181,27 +208,25 @@ def _plot(arms: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch.multiprocessing as mp
-
-    from ..core import dist
     from ..core.errors import ConfigError
 
     if args.nproc < 2:
         raise ConfigError(f"bench comm needs --nproc >= 2 (got {args.nproc}); with one rank nothing is sent")
     if args.steps < 1 or args.warmup < 1:
         raise ConfigError("bench comm needs --steps >= 1 and --warmup >= 1")
-    args_dict = {"steps": args.steps, "warmup": args.warmup, "model": args.model}
-    with tempfile.TemporaryDirectory() as tmp:
-        out_file = os.path.join(tmp, "comm.json")
+    with tempfile.TemporaryDirectory(prefix="dat-ds-bench-") as tmp:
+        out_file = Path(tmp) / "comm.json"
         t0 = time.perf_counter()
-        mp.spawn(_worker, args=(args.nproc, dist.free_port(), args_dict, out_file), nprocs=args.nproc, join=True)
-        measured = json.loads(Path(out_file).read_text())
+        launch("dat_ds.bench.comm", ["--result", str(out_file), "--steps", str(args.steps), "--warmup",
+                                     str(args.warmup), "--model", args.model],
+               nproc=args.nproc, env={"DAT_DS_THREADS_PER_RANK": "1"})
+        measured = json.loads(out_file.read_text())
     arms = measured["arms"]
     goals = {k: {"min_ratio": v, "ratio": arms[k]["ratio"], "met": arms[k]["ratio"] >= v} for k, v in GOALS.items()}
     base_ms = arms["fp32 all-reduce"]["ms_per_step"]
     result = {"nproc": args.nproc, "backend": measured["backend"], "model": args.model,
               "numel": arms["fp32 all-reduce"]["numel"], "warmup_steps": args.warmup, "measured_steps": args.steps,
-              "threads_per_rank": 1, "seconds": time.perf_counter() - t0, "arms": arms, "goals": goals,
+              "threads_per_rank": measured["threads_per_rank"], "seconds": time.perf_counter() - t0, "arms": arms, "goals": goals,
               "goal_met": all(g["met"] for g in goals.values())}
     out = Path(args.out)
     write_result(out, "comm", result)
@@ -217,5 +242,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-BENCHES.register("comm")(Bench(add_args, run, "bytes and time per step: fp32 all-reduce vs DAT 8-bit, 1-bit Adam, "
-                                               "0/1 Adam, 1-bit LAMB"))
+if __name__ == "__main__":
+    sys.exit(run_entry(lambda: main(get_args_parser().parse_args())))

@@ -1,14 +1,14 @@
-"""Shared benchmark plumbing: interleaved timing, pass counting, plots, table output."""
+"""Shared benchmark plumbing: interleaved timing, pass counting, plots, table output (torch imported lazily)."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def interleaved_timing(arms: dict[str, Callable[[], None]], *, warmup: int = 2, rounds: int = 5) -> dict[str, dict[str, float]]:
@@ -34,6 +34,8 @@ class PassCounter:
         self.backward = 0
 
     def _on_forward(self, module, inputs, output):
+        import torch
+
         self.forward += 1
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(self._on_backward)

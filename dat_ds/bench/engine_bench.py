@@ -1,4 +1,4 @@
-"""``dat-ds bench engine`` and the launcher helper the multi-rank benchmarks share.
+"""``dat-ds bench engine`` and ``launch_worker``, which the multi-rank benchmarks share.
 
 engine: samples/s of our DeepSpeed-engine trainer vs a plain ``torch.nn.parallel.DDP`` loop doing the
 same adversarial-training work on 2 ranks (same objective, model, batch, data shard; pass counts are
@@ -10,16 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..core import dist
-from .cli import BENCHES, Bench, write_result
+from ..launch.launcher import launch
+from . import write_result
 from .common import save_bar_plot, show_table
 
 log = logging.getLogger(__name__)
@@ -27,18 +24,13 @@ log = logging.getLogger(__name__)
 
 def launch_worker(arm: str, nproc: int, *, steps: int, micro: int, model: str, attack_steps: int,
                   threads_per_rank: int | None = None, extra: list[str] | None = None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
+    """One ``dat_ds.bench.worker`` run on ``nproc`` ranks (through ``launch()``); returns rank 0's result."""
+    with tempfile.TemporaryDirectory(prefix="dat-ds-bench-") as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-               str(dist.free_port()), "--module", "dat_ds.bench.worker", "--arm", arm, "--result", str(result),
-               "--steps", str(steps), "--micro", str(micro), "--model", model, "--attack-steps", str(attack_steps),
-               *(extra or [])]
-        env = dict(os.environ)
-        if threads_per_rank:
-            env["DAT_DS_THREADS_PER_RANK"] = str(threads_per_rank)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-        if proc.returncode != 0 or not result.exists():
-            raise RuntimeError(f"benchmark worker ({arm}, {nproc} ranks) failed:\n{proc.stderr[-3000:]}")
+        argv = ["--arm", arm, "--result", str(result), "--steps", str(steps), "--micro", str(micro),
+                "--model", model, "--attack-steps", str(attack_steps), *(extra or [])]
+        env = {"DAT_DS_THREADS_PER_RANK": str(threads_per_rank)} if threads_per_rank else None
+        launch("dat_ds.bench.worker", argv, nproc=nproc, env=env)  # raises RankFailure naming the failed rank
         return json.loads(result.read_text())
 
 
@@ -73,6 +65,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                [[arm, sps[arm], runs[arm][0]["forward_passes_rank0"], runs[arm][0]["backward_passes_rank0"]]
                 for arm in runs] + [["ratio", ratio, None, None]])
     return out
-
-
-BENCHES.register("engine")(Bench(add_args, run, "samples/s: DeepSpeed-engine trainer vs a plain DDP loop, same AT work"))

@@ -1,6 +1,7 @@
 """``dat-ds bench eval``: PGD-20 evaluation throughput on 1 vs N ranks (goal: >= 0.9 N x).
 
-Runs ``dat-ds eval`` itself (the DeepSpeed launcher, one thread per rank so each rank owns one core) on
+Runs the ``dat-ds eval`` ranks (``dat_ds.launch.evaluate`` through ``launch()``, one thread per rank so each
+rank owns one core) on
 the same examples, and reads the attack time each run reports in ``eval.json`` (the slowest rank's,
 process start-up excluded). Also checks that both runs agree example by example.
 """
@@ -9,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cli import BENCHES, Bench, write_result
+from ..launch.launcher import launch
+from . import write_result
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -29,16 +29,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_once(nproc: int, source: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "dat_ds.cli", "eval", *source, "--attacks", "pgd", "--eps", str(args.eps),
-           "--steps", str(args.steps), "--max-examples", str(args.examples), "--batch-size", str(args.batch_size),
-           "--threads", "1", "--nproc", str(nproc), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"dat-ds eval --nproc {nproc} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    argv = [*source, "--attacks", "pgd", "--eps", str(args.eps), "--steps", str(args.steps), "--max-examples",
+            str(args.examples), "--batch-size", str(args.batch_size), "--threads", "1", "--out", str(out)]
+    launch("dat_ds.launch.evaluate", argv, nproc=nproc)  # the `dat-ds eval` ranks; raises RankFailure on failure
     return json.loads((out / "eval.json").read_text())
 
 
-def run_eval_bench(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..core.config import DataConfig
     from ..data import build_dataset
     from ..models import create_model
@@ -78,6 +75,3 @@ def run_eval_bench(args: argparse.Namespace) -> dict[str, Any]:
     ui.console.print(f"speed-up 1 -> {n} ranks: {speedup:.2f}x (goal >= {0.9 * n:.1f}x); "
                      f"per-example results identical: {identical}; wrote {path}")
     return out
-
-
-BENCHES.register("eval")(Bench(add_args, run_eval_bench, "PGD-20 evaluation throughput on 1 vs N ranks"))

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli import BENCHES, Bench, write_result
+from . import write_result
 from .common import save_bar_plot, show_table
 from .engine_bench import launch_worker
 
@@ -50,6 +50,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ["strong", f"{args.micro * n} global", strong_one["samples_per_s"], strong["samples_per_s"],
                  out["strong"]["speedup"]]])
     return out
-
-
-BENCHES.register("scaling")(Bench(add_args, run, "weak and strong scaling 1 -> N ranks (samples/s)"))

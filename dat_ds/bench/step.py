@@ -12,27 +12,35 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-
-from ..attacks import eval_mode, pgd
-from ..data.base import DataSpec
-from ..models import create_model
-from .cli import BENCHES, Bench, write_result
+from . import write_result
 from .common import interleaved_timing, save_bar_plot, show_table
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..data.base import DataSpec
 
 log = logging.getLogger(__name__)
 
 CASES = {
-    # name: (model, DataSpec, batch)
-    "small_cnn-28x28x1": ("small_cnn", DataSpec(1, 10, 28, (0.5,), (0.5,)), 128),
-    "resnet18-32x32x3": ("resnet18", DataSpec(3, 10, 32, (0.5,) * 3, (0.5,) * 3), 32),
+    # name: (model, (channels, classes, image size), batch)
+    "small_cnn-28x28x1": ("small_cnn", (1, 10, 28), 128),
+    "resnet18-32x32x3": ("resnet18", (3, 10, 32), 32),
 }
 
 
+def case_spec(name: str) -> DataSpec:
+    from ..data.base import DataSpec
+
+    chans, classes, size = CASES[name][1]
+    return DataSpec(chans, classes, size, (0.5,) * chans, (0.5,) * chans)
+
+
 def clean_step(model, opt, x, y) -> None:
+    import torch.nn.functional as F
+
     model.train()
     loss = F.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
@@ -41,12 +49,19 @@ def clean_step(model, opt, x, y) -> None:
 
 
 def at_step_ours(model, opt, x, y, *, eps: float, steps: int, generator: torch.Generator) -> None:
+    from ..attacks import pgd
+
     x_adv = pgd(model, x, y, eps=eps, steps=steps, generator=generator)
     clean_step(model, opt, x_adv, y)
 
 
 def at_step_naive(model, opt, x, y, *, eps: float, steps: int, generator: torch.Generator) -> None:
     """The textbook loop: back-propagate into the parameters at every attack iteration."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..attacks import eval_mode
+
     alpha = 2.5 * eps / steps
     noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
     x_adv = (x + (2 * noise - 1) * eps).clamp(0, 1)
@@ -61,7 +76,12 @@ def at_step_naive(model, opt, x, y, *, eps: float, steps: int, generator: torch.
 
 
 def run_case(name: str, *, steps: int, eps: float, rounds: int, batch: int | None = None) -> dict[str, Any]:
-    model_name, spec, default_batch = CASES[name]
+    import torch
+
+    from ..models import create_model
+
+    model_name, _, default_batch = CASES[name]
+    spec = case_spec(name)
     batch = batch or default_batch
     torch.manual_seed(0)
     model = create_model(model_name, spec)
@@ -104,6 +124,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  r["ours_over_naive"]] for r in results])
     log.info("wrote %s", path)
     return out
-
-
-BENCHES.register("step")(Bench(add_args, run, "PGD-k AT step cost / clean step: input-gradient attack vs naive loop"))

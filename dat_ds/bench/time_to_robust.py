@@ -11,17 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..core.io import save_figure
-from .cli import BENCHES, Bench, write_result
+from ..launch.launcher import launch
+from . import write_result
 from .common import show_table
 
 log = logging.getLogger(__name__)
+DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
 
 METHODS = {
     # Every method gets the same number of passes over the data; Free-AT replays each batch m=4 times
@@ -36,13 +35,9 @@ def train_method(name: str, overrides: list[str], epochs: int, *, eps: float, ev
                  out_dir: Path) -> list[dict[str, Any]]:
     sets = [*overrides, f"attack.eps={eps}", "eval.every_epochs=1", f"eval.max_examples={eval_examples}",
             "optim.schedule=constant", "optim.warmup_epochs=0", "train.keep_last=1"]
-    cmd = [sys.executable, "-m", "dat_ds.cli", "train", "--config", "recipes/demo.yaml", "--nproc", str(nproc),
-           "--name", name, "--output-dir", str(out_dir), "--epochs", str(epochs), "--overwrite"]
-    for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    if proc.returncode != 0:
-        raise RuntimeError(f"time-to-robust arm {name} failed:\n{proc.stderr[-3000:]}")
+    argv = ["--config", str(DEMO_RECIPE), "--name", name, "--output-dir", str(out_dir), "--epochs", str(epochs),
+            "--overwrite", *(a for s in sets for a in ("--set", s))]
+    launch("dat_ds.launch.train", argv, nproc=nproc)  # the `dat-ds train` ranks; raises RankFailure on failure
     history = json.loads((out_dir / name / "summary.json").read_text())["history"]
     t, curve = 0.0, []
     for h in history:
@@ -99,6 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _plot(curves, target: float, path: Path) -> None:
     import matplotlib
 
+    from ..core.io import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -111,6 +108,3 @@ def _plot(curves, target: float, path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-BENCHES.register("time-to-robust")(Bench(add_args, run, "wall time for FGSM-RS / Free-AT / PGD-7 AT to reach a PGD-20 target"))

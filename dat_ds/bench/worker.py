@@ -1,6 +1,6 @@
 """One benchmark arm on every rank: N timed adversarial-training steps, DeepSpeed engine or plain DDP.
 
-Started by the benchmarks through the DeepSpeed launcher (``python -m dat_ds.bench.worker ...``). Both
+Started by the benchmarks through ``dat_ds.launch.launcher.launch("dat_ds.bench.worker", argv)``. Both
 arms run the same objective (``dat_ds.objectives``), data shard, model, optimizer and batch; rank 0
 writes ``--result`` (JSON) with samples/s over the timed steps and the pass counts.
 """
@@ -11,11 +11,11 @@ import argparse
 import sys
 import time
 
-import torch
+from ..launch.entry import run_entry
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser()
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="one benchmark arm on every rank (started by launch())")
     p.add_argument("--arm", choices=["deepspeed", "ddp"], required=True)
     p.add_argument("--result", required=True)
     p.add_argument("--steps", type=int, default=20)
@@ -24,8 +24,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="small_cnn")
     p.add_argument("--attack-steps", type=int, default=5)
     p.add_argument("--deepspeed_config", default="ds_configs/zero0_fp32.json")
-    p.add_argument("--local_rank", type=int, default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--synthetic", default=None, metavar="CxS",
+                   help="random CxSxS images in 10 classes instead of the embedded data, e.g. 3x32 (CIFAR-sized)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the DeepSpeed launcher
+    return p
+
+
+def synthetic_data(shape: str, count: int):
+    """``count`` seeded random images of ``shape`` (``CxS``): the same on every rank and in both arms."""
+    import torch
+
+    from ..core.errors import ConfigError
+    from ..data.base import DataSpec
+
+    try:
+        chans, size = (int(v) for v in shape.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--synthetic {shape!r} is not CxS, e.g. 3x32") from None
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(count, chans, size, size, generator=g)
+    labels = torch.randint(0, 10, (count,), generator=g)
+    spec = DataSpec(chans, 10, size, (0.5,) * chans, (0.5,) * chans)
+    return torch.utils.data.TensorDataset(images, labels), spec
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
 
     from ..core import dist
     from ..core.config import build_config
@@ -53,19 +77,24 @@ def main(argv: list[str] | None = None) -> int:
     raw["gradient_accumulation_steps"] = 1
     settings = ds_config.prepare(cfg.deepspeed_config, world, data=raw)
     torch.manual_seed(cfg.seed)
-    train_set, spec = build_dataset(cfg.data, "train")
+    train_set, spec = synthetic_data(args.synthetic, total * args.micro * world) if args.synthetic else \
+        build_dataset(cfg.data, "train")
     model = create_model(cfg.model.name, spec)
     loaders = build_train_loader(cfg, train_set, micro_batch=args.micro, rank=rank, world_size=world)
     objective = build_objective(cfg)
     generator = torch.Generator(device=dist.device()).manual_seed(1 + rank)
     stamps: list[float] = []
 
+    def stamp(*_) -> None:  # kernels are async on GPUs: a step ends when its work has finished
+        dist.accelerator().synchronize()
+        stamps.append(time.perf_counter())
+
     if args.arm == "deepspeed":
         engine = build_engine(cfg, settings, model, loaders.steps_per_epoch).engine
         ctx = ObjectiveContext(model=engine, module=engine.module, cfg=cfg, generator=generator)
         with count_passes(engine.module) as counter:
             train_one_epoch(engine, objective, ctx, loaders.loader(0), TrainState(), cfg=cfg,
-                            on_step=lambda s: stamps.append(time.perf_counter()))
+                            on_step=stamp)
     else:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -84,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                 ddp.train()
                 out = objective(ctx, x, y)
                 opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
+                out.loss.backward()
+                objective.after_backward()
                 opt.step()
-                stamps.append(time.perf_counter())
+                stamp()
     timed = stamps[args.warmup - 1:] if args.warmup > 0 else stamps
     seconds = timed[-1] - timed[0]
     n_steps = len(timed) - 1
@@ -104,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry(lambda: main(get_args_parser().parse_args())))

@@ -1,22 +1,23 @@
-"""``dat-ds``: the command line. Subcommands and their choices come from the registries.
+"""``dat-ds``: the command line. Argparse only: ``--help`` and any one-line config error import no torch.
 
-User mistakes (``ConfigError``) print one line, ``error: <problem>; <fix>``, and exit with code 2.
+Each subcommand's run function imports the heavy parts when it needs them, after the torch-free half of
+the one validation pass (``launch.validate``) has checked every input. User mistakes (``ConfigError``)
+print one line, ``error: <problem>; <fix>``, and exit with code 2 (``launch.entry.run_entry``).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
-from ..core.errors import ConfigError
-from ..launch.launcher import add_launch_args, hostfile_nodes, launch, strip_launch_args
+from ..core import names
+from ..launch.launcher import add_launch_args, launch, strip_launch_args, world_size_of
 
-log = logging.getLogger("dat_ds.cli")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, list[str]], int], str]] = {}
+VERBOSE_FLAGS = ("-v", "--verbose")
 
 
 def command(name: str, help: str):
@@ -28,56 +29,37 @@ def command(name: str, help: str):
 
 
 def resolve_recipe(path: str | None) -> str | None:
-    """A recipe file path, or a bare recipe name (``cifar10_prn18_dat_pgd`` -> recipes/cifar10_prn18_dat_pgd.yaml)."""
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.exists() and (REPO_ROOT / p).exists():
-        return str(REPO_ROOT / p)
-    named = REPO_ROOT / "recipes" / f"{path}.yaml"
-    if not p.exists() and named.is_file():
-        return str(named)
-    return path
+    """A recipe file path, or a shipped recipe's name (``cifar10_prn18_dat_pgd``, ``recipes/demo.yaml``)."""
+    from ..launch.validate import recipe_path
+
+    return recipe_path(path)
 
 
 # ----------------------------------------------------------------------------- train
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from ..launch.train import add_run_args
+    from ..launch.args import add_run_args
 
     add_run_args(p)
     add_launch_args(p)
 
 
-def _preflight(args: argparse.Namespace, world: int) -> None:
-    """Catch config mistakes in this process, before any rank starts, so they exit with code 2."""
-    from ..runtime import ds_config
-    from ..launch.train import check_run_dir, config_from_args
+def _train(args: argparse.Namespace, argv: list[str], *, needs_unlabeled_objective: bool = False) -> int:
+    from ..launch import train, validate
 
-    cfg = config_from_args(args)
-    ds_config.prepare(cfg.deepspeed_config, world)
-    if not args.dry_run:
-        check_run_dir(cfg, args.resume, args.overwrite)
-        from ..launch.preflight import preflight
-
-        preflight(cfg, args.resume, world)
-
-
-def _train(args: argparse.Namespace, argv: list[str]) -> int:
-    from ..launch import train
-
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc={args.nproc} must be >= 1")
+    world = world_size_of(args.nproc, args.hostfile)
     args.config = resolve_recipe(args.config)
-    if args.dry_run:  # validate for the requested world size; no process is started
-        args.dry_run_world = args.nproc * hostfile_nodes(args.hostfile)
-        train.main(args)
+    if args.dry_run or (args.nproc == 1 and not args.hostfile):
+        if needs_unlabeled_objective:
+            validate.train_inputs(args, world, needs_unlabeled_objective=True)
+        train.main(args, world=world)  # the whole pass, then (without --dry-run) training in this process
         return 0
-    if args.nproc == 1 and not args.hostfile:
-        train.main(args)
-        return 0
-    _preflight(args, args.nproc)
+    # The validation pass in this process, before any rank starts: torch-free half, then the heavy one.
+    cfg, _ = validate.train_inputs(args, world, needs_unlabeled_objective=needs_unlabeled_objective)
+    from ..launch.preflight import preflight
+
+    preflight(cfg, args.resume, world)
     forwarded = strip_launch_args(argv)
     if args.config:
         forwarded = _replace_value(forwarded, ("--config", "--recipe"), args.config)
@@ -115,7 +97,7 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     while (Path(args.output_dir) / name / "checkpoint").exists():
         i += 1
         name = f"demo-{i}"
-    forwarded = ["--config", resolve_recipe("recipes/demo.yaml"), "--name", name, "--output-dir", args.output_dir]
+    forwarded = ["--config", resolve_recipe("demo"), "--name", name, "--output-dir", args.output_dir]
     if args.epochs is not None:
         forwarded += ["--epochs", str(args.epochs)]
     for o in args.overrides:
@@ -131,8 +113,9 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
         ui.console.print(
             f"\n[bold]done.[/bold] outputs in {run_dir}/: config.yaml, ds_config.json, metrics.jsonl, "
             f"summary.json, curves.png, checkpoint/\n"
-            f"evaluate it again:  uv run dat-ds eval --run {run_dir}\n"
-            f"continue training:  uv run dat-ds train --config recipes/demo.yaml --name {name} --resume auto --epochs N"
+            f"evaluate it again:  dat-ds eval --run {run_dir}\n"
+            f"continue training:  dat-ds train --recipe demo --name {name} --output-dir {args.output_dir} "
+            "--resume auto --epochs N"
         )
     return rc
 
@@ -142,46 +125,44 @@ command("demo", "DAT-PGD on the embedded Fashion-MNIST subset on 2 ranks (a few 
 
 # ----------------------------------------------------------------------------- list
 
+LISTS = {"attacks": names.ATTACKS, "objectives": names.OBJECTIVES, "models": names.MODELS, "datasets": names.DATASETS,
+         "optimizers": names.OPTIMIZERS, "norms": names.NORMS, "losses": names.ATTACK_LOSSES}
+
 
 def _list_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", nargs="?", default="all",
-                   choices=["all", "attacks", "objectives", "models", "datasets", "optimizers"])
+    p.add_argument("what", nargs="?", default="all", choices=["all", *LISTS])
 
 
 def _list(args: argparse.Namespace, argv: list[str]) -> int:
     from ..core import ui
-    from ..attacks import ATTACKS
-    from ..data import DATASETS
-    from ..models import MODELS
-    from ..objectives import OBJECTIVES
-    from ..optim import OPTIMIZERS
 
-    regs = {"attacks": ATTACKS, "objectives": OBJECTIVES, "models": MODELS, "datasets": DATASETS,
-            "optimizers": OPTIMIZERS}
-    rows = [(k, ", ".join(r.names())) for k, r in regs.items() if args.what in ("all", k)]
+    rows = [(k, ", ".join(v)) for k, v in LISTS.items() if args.what in ("all", k)]
     ui.show(ui.table("registered components (models also accept any timm name)", ["name", "detail"], rows))
     return 0
 
 
-command("list", "list registered attacks, objectives, models, data sets and optimizers")((_list_args, _list))
+command("list", "list registered attacks, objectives, models, data sets, optimizers, norms and attack losses")(
+    (_list_args, _list))
 
 
 # ----------------------------------------------------------------------------- recipes
 
 
 def recipe_rows() -> list[tuple[str, str, str, str]]:
-    """(name, model / data, attack, published clean / robust accuracy) for every recipes/*.yaml."""
+    """(name, model / data, attack, published clean / robust accuracy) for every shipped recipe."""
     import yaml
 
+    from ..core import resources
+
     rows = []
-    for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text()) or {}
+    for stem in resources.names(resources.RECIPES):
+        raw = yaml.safe_load(resources.packaged(resources.RECIPES, stem).read_text()) or {}
         paper, attack = raw.get("paper") or {}, raw.get("attack") or {}
         clean, robust = paper.get("clean_acc"), paper.get("robust_acc")
         published = "-"
         if isinstance(clean, float) and isinstance(robust, float):
             published = f"{clean:.1%} / {robust:.1%} {paper.get('robust_attack', '')}".rstrip()
-        rows.append((path.stem, f"{(raw.get('model') or {}).get('name', '-')} / {(raw.get('data') or {}).get('name', '-')}",
+        rows.append((stem, f"{(raw.get('model') or {}).get('name', '-')} / {(raw.get('data') or {}).get('name', '-')}",
                      f"{attack.get('name', '-')} eps={attack.get('eps', '-')}", published))
     return rows
 
@@ -189,24 +170,25 @@ def recipe_rows() -> list[tuple[str, str, str, str]]:
 def _recipes(args: argparse.Namespace, argv: list[str]) -> int:
     from ..core import ui
 
-    ui.show(ui.table("recipes/*.yaml (run: dat-ds train --recipe NAME --nproc N; validate: add --dry-run)",
+    ui.show(ui.table("recipes (run: dat-ds train --recipe NAME --nproc N; validate: add --dry-run)",
                      ["recipe", "model / data", "attack", "paper clean / robust"], recipe_rows()))
     return 0
 
 
-command("recipes", "list the benchmark recipes with their published numbers")((lambda p: None, _recipes))
+command("recipes", "list the shipped recipes with their published numbers")((lambda p: None, _recipes))
 
 
 def _load_extensions() -> None:
-    """Subcommands contributed by other modules register themselves on import."""
+    """Subcommands defined in sibling modules register themselves on import (argparse only, no torch)."""
     import importlib
 
-    for mod in ("dat_ds.cli.eval", "dat_ds.bench.cli", "dat_ds.cli.ssl", "dat_ds.cli.export"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name is None or not mod.startswith(e.name):
-                raise
+    for mod in ("dat_ds.cli.eval", "dat_ds.cli.bench", "dat_ds.cli.ssl", "dat_ds.cli.export"):
+        importlib.import_module(mod)
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument(*VERBOSE_FLAGS, dest="verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show DeepSpeed's start-up messages and debug logs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,20 +197,31 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"dat-ds {__version__}")
+    _add_verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, _, help_) in COMMANDS.items():
-        add(sub.add_parser(name, help=help_, description=help_))
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        _add_verbose(p)
     return parser
+
+
+def _command_argv(argv: list[str], command_name: str) -> list[str]:
+    """The arguments after the subcommand's name, without -v/--verbose (the ranks get it via the env)."""
+    rest = argv[argv.index(command_name) + 1:] if command_name in argv else argv[1:]
+    return [a for a in rest if a not in VERBOSE_FLAGS]
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..launch.entry import run_entry
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["DAT_DS_VERBOSE"] = "1"  # inherited by the ranks the command starts
     from ..core import dist
 
     dist.setup_logging()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     _, run, _ = COMMANDS[args.command]
-    return run_entry(lambda: run(args, argv[1:]) or 0)
+    return run_entry(lambda: run(args, _command_argv(argv, args.command)) or 0)

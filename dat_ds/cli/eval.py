@@ -1,30 +1,32 @@
-"""Registers ``dat-ds eval``: one process in place, or ``--nproc N`` ranks through the DeepSpeed launcher."""
+"""Registers ``dat-ds eval``: one process in place, or ``--nproc N`` ranks through the one launcher."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..launch.launcher import add_launch_args, launch, strip_launch_args
+from ..launch.args import add_eval_args
+from ..launch.launcher import add_launch_args, launch, strip_launch_args, world_size_of
 from . import command
-from ..core.errors import ConfigError
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from ..evaluation.run import add_eval_args
-
     add_eval_args(p)
     add_launch_args(p)
 
 
 def _eval(args: argparse.Namespace, argv: list[str]) -> int:
-    from ..evaluation import run
+    from ..launch.validate import eval_inputs
 
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc={args.nproc} must be >= 1")
-    run.check_args(args)  # user mistakes exit here with code 2, before any rank starts
+    world_size_of(args.nproc, args.hostfile)
+    eval_inputs(args)  # torch-free: user mistakes exit here with code 2, before anything heavy
     if args.nproc == 1 and not args.hostfile:
-        run.main(args)
+        from ..launch.evaluate import main
+
+        main(args)
         return 0
+    from ..launch.preflight import preflight_eval
+
+    preflight_eval(args)  # heavy: the checkpoint, the model name, the data; still before any rank starts
     return launch("dat_ds.launch.evaluate", strip_launch_args(argv), nproc=args.nproc, hostfile=args.hostfile,
                   master_port=args.master_port)
 

@@ -13,7 +13,26 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
 
 
+def _check_export_args(args: argparse.Namespace) -> None:
+    """Torch-free: the run exists and the output path can be a file."""
+    from pathlib import Path
+
+    from ..core.errors import ConfigError
+
+    if not Path(args.run).exists():
+        raise ConfigError(f"--run {args.run!r} does not exist; give a run folder such as runs/demo")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out {str(out)!r} must end in .safetensors")
+    if out.is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; give a FILE.safetensors to write")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"--out {args.out!r} lies under the file {str(blocker)!r}; choose another path")
+
+
 def _export(args: argparse.Namespace, argv: list[str]) -> int:
+    _check_export_args(args)
     from ..core import ui
     from ..evaluation.export import export
 

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 from . import _train, _train_args, command, resolve_recipe
+from ..core import names
 from ..core.errors import ConfigError
-from ..core.io import atomic_write_json
 
 log = logging.getLogger("dat_ds.ssl")
 
@@ -31,15 +31,39 @@ def _pseudo_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true", help="allow a legacy pickle pool file (it can run code)")
 
 
+def _check_pseudo_label_args(args: argparse.Namespace) -> None:
+    """Torch-free: names, files and the output path, before the teacher is loaded."""
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size} must be >= 1")
+    if args.run is not None and not Path(args.run).exists():
+        raise ConfigError(f"--run {args.run!r} does not exist; give a run folder such as runs/demo")
+    if args.weights is not None:
+        if not args.model:
+            raise ConfigError("--weights needs --model NAME (the architecture the weights belong to)")
+        if args.pool is None:
+            raise ConfigError("--weights needs --pool (e.g. embedded:train[1000:] or FILE.npz)")
+        names.check("data set", args.data)
+        if not Path(args.weights).is_file():
+            raise ConfigError(f"--weights {args.weights!r} not found; give a local .safetensors or .pt file")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; give a FILE.npz to write")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"--out {args.out!r} lies under the file {str(blocker)!r}; choose another path")
+
+
 def _pseudo_label(args: argparse.Namespace, argv: list[str]) -> int:
+    _check_pseudo_label_args(args)
     from ..core.config import DataConfig
     from ..data import build_dataset
     from ..models import create_model
     from ..evaluation.pseudo_label import pseudo_label
-    from ..evaluation.runs import load_run_model
+    from ..evaluation.loading import load_classifier
 
     if args.run:
-        cfg, model, _ = load_run_model(args.run)
+        loaded = load_classifier(args.run)
+        cfg, model = loaded.cfg, loaded.model
         teacher, pool = f"run:{args.run}", args.pool
         if pool is None:
             if cfg.data.name != "fashion-mnist" or cfg.data.train_subset is None:
@@ -47,10 +71,9 @@ def _pseudo_label(args: argparse.Namespace, argv: list[str]) -> int:
                                   "embedded data, so there is no default unlabeled remainder")
             pool = f"embedded:train[{cfg.data.train_subset}:]"
     else:
-        if not args.model:
-            raise ConfigError("--weights needs --model NAME (the architecture the weights belong to)")
-        if args.pool is None:
-            raise ConfigError("--weights needs --pool (e.g. embedded:train[1000:] or FILE.npz)")
+        from ..launch.validate import check_model_name
+
+        check_model_name(args.model)
         _, spec = build_dataset(DataConfig(name=args.data, root=args.data_root), "test")
         model = create_model(args.model, spec, args.weights)
         teacher, pool = f"weights:{args.weights}", args.pool
@@ -74,15 +97,7 @@ command("pseudo-label", "label an unlabeled pool with a trained teacher (RST); w
 
 
 def _pretrain(args: argparse.Namespace, argv: list[str]) -> int:
-    from ..objectives import OBJECTIVES
-    from ..launch.train import config_from_args
-
-    args.config = resolve_recipe(args.config)
-    cfg = config_from_args(args)
-    if OBJECTIVES.get(cfg.objective.name).needs_labels:
-        raise ConfigError(f"dat-ds pretrain needs a self-supervised objective (acl), the config has "
-                          f"{cfg.objective.name!r}; set objective.name=acl or use `dat-ds train`")
-    return _train(args, argv)
+    return _train(args, argv, needs_unlabeled_objective=True)
 
 
 command("pretrain", "self-supervised adversarial pre-training (ACL) of an encoder; same options as train")(
@@ -115,23 +130,53 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    help="result file (default <encoder run>/finetune_<mode>.json; required with --random-init)")
 
 
-def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
-    from ..core import ui
+def _check_finetune_args(args: argparse.Namespace):
+    """Torch-free: numbers, the encoder run or the recipe (with its names), the output path."""
     from ..core.config import build_config
+
+    for key in ("epochs", "batch_size"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+    for key in ("attack_steps", "train_subset", "eval_examples"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+    if args.lr is not None and not args.lr > 0:
+        raise ConfigError(f"--lr={args.lr} must be > 0")
+    if args.eps is not None and not 0 <= args.eps <= 1:
+        raise ConfigError(f"--eps={args.eps} is outside [0, 1]; eps is in pixel units, e.g. 8/255")
+    if args.random_init:
+        if not args.config or not args.out:
+            raise ConfigError("--random-init needs --config RECIPE (the encoder architecture and data) and --out FILE.json")
+        cfg = build_config(resolve_recipe(args.config), args.overrides)
+    else:
+        if args.overrides:
+            raise ConfigError("--set only applies to --random-init; an --encoder run brings its own config")
+        if not Path(args.encoder).is_dir():
+            raise ConfigError(f"--encoder {args.encoder!r} is not a folder; give a `dat-ds pretrain` run folder")
+        cfg = None
+    out = Path(args.out or Path(args.encoder) / f"finetune_{args.mode}.json")
+    if out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a folder; give a FILE.json to write")
+    return cfg
+
+
+def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
+    checked = _check_finetune_args(args)
+    from ..core import ui
+    from ..core.io import atomic_write_json
     from ..evaluation.finetune import FinetuneSettings, encoder_from_run, finetune, random_encoder
 
     settings = FinetuneSettings(mode=args.mode, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                 eps=args.eps, attack_steps=args.attack_steps, train_subset=args.train_subset,
                                 eval_examples=args.eval_examples, seed=args.seed)
     if args.random_init:
-        if not args.config or not args.out:
-            raise ConfigError("--random-init needs --config RECIPE (the encoder architecture and data) and --out FILE.json")
-        cfg = build_config(resolve_recipe(args.config), args.overrides)
+        cfg = checked
+        from ..launch.validate import check_model_name
+
+        check_model_name(cfg.model.name)
         encoder, spec = random_encoder(cfg, args.seed)
         source, out = "random-init", Path(args.out)
     else:
-        if args.overrides:
-            raise ConfigError("--set only applies to --random-init; an --encoder run brings its own config")
         cfg, encoder, spec = encoder_from_run(args.encoder)
         source, out = f"run:{args.encoder}", Path(args.out or Path(args.encoder) / f"finetune_{args.mode}.json")
     result = {"encoder": source, **finetune(cfg, encoder, spec, settings)}

@@ -1,14 +1,38 @@
 """Compressed communication: compressor maths (``compressors``) apart from transport (``backend``).
 
 ``compressed_allreduce`` combines them into the 1-bit Adam all-reduce; ``gradient`` holds DAT's
-quantized gradient all-reduce for plain optimizers.
+quantized all-reduce around a plain optimizer; ``protocol`` is the contract every optimizer that
+communicates itself fulfils (``CommunicatingOptimizer``); ``spec`` holds the settings' rules as plain
+data. ``spec`` and ``protocol`` import no torch, so the names below are loaded on first use: a
+torch-free caller (config validation, the CLI) may import ``dat_ds.comm.spec`` directly.
 """
 
-from .allreduce import compressed_allreduce, error_buffers, padded_numel
-from .backend import BACKEND_NAMES, ByteMeter, TorchBackend, fp32_allreduce_bytes
-from .compressors import COMPRESSORS, Compressor, SignCompressor, StochasticQuantizer, build_compressor, pack_bits, unpack_bits
-from .gradient import QuantizedGradientAllReduce, check_gradient_compression
+from __future__ import annotations
 
-__all__ = ["BACKEND_NAMES", "COMPRESSORS", "ByteMeter", "Compressor", "QuantizedGradientAllReduce", "SignCompressor",
-           "StochasticQuantizer", "TorchBackend", "build_compressor", "check_gradient_compression",
-           "compressed_allreduce", "error_buffers", "fp32_allreduce_bytes", "pack_bits", "padded_numel", "unpack_bits"]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "compressed_allreduce": "allreduce", "error_buffers": "allreduce", "padded_numel": "allreduce",
+    "BACKEND_NAMES": "backend", "ByteMeter": "backend", "TorchBackend": "backend", "fp32_allreduce_bytes": "backend",
+    "COMPRESSORS": "compressors", "Compressor": "compressors", "SignCompressor": "compressors",
+    "StochasticQuantizer": "compressors", "build_compressor": "compressors", "pack_bits": "compressors",
+    "unpack_bits": "compressors",
+    "QuantizedAllReduceOptimizer": "gradient",
+    "CommunicatingOptimizer": "protocol",
+    "GRADIENT_COMPRESSION_TYPES": "spec", "QUANTIZER_BITS": "spec", "check_gradient_compression": "spec",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

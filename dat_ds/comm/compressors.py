@@ -23,6 +23,7 @@ import torch
 
 from ..core.errors import ConfigError
 from ..core.registry import Registry
+from .spec import DEFAULT_BITS, DEFAULT_BLOCK, check_block, check_quantizer
 
 COMPRESSORS: Registry[type] = Registry("compressor")
 
@@ -64,7 +65,7 @@ def _bytes_to_scales(raw: torch.Tensor) -> torch.Tensor:
 class Compressor:
     """Base: encode rows of ``m`` elements into ``payload_bytes(m)`` bytes; decode back to float32."""
 
-    block: int = 256
+    block: int = DEFAULT_BLOCK
     error_feedback: bool = False
     bits: int = 1
 
@@ -91,13 +92,12 @@ class Compressor:
 class SignCompressor(Compressor):
     """Signs packed 8 per byte plus one ``||x||_2 / sqrt(n)`` scale per block (biased: use error feedback)."""
 
-    block: int = 256
+    block: int = DEFAULT_BLOCK
     error_feedback: bool = True
     bits: int = 1
 
     def __post_init__(self):
-        if self.block % 8:
-            raise ConfigError(f"onebit compressor block={self.block} must be a multiple of 8")
+        check_block("onebit compressor", self.block)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         rows, m = x.shape
@@ -121,15 +121,12 @@ class SignCompressor(Compressor):
 class StochasticQuantizer(Compressor):
     """Unbiased, zero-safe randomized b-bit quantizer (DAT's gradient quantizer, bias fixed)."""
 
-    block: int = 256
+    block: int = DEFAULT_BLOCK
     error_feedback: bool = False
-    bits: int = 8
+    bits: int = DEFAULT_BITS
 
     def __post_init__(self):
-        if self.bits not in (2, 4, 8):
-            raise ConfigError(f"dat_quantizer bits={self.bits} is not supported; use 2, 4 or 8")
-        if self.block % 8:
-            raise ConfigError(f"dat_quantizer block={self.block} must be a multiple of 8")
+        self.bits, self.block = check_quantizer(self.bits, self.block)  # the rule ds_config checks, torch-free
 
     @property
     def levels(self) -> int:

@@ -3,7 +3,9 @@
 Precedence: dataclass defaults -> recipe file (YAML) -> CLI overrides (``--set attack.eps=0.1``).
 Unknown keys and bad values raise ``ConfigError`` naming the key and what is allowed. The DeepSpeed
 JSON (``deepspeed_config``) owns engine settings -- batch sizes, precision, ZeRO, optimizer,
-compression -- and is validated separately (``dat_ds.engine.ds_config``).
+compression -- and is validated separately (``dat_ds.runtime.ds_config``). Registered names are
+checked here against the static lists of ``core/names.py`` (no torch); a model name that is not ours may
+be a timm name, which the launcher's preflight checks with timm.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from . import names
 from .errors import ConfigError
 
 
@@ -46,7 +49,7 @@ class AttackConfig:
 
     name: str = "pgd"  # pgd | fgsm_rs | fgsm | none
     eps: float = 0.1  # radius of the threat model, in pixel units ([0, 1] images)
-    step_size: float | None = None  # None: 2.5*eps/steps for PGD (Madry), 1.25*eps for FGSM-RS (Wong)
+    step_size: float | None = None  # None: the attack's standard step (dat_ds.attacks.default_step_size)
     steps: int = 5
     norm: str = "linf"  # linf | l2
     restarts: int = 1
@@ -99,7 +102,7 @@ class EvalConfig:
     eps: float | None = None  # None: the training eps
     steps: int = 20
     restarts: int = 1
-    step_size: float | None = None  # None: 2.5*eps/steps
+    step_size: float | None = None  # None: the attack's standard step (dat_ds.attacks.default_step_size)
     max_examples: int | None = None  # evaluate on the first N test examples
     batch_size: int = 256
     every_epochs: int = 1  # robust evaluation cadence (the last epoch is always evaluated)
@@ -280,6 +283,34 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def parse_eps(text: str) -> list[float]:
+    """``"0.05,0.1"`` or ``"2/255,8/255"`` -> radii >= 0 (the caller bounds L-inf radii by 1)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            num, _, den = item.partition("/")
+            value = float(num) / float(den) if den else float(num)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"--eps item {item!r} is not a number; use e.g. --eps 0.1,8/255") from None
+        if value < 0:
+            raise ConfigError(f"--eps {item} is negative; eps is a radius >= 0")
+        out.append(value)
+    if not out:
+        raise ConfigError("--eps is empty; give at least one value, e.g. --eps 0.1")
+    return out
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Every registered name the config uses exists (models: only ours here; timm names need timm)."""
+    names.check("objective", cfg.objective.name)
+    names.check("attack", cfg.attack.name)
+    names.check("attack", cfg.eval.attack)
+    names.check("data set", cfg.data.name)
+
+
 def validate(cfg: RunConfig) -> None:
     flat = _plain(dataclasses.asdict(cfg))
     for key, allowed in CHOICES.items():
@@ -329,14 +360,4 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.milestones={list(cfg.optim.milestones)} must be increasing")
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(f"name={cfg.name!r} must be a plain folder name (no '/')")
-
-
-def attack_step_size(name: str, eps: float, steps: int, step_size: float | None) -> float:
-    """The standard step sizes: 2.5*eps/k for PGD-k (Madry et al.), 1.25*eps for FGSM-RS (Wong et al.)."""
-    if step_size is not None:
-        return step_size
-    if name == "fgsm_rs":
-        return 1.25 * eps
-    if name == "fgsm":
-        return eps
-    return 2.5 * eps / steps
+    check_names(cfg)

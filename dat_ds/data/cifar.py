@@ -100,13 +100,18 @@ def _find_dir(root: Path, name: str) -> Path | None:
     return None
 
 
+def _release_file(folder: Path, fname: str, files: tuple[str, ...], layout: str) -> Path:
+    path = folder / fname
+    if not path.is_file():
+        raise ConfigError(f"missing {fname} in {str(folder)!r}; expected the {layout} release layout "
+                          f"({folder.name}/{', '.join(files)})")
+    return path
+
+
 def _read_python(folder: Path, files: tuple[str, ...], label_key: bytes, trust: bool) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for fname in files:
-        path = folder / fname
-        if not path.is_file():
-            raise ConfigError(f"missing {fname} in {str(folder)!r}; expected the python release layout "
-                              f"({folder.name}/{', '.join(files)})")
+        path = _release_file(folder, fname, files, "python")
         batch = load_pickle(path, trust)
         if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
             raise ConfigError(f"{str(path)!r} lacks the b'data'/{label_key!r} entries of a CIFAR batch; re-extract the archive")
@@ -123,10 +128,7 @@ def _read_binary(folder: Path, files: tuple[str, ...], label_bytes: int) -> tupl
     record = label_bytes + PIXELS
     images, labels = [], []
     for fname in files:
-        path = folder / fname
-        if not path.is_file():
-            raise ConfigError(f"missing {fname} in {str(folder)!r}; expected the binary release layout "
-                              f"({folder.name}/{', '.join(files)})")
+        path = _release_file(folder, fname, files, "binary")
         raw = np.fromfile(path, dtype=np.uint8)
         if raw.size == 0 or raw.size % record:
             raise ConfigError(f"{str(path)!r} has {raw.size} bytes, not a multiple of the {record}-byte CIFAR record; "

@@ -9,18 +9,17 @@ The model is always in eval mode; attacks never touch parameter gradients.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
+from ..attacks import AttackSpec, eval_mode
 from ..core import dist
-from ..attacks import ATTACKS, ATTACK_LOSSES, eval_mode
 
-
-_DISPLAY = {"fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "autoattack": "AutoAttack", "apgd-ce": "APGD-CE",
-            "apgd-dlr": "APGD-DLR", "square": "Square", "none": "clean"}
+__all__ = ["AttackSpec", "EvalResult", "batch_generator", "evaluate"]  # AttackSpec lives in dat_ds.attacks
 
 
 def batch_generator(seed: int, batch: int, device) -> torch.Generator:
@@ -30,42 +29,6 @@ def batch_generator(seed: int, batch: int, device) -> torch.Generator:
     where plain PGD-20 starts, so (worst case over restarts) it can only break more examples.
     """
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch * 101)
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    attack: str = "pgd"
-    eps: float = 0.1
-    steps: int = 20
-    restarts: int = 1
-    step_size: float | None = None  # None: the attack's standard step
-    norm: str = "linf"
-    loss: str = "ce"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        """A short unique name, e.g. ``PGD-20@0.1``, ``PGD-20x5-L2-margin@0.5``, ``AutoAttack@0.03137``."""
-        if self.attack == "pgd":
-            name = f"PGD-{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
-            if self.step_size is not None:
-                name += f"-a{self.step_size:.3g}"
-        else:
-            name = _DISPLAY.get(self.attack, self.attack)
-        name += "" if self.norm == "linf" else f"-{self.norm.upper()}"
-        if self.attack in ("pgd", "fgsm", "fgsm_rs") and self.loss != "ce":
-            name += f"-{self.loss}"
-        for key, value in sorted(self.extra.items()):
-            name += f"-{key}{value}"
-        return f"{name}@{self.eps:.4g}"
-
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        fn = ATTACKS.get(self.attack)
-        kwargs = dict(eps=self.eps, steps=self.steps, restarts=self.restarts, norm=self.norm,
-                      loss_fn=ATTACK_LOSSES.get(self.loss), generator=generator, **self.extra)
-        if self.step_size is not None:
-            kwargs["step_size"] = self.step_size
-        return fn(model, x, y, **kwargs)
 
 
 @dataclass
@@ -98,6 +61,19 @@ def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
 
 
+def _rank_loader(dataset, batches: list[tuple[int, int]], mine: list[int], batch_size: int,
+                 device: torch.device) -> DataLoader:
+    """This rank's batches, in order, from a DataLoader over its Subset of the test set.
+
+    Every global batch but the last is full, and the last one (if short) comes last on its rank, so
+    batching the concatenated indices by ``batch_size`` gives back exactly the batches ``mine`` names
+    (a padding entry ``-1`` repeats batch 0).
+    """
+    indices = [i for b in mine for i in range(*batches[b if b >= 0 else 0])]
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                      pin_memory=device.type != "cpu")
+
+
 def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: int = 256, seed: int = 0,
              max_examples: int | None = None, lockstep: bool = False,
              on_batch: Callable[[int], None] | None = None) -> EvalResult:
@@ -117,34 +93,38 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
     mine: list[int] = list(range(rank, len(batches), world))
     if lockstep:
         mine += [-1] * (rounds - len(mine))
+    # Results stay on the device until the end: no host sync per batch except the attack timer's.
+    sync = dist.accelerator().synchronize if device.type != "cpu" else (lambda: None)
     local_idx, local_clean = [], []
     local_robust: dict[str, list[torch.Tensor]] = {s.label: [] for s in specs}
     seconds = {s.label: 0.0 for s in specs}
+    loader = _rank_loader(dataset, batches, mine, batch_size, device)
     with eval_mode(model):
-        for b in mine:
+        for b, (x, y) in zip(mine, loader):
             lo, hi = batches[b if b >= 0 else 0]
-            items = [dataset[i] for i in range(lo, hi)]
-            x = torch.stack([it[0] for it in items]).to(device)
-            y = torch.as_tensor([int(it[1]) for it in items], device=device)
+            x = x.to(device, non_blocking=True)
+            y = torch.as_tensor(y).to(device, non_blocking=True).long()
             with torch.no_grad():
                 clean = model(x).argmax(1) == y
             robust = {}
             for spec in specs:
                 g = batch_generator(seed, max(b, 0), device)
+                sync()
                 t0 = time.perf_counter()
                 x_adv = spec.run(model, x, y, g)
                 with torch.no_grad():
                     robust[spec.label] = (model(x_adv).argmax(1) == y) & clean
+                sync()
                 seconds[spec.label] += time.perf_counter() - t0
             if b < 0:
                 continue
             local_idx.append(torch.arange(lo, hi))
-            local_clean.append(clean.cpu())
+            local_clean.append(clean)
             for label, r in robust.items():
-                local_robust[label].append(r.cpu())
+                local_robust[label].append(r)
             if on_batch is not None:
                 on_batch(hi - lo)
-    cat = lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
+    cat = lambda xs, dtype: torch.cat(xs).cpu() if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
     payload = (cat(local_idx, torch.long), cat(local_clean, torch.bool),
                {k: cat(v, torch.bool) for k, v in local_robust.items()}, seconds)
     gathered = dist.all_gather_object(payload)

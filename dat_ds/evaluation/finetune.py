@@ -4,9 +4,9 @@
 - ``alf``: adversarial linear fine-tuning: the same head trained on PGD examples (the encoder stays frozen);
 - ``aff``: adversarial full fine-tuning: encoder + head trained with PGD-AT (Madry).
 
-Each reports clean and PGD-20 accuracy on the test split through ``dat_ds.engine.evaluate``. It runs in
-one process with plain torch (a linear probe on 10-class data needs no DeepSpeed); the attack is the
-run's ``cfg.attack`` (eps, PGD steps, norm) unless overridden.
+Each reports clean and PGD-20 accuracy on the test split through ``evaluate``. It runs in one process
+with plain torch (a linear probe on 10-class data needs no DeepSpeed) on the accelerator's device; the
+attack is the run's ``cfg.attack`` (eps, PGD steps, norm) unless overridden.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import pgd
-from ..core.config import RunConfig, attack_step_size
-from ..data import build_dataset
-from .evaluate import AttackSpec, evaluate
+from ..attacks import AttackSpec
+from ..core import dist
+from ..core.config import RunConfig
 from ..core.errors import ConfigError
+from ..data import build_dataset
 from ..objectives.ssl_model import ContrastiveModel, LinearProbe, build_encoder
-from .runs import load_run_model
+from .evaluate import evaluate
+from .loading import load_run
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,11 @@ class FinetuneSettings:
 
 
 def encoder_from_run(run_dir) -> tuple[RunConfig, nn.Module, Any]:
-    cfg, model, spec = load_run_model(run_dir)
-    if not isinstance(model, ContrastiveModel):
-        raise ConfigError(f"run {str(run_dir)!r} trained objective {cfg.objective.name!r}, not a contrastive encoder; "
-                          "give a `dat-ds pretrain` run folder")
-    return cfg, model.encoder, spec
+    loaded = load_run(run_dir)
+    if not isinstance(loaded.model, ContrastiveModel):
+        raise ConfigError(f"run {str(run_dir)!r} trained objective {loaded.cfg.objective.name!r}, not a contrastive "
+                          "encoder; give a `dat-ds pretrain` run folder")
+    return loaded.cfg, loaded.model.encoder, loaded.spec
 
 
 def random_encoder(cfg: RunConfig, seed: int = 0) -> tuple[nn.Module, Any]:
@@ -74,42 +75,50 @@ def finetune(cfg: RunConfig, encoder: nn.Module, spec, settings: FinetuneSetting
     frozen, adversarial = MODES[settings.mode]
     eps = cfg.attack.eps if settings.eps is None else settings.eps
     steps = cfg.attack.steps if settings.attack_steps is None else settings.attack_steps
-    alpha = attack_step_size("pgd", eps, steps, cfg.attack.step_size if settings.eps is None else None)
+    # The run's step size belongs to the run's eps; another eps takes PGD's standard step.
+    step_size = cfg.attack.step_size if settings.eps is None else None
+    train_attack = AttackSpec("pgd", eps=eps, steps=steps, step_size=step_size, norm=cfg.attack.norm)
     lr = DEFAULT_LR[settings.mode] if settings.lr is None else settings.lr
     data_cfg = cfg.data if settings.train_subset is None else _with_subset(cfg, settings.train_subset)
     train_set, _ = build_dataset(data_cfg, "train")
     test_set, _ = build_dataset(cfg.data, "test")
 
+    device = dist.device()
     torch.manual_seed(settings.seed)
-    model = LinearProbe(encoder, spec.num_classes, frozen=frozen)
+    model = LinearProbe(encoder, spec.num_classes, frozen=frozen).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     loader = torch.utils.data.DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(settings.seed))
-    generator = torch.Generator().manual_seed(settings.seed + 1)
+                                         generator=torch.Generator().manual_seed(settings.seed),
+                                         pin_memory=device.type != "cpu")
+    generator = torch.Generator(device=device).manual_seed(settings.seed + 1)
     t0 = time.perf_counter()
     for epoch in range(settings.epochs):
-        loss_sum, correct, count = 0.0, 0, 0
+        # Sums stay on the device; read once per epoch, so no step waits for the accelerator.
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        count = 0
         for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if adversarial:
-                x = pgd(model, x, y, eps=eps, step_size=alpha, steps=steps, norm=cfg.attack.norm, generator=generator)
+                x = train_attack.run(model, x, y, generator)
             model.train()
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             count += len(y)
         log.info("finetune %s epoch %d/%d: loss %.4f, train acc %.4f", settings.mode, epoch + 1, settings.epochs,
-                 loss_sum / max(count, 1), correct / max(count, 1))
+                 float(loss_sum) / max(count, 1), int(correct) / max(count, 1))
     train_seconds = time.perf_counter() - t0
     spec_eval = AttackSpec(attack="pgd", eps=eps, steps=settings.eval_steps, norm=cfg.attack.norm)
     result = evaluate(model, test_set, [spec_eval], seed=settings.seed, max_examples=settings.eval_examples)
     return {"mode": settings.mode, "clean_acc": result.clean_acc, "robust_acc": result.robust_acc(spec_eval.label),
             "robust_attack": spec_eval.label, "eval_count": result.count, "train_examples": len(train_set),
-            "epochs": settings.epochs, "lr": lr, "train_attack": f"PGD-{steps}@{eps:.4g}" if adversarial else "none",
+            "epochs": settings.epochs, "lr": lr, "train_attack": train_attack.label if adversarial else "none",
             "train_seconds": train_seconds}
 
 

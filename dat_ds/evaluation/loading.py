@@ -1,13 +1,22 @@
-"""Load a model to evaluate: one of our run folders (DeepSpeed checkpoint) or a plain weights file.
+"""The one run loader: the model a ``dat-ds train`` run trained, back from its checkpoint (or a weights file).
 
-Our checkpoints are DeepSpeed tag folders. Under ZeRO 0/1/2 the full module state (fp32 here) sits in
-``mp_rank_00_model_states.pt`` under ``"module"``, together with our run config in the client state; it
-loads with ``torch.load(weights_only=True)``, no engine needed. ZeRO-3 partitions the parameters, so those
-are reassembled with DeepSpeed's own ``zero_to_fp32`` reader.
+``dat-ds eval --run``, ``dat-ds pseudo-label --run``, ``dat-ds finetune --encoder`` and ``dat-ds export``
+all come through :func:`load_run`:
+
+1. find the tag (a run folder, its ``checkpoint/`` folder or one tag folder; default the newest complete one);
+2. verify it (``checkpoint.verify_tag``: recorded sizes, then the restricted unpickler on every file), so
+   nothing loaded here can run code, and read the model states with ``weights_only=True``;
+3. build the model the objective trained: ``create_model`` from the run config, then the objective's
+   ``prepare_model`` (``acl``: the contrastive encoder + projection head);
+4. load the weights: under ZeRO 0/1/2 the full module state sits in ``mp_rank_00_model_states.pt`` under
+   ``"module"``; ZeRO-3 partitions it, and DeepSpeed's ``zero_to_fp32`` reader reassembles it.
+
+Every user mistake is a one-line ConfigError.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +24,15 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
 from ..core.config import DataConfig, RunConfig, config_from_dict
-from ..data import build_dataset
-from ..runtime import checkpoint
 from ..core.errors import ConfigError
-from ..models import NormalizedModel, create_model
+from ..data import build_dataset
+from ..data.base import DataSpec
+from ..models import create_model
+from ..objectives import OBJECTIVES
+from ..runtime import checkpoint
 
 log = logging.getLogger(__name__)
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -28,24 +40,12 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 
 @dataclass
 class LoadedModel:
-    model: NormalizedModel  # eval mode, on CPU
+    model: nn.Module  # eval mode, on CPU, fp32
     data_cfg: DataConfig
     source: dict[str, Any]  # what was loaded, for eval.json
     cfg: RunConfig | None = None  # the run config, when loaded from a run
-
-
-def _run_config(run_dir: Path, states: dict[str, Any] | None) -> RunConfig:
-    cfg_file = run_dir / "config.yaml"
-    if cfg_file.is_file():
-        values = yaml.safe_load(cfg_file.read_text()) or {}
-    elif states is not None and isinstance(states.get("config"), dict):
-        values = states["config"]
-    else:
-        raise ConfigError(f"no config.yaml in {str(run_dir)!r}; give a run folder written by `dat-ds train`")
-    try:
-        return config_from_dict(values)
-    except ConfigError as e:
-        raise ConfigError(f"{run_dir / 'config.yaml'} is not a valid run config ({e}); re-save it or use --weights") from None
+    spec: DataSpec | None = None  # the data set's shape and normalisation the model was built for
+    client_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # the checkpoint's, without weights
 
 
 def resolve_checkpoint(run: str | Path, tag: str | None = None) -> tuple[Path, Path, str]:
@@ -59,11 +59,58 @@ def resolve_checkpoint(run: str | Path, tag: str | None = None) -> tuple[Path, P
         root = p / "checkpoint" if (p / "checkpoint").is_dir() else p
         found = tag or checkpoint.find_resume_tag(root)
     if found is None or not (root / found).is_dir():
-        raise ConfigError(f"no complete checkpoint in {str(root)!r}; train first (dat-ds train) or pass --weights FILE")
+        what = f"tag {tag!r}" if tag else "complete checkpoint"
+        raise ConfigError(f"{str(p)!r} is not a run folder with a {what} (looked in {str(root)!r}); "
+                          "give the folder `dat-ds train` wrote, after at least one checkpoint")
     if not (root / found / checkpoint.COMPLETE).is_file():
-        log.warning("checkpoint %s has no %s: it may be incomplete", root / found, checkpoint.COMPLETE)
+        raise ConfigError(f"checkpoint {str(root / found)!r} is not complete (no {checkpoint.COMPLETE}: it was "
+                          f"interrupted while being written); pick another tag in {str(root)!r}")
     run_dir = root.parent if root.name == "checkpoint" else root
     return run_dir, root, found
+
+
+def _read_states(root: Path, tag: str) -> dict[str, Any]:
+    try:
+        checkpoint.verify_tag(root, tag)  # unsafe files raise ConfigError ("refusing to load ...") themselves
+    except checkpoint.CorruptCheckpoint as e:
+        raise ConfigError(f"checkpoint {str(root / tag)!r} is corrupt ({e}); pick another tag") from None
+    states_file = root / tag / MODEL_STATES
+    if not states_file.is_file():
+        raise ConfigError(f"{str(states_file)!r} is missing; is {str(root / tag)!r} a DeepSpeed checkpoint?")
+    with torch.serialization.safe_globals(checkpoint._deepspeed_safe_globals()):
+        return torch.load(states_file, map_location="cpu", weights_only=True)
+
+
+def _run_config(run_dir: Path, states: dict[str, Any]) -> RunConfig:
+    """The config saved inside the checkpoint (what trained this tag); older ones: the run's config.yaml."""
+    if isinstance(states.get("config"), dict):
+        values, where = states["config"], "the checkpoint's config"
+    elif (run_dir / "config.yaml").is_file():
+        values, where = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, str(run_dir / "config.yaml")
+    else:
+        raise ConfigError(f"no run config in the checkpoint or {str(run_dir)!r}; "
+                          "give a run folder written by `dat-ds train`")
+    try:
+        return config_from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"{where} is not a valid run config ({e}); "
+                          "evaluate the weights with --weights instead") from None
+
+
+def _data_spec(cfg: RunConfig, states: dict[str, Any]) -> DataSpec:
+    saved = states.get("data_spec")
+    if isinstance(saved, dict):  # no need for the data set on disk
+        return DataSpec(in_chans=saved["in_chans"], num_classes=saved["num_classes"], img_size=saved["img_size"],
+                        mean=tuple(saved["mean"]), std=tuple(saved["std"]), classes=tuple(saved.get("classes") or ()))
+    _, spec = build_dataset(cfg.data, "test")
+    return spec
+
+
+def trained_model(cfg: RunConfig, spec: DataSpec) -> nn.Module:
+    """The architecture ``cfg`` trains, with fresh weights: the classifier, or what the objective makes of it."""
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))  # weights: the checkpoint's
+    model = create_model(cfg.model.name, spec)
+    return OBJECTIVES.get(cfg.objective.name).prepare_model(cfg, spec, model)
 
 
 def _zero_stage(states: dict[str, Any]) -> int:
@@ -72,35 +119,43 @@ def _zero_stage(states: dict[str, Any]) -> int:
 
 
 def load_run(run: str | Path, tag: str | None = None) -> LoadedModel:
+    """The model of run folder ``run`` at checkpoint ``tag`` (default: the newest complete one)."""
     run_dir, root, tag = resolve_checkpoint(run, tag)
-    states_file = root / tag / MODEL_STATES
-    if not states_file.is_file():
-        raise ConfigError(f"{str(states_file)!r} is missing; is {str(root / tag)!r} a DeepSpeed checkpoint?")
-    try:
-        states = torch.load(states_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - an unreadable file is the user's to fix
-        raise ConfigError(f"cannot read {str(states_file)!r} safely ({type(e).__name__}: {e}); "
-                          "re-save the checkpoint with this dat-ds version") from None
+    states = _read_states(root, tag)
     cfg = _run_config(run_dir, states)
-    _, spec = build_dataset(cfg.data, "test")
-    model = create_model(cfg.model.name, spec, None)  # weights come from the checkpoint
+    spec = _data_spec(cfg, states)
+    model = trained_model(cfg, spec)
     stage = _zero_stage(states)
-    if stage >= 3:
+    module_state = states.get("module")
+    if stage >= 3 or not module_state:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        module_state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    else:
-        module_state = states["module"]
+        module_state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)  # files verified above
     module_state = {k: v.float() if v.is_floating_point() else v for k, v in module_state.items()}
-    missing, unexpected = model.load_state_dict(module_state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(module_state, strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        missing, unexpected = [str(e).split("\n\t")[-1][:120]], []
     if missing or unexpected:
-        raise ConfigError(f"checkpoint {str(root / tag)!r} does not fit model {cfg.model.name!r} (missing {missing[:2]}, "
-                          f"unexpected {unexpected[:2]}); was config.yaml edited?")
+        raise ConfigError(f"checkpoint {str(root / tag)!r} does not fit model {cfg.model.name!r} trained by objective "
+                          f"{cfg.objective.name!r} (missing {list(missing)[:2]}, unexpected {list(unexpected)[:2]})")
     model.eval()
-    source = {"kind": "run", "run_dir": str(run_dir), "tag": tag, "zero_stage": stage,
-              "global_step": states.get("global_step"), "model": cfg.model.name, "data": cfg.data.name}
+    client_state = {k: v for k, v in states.items() if k != "module"}
+    source = {"kind": "run", "run_dir": str(run_dir), "tag": tag, "tag_dir": str(root / tag), "zero_stage": stage,
+              "global_step": states.get("global_step"), "model": cfg.model.name, "objective": cfg.objective.name,
+              "data": cfg.data.name}
     log.info("loaded %s (tag %s, ZeRO-%d, global step %s)", run_dir, tag, stage, states.get("global_step"))
-    return LoadedModel(model=model, data_cfg=cfg.data, source=source, cfg=cfg)
+    return LoadedModel(model=model, data_cfg=cfg.data, source=source, cfg=cfg, spec=spec, client_state=client_state)
+
+
+def load_classifier(run: str | Path, tag: str | None = None) -> LoadedModel:
+    """``load_run`` for commands that need class predictions (eval, pseudo-label)."""
+    loaded = load_run(run, tag)
+    if not OBJECTIVES.get(loaded.cfg.objective.name).needs_labels:
+        raise ConfigError(f"run {str(run)!r} trained a self-supervised encoder (objective "
+                          f"{loaded.cfg.objective.name!r}), not a classifier; evaluate it with "
+                          f"`dat-ds finetune --mode slf --encoder {run}`")
+    return loaded
 
 
 def load_weights(path: str | Path, model_name: str, data_name: str, data_root: str | None = None) -> LoadedModel:
@@ -112,4 +167,4 @@ def load_weights(path: str | Path, model_name: str, data_name: str, data_root: s
     model = create_model(model_name, spec, str(path))
     model.eval()
     source = {"kind": "weights", "weights": str(path), "model": model_name, "data": data_name}
-    return LoadedModel(model=model, data_cfg=data_cfg, source=source)
+    return LoadedModel(model=model, data_cfg=data_cfg, source=source, spec=spec)

@@ -1,10 +1,11 @@
 """Catastrophic-overfitting watch during training (Wong, Rice & Kolter, ICLR 2020).
 
 Fast adversarial training with single-step attacks can suddenly overfit to them: within a few hundred
-steps PGD accuracy collapses to ~0 while FGSM accuracy *rises*. Every ``monitor.every_steps`` steps this
-callback measures FGSM and PGD-10 accuracy (eps = ``attack.eps``) on a fixed held-out batch of
-``monitor.batch_size`` test examples, writes a ``{"kind": "monitor", ...}`` JSONL record, and when
-``fgsm_acc - pgd_acc > monitor.gap`` applies ``monitor.policy``:
+steps PGD accuracy collapses to ~0 while FGSM accuracy *rises*. This training callback
+(``dat_ds.runtime.callbacks.Callback``) measures, every ``monitor.every_steps`` steps, FGSM and PGD-10
+accuracy (eps = ``attack.eps``) on a fixed held-out batch of ``monitor.batch_size`` test examples,
+writes a ``{"kind": "monitor", ...}`` JSONL record, and when ``fgsm_acc - pgd_acc > monitor.gap``
+applies ``monitor.policy``:
 
 - ``warn``: log a warning and carry on;
 - ``stop``: end training cleanly (``StopTraining``); the last checkpoint is the last good state;
@@ -26,8 +27,8 @@ import torch
 from ..core import dist
 from ..attacks import eval_mode, fgsm, pgd
 from ..runtime import checkpoint
+from ..runtime.callbacks import StopTraining
 from .evaluate import batch_generator
-from ..runtime.loop import StopTraining
 
 log = logging.getLogger(__name__)
 MAX_ROLLBACKS = 3
@@ -84,7 +85,11 @@ class CatastrophicOverfittingMonitor:
         clean, fgsm_acc, pgd_acc = (counts / self.count).tolist()
         return clean, fgsm_acc, pgd_acc
 
-    def on_step(self, state) -> None:
+    def on_epoch_end(self, trainer, state, row: dict[str, Any]) -> None:
+        pass
+
+    def on_step(self, trainer, state) -> None:
+        """``trainer`` is unused: the engine and the checkpoint folder came with the constructor."""
         step = state.global_step
         if self.every <= 0 or step % self.every != 0:
             return

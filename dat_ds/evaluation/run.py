@@ -18,107 +18,81 @@ from typing import Any
 import torch
 
 from ..core import dist, ui
-from ..attacks import ATTACK_LOSSES, ATTACKS
+from ..attacks import ATTACKS, AttackSpec, attack_parameters, takes
+from ..core.config import EvalConfig, parse_eps
 from ..data import build_dataset
-from .evaluate import AttackSpec, EvalResult, evaluate
+from .evaluate import EvalResult, evaluate
 from ..core.errors import ConfigError
 from ..core.io import atomic_write_json, save_figure
 from . import sanity
-from .loading import LoadedModel, load_run, load_weights
+from .loading import LoadedModel, load_classifier, load_weights
 
 log = logging.getLogger("dat_ds.eval")
 EVAL_JSON = "eval.json"
 PLOT = "robust_acc_vs_eps.png"
 
 
-def parse_eps(text: str) -> list[float]:
-    """``"0.05,0.1"`` or ``"2/255,8/255"`` -> floats in [0, 1] (L-inf) or >= 0 (L2)."""
+# ``dat-ds eval`` flag -> (the AttackSpec field or attack keyword it sets, the attacks it is for; None: every
+# attack that takes it). A flag left at its neutral value sets nothing, so the attack's own default applies.
+_FLAGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "steps": ("steps", None), "restarts": ("restarts", None), "loss": ("loss", None),
+    "aa_steps": ("aa_steps", ("autoattack",)), "aa_queries": ("n_queries", ("autoattack",)),
+    "apgd_steps": ("apgd_steps", ("apgd-ce", "apgd-dlr")), "square_queries": ("n_queries", ("square",)),
+}
+_SPEC_FIELDS = ("steps", "restarts", "loss")
+_SANITY_FLAGS = ("steps", "square_queries")  # what the --sanity plan takes from the command line
+
+
+def _neutral(dest: str) -> Any:
+    """The value of a flag that sets nothing: eval's PGD steps, no restarts, CE, or the attack's own default."""
+    if dest == "steps":
+        return EvalConfig.steps
+    if dest in ("restarts", "loss"):
+        return 1 if dest == "restarts" else "ce"
+    param, (attack, *_) = _FLAGS[dest]
+    return attack_parameters(attack)[param]
+
+
+def attack_options(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(attack, spec fields, extra keywords) for each of ``--attacks``, from the flags each attack takes.
+
+    A flag set away from its neutral value that no listed attack takes is a ConfigError naming the
+    attacks and what they take (``--restarts 5`` with square, ``--steps`` with autoattack).
+    """
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if not attacks:
+        raise ConfigError("--attacks is empty; give e.g. --attacks pgd,autoattack")
+    choices = [n for n in ATTACKS.names() if n != "none"]
+    for name in attacks:
+        if name not in choices:
+            raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(choices)}")
+    given = {dest: getattr(args, dest) for dest in _FLAGS
+             if getattr(args, dest, None) is not None and getattr(args, dest) != _neutral(dest)}
+    used = set(_SANITY_FLAGS) & set(given) if getattr(args, "sanity", False) else set()
     out = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            num, _, den = item.partition("/")
-            value = float(num) / float(den) if den else float(num)
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"--eps item {item!r} is not a number; use e.g. --eps 0.1,8/255") from None
-        if value < 0:
-            raise ConfigError(f"--eps {item} is negative; eps is a radius >= 0")
-        out.append(value)
-    if not out:
-        raise ConfigError("--eps is empty; give at least one value, e.g. --eps 0.1")
+    for name in attacks:
+        accepted = takes(name)
+        fields: dict[str, Any] = {"steps": EvalConfig.steps} if "steps" in accepted else {}
+        extra: dict[str, Any] = {}
+        for dest, value in given.items():
+            param, only = _FLAGS[dest]
+            if param in accepted and (only is None or name in only):
+                (fields if param in _SPEC_FIELDS else extra)[param] = value
+                used.add(dest)
+        out.append((name, fields, extra))
+    for dest in given.keys() - used:
+        only = _FLAGS[dest][1]
+        raise ConfigError(f"--{dest.replace('_', '-')} {given[dest]} does not apply to --attacks {','.join(attacks)}"
+                          + (f" (it is for {', '.join(only)})" if only else "") + ": "
+                          + "; ".join(f"{name} takes {', '.join(takes(name))}" for name in attacks))
+    for name, fields, extra in out:  # the attack checks the values themselves (ranges, names)
+        AttackSpec(attack=name, eps=0.0, norm=args.norm, **fields, extra=extra)
     return out
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_argument_group("what to evaluate (either --run, or --weights with --model and --data)")
-    src.add_argument("--run", default=None, help="run folder (runs/<name>), its checkpoint/ folder or one tag folder")
-    src.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
-    src.add_argument("--weights", default=None, help="timm/torch state dict (.pt/.pth) or .safetensors file")
-    src.add_argument("--model", default=None, help="model name for --weights (registered or timm)")
-    src.add_argument("--data", default=None, help="data set name for --weights (default: the run's, or fashion-mnist)")
-    src.add_argument("--data-root", default=None, help="data.root for on-disk data sets")
-    p.add_argument("--attacks", default="pgd", help=f"comma list from: {', '.join(n for n in ATTACKS.names() if n != 'none')}")
-    p.add_argument("--eps", default=None, help="comma list, fractions allowed (8/255); default: the run's attack.eps")
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    p.add_argument("--steps", type=int, default=20, help="PGD steps (step size 2.5*eps/steps)")
-    p.add_argument("--restarts", type=int, default=1, help="PGD restarts (worst case per example)")
-    p.add_argument("--loss", default="ce", choices=ATTACK_LOSSES.names(), help="PGD/FGSM loss")
-    p.add_argument("--aa-steps", type=int, default=100,
-                   help="APGD/APGD-T/FAB-T iterations inside autoattack (reference 100; 10 for a quick look)")
-    p.add_argument("--aa-queries", type=int, default=5000, help="Square queries inside autoattack (reference 5000)")
-    p.add_argument("--apgd-steps", type=int, default=100, help="iterations for apgd-ce / apgd-dlr")
-    p.add_argument("--square-queries", type=int, default=1000, help="queries of the square attack")
-    p.add_argument("--max-examples", type=int, default=None, help="evaluate the first N test examples")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="seeds every batch's attack noise")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per rank (default: cores / ranks); fix it to compare runs bit for bit")
-    p.add_argument("--sanity", action="store_true", help="also run the gradient-masking checks")
-    p.add_argument("--out", default=None, help="output folder (default: the run folder, else ./eval_out)")
-
-
 def build_specs(args: argparse.Namespace, eps_list: list[float]) -> list[AttackSpec]:
-    specs = []
-    for name in [a.strip() for a in args.attacks.split(",") if a.strip()]:
-        if name not in ATTACKS or name == "none":
-            raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(n for n in ATTACKS.names() if n != 'none')}")
-        extra: dict[str, Any] = {}
-        if name == "autoattack" and args.aa_steps != 100:
-            extra["aa_steps"] = args.aa_steps
-        if name == "autoattack" and args.aa_queries != 5000:
-            extra["n_queries"] = args.aa_queries
-        if name in ("apgd-ce", "apgd-dlr") and args.apgd_steps != 100:
-            extra["apgd_steps"] = args.apgd_steps
-        if name == "square":
-            extra["n_queries"] = args.square_queries
-        pgd_like = name == "pgd"
-        for eps in eps_list:
-            specs.append(AttackSpec(attack=name, eps=eps, steps=args.steps if pgd_like else 1,
-                                    restarts=args.restarts if name in ("pgd", "apgd-ce", "apgd-dlr") else 1,
-                                    norm=args.norm, loss=args.loss, extra=extra))
-    if not specs:
-        raise ConfigError("--attacks is empty; give e.g. --attacks pgd,autoattack")
-    return specs
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if args.run is None and args.weights is None:
-        raise ConfigError("nothing to evaluate; pass --run runs/<name>, or --weights FILE --model NAME --data NAME")
-    if args.run is not None and args.weights is not None:
-        raise ConfigError("pass either --run or --weights, not both")
-    if args.weights is not None and not args.model:
-        raise ConfigError("--weights needs --model NAME (e.g. --model small_cnn or a timm name)")
-    for key in ("steps", "restarts", "batch_size"):
-        if getattr(args, key) < 1:
-            raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
-    if args.max_examples is not None and args.max_examples < 1:
-        raise ConfigError(f"--max-examples={args.max_examples} must be >= 1")
-    if args.eps is not None:
-        eps = parse_eps(args.eps)
-        if args.norm == "linf" and max(eps) > 1:
-            raise ConfigError(f"--eps {max(eps)} is above 1; L-inf eps is in pixel units of [0, 1] images, e.g. 8/255")
+    return [AttackSpec(attack=name, eps=eps, norm=args.norm, **fields, extra=extra)
+            for name, fields, extra in attack_options(args) for eps in eps_list]
 
 
 def _bits(t: torch.Tensor) -> str:
@@ -135,7 +109,8 @@ def build_report(result: EvalResult, specs: list[AttackSpec], source: dict[str, 
     for spec in specs:
         correct = result.robust_correct[spec.label]
         rows.append({"attack": spec.attack, "label": spec.label, "eps": spec.eps, "norm": spec.norm,
-                     "steps": spec.steps, "restarts": spec.restarts, "loss": spec.loss, "extra": spec.extra,
+                     "steps": spec.steps, "restarts": spec.restarts, "step_size": spec.effective_step_size,
+                     "loss": spec.loss, "extra": spec.extra,
                      "clean_acc": result.clean_acc, "robust_acc": result.robust_acc(spec.label),
                      "count": result.count, "seconds": result.seconds[spec.label],
                      "correct_sha256": _sha(correct), "correct": _bits(correct)})
@@ -172,14 +147,17 @@ def plot_curves(report: dict[str, Any], path: Path, title: str) -> None:
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
     if args.run is not None:
-        return load_run(args.run, args.tag)
+        return load_classifier(args.run, args.tag)
     return load_weights(args.weights, args.model, args.data or "fashion-mnist", args.data_root)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate on this process's rank (the world may be 1). Returns the report on every rank."""
+    """Evaluate on this process's rank (the world may be 1). Returns the report on every rank.
+
+    ``args`` come from ``dat_ds.launch.args.add_eval_args`` and were checked by ``launch.validate``.
+    """
     dist.setup_logging()
-    check_args(args)
+    attack_options(args)  # an argument an attack does not take fails here, before any model loads
     dist.init_distributed()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,8 +180,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     plan = None
     all_specs = list(specs)
     if args.sanity:
+        queries = args.square_queries if args.square_queries != _neutral("square_queries") else None
         plan = sanity.sanity_specs(eps_list[0], in_chans=spec.in_chans, steps=args.steps, norm=args.norm,
-                                   square_queries=args.square_queries)
+                                   square_queries=queries)
         for extra_spec in plan.specs():
             if extra_spec.label not in {s.label for s in all_specs}:
                 all_specs.append(extra_spec)
@@ -244,10 +223,3 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         log.info("wrote %s and %s", out / EVAL_JSON, out / PLOT)
     dist.barrier()
     return report
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="dat-ds robust evaluation (one rank of it)")
-    add_eval_args(p)
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the DeepSpeed launcher
-    return p

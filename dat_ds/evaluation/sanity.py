@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .evaluate import AttackSpec
+from ..attacks import AttackSpec
 
 TOL = 0.01  # accuracy differences below 1 pp are noise on a few hundred examples
 NEAR_ZERO = 0.05  # "robust accuracy reaches ~0" at the large eps
@@ -58,15 +58,17 @@ class SanityPlan:
 
 
 def sanity_specs(eps: float, *, in_chans: int, steps: int = 20, norm: str = "linf",
-                 square_queries: int = 1000) -> SanityPlan:
+                 square_queries: int | None = None) -> SanityPlan:
+    """``square_queries``: None for Square's own default."""
     big = large_eps(in_chans, norm)
     return SanityPlan(
         eps=eps, big_eps=big,
         base=AttackSpec("pgd", eps=eps, steps=steps, norm=norm),
         more_steps=AttackSpec("pgd", eps=eps, steps=steps * 5, norm=norm),
         more_restarts=AttackSpec("pgd", eps=eps, steps=steps, restarts=5, norm=norm),
-        fgsm=AttackSpec("fgsm", eps=eps, steps=1, norm=norm),
-        black_box=AttackSpec("square", eps=eps, steps=1, norm=norm, extra={"n_queries": square_queries}),
+        fgsm=AttackSpec("fgsm", eps=eps, norm=norm),
+        black_box=AttackSpec("square", eps=eps, norm=norm,
+                             extra={} if square_queries is None else {"n_queries": square_queries}),
         big=AttackSpec("pgd", eps=big, steps=steps, norm=norm),
     )
 

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import sys
 
+from .args import eval_args_parser
 from .entry import run_entry
 
 
-def cli_entry(argv: list[str] | None = None) -> int:
-    from ..evaluation.run import get_args_parser, main
+def main(args) -> dict:
+    """The validation pass (the same as the CLI's), then this rank's share of the evaluation."""
+    from ..evaluation import run
+    from .validate import eval_inputs
 
-    args = get_args_parser().parse_args(argv)
+    eval_inputs(args)
+    return run.main(args)
+
+
+def cli_entry(argv: list[str] | None = None) -> int:
+    args = eval_args_parser().parse_args(argv)
     return run_entry(lambda: main(args))
 
 

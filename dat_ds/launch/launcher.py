@@ -77,9 +77,14 @@ def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = N
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(master_port or free_port())]
     if hostfile:
         cmd += ["--hostfile", hostfile]
+    if os.environ.get("DAT_DS_VERBOSE", "") in ("", "0"):  # the launcher's INFO lines only with --verbose
+        cmd += ["--log_level", "error"]
     cmd += ["--num_gpus", str(nproc), "--module", module, *argv]
     log.debug("launching: %s", " ".join(cmd[1:]))
+    from ..core import dist  # the accelerator's name for the ranks (imports DeepSpeed: heavy, so only here)
+
     child_env = dict(os.environ)
+    child_env.update(dist.launch_env())
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     if hostfile:  # remote ranks cannot write into a local folder: the launcher's exit code is all we get

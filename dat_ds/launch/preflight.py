@@ -1,7 +1,8 @@
-"""Start-up checks: every user mistake we can see before training is reported here, as one line.
+"""The heavy half of the one validation pass (``launch.validate`` is the torch-free half): data files,
+checkpoints to resume, model names that may be timm's.
 
-Called by ``dat-ds train`` before it launches ranks and by every rank before the run folder is written,
-so a bad config, data file or checkpoint leaves no partial outputs behind.
+Called by every command in the launcher process before it starts ranks, and by every rank before the
+run folder is written, so a bad data file or checkpoint leaves no partial outputs behind.
 """
 
 from __future__ import annotations
@@ -13,33 +14,13 @@ import torch
 
 from ..core import dist
 from ..core.errors import ConfigError
+from .validate import check_model_name
 
 log = logging.getLogger(__name__)
 
 
-def check_components(cfg) -> None:
-    """Every name in the config is registered (models may also be timm names)."""
-    from ..attacks import ATTACKS
-    from ..data import DATASETS
-    from ..models import MODELS
-    from ..objectives import OBJECTIVES
-
-    OBJECTIVES.get(cfg.objective.name)
-    ATTACKS.get(cfg.attack.name)
-    ATTACKS.get(cfg.eval.attack)
-    DATASETS.get(cfg.data.name)
-    if cfg.model.name not in MODELS:
-        import timm
-
-        if not timm.is_model(cfg.model.name):
-            raise ConfigError(f"unknown model {cfg.model.name!r}; use one of {', '.join(MODELS.names())} "
-                              "or a timm model name (see `timm.list_models()`)")
-
-
 def warn_step_sizes(cfg) -> list[str]:
     """A step larger than the radius is legal (FGSM-RS uses 1.25 eps) but usually a units mistake."""
-    from ..core.config import attack_step_size
-
     out = []
     a = cfg.attack
     if a.name != "none" and a.eps > 0 and a.step_size is not None and a.step_size > a.eps and a.name != "fgsm_rs":
@@ -47,8 +28,8 @@ def warn_step_sizes(cfg) -> list[str]:
                    "the eps-ball and is projected back (did you mean a step in pixel units, e.g. eps/4?)")
     e = cfg.eval
     eps = e.eps if e.eps is not None else a.eps
-    step = attack_step_size(e.attack, eps, e.steps, e.step_size)
-    if e.step_size is not None and eps > 0 and step > eps and e.attack != "fgsm_rs":
+    step = e.step_size  # only an explicit step can be too large: the standard ones are set for each attack
+    if step is not None and eps > 0 and step > eps and e.attack != "fgsm_rs":
         out.append(f"eval.step_size={step:g} is larger than the eval eps={eps:g}; PGD will mostly bounce on the "
                    "ball's surface")
     for msg in out:
@@ -103,20 +84,26 @@ def check_dataset(ds, spec, where: str) -> None:
 
 
 def check_data(cfg) -> Any:
-    from ..data import build_dataset
-
     spec = None
     for split in ("train", "test"):
-        where = f"data set {cfg.data.name!r} ({split} split)"
-        try:
-            ds, spec = build_dataset(cfg.data, split)
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - unreadable user data is a user problem, said in one line
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ConfigError(f"cannot load {where} ({type(e).__name__}: {msg}); check the files under "
-                              f"data.root={cfg.data.root!r}") from None
-        check_dataset(ds, spec, where)
+        spec = load_and_check_split(cfg.data, split)
+    return spec
+
+
+def load_and_check_split(data_cfg, split: str):
+    """Load one split and check it (see ``check_dataset``); an unreadable file is one ConfigError line."""
+    from ..data import build_dataset
+
+    where = f"data set {data_cfg.name!r} ({split} split)"
+    try:
+        ds, spec = build_dataset(data_cfg, split)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable user data is a user problem, said in one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"cannot load {where} ({type(e).__name__}: {msg}); check the files under "
+                          f"data.root={data_cfg.root!r}") from None
+    check_dataset(ds, spec, where)
     return spec
 
 
@@ -160,11 +147,43 @@ def preflight(cfg, resume: str | None = None, world: int | None = None) -> None:
     from ..runtime import checkpoint, ds_config
 
     settings = ds_config.prepare(cfg.deepspeed_config, world or dist.world_size())
-    check_components(cfg)
+    check_model_name(cfg.model.name)
     warn_step_sizes(cfg)
+    from ..attacks import eval_spec, training_spec
+
+    training_spec(cfg.attack)  # restarts / a step size the attack does not take: one line, before any rank
+    eval_spec(cfg)
     if resume is not None:
         found = checkpoint.resolve_resume(resume, cfg.run_dir)
         if found is not None:
             checkpoint.check_compatible(*found, cfg, {**settings.ds_config, "optimizer": settings.optimizer})
     spec = check_data(cfg)
     check_unlabeled(cfg, spec)
+
+
+def preflight_eval(args) -> None:
+    """``dat-ds eval``'s heavy checks: the run has a complete checkpoint and a valid config, or the
+    --weights model name exists; the data set to evaluate on loads."""
+    from ..core.config import DataConfig
+    from ..evaluation.run import attack_options
+
+    attack_options(args)  # a flag none of --attacks takes (--restarts with square, --steps with autoattack)
+
+    if args.run is not None:
+        import yaml
+
+        from ..core.config import config_from_dict
+        from ..evaluation.loading import resolve_checkpoint
+
+        run_dir, _, _ = resolve_checkpoint(args.run, args.tag)
+        cfg_file = run_dir / "config.yaml"
+        if cfg_file.is_file():
+            cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()) or {})
+            check_model_name(cfg.model.name)
+            data = cfg.data if args.data is None else DataConfig(name=args.data, root=args.data_root or cfg.data.root)
+        else:  # older runs keep the config in the checkpoint only; the ranks read it there
+            return
+    else:
+        check_model_name(args.model)
+        data = DataConfig(name=args.data or "fashion-mnist", root=args.data_root)
+    load_and_check_split(data, "test")

@@ -1,15 +1,14 @@
 """The objective interface: what one training step minimises.
 
-An objective is called as ``objective(ctx, x, y)`` and returns a dict with at least ``"loss"`` (a
-scalar tensor). It may also return ``"logits"`` (predictions on the examples it trained on, for the
-running train accuracy), ``"logits_clean"``, extra float metrics, and ``"after_backward"`` (a callable
-the loop runs between ``engine.backward`` and ``engine.step``, e.g. Free-AT reads the input gradient
-there). The training loop never changes when an objective is added.
+An objective is called as ``objective(ctx, x, y)`` and returns an :class:`ObjectiveOutput`. The
+training loop then runs ``engine.backward(out.loss)``, ``objective.after_backward()`` and
+``engine.step()``; it never changes when an objective is added. An objective that trains another
+model than the classifier (``acl``: encoder + projection head) overrides :meth:`Objective.prepare_model`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -28,6 +27,17 @@ class ObjectiveContext:
     step: int = 0  # global optimizer step, for schedules inside objectives
 
 
+@dataclass
+class ObjectiveOutput:
+    """What one step of an objective produced. Every tensor stays on the device: the loop reads them
+    at log time only, so a step never waits for the accelerator."""
+
+    loss: torch.Tensor  # scalar, what engine.backward gets
+    logits: torch.Tensor | None = None  # predictions on what it trained on (for the running train accuracy)
+    targets: torch.Tensor | None = None  # what ``logits`` should predict; None: the batch labels
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, averaged and logged at log time
+
+
 class Objective:
     """Base class; subclasses implement ``__call__``. ``replays`` > 1 feeds each batch several times."""
 
@@ -37,8 +47,17 @@ class Objective:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 
-    def __call__(self, ctx: ObjectiveContext, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    @staticmethod
+    def prepare_model(cfg: RunConfig, spec, model: nn.Module) -> nn.Module:
+        """The model this objective trains, given the classifier built from ``cfg.model``: the classifier itself."""
+        return model
+
+    def __call__(self, ctx: ObjectiveContext, x: torch.Tensor, y: torch.Tensor) -> ObjectiveOutput:
         raise NotImplementedError
+
+    def after_backward(self) -> None:
+        """Runs between ``engine.backward`` and ``engine.step`` of every step that is taken (Free-AT reads the
+        input gradient here). Not called for a step that ``train.nan_policy=skip`` drops."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -5,7 +5,7 @@ maximise its per-example NT-Xent against the other view's detached embedding; th
 the two adversarial views plus ``objective.clean_weight`` times NT-Xent on the clean views (ACL's
 "A2A" pair with a clean term; 0 drops it). ``objective.temperature`` is tau.
 
-The model is an encoder + projection head (``dat_ds.ssl.ContrastiveModel``); ``prepare_model`` builds
+The model is an encoder + projection head (``ssl_model.ContrastiveModel``); ``prepare_model`` builds
 it from ``cfg.model.name`` when the trainer asks. The trainer's accuracy columns compare the argmax of
 an embedding with a label and mean nothing for this objective: evaluate with ``dat-ds finetune``.
 The running "train acc" it logs is the contrastive accuracy (is each view's nearest neighbour its twin?).
@@ -22,7 +22,7 @@ from ..attacks import attack_from_config, eval_mode
 from .augment import two_views
 from .nt_xent import nt_xent, nt_xent_to_target
 from .ssl_model import build_contrastive_model
-from .base import OBJECTIVES, Objective
+from .base import OBJECTIVES, Objective, ObjectiveOutput
 
 
 def contrastive_attack(ctx, view: torch.Tensor, other_embedding: torch.Tensor) -> torch.Tensor:
@@ -49,12 +49,13 @@ class ACL(Objective):
         x2 = contrastive_attack(ctx, v2, t1)
         z1, z2 = ctx.model(x1), ctx.model(x2)
         loss_adv = nt_xent(z1, z2, tau)
-        out = {"loss_adv": loss_adv.detach()}
+        metrics = {"loss_adv": loss_adv.detach()}
         loss = loss_adv
         if lam > 0:
             loss_clean = nt_xent(ctx.model(v1), ctx.model(v2), tau)
             loss = loss + lam * loss_clean
-            out["loss_clean"] = loss_clean.detach()
+            metrics["loss_clean"] = loss_clean.detach()
         with torch.no_grad():
             sim = F.normalize(z1.float(), dim=1) @ F.normalize(z2.float(), dim=1).t()
-        return {**out, "loss": loss, "logits": sim, "targets": torch.arange(x.shape[0], device=x.device)}
+        return ObjectiveOutput(loss=loss, logits=sim, targets=torch.arange(x.shape[0], device=x.device),
+                               metrics=metrics)

@@ -2,10 +2,10 @@
 
 Each minibatch is replayed ``m = objective.replays`` times (the loop does the replaying). Every replay
 trains on ``x + delta`` and the *same* backward pass that produces the parameter gradient also
-produces the input gradient, which moves ``delta`` one signed step of size eps (``attack.step_size``
-if set) and projects it back into the eps-ball. ``delta`` persists across replays and minibatches, as
-in the paper. With m replays an epoch costs about m plain epochs, so divide the epoch count by m:
-E / m epochs of Free-AT cost about as much as E epochs of standard training.
+produces the input gradient; ``after_backward`` moves ``delta`` one signed step of size eps along it
+(``attack.step_size`` if set) and projects it back into the eps-ball. ``delta`` persists across
+replays and minibatches, as in the paper. With m replays an epoch costs about m plain epochs, so
+divide the epoch count by m: E / m epochs of Free-AT cost about as much as E epochs of standard training.
 
 Each rank keeps its own ``delta`` (its own data shard); ``state_dict`` gathers all of them so a resumed
 run with the same world size continues bit for bit.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..core import dist
 from ..attacks import GEOMETRIES
-from .base import OBJECTIVES, Objective
+from .base import OBJECTIVES, Objective, ObjectiveOutput
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class FreeAT(Objective):
         self.geometry = GEOMETRIES.get(cfg.attack.norm)(cfg.attack.eps)
         self.step_size = cfg.attack.step_size if cfg.attack.step_size is not None else cfg.attack.eps
         self.delta: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None  # this step's clean batch and perturbed input, until after_backward
+        self._x_adv: torch.Tensor | None = None
 
     def __call__(self, ctx, x, y):
         if self.delta is None or self.delta.shape != x.shape:
@@ -41,17 +43,19 @@ class FreeAT(Objective):
         self.delta = self.delta.to(device=x.device, dtype=x.dtype)
         # A leaf that requires grad: engine.backward fills x_adv.grad along with the parameter gradients.
         x_adv = (x + self.delta).clamp(0, 1).detach().requires_grad_(True)
+        self._x, self._x_adv = x, x_adv
         logits = ctx.model(x_adv)
         loss = F.cross_entropy(logits.float(), y)
+        return ObjectiveOutput(loss=loss, logits=logits, metrics={"loss_adv": loss.detach()})
 
-        def update_delta() -> None:
-            if x_adv.grad is None:  # e.g. a skipped step: keep the perturbation as it was
-                return
-            stepped = self.geometry.step(x_adv.detach(), x_adv.grad, self.step_size)
-            self.delta = (self.geometry.project(stepped, x) - x).detach()
-            x_adv.grad = None
-
-        return {"loss": loss, "logits": logits, "loss_adv": loss.detach(), "after_backward": update_delta}
+    def after_backward(self) -> None:
+        """One signed step of ``delta`` along the input gradient this step's backward produced, projected."""
+        x, x_adv = self._x, self._x_adv
+        self._x = self._x_adv = None
+        if x_adv is None or x_adv.grad is None:  # no backward through this step: keep the perturbation as it was
+            return
+        stepped = self.geometry.step(x_adv.detach(), x_adv.grad, self.step_size)
+        self.delta = (self.geometry.project(stepped, x) - x).detach()
 
     def state_dict(self) -> dict[str, Any]:
         # Collective: every rank calls state_dict() when a checkpoint is saved, and rank 0 writes it.

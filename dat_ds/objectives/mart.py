@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import attack_from_config
-from .base import OBJECTIVES, Objective
+from .base import OBJECTIVES, Objective, ObjectiveOutput
 from .trades import kl_clean_adv
 
 
@@ -39,5 +39,5 @@ class Mart(Objective):
         loss_bce = boosted_ce(logits_adv, y).mean()
         p_true = F.softmax(logits_clean.float(), dim=1).gather(1, y[:, None]).squeeze(1)
         loss_kl = (kl_clean_adv(logits_clean, logits_adv) * (1.0 - p_true)).mean()
-        return {"loss": loss_bce + beta * loss_kl, "logits": logits_adv, "logits_clean": logits_clean,
-                "loss_adv": loss_bce.detach(), "loss_kl": loss_kl.detach(), "metric_kl": loss_kl.detach()}
+        return ObjectiveOutput(loss=loss_bce + beta * loss_kl, logits=logits_adv,
+                               metrics={"loss_adv": loss_bce.detach(), "loss_kl": loss_kl.detach()})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..attacks import attack_from_config
-from .base import OBJECTIVES, Objective
+from .base import OBJECTIVES, Objective, ObjectiveOutput
 
 
 @OBJECTIVES.register("madry")
@@ -16,7 +16,7 @@ class Madry(Objective):
         x_adv = attack_from_config(ctx.cfg.attack, ctx.module, x, y, generator=ctx.generator)
         logits = ctx.model(x_adv)
         loss = F.cross_entropy(logits.float(), y)
-        return {"loss": loss, "logits": logits, "loss_adv": loss.detach()}
+        return ObjectiveOutput(loss=loss, logits=logits, metrics={"loss_adv": loss.detach()})
 
 
 @OBJECTIVES.register("dat")
@@ -28,15 +28,13 @@ class DAT(Objective):
         x_adv = attack_from_config(ctx.cfg.attack, ctx.module, x, y, generator=ctx.generator)
         logits = ctx.model(x_adv)
         loss_adv = F.cross_entropy(logits.float(), y)
-        out = {"logits": logits, "loss_adv": loss_adv.detach()}
+        metrics = {"loss_adv": loss_adv.detach()}
+        loss = loss_adv
         if lam > 0:
-            logits_clean = ctx.model(x)
-            loss_clean = F.cross_entropy(logits_clean.float(), y)
-            out.update(logits_clean=logits_clean, loss_clean=loss_clean.detach())
-            out["loss"] = loss_adv + lam * loss_clean
-        else:
-            out["loss"] = loss_adv
-        return out
+            loss_clean = F.cross_entropy(ctx.model(x).float(), y)
+            metrics["loss_clean"] = loss_clean.detach()
+            loss = loss_adv + lam * loss_clean
+        return ObjectiveOutput(loss=loss, logits=logits, metrics=metrics)
 
 
 @OBJECTIVES.register("clean")
@@ -46,4 +44,4 @@ class Clean(Objective):
     def __call__(self, ctx, x, y):
         logits = ctx.model(x)
         loss = F.cross_entropy(logits.float(), y)
-        return {"loss": loss, "logits": logits}
+        return ObjectiveOutput(loss=loss, logits=logits)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import attack_from_config, eval_mode
-from .base import OBJECTIVES, Objective
+from .base import OBJECTIVES, Objective, ObjectiveOutput
 
 
 def kl_to_target(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -45,11 +45,10 @@ class Trades(Objective):
         beta = ctx.cfg.objective.beta
         logits_clean = ctx.model(x)
         loss_clean = F.cross_entropy(logits_clean.float(), y)
-        out = {"logits_clean": logits_clean, "loss_clean": loss_clean.detach()}
         if beta == 0:
-            return {**out, "loss": loss_clean, "logits": logits_clean}
+            return ObjectiveOutput(loss=loss_clean, logits=logits_clean, metrics={"loss_clean": loss_clean.detach()})
         x_adv = kl_attack(ctx, x)
         logits_adv = ctx.model(x_adv)
         loss_kl = kl_clean_adv(logits_clean, logits_adv).mean()
-        return {**out, "loss": loss_clean + beta * loss_kl, "logits": logits_adv, "loss_kl": loss_kl.detach(),
-                "metric_kl": loss_kl.detach()}
+        return ObjectiveOutput(loss=loss_clean + beta * loss_kl, logits=logits_adv,
+                               metrics={"loss_clean": loss_clean.detach(), "loss_kl": loss_kl.detach()})

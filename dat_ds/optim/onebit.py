@@ -22,8 +22,10 @@ They average gradients themselves: the trainer switches DeepSpeed's gradient all
   ``factor_max``] and changing by at most ``factor_threshold`` per step.
 
 Adam's bias corrections are kept (the warm-up stage equals ``torch.optim.AdamW``); weight decay is
-decoupled, as in DeepSpeed's versions. Every optimizer reports ``comm_stats()``; its error-feedback
-buffers, step counters and byte counts live in ``state_dict()["comm"]``.
+decoupled, as in DeepSpeed's versions. Each is a ``dat_ds.comm.CommunicatingOptimizer``: it reports
+``comm_stats()``, says what it compresses (``label``, ``scheme``, ``warmup_steps``) and hands its per-rank
+state (error feedback, 0/1 Adam's local steps) to the checkpoint through ``rank_local_state()``; the
+error-feedback buffers, step counters and byte counts also live in ``state_dict()["comm"]``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from typing import Any
 
 import torch
 
-from ..comm import ByteMeter, SignCompressor, TorchBackend, compressed_allreduce, error_buffers
+from ..comm.allreduce import compressed_allreduce, error_buffers
+from ..comm.backend import ByteMeter, TorchBackend
+from ..comm.compressors import SignCompressor
+from ..comm.protocol import CommunicatingOptimizer
 from ..core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,9 +48,19 @@ DEFAULT_BLOCK = 256  # elements per 1-bit scale: 32 sign bytes + 4 scale bytes -
 
 
 class CompressedOptimizer(torch.optim.Optimizer):
-    """Shared plumbing: lazy comm backend, flat views of all parameters, stats and checkpoint state."""
+    """Shared plumbing: lazy comm backend, flat views of all parameters, stats and checkpoint state.
+
+    Subclasses implement :class:`~dat_ds.comm.protocol.CommunicatingOptimizer`: ``label``, ``scheme``,
+    ``warmup_steps`` here, ``comm_stats`` / ``rank_local_state`` / ``load_rank_local_state`` below.
+    """
 
     label = "compressed optimizer"
+    scheme = "1-bit compressed communication"
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of fp32 communication before the first compressed one (from the configuration)."""
+        raise NotImplementedError
 
     def __init__(self, params, defaults: dict[str, Any], *, cuda_aware: bool = False, comm_backend_name: str = "nccl",
                  process_group=None, block: int = DEFAULT_BLOCK):
@@ -238,6 +253,7 @@ def _adam_moments(state: dict, p: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 class OneBitAdam(CompressedOptimizer):
     label = "1-bit Adam"
+    scheme = "1-bit compressed momentum"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  freeze_step: int = 100000, cuda_aware: bool = False, comm_backend_name: str = "nccl", **runtime):
@@ -247,6 +263,10 @@ class OneBitAdam(CompressedOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
                          cuda_aware=cuda_aware, comm_backend_name=comm_backend_name, **runtime)
         self.freeze_step = freeze_step
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.freeze_step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -290,6 +310,7 @@ class OneBitAdam(CompressedOptimizer):
 
 class ZeroOneAdam(CompressedOptimizer):
     label = "0/1 Adam"
+    scheme = "1-bit compressed updates (fp32 variance refreshes until var_freeze_step, then local steps)"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  var_freeze_step: int = 100000, var_update_scaler: int = 16, local_step_scaler: int = 32678,
@@ -310,6 +331,12 @@ class ZeroOneAdam(CompressedOptimizer):
         self.next_var_step = 1
         self.local_interval = 1  # steps between synchronisations once the variance is frozen
         self.next_sync_step = 1
+
+    @property
+    def warmup_steps(self) -> int:
+        # Every step refreshes the variance (fp32) until the refresh interval first doubles, after
+        # var_update_scaler refreshes; the step after that is the first 1-bit synchronisation.
+        return min(self.var_update_scaler, self.var_freeze_step)
 
     def _state(self, p):
         st = self.state[p]
@@ -436,6 +463,7 @@ class ZeroOneAdam(CompressedOptimizer):
 
 class OneBitLamb(CompressedOptimizer):
     label = "1-bit LAMB"
+    scheme = "1-bit compressed momentum"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  freeze_step: int = 100000, max_coeff: float = 10.0, min_coeff: float = 0.01,
@@ -453,6 +481,10 @@ class OneBitLamb(CompressedOptimizer):
                                       factor_max=factor_max, factor_min=factor_min, factor_threshold=factor_threshold),
                          cuda_aware=cuda_aware, comm_backend_name=comm_backend_name, **runtime)
         self.freeze_step = freeze_step
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.freeze_step
 
     def _trust_ratio(self, group, p, update) -> float:
         w, u = p.detach().float().norm().item(), update.norm().item()
@@ -534,8 +566,9 @@ class OneBitLamb(CompressedOptimizer):
         return {"freeze_step": self.freeze_step}
 
 
-def describe_comm(stats: dict[str, Any]) -> str:
+def describe_comm(comm: CommunicatingOptimizer) -> str:
     """One line for the log: stage and bytes this rank sent vs an fp32 all-reduce."""
+    stats = comm.comm_stats()
     if stats.get("world_size", 1) <= 1:
         return f"communication stage {stats['stage']} (world size 1: nothing sent)"
     return (f"communication stage {stats['stage']}: this rank sent {stats['bytes_sent'] / 2**20:.2f} MiB vs "
@@ -543,14 +576,15 @@ def describe_comm(stats: dict[str, Any]) -> str:
             f"last step {stats['step_bytes_sent']} vs {stats['step_bytes_fp32_equiv']} bytes")
 
 
-def check_compression_plan(optimizer, total_steps: int, world: int) -> None:
-    """Say up front when a run configured to compress will never reach its compression stage."""
-    freeze = getattr(optimizer, "freeze_step", None)
-    label = getattr(optimizer, "label", type(optimizer).__name__)
-    if freeze is not None and freeze >= total_steps:
-        log.warning("%s: freeze_step=%d >= the %d optimizer steps of this run, so it will NEVER compress "
-                    "(plain fp32 all-reduce throughout); lower freeze_step (15-25%% of the steps is typical)",
-                    label, freeze, total_steps)
-    elif freeze is not None:
-        log.info("%s: fp32 warm-up for %d of %d steps, then 1-bit compressed momentum on %d rank(s)", label, freeze,
-                 total_steps, world)
+def check_compression_plan(comm: CommunicatingOptimizer, total_steps: int, world: int) -> None:
+    """Say up front what compression this run will really do, and warn when it never starts."""
+    warmup = comm.warmup_steps
+    if warmup >= total_steps:
+        log.warning("%s: %d fp32 warm-up steps >= the %d optimizer steps of this run, so it will NEVER compress "
+                    "(plain fp32 all-reduce throughout); shorten the warm-up (freeze_step: 15-25%% of the steps "
+                    "is typical)", comm.label, warmup, total_steps)
+    elif warmup:
+        log.info("%s: fp32 warm-up for %d of %d steps, then %s on %d rank(s)", comm.label, warmup, total_steps,
+                 comm.scheme, world)
+    else:
+        log.info("%s: %s on %d rank(s) from the first of %d steps", comm.label, comm.scheme, world, total_steps)

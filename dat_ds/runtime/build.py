@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..comm.protocol import CommunicatingOptimizer
+from ..core import dist
 from ..core.config import RunConfig
 from ..optim import build_optimizer, build_scheduler, lr_scale, param_groups
 from . import ds_config
@@ -21,33 +23,48 @@ class BuiltEngine:
     optimizer: Any  # what DeepSpeed wraps or uses as is
     scheduler: Any
     lr_scale: float
-    comm: Any = None  # CommunicatingOptimizer | None: whatever does compressed communication, if anything
+    # The optimizer that averages gradients over ranks itself (compressed), None when DeepSpeed does:
+    # the runtime logs its comm_stats() and checkpoints its rank_local_state() through this.
+    comm: CommunicatingOptimizer | None = None
 
 
-def build_engine(cfg: RunConfig, settings: ds_config.EngineSettings, model: torch.nn.Module, steps_per_epoch: int):
+def build_engine(cfg: RunConfig, settings: ds_config.EngineSettings, model: torch.nn.Module,
+                 steps_per_epoch: int) -> BuiltEngine:
     import deepspeed
 
     weight_decay = (settings.optimizer.get("params") or {}).get("weight_decay")
     scale = lr_scale(cfg.optim, settings.global_batch)
     optimizer = build_optimizer(settings.optimizer, param_groups(model, weight_decay), lr_scale=scale)
-    if settings.gradient_compression is not None:
-        from ..comm import QuantizedGradientAllReduce
+    gc = settings.gradient_compression
+    if gc is not None:
+        from ..comm.gradient import QuantizedAllReduceOptimizer
 
-        gc = settings.gradient_compression
-        QuantizedGradientAllReduce(bits=gc["bits"], block=gc["block"], seed=cfg.seed).attach(optimizer)
+        optimizer = QuantizedAllReduceOptimizer(optimizer, bits=gc["bits"], block=gc["block"], seed=cfg.seed)
+    comm = optimizer if settings.compresses or gc is not None else None
+    if comm is not None and not isinstance(comm, CommunicatingOptimizer):
+        raise TypeError(f"{type(comm).__name__} is registered as compressing but is not a CommunicatingOptimizer")
     scheduler = None
-    if not settings.has_scheduler:
+    if not settings.has_scheduler:  # on the object DeepSpeed steps (the wrapper, if any)
         scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, ds_optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=settings.ds_config
     )
-    if settings.compresses:
-        # The optimizer communicates (compressed) itself: DeepSpeed must not also all-reduce gradients.
-        engine.enable_backward_allreduce = False
+    if comm is None:
+        return BuiltEngine(engine=engine, optimizer=ds_optimizer, scheduler=scheduler, lr_scale=scale)
+    if engine.optimizer is not comm:
+        # ds_config allows compression with ZeRO 0 and fp32 weights only, where DeepSpeed steps the client
+        # optimizer itself; a DeepSpeed wrapper in between would bypass our all-reduce.
+        raise RuntimeError(f"DeepSpeed wrapped {type(comm).__name__} in {type(engine.optimizer).__name__}; "
+                           "compressed communication needs ZeRO stage 0 with fp32 weights")
+    # The optimizer communicates (compressed) itself: DeepSpeed must not also all-reduce gradients.
+    engine.enable_backward_allreduce = False
+    if gc is not None:
+        log.info("gradient_compression %s: %d-bit quantized gradient all-reduce replaces DeepSpeed's",
+                 gc["type"], gc["bits"])
+    else:
         log.info("%s does its own compressed communication; DeepSpeed's gradient all-reduce is off",
                  settings.optimizer["type"])
-    elif settings.gradient_compression is not None:
-        engine.enable_backward_allreduce = False  # the quantized all-reduce in the optimizer's step pre-hook replaces it
-        log.info("gradient_compression %s: %d-bit quantized gradient all-reduce replaces DeepSpeed's",
-                 settings.gradient_compression["type"], settings.gradient_compression["bits"])
-    return BuiltEngine(engine=engine, optimizer=optimizer, scheduler=scheduler, lr_scale=scale)
+    from ..optim.onebit import check_compression_plan
+
+    check_compression_plan(comm, cfg.train.epochs * steps_per_epoch, dist.world_size())
+    return BuiltEngine(engine=engine, optimizer=ds_optimizer, scheduler=scheduler, lr_scale=scale, comm=comm)

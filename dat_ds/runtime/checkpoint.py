@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..comm.protocol import CommunicatingOptimizer
 from ..core import dist
 from ..core.errors import ConfigError
 from ..core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -40,7 +41,7 @@ COMPLETE = "complete.json"
 TMP_PREFIX = ".tmp-"
 # Config keys whose change makes the saved tensors unusable: checked before DeepSpeed sees the files.
 MUST_MATCH = (("model", "name"), ("data", "name"))
-OPTIMIZER_LOCAL = "optimizer_local"  # key of the optimizer's per-rank state in rank_state_<r>.pt
+OPTIMIZER_LOCAL = "optimizer_local"  # key of comm.rank_local_state() in rank_state_<r>.pt
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -102,8 +103,12 @@ def checkpoint_meta(config: dict[str, Any] | None, ds: dict[str, Any] | None) ->
 
 
 def save(engine, root: Path, tag: str, *, client_state: dict[str, Any], rank_state: dict[str, Any],
-         keep_last: int) -> Path:
-    """Write one checkpoint on every rank; committed by rank 0 with one rename after all ranks wrote."""
+         keep_last: int, comm: CommunicatingOptimizer | None = None) -> Path:
+    """Write one checkpoint on every rank; committed by rank 0 with one rename after all ranks wrote.
+
+    ``comm`` (``BuiltEngine.comm``): the optimizer that communicates itself; its per-rank state (error
+    feedback, 0/1 Adam's local steps, the quantizer's step counter) goes into this rank's own file.
+    """
     root = Path(root)
     tmp_tag = TMP_PREFIX + tag
     if dist.is_main_process() and (root / tmp_tag).exists():
@@ -112,9 +117,8 @@ def save(engine, root: Path, tag: str, *, client_state: dict[str, Any], rank_sta
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
     import io
 
-    local = getattr(engine.optimizer, "rank_local_state", None)
-    if callable(local):  # compressing optimizers: error feedback etc. differ per rank
-        rank_state = {**rank_state, OPTIMIZER_LOCAL: local()}
+    if comm is not None:  # DeepSpeed (ZeRO 0) saves rank 0's optimizer state only
+        rank_state = {**rank_state, OPTIMIZER_LOCAL: comm.rank_local_state()}
     buf = io.BytesIO()
     torch.save(rank_state, buf)
     atomic_write_bytes(root / tmp_tag / f"rank_state_{dist.rank()}.pt", buf.getvalue())
@@ -345,8 +349,13 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
     )
 
 
-def load(engine, root: Path, tag: str, generator: torch.Generator | None) -> dict[str, Any]:
-    """Restore engine + RNG from a tag that ``verify_tag`` accepted (call ``check_compatible`` first)."""
+def load(engine, root: Path, tag: str, generator: torch.Generator | None,
+         comm: CommunicatingOptimizer | None = None) -> dict[str, Any]:
+    """Restore engine + RNG from a tag that ``verify_tag`` accepted (call ``check_compatible`` first).
+
+    ``comm`` gets back the per-rank state :func:`save` took from it, after DeepSpeed restored rank 0's
+    optimizer state on every rank.
+    """
     try:
         verify_tag(root, tag)  # cheap next to training, and the files may have changed since the preflight
     except CorruptCheckpoint as e:
@@ -363,9 +372,11 @@ def load(engine, root: Path, tag: str, generator: torch.Generator | None) -> dic
     if rank_file.is_file():
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
         restore_rng(rank_state, generator)
-        load_local = getattr(engine.optimizer, "load_rank_local_state", None)
-        if OPTIMIZER_LOCAL in rank_state and callable(load_local):
-            load_local(rank_state[OPTIMIZER_LOCAL])
+        if comm is not None and OPTIMIZER_LOCAL in rank_state:
+            comm.load_rank_local_state(rank_state[OPTIMIZER_LOCAL])
+        elif comm is not None:
+            log.warning("checkpoint %s has no per-rank %s state for rank %d; it restarts from the shared "
+                        "optimizer state", tag, comm.label, dist.rank())
     else:
         log.warning("checkpoint %s has no RNG state for rank %d (saved with another world size?); "
                     "training continues but will not be bit-identical", tag, dist.rank())

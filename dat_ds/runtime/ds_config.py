@@ -3,6 +3,8 @@
 The JSON owns engine settings: batch sizes, precision, ZeRO, optimizer (built by dat-ds, see
 ``dat_ds.optim``), scheduler, clipping and monitors. We check what DeepSpeed would only discover
 mid-run -- unknown keys, batch arithmetic, impossible combinations -- and report each as one line.
+Nothing here imports torch: the optimizer and compression facts are frozen data (``optim/specs.py``,
+``comm/spec.py``), so the CLI validates a JSON before any heavy import or rank start.
 """
 
 from __future__ import annotations
@@ -13,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core import resources
 from ..core.errors import ConfigError
-from ..optim import check_optimizer_params
-from ..optim.factory import optimizer_entry
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ..optim.specs import check_optimizer_params
 
 KNOWN_KEYS = frozenset({
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
@@ -60,12 +60,8 @@ class EngineSettings:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A relative path is tried from the working directory, then from the repository root."""
-    p = Path(path)
-    if p.is_file() or p.is_absolute():
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.is_file() else p
+    """A path as given if it exists, else the shipped ``ds_configs/<name>.json`` (``zero2_fp32`` works too)."""
+    return resources.ds_config(path)
 
 
 def load_ds_json(path: str | Path) -> dict[str, Any]:
@@ -153,8 +149,7 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
     optimizer = data.pop("optimizer", None)
     if optimizer is None:
         raise ConfigError(f'DeepSpeed config {str(path)!r} has no "optimizer" section; add e.g. {{"type": "AdamW", "params": {{"lr": 1e-3}}}}')
-    check_optimizer_params(optimizer)
-    _, entry = optimizer_entry(optimizer)
+    optimizer_name, entry = check_optimizer_params(optimizer)
     if entry.compresses and stage > 0:
         raise ConfigError(
             f"optimizer {optimizer['type']!r} does its own compressed communication and cannot run with ZeRO stage {stage}; "
@@ -164,7 +159,7 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
         raise ConfigError(
             f"optimizer {optimizer['type']!r} communicates at every micro-step; set gradient_accumulation_steps to 1"
         )
-    if optimizer_entry(optimizer)[0] in ("lamb", "lars") and (stage > 0 or precision in ("bf16", "fp16")):
+    if optimizer_name in ("lamb", "lars") and (stage > 0 or precision in ("bf16", "fp16")):
         # ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers hand the optimizer one flat tensor per parameter
         # group, so LAMB/LARS would compute one trust ratio for the whole model instead of one per layer.
         raise ConfigError(
@@ -177,7 +172,7 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
         )
     gradient_compression = data.pop("gradient_compression", None)
     if gradient_compression is not None:
-        from ..comm.gradient import check_gradient_compression
+        from ..comm.spec import check_gradient_compression
 
         gradient_compression = check_gradient_compression(gradient_compression)
         conflict = ("optimizer " + repr(optimizer["type"]) + " already compresses its own communication" if entry.compresses

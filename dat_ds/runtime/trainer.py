@@ -1,4 +1,11 @@
-"""Build everything from the two configs and run the epochs: data, model, engine, checkpoints, eval."""
+"""The training run on one rank: build everything from the two configs, resume, run the epochs.
+
+``Trainer(cfg).setup()`` prepares the run folder, data, model, engine and objective and restores a
+checkpoint when resuming; ``fit(callbacks)`` runs the epochs and returns the run's summary. Around
+the loop the callbacks (``runtime.callbacks``) do the rest: the trainer always adds mid-epoch
+checkpointing last; evaluation and the overfitting monitor come from the layer above
+(``dat_ds.evaluation.training.run_training`` is the composition ``dat-ds train`` uses).
+"""
 
 from __future__ import annotations
 
@@ -6,32 +13,29 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ..core import dist, ui
 from ..core.config import RunConfig
+from ..core.errors import ConfigError
+from ..core.io import JsonlWriter, atomic_write_json, atomic_write_text
 from ..data import build_dataset
 from ..data.loaders import build_train_loader
-from ..core.io import JsonlWriter, atomic_write_json, atomic_write_text
 from ..models import create_model
 from ..objectives import ObjectiveContext, build_objective, prepare_model
 from . import checkpoint, ds_config
 from .build import build_engine
-from ..evaluation.evaluate import AttackSpec, evaluate
-from .loop import StopTraining, TrainState, train_one_epoch
+from .callbacks import Callback, Checkpointing, StopTraining
+from .loop import NonFiniteWatch, TrainState, train_one_epoch
 
 log = logging.getLogger("dat_ds.launch.train")
-
-
-def eval_specs(cfg: RunConfig) -> list[AttackSpec]:
-    eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
-    return [AttackSpec(attack=cfg.eval.attack, eps=eps, steps=cfg.eval.steps, restarts=cfg.eval.restarts,
-                       step_size=cfg.eval.step_size, norm=cfg.attack.norm)]
+RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png")  # what --overwrite removes besides checkpoints
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Training loss and, where the rows have them, clean and robust test accuracy per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,170 +47,204 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax1.plot(epochs, [h["train_loss"] for h in history], marker="o")
     ax1.set(xlabel="epoch", ylabel="train loss", title="training objective")
-    ax2.plot(epochs, [h["clean_acc"] for h in history], marker="o", label="clean")
+    clean = [(h["epoch"], h["clean_acc"]) for h in history if h.get("clean_acc") is not None]
+    if clean:
+        ax2.plot(*zip(*clean), marker="o", label="clean")
     rob = [(h["epoch"], h["robust_acc"]) for h in history if h.get("robust_acc") is not None]
     if rob:
         ax2.plot(*zip(*rob), marker="s", label=history[-1].get("robust_attack", "robust"))
     ax2.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1), title=title)
-    ax2.legend()
+    if clean or rob:
+        ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
 
 
-def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    dist.init_distributed()
-    threads = dist.set_threads_per_rank()
-    rank, world = dist.rank(), dist.world_size()
-    settings = ds_config.prepare(cfg.deepspeed_config, world)
-    run_dir = cfg.run_dir
-    ckpt_root = run_dir / "checkpoint"
-    # Resolve and vet the checkpoint before anything is built: a mismatch is one line, not a DeepSpeed crash.
-    found = checkpoint.resolve_resume(resume, run_dir) if resume is not None else None
-    if found is not None:
-        checkpoint.check_compatible(*found, cfg, {**settings.ds_config, "optimizer": settings.optimizer})
-    if dist.is_main_process():
-        if overwrite and resume is None and run_dir.exists():
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-            for name in ("metrics.jsonl", "summary.json", "curves.png"):
-                (run_dir / name).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        atomic_write_json(run_dir / "ds_config.json", {**settings.ds_config, "optimizer": settings.optimizer})
-    dist.barrier()
-    log.info("run %s: %d rank(s) on %s/%s, %d thread(s) per rank, global batch %d (micro %d x accum %d x %d), "
-             "ZeRO-%d, %s", cfg.name, world, dist.accelerator().device_name(),
-             dist.accelerator().communication_backend_name(), threads, settings.global_batch, settings.micro_batch,
-             settings.grad_accum, world, settings.zero_stage, settings.precision)
+class Trainer:
+    """One run on this rank. Every rank builds one and calls the same methods in the same order."""
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    train_set, spec = build_dataset(cfg.data, "train")
-    test_set, _ = build_dataset(cfg.data, "test")
-    model = create_model(cfg.model.name, spec, cfg.model.weights)
-    model = prepare_model(cfg, spec, model)  # e.g. acl trains an encoder + projection head
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loaders = build_train_loader(cfg, train_set, micro_batch=settings.micro_batch, rank=rank, world_size=world)
-    steps_per_epoch = loaders.steps_per_epoch
-    if cfg.train.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        from ..core.errors import ConfigError
+    def __init__(self, cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False):
+        self.cfg = cfg
+        self.resume = resume
+        self.overwrite = overwrite
+        self.run_dir = cfg.run_dir
+        self.ckpt_root = self.run_dir / "checkpoint"
+        self.state = TrainState()
+        self.callbacks: list[Callback] = []
+        self._ready = False
 
-        raise ConfigError(f"the training set ({len(train_set)} examples) is smaller than one global batch "
-                          f"({settings.global_batch}); lower train_micro_batch_size_per_gpu")
-    optimizer_steps_per_epoch = max(1, steps_per_epoch // settings.grad_accum)
-    built = build_engine(cfg, settings, model, optimizer_steps_per_epoch)
-    engine, scale = built.engine, built.lr_scale
-    if settings.compresses:
-        from ..optim.onebit import check_compression_plan
+    # ------------------------------------------------------------------ setup
 
-        check_compression_plan(engine.optimizer, cfg.train.epochs * optimizer_steps_per_epoch, world)
-    if scale != 1.0:
-        log.info("LR scaled x%.3g (%s rule, global batch %d / base %d)", scale, cfg.optim.lr_scaling,
-                 settings.global_batch, cfg.optim.base_batch_size)
-    objective = build_objective(cfg)
-    device = dist.device()
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1))
-    torch.manual_seed(cfg.seed + 1 + rank)  # dropout etc. differ per rank from here on
-    attack_module = engine.module
-    if settings.precision == "bf16-autocast":  # attacks run in the same precision as the training forward
-        from ..models.wrapper import AutocastModule
+    def setup(self) -> Trainer:
+        """Run folder, data, model, engine, objective; then the checkpoint when resuming. Collective."""
+        dist.init_distributed()
+        threads = dist.set_threads_per_rank()
+        cfg, world = self.cfg, dist.world_size()
+        self.settings = ds_config.prepare(cfg.deepspeed_config, world)
+        self.ds_json = {**self.settings.ds_config, "optimizer": self.settings.optimizer}
+        # Resolve and vet the checkpoint before anything is built: a mismatch is one line, not a DeepSpeed crash.
+        found = checkpoint.resolve_resume(self.resume, self.run_dir) if self.resume is not None else None
+        if found is not None:
+            checkpoint.check_compatible(*found, cfg, self.ds_json)
+        self._prepare_run_dir()
+        s = self.settings
+        log.info("run %s: %d rank(s) on %s/%s, %d thread(s) per rank, global batch %d (micro %d x accum %d x %d), "
+                 "ZeRO-%d, %s", cfg.name, world, dist.accelerator().device_name(),
+                 dist.accelerator().communication_backend_name(), threads, s.global_batch, s.micro_batch,
+                 s.grad_accum, world, s.zero_stage, s.precision)
+        self._build()
+        if found is not None:
+            self._restore(*found)
+        self.metrics_file = JsonlWriter(self.run_dir / "metrics.jsonl") if dist.is_main_process() else None
+        self._ready = True
+        return self
 
-        attack_module = AutocastModule(engine.module, dist.accelerator().device_name())
-    ctx = ObjectiveContext(model=engine, module=attack_module, cfg=cfg, generator=generator)
+    def _prepare_run_dir(self) -> None:
+        if dist.is_main_process():
+            if self.overwrite and self.resume is None and self.run_dir.exists():
+                shutil.rmtree(self.ckpt_root, ignore_errors=True)
+                for name in RUN_FILES:
+                    (self.run_dir / name).unlink(missing_ok=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
+            atomic_write_json(self.run_dir / "ds_config.json", self.ds_json)
+        dist.barrier()
 
-    state = TrainState()
-    if found is not None:
-        root, tag = found
-        client = checkpoint.load(engine, root, tag, generator)
+    def _build(self) -> None:
+        cfg, s = self.cfg, self.settings
+        rank, world = dist.rank(), dist.world_size()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        train_set, spec = build_dataset(cfg.data, "train")
+        self.spec = spec
+        model = prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights))
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.loaders = build_train_loader(cfg, train_set, micro_batch=s.micro_batch, rank=rank, world_size=world)
+        steps = self.loaders.steps_per_epoch
+        if cfg.train.max_steps_per_epoch is not None:
+            steps = min(steps, cfg.train.max_steps_per_epoch)
+        if steps == 0:
+            raise ConfigError(f"the training set ({len(train_set)} examples) is smaller than one global batch "
+                              f"({s.global_batch}); lower train_micro_batch_size_per_gpu")
+        self.steps_per_epoch = steps
+        self.built = build_engine(cfg, s, model, max(1, steps // s.grad_accum))
+        self.engine = self.built.engine
+        if self.built.lr_scale != 1.0:
+            log.info("LR scaled x%.3g (%s rule, global batch %d / base %d)", self.built.lr_scale,
+                     cfg.optim.lr_scaling, s.global_batch, cfg.optim.base_batch_size)
+        self.objective = build_objective(cfg)
+        self.generator = torch.Generator(device=dist.device()).manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1))
+        torch.manual_seed(cfg.seed + 1 + rank)  # dropout etc. differ per rank from here on
+        attack_module = self.engine.module
+        if s.precision == "bf16-autocast":  # attacks run in the same precision as the training forward
+            from ..models.wrapper import AutocastModule
+
+            attack_module = AutocastModule(self.engine.module, dist.accelerator().device_name())
+        self.ctx = ObjectiveContext(model=self.engine, module=attack_module, cfg=cfg, generator=self.generator)
+        self.watch = NonFiniteWatch(dist.device())
+
+    def _restore(self, root: Path, tag: str) -> None:
+        client = checkpoint.load(self.engine, root, tag, self.generator, comm=self.built.comm)
         state = TrainState(epoch=client["epoch"], step_in_epoch=client["step_in_epoch"],
                            global_step=client["global_step"], skipped_steps=client.get("skipped_steps", 0),
                            history=client.get("history", []))
         if client.get("objective_state"):
-            objective.load_state_dict(client["objective_state"])
-        if state.step_in_epoch >= steps_per_epoch:  # the checkpoint closed its epoch
+            self.objective.load_state_dict(client["objective_state"])
+        if state.step_in_epoch >= self.steps_per_epoch:  # the checkpoint closed its epoch
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        self.state = state
         log.info("resumed from %s: epoch %d, step %d of the epoch, global step %d", root / tag, state.epoch,
                  state.step_in_epoch, state.global_step)
 
-    metrics = JsonlWriter(run_dir / "metrics.jsonl") if dist.is_main_process() else None
-    write = (lambda rec: metrics.write(rec)) if metrics is not None else (lambda rec: None)
-    specs = eval_specs(cfg)
-    client_extra = {"config": cfg.to_dict(), "ds_config": {**settings.ds_config, "optimizer": settings.optimizer},
-                    "data_spec": {"in_chans": spec.in_chans, "num_classes": spec.num_classes, "img_size": spec.img_size,
-                                  "mean": list(spec.mean), "std": list(spec.std), "classes": list(spec.classes)}}
+    # ------------------------------------------------------------------ the run
 
-    def save(end_of_epoch: bool) -> None:
-        tag = checkpoint.tag_for(state.epoch, state.global_step, end_of_epoch)
-        checkpoint.save(engine, ckpt_root, tag,
-                        client_state={**state.to_dict(), **client_extra, "objective_state": objective.state_dict()},
-                        rank_state=checkpoint.capture_rng(generator), keep_last=cfg.train.keep_last)
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record to ``metrics.jsonl`` (rank 0; a no-op elsewhere)."""
+        if self.metrics_file is not None:
+            self.metrics_file.write(record)
 
-    callbacks = []
-    if cfg.monitor.every_steps > 0:
-        from ..evaluation.monitor import CatastrophicOverfittingMonitor
-
-        callbacks.append(CatastrophicOverfittingMonitor(cfg, engine, test_set, ckpt_root=ckpt_root, write=write))
-
-    def on_step(s: TrainState) -> None:
-        for cb in callbacks:
-            cb.on_step(s)
-        every = cfg.train.save_every_steps
-        if every and s.global_step % every == 0 and s.step_in_epoch < steps_per_epoch:
-            save(end_of_epoch=False)
-
-    t_run = time.perf_counter()
-    stopped = None
-    while state.epoch < cfg.train.epochs:
-        epoch = state.epoch
-        loader = loaders.loader(epoch, state.step_in_epoch)
-        remaining = (steps_per_epoch - state.step_in_epoch) * settings.micro_batch * world
+    def fit(self, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+        """Run the remaining epochs with ``callbacks`` (then mid-epoch checkpointing); returns the summary."""
+        if not self._ready:
+            self.setup()
+        self.callbacks = [*callbacks, Checkpointing(self.cfg.train.save_every_steps)]
+        t_run = time.perf_counter()
         stopped = None
-        with ui.progress_bar(remaining, f"epoch {epoch + 1}/{cfg.train.epochs}") as advance:
+        while self.state.epoch < self.cfg.train.epochs:
             try:
-                train_stats = train_one_epoch(engine, objective, ctx, loader, state, cfg=cfg, metrics=write,
-                                              on_step=on_step, progress=advance)
+                train_stats = self.train_epoch()
             except StopTraining as e:
                 stopped = str(e)
-                log.warning("training stopped early at epoch %d step %d: %s", epoch + 1, state.step_in_epoch, e)
-        if stopped is not None:
-            write({"kind": "stopped", "epoch": epoch + 1, "step": state.global_step, "reason": stopped})
-            break
-        last = epoch + 1 == cfg.train.epochs
-        robust = last or (epoch + 1) % cfg.eval.every_epochs == 0
-        t_eval = time.perf_counter()
-        result = evaluate(engine.module, test_set, specs if robust else [], batch_size=cfg.eval.batch_size,
-                          seed=cfg.seed, max_examples=cfg.eval.max_examples, lockstep=settings.zero_stage == 3)
-        row = {"kind": "epoch", "epoch": epoch + 1, **train_stats, "clean_acc": result.clean_acc,
-               "robust_acc": result.robust_acc(specs[0].label) if robust else None,
-               "robust_attack": specs[0].label, "eval_count": result.count,
-               "eval_seconds": time.perf_counter() - t_eval, "lr": engine.get_lr()[0]}
+                log.warning("training stopped early at epoch %d step %d: %s", self.state.epoch + 1,
+                            self.state.step_in_epoch, e)
+                self.write({"kind": "stopped", "epoch": self.state.epoch + 1, "step": self.state.global_step,
+                            "reason": stopped})
+                break
+            self.end_epoch(train_stats)
+        return self.finish(stopped, time.perf_counter() - t_run)
+
+    def train_epoch(self) -> dict[str, float]:
+        """Train the rest of the current epoch; the callbacks' ``on_step`` run after every step."""
+        cfg, state = self.cfg, self.state
+        loader = self.loaders.loader(state.epoch, state.step_in_epoch)
+        remaining = (self.steps_per_epoch - state.step_in_epoch) * self.settings.micro_batch * dist.world_size()
+        with ui.progress_bar(remaining, f"epoch {state.epoch + 1}/{cfg.train.epochs}") as advance:
+            return train_one_epoch(self.engine, self.objective, self.ctx, loader, state, cfg=cfg, metrics=self.write,
+                                   on_step=self._on_step, progress=advance, comm=self.built.comm, watch=self.watch)
+
+    def _on_step(self, state: TrainState) -> None:
+        for cb in self.callbacks:
+            cb.on_step(self, state)
+
+    def end_epoch(self, train_stats: dict[str, float]) -> dict[str, Any]:
+        """The epoch's row (callbacks add to it), logged and kept in the history; then the epoch checkpoint."""
+        cfg, state = self.cfg, self.state
+        epoch = state.epoch
+        log.info("epoch %d/%d: loss %.4f, train acc %.4f (%.1fs)", epoch + 1, cfg.train.epochs,
+                 train_stats["train_loss"], train_stats["train_acc"], train_stats["train_seconds"])
+        row = {"kind": "epoch", "epoch": epoch + 1, **train_stats, "lr": self.engine.get_lr()[0]}
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, state, row)
         state.history.append(row)
-        write(row)
-        log.info("epoch %d/%d: loss %.4f, train acc %.4f, clean acc %.4f%s (%.1fs train, %.1fs eval)",
-                 epoch + 1, cfg.train.epochs, row["train_loss"], row["train_acc"], row["clean_acc"],
-                 f", {specs[0].label} acc {row['robust_acc']:.4f}" if robust else "", row["train_seconds"],
-                 row["eval_seconds"])
-        if callable(getattr(engine.optimizer, "comm_stats", None)):
+        self.write(row)
+        if self.built.comm is not None:
             from ..optim.onebit import describe_comm
 
-            log.info("epoch %d/%d: %s", epoch + 1, cfg.train.epochs, describe_comm(engine.optimizer.comm_stats()))
-        state.step_in_epoch = steps_per_epoch
-        save(end_of_epoch=True)
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.train.epochs, describe_comm(self.built.comm))
+        state.step_in_epoch = self.steps_per_epoch
+        self.save(end_of_epoch=True)
         state.epoch, state.step_in_epoch = epoch + 1, 0
+        return row
 
-    summary = {"stopped": stopped, "name": cfg.name, "run_dir": str(run_dir), "world_size": world, "epochs": cfg.train.epochs,
-               "seconds": time.perf_counter() - t_run, "final": state.history[-1] if state.history else None,
-               "history": state.history}
-    if dist.is_main_process():
-        atomic_write_json(run_dir / "summary.json", summary)
-        if state.history:
-            plot_history(state.history, run_dir / "curves.png", f"{cfg.name}: test accuracy")
-        ui.show(ui.table(
-            f"dat-ds {cfg.name}: {cfg.objective.name} / {cfg.attack.name} eps={cfg.attack.eps:.4g} on {world} rank(s)",
-            ["epoch", "loss", "train acc", "clean acc", "robust acc", "seconds"],
-            [(h["epoch"], h["train_loss"], h["train_acc"], h["clean_acc"], h["robust_acc"],
-              h["train_seconds"] + h["eval_seconds"]) for h in state.history]))
-    dist.barrier()
-    return summary
+    def save(self, end_of_epoch: bool) -> Path:
+        """Checkpoint the current state (collective). Never after a non-finite step: the check comes first."""
+        self.watch.check(self.state)
+        state = self.state
+        client = {**state.to_dict(), "config": self.cfg.to_dict(), "ds_config": self.ds_json,
+                  "data_spec": {"in_chans": self.spec.in_chans, "num_classes": self.spec.num_classes,
+                                "img_size": self.spec.img_size, "mean": list(self.spec.mean),
+                                "std": list(self.spec.std), "classes": list(self.spec.classes)},
+                  "objective_state": self.objective.state_dict()}
+        tag = checkpoint.tag_for(state.epoch, state.global_step, end_of_epoch)
+        return checkpoint.save(self.engine, self.ckpt_root, tag, client_state=client,
+                               rank_state=checkpoint.capture_rng(self.generator), keep_last=self.cfg.train.keep_last,
+                               comm=self.built.comm)
+
+    def finish(self, stopped: str | None, seconds: float) -> dict[str, Any]:
+        """``summary.json``, ``curves.png`` and the end-of-run table (rank 0); returns the summary."""
+        cfg, history, world = self.cfg, self.state.history, dist.world_size()
+        summary = {"stopped": stopped, "name": cfg.name, "run_dir": str(self.run_dir), "world_size": world,
+                   "epochs": cfg.train.epochs, "seconds": seconds, "final": history[-1] if history else None,
+                   "history": history}
+        if dist.is_main_process():
+            atomic_write_json(self.run_dir / "summary.json", summary)
+            if history:
+                plot_history(history, self.run_dir / "curves.png", f"{cfg.name}: test accuracy")
+            ui.show(ui.table(
+                f"dat-ds {cfg.name}: {cfg.objective.name} / {cfg.attack.name} eps={cfg.attack.eps:.4g} on {world} rank(s)",
+                ["epoch", "loss", "train acc", "clean acc", "robust acc", "seconds"],
+                [(h["epoch"], h["train_loss"], h["train_acc"], h.get("clean_acc"), h.get("robust_acc"),
+                  h["train_seconds"] + h.get("eval_seconds", 0.0)) for h in history]))
+        dist.barrier()
+        return summary

@@ -1,0 +1,44 @@
+"""Every registered name, as static data: the CLI answers and validates configs without importing torch.
+
+The registries (``dat_ds.attacks.ATTACKS`` and friends) refuse to register a dat-ds name missing here, and
+``tests/test_registry_names.py`` checks that each tuple equals its registry, so the two cannot drift.
+Names registered from outside dat-ds (plugins, tests) are added to ``PLUGINS`` at registration time.
+"""
+
+from __future__ import annotations
+
+from .errors import ConfigError
+
+ATTACKS = ("apgd-ce", "apgd-dlr", "autoattack", "fgsm", "fgsm_rs", "none", "pgd", "square")
+EVAL_ONLY_ATTACKS = ("apgd-ce", "apgd-dlr", "autoattack", "square")  # torchattacks: no training use
+OBJECTIVES = ("acl", "clean", "dat", "free", "madry", "mart", "trades")
+UNLABELED_OBJECTIVES = ("acl",)  # self-supervised: `dat-ds pretrain` needs one of these
+MODELS = ("preactresnet18", "small_cnn", "small_cnn_avgpool", "tiny_cnn", "wideresnet16_4", "wideresnet28_10",
+          "wideresnet34_10")  # ours; any timm name is also accepted (checked where timm is imported)
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "fashion-mnist-full", "hf", "imagefolder")
+OPTIMIZERS = ("adam", "adamw", "lamb", "lars", "onebitadam", "onebitlamb", "sgd", "zerooneadam")
+NORMS = ("l2", "linf")
+ATTACK_LOSSES = ("ce", "margin")
+
+# Registry kind (the word in "unknown attack 'x'") -> its static names.
+STATIC: dict[str, tuple[str, ...]] = {
+    "attack": ATTACKS, "objective": OBJECTIVES, "model": MODELS, "data set": DATASETS,
+    "optimizer": OPTIMIZERS, "norm": NORMS, "attack loss": ATTACK_LOSSES,
+}
+PLUGINS: dict[str, set[str]] = {kind: set() for kind in STATIC}
+
+
+def known(kind: str) -> list[str]:
+    """The names of ``kind`` a config may use here: dat-ds's own plus any registered plugins."""
+    return sorted(set(STATIC[kind]) | PLUGINS[kind])
+
+
+def unknown_message(kind: str, name: object, choices: list[str] | tuple[str, ...]) -> str:
+    return f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(choices))}"
+
+
+def check(kind: str, name: str) -> str:
+    """``name`` if it is a known ``kind``, else the one-line ConfigError listing the choices."""
+    if name not in STATIC[kind] and name not in PLUGINS[kind]:
+        raise ConfigError(unknown_message(kind, name, known(kind)))
+    return name

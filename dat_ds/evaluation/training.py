@@ -1,0 +1,61 @@
+"""``run_training``: the training run ``dat-ds train`` starts on every rank.
+
+The runtime's ``Trainer`` builds the engine and runs the epochs; this module adds what needs the
+evaluation layer, as callbacks: the per-epoch clean/robust evaluation (:class:`EpochEvaluation`) and,
+when ``monitor.every_steps`` > 0, the catastrophic-overfitting monitor. The trainer's own
+mid-epoch checkpointing runs after them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ..attacks import eval_spec
+from ..core.config import RunConfig
+from ..data import build_dataset
+from ..runtime.callbacks import Callback
+from ..runtime.loop import TrainState
+from ..runtime.trainer import Trainer
+from .evaluate import evaluate
+from .monitor import CatastrophicOverfittingMonitor
+
+log = logging.getLogger("dat_ds.launch.train")
+
+
+class EpochEvaluation:
+    """Clean test accuracy after every epoch, robust accuracy (``eval`` section) every ``eval.every_epochs``
+    epochs and after the last; adds ``clean_acc``, ``robust_acc`` (None when not measured),
+    ``robust_attack``, ``eval_count`` and ``eval_seconds`` to the epoch's row."""
+
+    def __init__(self, cfg: RunConfig, test_set):
+        self.cfg = cfg
+        self.test_set = test_set
+        self.spec = eval_spec(cfg)
+
+    def on_step(self, trainer: Trainer, state: TrainState) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
+        cfg, done = self.cfg, state.epoch + 1
+        robust = done == cfg.train.epochs or done % cfg.eval.every_epochs == 0
+        t_eval = time.perf_counter()
+        result = evaluate(trainer.engine.module, self.test_set, [self.spec] if robust else [],
+                          batch_size=cfg.eval.batch_size, seed=cfg.seed, max_examples=cfg.eval.max_examples,
+                          lockstep=trainer.settings.zero_stage == 3)
+        row.update(clean_acc=result.clean_acc, robust_acc=result.robust_acc(self.spec.label) if robust else None,
+                   robust_attack=self.spec.label, eval_count=result.count, eval_seconds=time.perf_counter() - t_eval)
+        log.info("epoch %d/%d: clean acc %.4f%s (%.1fs eval)", done, cfg.train.epochs, row["clean_acc"],
+                 f", {self.spec.label} acc {row['robust_acc']:.4f}" if robust else "", row["eval_seconds"])
+
+
+def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` on this rank (every rank calls it), evaluating each epoch; returns the run's summary."""
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite).setup()
+    test_set, _ = build_dataset(cfg.data, "test")
+    callbacks: list[Callback] = [EpochEvaluation(cfg, test_set)]
+    if cfg.monitor.every_steps > 0:
+        callbacks.append(CatastrophicOverfittingMonitor(cfg, trainer.engine, test_set, ckpt_root=trainer.ckpt_root,
+                                                        write=trainer.write))
+    return trainer.fit(callbacks)

@@ -1,0 +1,49 @@
+"""Hooks into a training run: what happens around the loop without editing it.
+
+The trainer calls, on every rank and in order, ``on_step(trainer, state)`` after each training step
+and ``on_epoch_end(trainer, state, row)`` after each epoch, before the row is logged and the epoch's
+checkpoint is saved; ``row`` is the epoch's metrics dict, and a callback may add fields to it. An
+``on_step`` ends the run cleanly by raising :class:`StopTraining`. Callbacks that need layers above this
+one (per-epoch evaluation, the catastrophic-overfitting monitor) live there and are composed by
+``dat_ds.evaluation.training.run_training``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .loop import TrainState
+    from .trainer import Trainer
+
+
+class StopTraining(Exception):
+    """Raised by a callback (e.g. the catastrophic-overfitting monitor) to end training cleanly."""
+
+
+@runtime_checkable
+class Callback(Protocol):
+    def on_step(self, trainer: Trainer, state: TrainState) -> None:
+        """After every training step (``state.global_step`` counts it already)."""
+        ...
+
+    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
+        """After every epoch, before ``row`` is logged and the epoch's checkpoint is written."""
+        ...
+
+
+class Checkpointing:
+    """Mid-epoch checkpoints every ``every_steps`` global steps (0: none); the trainer saves at epoch ends.
+
+    A step that closes its epoch is left to the epoch-end save, which also holds the epoch's evaluation.
+    """
+
+    def __init__(self, every_steps: int):
+        self.every = every_steps
+
+    def on_step(self, trainer: Trainer, state: TrainState) -> None:
+        if self.every and state.global_step % self.every == 0 and state.step_in_epoch < trainer.steps_per_epoch:
+            trainer.save(end_of_epoch=False)
+
+    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
+        pass

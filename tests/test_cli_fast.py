@@ -1,0 +1,148 @@
+"""The command line answers without torch: ``--help``, ``list``, ``--dry-run`` and every one-line input
+error run in a fresh interpreter where importing torch (or deepspeed, timm, numpy, ...) fails and
+starting a process fails, so each case also proves that no rank was started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dat_ds.core import names
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "deepspeed", "timm", "numpy", "torchvision", "torchattacks", "matplotlib", "datasets")
+
+# Runs `dat-ds ARGV` with heavy imports and process starts forbidden; reports what it loaded.
+GUARD = f"""
+import importlib.abc, subprocess, sys
+HEAVY = {HEAVY!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ImportError(f"the fast path imported {{name}}")
+sys.meta_path.insert(0, Block())
+def no_process(*a, **k):
+    raise AssertionError(f"the fast path started a process: {{a[0] if a else k}}")
+subprocess.Popen = subprocess.call = subprocess.run = no_process
+from dat_ds.cli import main
+code = main(sys.argv[1:])
+sys.exit(code)
+"""
+EVAL_CHOICES = ", ".join(n for n in names.ATTACKS if n != "none")
+
+
+def fast_cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("DAT_DS_VERBOSE", None)
+    return subprocess.run([sys.executable, "-c", GUARD, *argv], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["demo", "--help"],
+                                  ["pretrain", "--help"], ["finetune", "--help"], ["pseudo-label", "--help"],
+                                  ["export", "--help"], ["bench", "--help"]], ids=" ".join)
+def test_help_imports_no_torch(tmp_path, argv):
+    proc = fast_cli(tmp_path, *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: dat-ds"), proc.stdout[:200]
+
+
+def test_list_answers_from_the_static_names(tmp_path):
+    proc = fast_cli(tmp_path, "list")
+    assert proc.returncode == 0, proc.stderr
+    for name in (*names.ATTACKS, *names.OBJECTIVES, *names.DATASETS, *names.OPTIMIZERS):
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["train", "--recipe", "demo", "--nproc", "2", "--dry-run"], '"world_size": 2, "global_batch": 128'),
+    (["train", "--recipe", "recipes/demo.yaml", "--deepspeed_config", "zero2_fp32", "--dry-run"], '"zero_stage": 2'),
+    (["-v", "train", "--recipe", "demo", "--deepspeed_config", "ds_configs/zero1_fp32.json", "--dry-run", "-v"],
+     '"zero_stage": 1'),
+    (["pretrain", "--recipe", "acl_pretrain_embedded", "--dry-run"], '"world_size": 1'),
+], ids=["by-name", "ds-config-by-name", "verbose-and-doc-paths", "pretrain"])
+def test_dry_run_of_shipped_files_from_any_folder(tmp_path, argv, expected):
+    """Recipes and DeepSpeed JSONs ship in the package: found by name, or by their documented path, anywhere."""
+    proc = fast_cli(tmp_path, *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert expected in proc.stderr
+
+
+def _ds(tmp_path: Path, **changes) -> str:
+    cfg = {"train_micro_batch_size_per_gpu": 16, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, **changes}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def _names(kind: str) -> str:
+    return ", ".join(names.STATIC[kind])
+
+
+# (id, argv builder, the one error line). Every command that starts ranks gets --nproc 2.
+CASES = [
+    ("config-typo", lambda t: ["train", "--set", "attack.epz=0.1", "--nproc", "2"],
+     "unknown config key 'attack.epz' in section 'attack'; allowed: eps, name, norm, restarts, step_size, steps"),
+    ("eval-bogus-attack", lambda t: ["eval", "--run", "runs/demo", "--attacks", "bogus", "--nproc", "2"],
+     f"unknown attack 'bogus'; choose one of: {EVAL_CHOICES}"),
+    ("eval-bogus-second-attack", lambda t: ["eval", "--run", "runs/demo", "--attacks", "pgd,autoattak", "--nproc", "2"],
+     f"unknown attack 'autoattak'; choose one of: {EVAL_CHOICES}"),
+    ("eval-missing-run", lambda t: ["eval", "--run", "runs/nothing", "--nproc", "2"],
+     "--run 'runs/nothing' does not exist; give a run folder such as runs/demo"),
+    ("eval-bogus-data", lambda t: ["eval", "--weights", "w.pt", "--model", "small_cnn", "--data", "mnistt"],
+     f"unknown data set 'mnistt'; choose one of: {_names('data set')}"),
+    ("train-bogus-attack", lambda t: ["train", "--set", "attack.name=bogus", "--nproc", "2"],
+     f"unknown attack 'bogus'; choose one of: {_names('attack')}"),
+    ("train-bogus-eval-attack", lambda t: ["train", "--set", "eval.attack=bogus", "--nproc", "2"],
+     f"unknown attack 'bogus'; choose one of: {_names('attack')}"),
+    ("train-bogus-objective", lambda t: ["train", "--set", "objective.name=bogus", "--nproc", "2"],
+     f"unknown objective 'bogus'; choose one of: {_names('objective')}"),
+    ("train-bogus-data", lambda t: ["train", "--set", "data.name=bogus", "--nproc", "2"],
+     f"unknown data set 'bogus'; choose one of: {_names('data set')}"),
+    ("train-bogus-optimizer", lambda t: ["train", "--ds-config", _ds(t, optimizer={"type": "Adamm"}), "--nproc", "2"],
+     f"unknown optimizer type 'Adamm' in the DeepSpeed config; choose one of: {_names('optimizer')} (case-insensitive)"),
+    ("train-batch-for-world", lambda t: ["train", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "3"],
+     "train_batch_size=2048 is not divisible by gradient_accumulation_steps=1 x world_size=3; change train_batch_size or "
+     "give train_micro_batch_size_per_gpu"),
+    ("train-compression-bits", lambda t: ["train", "--nproc", "2", "--ds-config",
+                                          _ds(t, gradient_compression={"type": "dat_quantizer", "bits": 3})],
+     "dat_quantizer bits=3 is not supported; use 2, 4 or 8"),
+    ("train-missing-recipe", lambda t: ["train", "--recipe", "nope", "--nproc", "2"],
+     "recipe file 'nope' not found; pass an existing YAML file (see recipes/)"),
+    ("demo-bogus-attack", lambda t: ["demo", "--set", "attack.name=bogus"],
+     f"unknown attack 'bogus'; choose one of: {_names('attack')}"),
+    ("pretrain-bogus-objective", lambda t: ["pretrain", "--recipe", "acl_pretrain_embedded", "--set",
+                                            "objective.name=bogus", "--nproc", "2"],
+     f"unknown objective 'bogus'; choose one of: {_names('objective')}"),
+    ("pretrain-supervised-objective", lambda t: ["pretrain", "--recipe", "demo", "--nproc", "2"],
+     "dat-ds pretrain needs a self-supervised objective (acl), the config has 'dat'; set objective.name=acl or use "
+     "`dat-ds train`"),
+    ("finetune-bogus-attack", lambda t: ["finetune", "--mode", "alf", "--random-init", "--recipe", "acl_pretrain_embedded",
+                                         "--set", "attack.name=bogus", "--out", "r.json"],
+     f"unknown attack 'bogus'; choose one of: {_names('attack')}"),
+    ("finetune-missing-encoder", lambda t: ["finetune", "--mode", "slf", "--encoder", "runs/none"],
+     "--encoder 'runs/none' is not a folder; give a `dat-ds pretrain` run folder"),
+    ("pseudo-label-bogus-data", lambda t: ["pseudo-label", "--weights", "w.pt", "--model", "small_cnn", "--data", "bogus",
+                                           "--pool", "embedded:train[1000:]", "--out", "p.npz"],
+     f"unknown data set 'bogus'; choose one of: {_names('data set')}"),
+    ("pseudo-label-missing-run", lambda t: ["pseudo-label", "--run", "runs/none", "--out", "p.npz"],
+     "--run 'runs/none' does not exist; give a run folder such as runs/demo"),
+    ("export-missing-run", lambda t: ["export", "--run", "runs/none", "--out", "m.safetensors"],
+     "--run 'runs/none' does not exist; give a run folder such as runs/demo"),
+    ("nproc-zero", lambda t: ["eval", "--run", "runs/demo", "--nproc", "0"], "--nproc=0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("case_id,argv,expected", CASES, ids=[c[0] for c in CASES])
+def test_input_error_is_one_line_without_torch_or_ranks(tmp_path, case_id, argv, expected):
+    proc = fast_cli(tmp_path, *argv(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == ["error: " + expected], proc.stderr
+    assert proc.stdout == ""
+    assert not (tmp_path / "runs").exists()  # nothing written
