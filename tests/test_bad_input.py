@@ -97,7 +97,22 @@ CASES = [
     ("float-wrong-type", lambda t: ["--set", "attack.eps=big"], "config key 'attack.eps' must be a number, got 'big'"),
     ("eps-negative", lambda t: ["--set", "attack.eps=-0.1"], "attack.eps=-0.1 is outside [0, 1]; eps is in pixel units, e.g. 8/255"),
     ("eps-above-one", lambda t: ["--set", "attack.eps=8"], "attack.eps=8.0 is outside [0, 1]; eps is in pixel units, e.g. 8/255"),
-    ("eps-not-a-number", lambda t: ["--set", "attack.eps=.nan"], "attack.eps=nan is outside [0, 1]; eps is in pixel units, e.g. 8/255"),
+    ("eps-not-a-number", lambda t: ["--set", "attack.eps=.nan"], "config key 'attack.eps' must be a finite number, got nan"),
+    ("clean-weight-infinite", lambda t: ["--set", "objective.clean_weight=.inf"],
+     "config key 'objective.clean_weight' must be a finite number, got inf"),
+    ("step-size-nan-text", lambda t: ["--set", "attack.step_size=nan"], "config key 'attack.step_size' must be a finite number, got 'nan'"),
+    ("eval-max-examples-zero", lambda t: ["--set", "eval.max_examples=0"],
+     "eval.max_examples=0 must be >= 1 (or null for the whole test set)"),
+    ("name-with-comment-char", lambda t: ["--name", "exp #3"],
+     "name='exp #3' is not a valid run name; use 1-128 letters, digits, '-', '_' or '.', not starting with '.' (e.g. exp-3)"),
+    ("name-starts-with-dot", lambda t: ["--name", ".."],
+     "name='..' is not a valid run name; use 1-128 letters, digits, '-', '_' or '.', not starting with '.' (e.g. exp-3)"),
+    ("recipe-duplicate-key", lambda t: ["--config", str(recipe(t, "attack:\n  eps: 0.1\n  eps: 0.2\n"))],
+     "recipe file '{tmp}/recipe.yaml' has the key 'eps' twice (line 3); keep one (YAML would silently use the last)"),
+    ("master-port-out-of-range", lambda t: ["--nproc", "2", "--master-port", "70000"],
+     "--master-port=70000 is not a TCP port; use 1..65535 (or leave it out for a free one)"),
+    ("master-port-zero", lambda t: ["--master-port", "0"],
+     "--master-port=0 is not a TCP port; use 1..65535 (or leave it out for a free one)"),
     ("attack-steps-zero", lambda t: ["--set", "attack.steps=0"], "attack.steps=0 must be >= 1"),
     ("epochs-zero", lambda t: ["--epochs", "0"], "train.epochs=0 must be >= 1"),
     ("eval-steps-zero", lambda t: ["--set", "eval.steps=0"], "eval.steps=0 must be >= 1"),
@@ -133,6 +148,47 @@ CASES = [
      "DeepSpeed config '{tmp}/nope.json' not found; pass one of ds_configs/*.json with --deepspeed_config"),
     ("ds-no-optimizer", lambda t: ["--ds-config", str(ds_file(t, optimizer=None))],
      """DeepSpeed config '{tmp}/bad_ds.json' has no "optimizer" section; add e.g. {"type": "AdamW", "params": {"lr": 1e-3}}"""),
+    ("ds-section-not-object", lambda t: ["--ds-config", str(ds_file(t, bf16=True))], "DeepSpeed config bf16=true must be an object"),
+    ("ds-enabled-is-a-string", lambda t: ["--ds-config", str(ds_file(t, bf16={"enabled": "false"}))],
+     'DeepSpeed config bf16.enabled="false" must be true or false'),
+    ("ds-zero-stage-bool", lambda t: ["--ds-config", str(ds_file(t, zero_optimization={"stage": True}))],
+     "DeepSpeed config zero_optimization.stage=true must be an integer"),
+    ("ds-bucket-size-string", lambda t: ["--ds-config", str(ds_file(t, zero_optimization={"stage": 2, "reduce_bucket_size": "5e8"}))],
+     'DeepSpeed config zero_optimization.reduce_bucket_size="5e8" must be a number'),
+    ("ds-clipping-nan", lambda t: ["--ds-config", str(ds_file(t, text=json.dumps({**TINY_DS, "gradient_clipping": float("nan")})))],
+     "DeepSpeed config gradient_clipping=NaN must be a finite number"),
+    ("ds-clipping-negative", lambda t: ["--ds-config", str(ds_file(t, gradient_clipping=-1))],
+     "gradient_clipping=-1 must be a number >= 0 (0 disables)"),
+    ("ds-unknown-scheduler", lambda t: ["--ds-config", str(ds_file(t, scheduler={"type": "WarmupLr", "params": {}}))],
+     "unknown scheduler type 'WarmupLr' in the DeepSpeed config; choose one of DeepSpeed's LRRangeTest, OneCycle, "
+     "WarmupLR, WarmupDecayLR, WarmupCosineLR or torch's ConstantLR, CosineAnnealingLR, CosineAnnealingWarmRestarts, "
+     "CyclicLR, ExponentialLR, LinearLR, MultiStepLR, OneCycleLR, PolynomialLR, StepLR (case matters)"),
+    ("ds-scheduler-unknown-param", lambda t: ["--ds-config", str(ds_file(t, scheduler={"type": "WarmupLR", "params": {"warmup_steps": 10}}))],
+     "unknown parameter 'warmup_steps' for scheduler 'WarmupLR'; allowed: last_batch_iteration, warmup_max_lr, "
+     "warmup_min_lr, warmup_num_steps, warmup_type"),
+    ("optimizer-lr-zero", lambda t: ["--ds-config", str(ds_file(t, optimizer={"type": "AdamW", "params": {"lr": 0}}))],
+     "optimizer 'AdamW' lr=0 must be > 0"),
+    ("optimizer-lr-infinite", lambda t: ["--ds-config", str(ds_file(t, text=json.dumps({**TINY_DS, "optimizer": {"type": "AdamW", "params": {"lr": float("inf")}}})))],
+     "optimizer 'AdamW' lr=inf must be a finite number"),
+    ("optimizer-beta-one", lambda t: ["--ds-config", str(ds_file(t, optimizer={"type": "Adam", "params": {"lr": 0.001, "betas": [0.9, 1.0]}}))],
+     "optimizer 'Adam' betas=[0.9, 1.0]: each beta must be in [0, 1)"),
+    ("optimizer-eps-zero", lambda t: ["--ds-config", str(ds_file(t, optimizer={"type": "AdamW", "params": {"lr": 0.001, "eps": 0}}))],
+     "optimizer 'AdamW' eps=0 must be > 0"),
+    ("optimizer-weight-decay-negative", lambda t: ["--ds-config", str(ds_file(t, optimizer={"type": "AdamW", "params": {"lr": 0.001, "weight_decay": -0.1}}))],
+     "optimizer 'AdamW' weight_decay=-0.1 must be >= 0"),
+    ("optimizer-momentum-one", lambda t: ["--ds-config", str(ds_file(t, optimizer={"type": "SGD", "params": {"lr": 0.1, "momentum": 1.0}}))],
+     "optimizer 'SGD' momentum=1.0 must be in [0, 1)"),
+    ("optimizer-flag-not-bool", lambda t: ["--ds-config", str(ds_file(t, optimizer={"type": "SGD", "params": {"lr": 0.1, "nesterov": "yes"}}))],
+     "optimizer 'SGD' nesterov='yes' must be true or false"),
+    ("ds-duplicate-key", lambda t: ["--ds-config", str(ds_file(t, text='{"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 0, "stage": 2}}'))],
+     "DeepSpeed config '{tmp}/bad_ds.json' has the key 'stage' twice in one object; keep one (DeepSpeed refuses duplicate keys in a config file)"),
+    ("ds-not-utf8", lambda t: ["--ds-config", str(_bytes_at(t / "bad_ds.json", b'{"optimizer": "caf\xe9"}'))],
+     "DeepSpeed config '{tmp}/bad_ds.json' is not UTF-8 text (byte offset 18); save it as UTF-8 JSON"),
+    ("ds-is-a-folder", lambda t: ["--ds-config", str(_folder_at(t / "ds_dir.json"))],
+     "DeepSpeed config '{tmp}/ds_dir.json' is a folder; pass a JSON file such as ds_configs/zero0_fp32.json"),
+    ("ds-fp16-on-cpu", lambda t: _fp16_on_cpu(t),
+     "DeepSpeed config enables fp16, which DeepSpeed's cpu accelerator does not support on this machine; set "
+     "fp16.enabled to false (fp32 runs everywhere)"),
     ("recipe-malformed-yaml", lambda t: ["--config", str(recipe(t, "attack: {name: pgd\nmodel: [\n"))],
      "recipe file '{tmp}/recipe.yaml' is not valid YAML at line 2; fix the syntax"),
     ("recipe-not-mapping", lambda t: ["--config", str(recipe(t, "- a\n- b\n"))],
@@ -188,6 +244,24 @@ def _full(t: Path, *, empty=False, garbage=False, truncate=False, images=None, l
         with gzip.open(img, "wb") as f:
             f.write(raw[:16 + 1000])
     return ["--set", "data.name=fashion-mnist-full", "--set", f"data.root={root}"]
+
+
+def _bytes_at(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _folder_at(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _fp16_on_cpu(t: Path) -> list[str]:
+    """fp16 where DeepSpeed's accelerator says it cannot run it (its CPU accelerator without oneDNN fp16)."""
+    acc = dist.accelerator()
+    if acc.device_name() != "cpu" or acc.is_fp16_supported():
+        pytest.skip("this machine's accelerator runs fp16")
+    return ["--ds-config", str(ds_file(t, fp16={"enabled": True}))]
 
 
 def _ckpt(t: Path, model: str) -> list[str]:
@@ -258,3 +332,52 @@ def test_step_larger_than_eps_is_a_warning_not_an_error(tmp_path, caplog):
         "attack.step_size=0.2 is larger than attack.eps=0.05; every step overshoots the eps-ball and is projected "
         "back (did you mean a step in pixel units, e.g. eps/4?)"]
     assert not (tmp_path / "run").exists()
+
+
+def _exported(t: Path, *names: str) -> list[str]:
+    """A run folder (never read: the path check comes first) and existing files in the export folder."""
+    (t / "runs" / "run").mkdir(parents=True)
+    for name in names:
+        (t / "export").mkdir(exist_ok=True)
+        (t / "export" / name).write_text("old")
+    return ["export", "--run", str(t / "runs" / "run"), "--out", str(t / "export" / "model.safetensors")]
+
+
+# Commands other than train: (id, fn(tmp) -> the whole argv, expected line); same assertions, and the
+# export folder must be untouched too.
+COMMAND_CASES = [
+    ("export-weights-exist", lambda t: _exported(t, "model.safetensors"),
+     "'{tmp}/export/model.safetensors' already exists; pass --force to replace it, or choose another --out"),
+    ("export-meta-exists", lambda t: _exported(t, "model.json"),
+     "'{tmp}/export/model.json' already exists; pass --force to replace it, or choose another --out"),
+    ("eval-max-examples-negative", lambda t: ["eval", "--run", str(t), "--max-examples", "-3"],
+     "--max-examples=-3 must be >= 1"),
+    ("eval-master-port-negative", lambda t: ["eval", "--run", str(t), "--nproc", "2", "--master-port", "-1"],
+     "--master-port=-1 is not a TCP port; use 1..65535 (or leave it out for a free one)"),
+]
+
+
+@pytest.mark.parametrize("case_id,argv,expected", COMMAND_CASES, ids=[c[0] for c in COMMAND_CASES])
+def test_bad_command_input(case_id, argv, expected, tmp_path, capsys):
+    args = argv(tmp_path)
+    before = snapshot(tmp_path)
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.splitlines() == ["error: " + expected.replace("{tmp}", str(tmp_path))], err
+    assert snapshot(tmp_path) == before  # nothing written, nothing replaced
+
+
+def test_export_library_call_refuses_to_overwrite_before_reading_the_run(tmp_path):
+    from dat_ds.core.errors import ConfigError
+    from dat_ds.evaluation.export import export
+
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"old")
+    (tmp_path / "run").mkdir()  # no checkpoint: reading it would be a different error
+    with pytest.raises(ConfigError, match="already exists; pass --force to replace it"):
+        export(tmp_path / "run", out)
+    assert out.read_bytes() == b"old"
+    with pytest.raises(ConfigError, match="is not a run folder with a complete checkpoint"):  # force: on to the run
+        export(tmp_path / "run", out, force=True)
+    assert out.read_bytes() == b"old"  # a failed export leaves the old file as it was

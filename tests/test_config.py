@@ -43,7 +43,16 @@ def test_round_trip_through_yaml(tmp_path):
     ("attack.norm=l1", "config key 'attack.norm' is 'l1'; allowed: linf, l2"),
     ("data.augment=maybe", "config key 'data.augment' must be true or false, got 'maybe'"),
     ("optim.schedule=multistep", "optim.schedule=multistep needs optim.milestones, e.g. [75, 90, 95]"),
-    ("name=a/b", "name='a/b' must be a plain folder name (no '/')"),
+    ("name=a/b", "name='a/b' is not a valid run name; use 1-128 letters, digits, '-', '_' or '.', not starting with '.' (e.g. exp-3)"),
+    ("name=.hidden", "name='.hidden' is not a valid run name; use 1-128"),
+    ("name=exp 3", "name='exp 3' is not a valid run name; use 1-128"),
+    ("name=2024", "config key 'name' must be a string, got 2024"),  # --set values are YAML; --name 2024 is a string
+    ("eval.max_examples=0", "eval.max_examples=0 must be >= 1 (or null for the whole test set)"),
+    ("eval.max_examples=-5", "eval.max_examples=-5 must be >= 1 (or null for the whole test set)"),
+    ("attack.eps=1/0", "config key 'attack.eps' must be a number, got '1/0'"),
+    ("monitor.gap=1.5", "monitor.gap=1.5 must be in [0, 1] (a difference of accuracies)"),
+    ("optim.gamma=0", "optim.gamma=0.0 must be > 0 (the LR is multiplied by it)"),
+    ("output_dir=''", "output_dir is empty; give a folder for the runs, e.g. --output-dir runs"),
     ("noequals", "bad override 'noequals'; expected KEY=VALUE, e.g. --set attack.eps=0.1"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
@@ -74,3 +83,99 @@ def test_layerwise_optimizers_refuse_flattening_engines():
     for extra in ({"zero_optimization": {"stage": 2}}, {"bf16": {"enabled": True}}):
         with pytest.raises(ConfigError, match="needs per-layer tensors"):
             ds_config.prepare("inline.json", 2, data={**base, **extra})
+
+
+def _float_keys() -> list[str]:
+    """Every float setting of the run config (``float``, ``float | None`` and tuples of floats)."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for section, cls in typing.get_type_hints(RunConfig).items():
+        if dataclasses.is_dataclass(cls):
+            keys += [f"{section}.{name}" for name, hint in typing.get_type_hints(cls).items()
+                     if float in (hint, *typing.get_args(hint))]
+    return keys
+
+
+FLOAT_KEYS = _float_keys()
+
+
+def test_every_float_setting_is_found():
+    assert {"attack.eps", "attack.step_size", "objective.clean_weight", "objective.beta", "monitor.gap",
+            "optim.warmup_epochs", "optim.milestones", "eval.eps", "data.unsup_fraction"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("text, shown", [(".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf"), ("inf", "'inf'"),
+                                         ("nan", "'nan'")])
+def test_non_finite_numbers_are_refused_everywhere(key, text, shown):
+    value = f"[{text}]" if key == "optim.milestones" else text
+    with pytest.raises(ConfigError) as e:
+        build_config(None, [f"{key}={value}"])
+    assert str(e.value) == f"config key {key!r} must be a finite number, got {shown}"
+
+
+def test_non_finite_numbers_are_refused_in_recipes_and_dicts(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("objective: {beta: .inf}\n")
+    with pytest.raises(ConfigError, match="config key 'objective.beta' must be a finite number, got inf"):
+        build_config(recipe)
+    with pytest.raises(ConfigError, match="config key 'optim.warmup_epochs' must be a finite number, got nan"):
+        config_from_dict({"optim": {"warmup_epochs": float("nan")}})
+
+
+def test_named_flags_are_typed_values_not_yaml():
+    cfg = build_config(None, ["name=from-set", "train.epochs=3"],
+                       flags={"name": "exp-3.v2_b", "train": {"epochs": 7}, "output_dir": "out #1/x"})
+    assert cfg.name == "exp-3.v2_b" and cfg.train.epochs == 7  # flags win over --set
+    assert cfg.output_dir == "out #1/x"  # used verbatim: no YAML comment cut at '#'
+    assert build_config(None, flags={"name": "2024"}).name == "2024"  # digits are a name, not an int
+    with pytest.raises(ConfigError) as e:
+        build_config(None, flags={"name": "exp #3"})
+    assert str(e.value) == ("name='exp #3' is not a valid run name; use 1-128 letters, digits, '-', '_' or '.', "
+                            "not starting with '.' (e.g. exp-3)")
+
+
+def test_config_from_args_keeps_flag_text_verbatim(tmp_path):
+    from dat_ds.launch.args import train_args_parser
+    from dat_ds.launch.validate import config_from_args
+
+    args = train_args_parser().parse_args(["--name", "2024", "--output-dir", str(tmp_path / "a #b: c"),
+                                           "--epochs", "4", "--trust-pickle", "--ds-config", "zero2_fp32",
+                                           "--set", "name=ignored", "--set", "train.epochs=9"])
+    cfg = config_from_args(args)
+    assert (cfg.name, cfg.train.epochs, cfg.data.trust_pickle) == ("2024", 4, True)
+    assert cfg.output_dir == str(tmp_path / "a #b: c") and cfg.deepspeed_config == "zero2_fp32"
+    with pytest.raises(ConfigError, match="name='exp #3' is not a valid run name"):
+        config_from_args(train_args_parser().parse_args(["--name", "exp #3"]))
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("name: a\nattack: {eps: 0.1}\nname: b\n", "name", 3),
+    ("attack:\n  eps: 0.1\n  steps: 3\n  eps: 0.2\n", "eps", 4),
+    ("train: {epochs: 1, epochs: 2}\n", "epochs", 1),
+])
+def test_recipe_with_a_duplicate_key_is_an_error(tmp_path, text, key, line):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        build_config(recipe)
+    assert str(e.value) == (f"recipe file {str(recipe)!r} has the key {key!r} twice (line {line}); "
+                            "keep one (YAML would silently use the last)")
+
+
+def test_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError) as e:
+        build_config(recipe)
+    assert str(e.value) == f"recipe file {str(recipe)!r} is not UTF-8 text (byte offset 9); save it as UTF-8"
+
+
+def test_shipped_recipes_have_no_duplicate_keys():
+    from dat_ds.core import resources
+    from dat_ds.core.config import load_recipe
+
+    for stem in resources.names(resources.RECIPES):
+        load_recipe(resources.packaged(resources.RECIPES, stem))

@@ -79,6 +79,110 @@ def test_ds_config_validates(path):
         assert "optimizer" not in settings.ds_config  # we build the optimizer ourselves
 
 
+def test_static_scheduler_facts_match_the_installed_deepspeed():
+    import inspect
+
+    import torch.optim.lr_scheduler as torch_schedules
+    from deepspeed.runtime import lr_schedules
+
+    from dat_ds.optim.specs import DEEPSPEED_SCHEDULERS, TORCH_SCHEDULERS
+
+    assert list(DEEPSPEED_SCHEDULERS) == list(lr_schedules.VALID_LR_SCHEDULES)
+    for name, params in DEEPSPEED_SCHEDULERS.items():
+        signature = inspect.signature(getattr(lr_schedules, name))
+        assert params == set(signature.parameters) - {"optimizer"}, name
+    for name in TORCH_SCHEDULERS:  # the fallback DeepSpeed's engine takes for names it does not have
+        assert inspect.isclass(getattr(torch_schedules, name)) and not hasattr(lr_schedules, name), name
+
+
+def _prepare(**changes):
+    from dat_ds.runtime import ds_config
+
+    data = {"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, **changes}
+    return ds_config.prepare("inline.json", 1, data=data)
+
+
+@pytest.mark.parametrize("scheduler", [
+    {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.001, "warmup_num_steps": 10}},
+    {"type": "WarmupCosineLR", "params": {"total_num_steps": 100, "warmup_num_steps": 10}},
+    {"type": "StepLR", "params": {"step_size": 10, "gamma": 0.5}},
+])
+def test_schedulers_deepspeed_can_build_are_accepted(scheduler):
+    assert _prepare(scheduler=scheduler).has_scheduler
+
+
+# (changes to a valid JSON, the start of the one-line error: the whole line where it is short)
+SEMANTIC_ERRORS = [
+    ({"scheduler": {"type": "warmuplr"}}, "unknown scheduler type 'warmuplr' in the DeepSpeed config; choose one of"),
+    ({"scheduler": {"type": "LambdaLR"}}, "unknown scheduler type 'LambdaLR'"),  # needs a callable: not from JSON
+    ({"scheduler": "WarmupLR"}, 'DeepSpeed config "scheduler" must be an object like'),
+    ({"scheduler": {"type": "WarmupLR", "param": {}}},
+     "unknown key 'param' in DeepSpeed config \"scheduler\"; allowed: type, params"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": float("inf")}}},
+     "scheduler 'WarmupLR' warmup_max_lr=inf must be a finite number"),
+    ({"fp16": {"enabled": 1}}, "DeepSpeed config fp16.enabled=1 must be true or false"),
+    ({"torch_autocast": {"enabled": True, "dtype": 16}}, "DeepSpeed config torch_autocast.dtype=16 must be a string"),
+    ({"zero_optimization": None}, "DeepSpeed config zero_optimization=null must be an object"),
+    ({"zero_optimization": {"stage": 2.0}}, "DeepSpeed config zero_optimization.stage=2.0 must be an integer"),
+    ({"zero_optimization": {"stage": 3, "offload_param": "cpu"}},
+     'DeepSpeed config zero_optimization.offload_param="cpu" must be an object or null'),
+    ({"zero_optimization": {"stage": 2, "allgather_bucket_size": -1}},
+     "DeepSpeed config zero_optimization.allgather_bucket_size=-1 must be >= 0"),
+    ({"gradient_clipping": "1.0"}, 'DeepSpeed config gradient_clipping="1.0" must be a number'),
+    ({"gradient_clipping": float("inf")}, "DeepSpeed config gradient_clipping=Infinity must be a finite number"),
+    ({"wall_clock_breakdown": "false"}, 'DeepSpeed config wall_clock_breakdown="false" must be true or false'),
+    ({"csv_monitor": {"enabled": "yes"}}, 'DeepSpeed config csv_monitor.enabled="yes" must be true or false'),
+    ({"steps_per_print": 1.5}, "DeepSpeed config steps_per_print=1.5 must be an integer"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": float("nan")}}}, "optimizer 'AdamW' lr=nan must be a finite number"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": True}}}, "optimizer 'AdamW' lr=True must be a number"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9]}}},
+     "optimizer 'AdamW' betas=[0.9] must be a list of two numbers, e.g. [0.9, 0.999]"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [-0.1, 0.999]}}},
+     "optimizer 'AdamW' betas=[-0.1, 0.999]: each beta must be in [0, 1)"),
+    ({"optimizer": {"type": "Lamb", "params": {"lr": 1e-3, "eps": -1e-8}}}, "optimizer 'Lamb' eps=-1e-08 must be > 0"),
+    ({"optimizer": {"type": "Lars", "params": {"lr": 0.1, "momentum": -0.5}}},
+     "optimizer 'Lars' momentum=-0.5 must be in [0, 1)"),
+    ({"optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3, "freeze_step": float("inf")}}},
+     "optimizer 'OneBitAdam' freeze_step=inf must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("changes, message", SEMANTIC_ERRORS)
+def test_semantic_errors_are_one_line(changes, message):
+    from dat_ds.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _prepare(**changes)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_valid_edges_of_the_ranges_are_accepted():
+    _prepare(optimizer={"type": "SGD", "params": {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "dampening": 1.0}})
+    _prepare(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.0, 0.0], "eps": 1e-12}},
+             gradient_clipping=0, zero_optimization={"stage": 3, "offload_param": None, "reduce_bucket_size": 5e8})
+
+
+def test_precision_check_asks_deepspeeds_accelerator():
+    """bf16 runs where DeepSpeed's accelerator says it does (the zero*_bf16 configs train on 2 CPU ranks
+    below); fp16 is refused exactly where the accelerator's own ``is_fp16_supported()`` says no."""
+    from dat_ds.core import dist
+    from dat_ds.core.errors import ConfigError
+    from dat_ds.launch.preflight import check_precision
+
+    acc = dist.accelerator()
+    for precision, supported in (("bf16", acc.is_bf16_supported()), ("fp16", acc.is_fp16_supported())):
+        settings = _prepare(**{precision: {"enabled": True}})
+        if supported:
+            check_precision(settings, acc)
+        else:
+            with pytest.raises(ConfigError, match=f"enables {precision}, which DeepSpeed's {acc.device_name()} "
+                                                  "accelerator does not support"):
+                check_precision(settings, acc)
+    if acc.device_name() == "cpu":
+        assert acc.is_bf16_supported()  # so the shipped zero*_bf16 configs stay allowed on CPU
+    check_precision(_prepare(torch_autocast={"enabled": True, "dtype": "bfloat16"}), acc)  # fp32 weights: always
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_ds_config_trains_one_step_on_two_ranks(path, smoke_results):

@@ -7,6 +7,7 @@ import signal
 import time
 
 import psutil
+import pytest
 
 from dat_ds.core import dist
 from dat_ds.launch import status
@@ -85,3 +86,35 @@ def test_rank_entry_point_leaves_a_status_report(tmp_path, monkeypatch, capsys):
     record = json.loads((tmp_path / "rank0.json").read_text())
     assert record["code"] == 2 and record["error"].startswith("ConfigError: attack.eps=2.0 is outside [0, 1]")
     assert capsys.readouterr().err.startswith("error: attack.eps=2.0")
+
+
+@pytest.mark.slow
+def test_rank0_killed_during_overwrite_start_restores_old_run(tmp_path):
+    """2 ranks under --overwrite: rank 0 (the lock's owner) is SIGKILLed after moving the old run aside and
+    before the first checkpoint. It cannot clean up; `dat-ds train` does: old run back byte for byte, no lock."""
+    from test_run_lock import hashes
+
+    from dat_ds.launch import runlock
+    from dat_ds.runtime import trainer
+
+    ds = write_ds(tmp_path)
+    runs = tmp_path / "runs"
+    old = runs / "ow"
+    (old / "checkpoint" / "epoch0000").mkdir(parents=True)
+    (old / "checkpoint" / "epoch0000" / "complete.json").write_text('{"global_step": 6, "epoch": 0}')
+    (old / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 1}\n')
+    before = hashes(old)
+    proc = _launch(tiny_args(runs, "ow", ds, "--overwrite", subset=640, epochs=1, save_every=100))
+    rank0 = rank_process(psutil.Process(proc.pid), 0)
+    deadline = time.time() + 400
+    while not [p for p in runs.iterdir() if trainer.OVERWRITTEN in p.name]:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    assert not checkpoint.complete_tags(old / "checkpoint")
+    rank0.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "error: rank 0 failed (exit code -9: killed by SIGKILL)" in err, err[-2000:]
+    assert hashes(old) == before
+    assert sorted(p.name for p in runs.iterdir()) == ["ow"]
+    assert not runlock.lock_path(old).exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -57,14 +58,25 @@ def _train(args: argparse.Namespace, argv: list[str], *, needs_unlabeled_objecti
         return 0
     # The validation pass in this process, before any rank starts: torch-free half, then the heavy one.
     cfg, _ = validate.train_inputs(args, world, needs_unlabeled_objective=needs_unlabeled_objective)
+    from ..launch import runlock
+
+    runlock.check_free(cfg.run_dir)  # a live run on this folder: refused before any rank starts
     from ..launch.preflight import preflight
 
     preflight(cfg, args.resume, world)
     forwarded = strip_launch_args(argv)
     if args.config:
         forwarded = _replace_value(forwarded, ("--config", "--recipe"), args.config)
-    return launch("dat_ds.launch.train", forwarded, nproc=args.nproc, hostfile=args.hostfile,
-                  master_port=args.master_port)
+    started = time.time()
+    try:
+        return launch("dat_ds.launch.train", forwarded, nproc=args.nproc, hostfile=args.hostfile,
+                      master_port=args.master_port, checkpoint_root=cfg.run_dir / "checkpoint")
+    except BaseException:  # a rank failed or the run was interrupted; on one node every rank is gone now
+        if not args.hostfile:  # rank 0 owns the lock; if it died without cleaning up, clean up after it
+            dead = runlock.clear_dead(cfg.run_dir, started)
+            if dead is not None:
+                train.settle_leftovers(cfg.run_dir, dead)
+        raise
 
 
 def _replace_value(argv: list[str], flags: tuple[str, ...], value: str) -> list[str]:
@@ -92,9 +104,11 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     """DAT-PGD on the embedded Fashion-MNIST subset, small CNN, 2 ranks."""
+    from ..launch.runlock import lock_path
+
     name = "demo"
     i = 1
-    while (Path(args.output_dir) / name / "checkpoint").exists():
+    while (Path(args.output_dir) / name / "checkpoint").exists() or lock_path(Path(args.output_dir) / name).exists():
         i += 1
         name = f"demo-{i}"
     forwarded = ["--config", resolve_recipe("demo"), "--name", name, "--output-dir", args.output_dir]

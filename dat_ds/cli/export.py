@@ -11,10 +11,11 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (runs/<name>) or its checkpoint folder")
     p.add_argument("--out", required=True, help="output .safetensors file; model.json is written next to it")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
+    p.add_argument("--force", action="store_true", help="replace the output files if they exist")
 
 
 def _check_export_args(args: argparse.Namespace) -> None:
-    """Torch-free: the run exists and the output path can be a file."""
+    """Torch-free: the run exists and the output paths can be written (and are new, unless --force)."""
     from pathlib import Path
 
     from ..core.errors import ConfigError
@@ -29,6 +30,11 @@ def _check_export_args(args: argparse.Namespace) -> None:
     blocker = next((p for p in out.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise ConfigError(f"--out {args.out!r} lies under the file {str(blocker)!r}; choose another path")
+    # The same rule as dat_ds.evaluation.export.check_outputs (which imports torch): the weights and
+    # their .json, neither replaced unless asked.
+    for path in (out, out.with_suffix(".json")):
+        if path.exists() and not args.force:
+            raise ConfigError(f"{str(path)!r} already exists; pass --force to replace it, or choose another --out")
 
 
 def _export(args: argparse.Namespace, argv: list[str]) -> int:
@@ -36,7 +42,7 @@ def _export(args: argparse.Namespace, argv: list[str]) -> int:
     from ..core import ui
     from ..evaluation.export import export
 
-    info = export(args.run, args.out, args.tag)
+    info = export(args.run, args.out, args.tag, force=args.force)
     ui.console.print(f"wrote {info['weights']} and {info['meta']} ({info['model']}, {info['num_classes']} classes, "
                      f"from {info['source']})")
     return 0

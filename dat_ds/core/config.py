@@ -11,6 +11,8 @@ be a timm name, which the launcher's preflight checks with timm.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,16 +181,21 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
-    if hint is float:
+    if hint is float:  # every float setting passes here, so this is the one non-finite check
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # allow "8/255"
+            number = float(value)
+        elif isinstance(value, str):  # allow "8/255"
             try:
                 num, _, den = value.partition("/")
-                return float(num) / float(den) if den else float(num)
-            except ValueError:
+                number = float(num) / float(den) if den else float(num)
+            except (ValueError, ZeroDivisionError):
                 pass
-        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -245,12 +252,43 @@ def parse_override(item: str) -> dict[str, Any]:
     return out
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own "unhashable key" error follows
+            if key in seen:
+                raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe file {str(p)!r} not found; pass an existing YAML file (see recipes/)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe file {str(p)!r} is not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe file {str(p)!r} ({e.strerror or type(e).__name__}); "
+                          "check its permissions") from None
+    try:
+        data = yaml.load(text, Loader=StrictLoader) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(f"recipe file {str(p)!r} has the key {e.key!r} twice (line {e.line}); "
+                          "keep one (YAML would silently use the last)") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
@@ -266,12 +304,19 @@ def build_config(
     recipe: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> RunConfig:
+    """defaults <- ``base`` <- recipe <- ``--set`` overrides (YAML scalars) <- ``flags``.
+
+    ``flags`` holds typed values from named CLI options (``--name``, ``--epochs``, ...) as a nested
+    dict, merged as they are: ``--name "exp #3"`` is that string, not YAML text with a comment.
+    """
     values: dict[str, Any] = dict(base or {})
     if recipe is not None:
         values = _deep_merge(values, load_recipe(recipe))
     for item in overrides:
         values = _deep_merge(values, parse_override(item))
+    values = _deep_merge(values, flags or {})
     cfg = _build(RunConfig, values)
     validate(cfg)
     return cfg
@@ -329,6 +374,10 @@ def validate(cfg: RunConfig) -> None:
     e = cfg.eval
     if e.eps is not None and not 0.0 <= e.eps <= 1.0:
         raise ConfigError(f"eval.eps={e.eps} is outside [0, 1]; eps is in pixel units, e.g. 8/255")
+    if e.step_size is not None and e.step_size <= 0:
+        raise ConfigError(f"eval.step_size={e.step_size} must be > 0 (or null for the standard step)")
+    if e.max_examples is not None and e.max_examples < 1:
+        raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 1 (or null for the whole test set)")
     for key, value in (("eval.steps", e.steps), ("eval.restarts", e.restarts), ("eval.batch_size", e.batch_size),
                        ("eval.every_epochs", e.every_epochs), ("train.epochs", cfg.train.epochs),
                        ("train.log_every", cfg.train.log_every), ("train.keep_last", cfg.train.keep_last),
@@ -354,10 +403,29 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.max_steps_per_epoch={cfg.train.max_steps_per_epoch} must be >= 1")
     if cfg.optim.warmup_epochs < 0:
         raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} must be >= 0")
+    if cfg.optim.gamma <= 0:
+        raise ConfigError(f"optim.gamma={cfg.optim.gamma} must be > 0 (the LR is multiplied by it)")
+    if any(m < 0 for m in cfg.optim.milestones):
+        raise ConfigError(f"optim.milestones={list(cfg.optim.milestones)} must be epochs >= 0")
+    if cfg.monitor.every_steps < 0:
+        raise ConfigError(f"monitor.every_steps={cfg.monitor.every_steps} must be >= 0 (0 disables)")
+    if not 0.0 <= cfg.monitor.gap <= 1.0:
+        raise ConfigError(f"monitor.gap={cfg.monitor.gap} must be in [0, 1] (a difference of accuracies)")
     if cfg.optim.schedule == "multistep" and not cfg.optim.milestones:
         raise ConfigError("optim.schedule=multistep needs optim.milestones, e.g. [75, 90, 95]")
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
         raise ConfigError(f"optim.milestones={list(cfg.optim.milestones)} must be increasing")
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
-        raise ConfigError(f"name={cfg.name!r} must be a plain folder name (no '/')")
+    check_run_name(cfg.name)
+    if not cfg.output_dir.strip():
+        raise ConfigError("output_dir is empty; give a folder for the runs, e.g. --output-dir runs")
     check_names(cfg)
+
+
+# A run name is a folder name on every file system and in every shell, used verbatim.
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+RUN_NAME_RULE = "1-128 letters, digits, '-', '_' or '.', not starting with '.'"
+
+
+def check_run_name(name: str) -> None:
+    if not RUN_NAME.fullmatch(name):
+        raise ConfigError(f"name={name!r} is not a valid run name; use {RUN_NAME_RULE} (e.g. exp-3)")

@@ -23,16 +23,30 @@ from .loading import load_run
 log = logging.getLogger(__name__)
 
 
-def export(run: str | Path, out: str | Path, tag: str | None = None) -> dict[str, Any]:
-    from safetensors.torch import save
+def meta_path(out: Path) -> Path:
+    """``model.safetensors`` -> ``model.json`` (the metadata written next to the weights)."""
+    return out.with_suffix(".json")
 
-    run, out = Path(run), Path(out)
+
+def check_outputs(run: Path, out: Path, force: bool = False) -> None:
+    """Everything about the paths, before the checkpoint is read or anything is written."""
     if not run.is_dir():
         raise ConfigError(f"run folder {str(run)!r} not found; give --run runs/<name>")
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {str(out)!r} must end in .safetensors")
     if out.parent.exists() and not out.parent.is_dir():
         raise ConfigError(f"--out {str(out)!r} lies under a file; choose another path")
+    for path in (out, meta_path(out)):
+        if path.exists() and not force:
+            raise ConfigError(f"{str(path)!r} already exists; pass --force to replace it, or choose another --out")
+
+
+def export(run: str | Path, out: str | Path, tag: str | None = None, *, force: bool = False) -> dict[str, Any]:
+    """Write ``out`` and its ``.json``; existing files are an error unless ``force``."""
+    from safetensors.torch import save
+
+    run, out = Path(run), Path(out)
+    check_outputs(run, out, force)
     loaded = load_run(run, tag)  # verified tag, weights_only, any ZeRO stage
     module, spec, states = loaded.model.state_dict(), loaded.spec, loaded.client_state
     weights = {}
@@ -50,7 +64,7 @@ def export(run: str | Path, out: str | Path, tag: str | None = None) -> dict[str
         "format": "backbone state dict (no normalisation); normalise inputs with mean/std",
     }
     atomic_write_bytes(out, save(weights, metadata={"dat_ds": json.dumps({k: meta[k] for k in ("model", "dataset")})}))
-    meta_path = out.with_name("model.json") if out.name == "model.safetensors" else out.with_suffix(".json")
-    atomic_write_json(meta_path, meta)
-    log.info("exported %d tensors from %s to %s (+ %s)", len(weights), meta["source"], out, meta_path)
-    return {"weights": str(out), "meta": str(meta_path), **meta}
+    meta_file = meta_path(out)
+    atomic_write_json(meta_file, meta)
+    log.info("exported %d tensors from %s to %s (+ %s)", len(weights), meta["source"], out, meta_file)
+    return {"weights": str(out), "meta": str(meta_file), **meta}

@@ -13,8 +13,8 @@ from ..core import names
 from ..core.config import parse_eps
 from ..core.errors import ConfigError
 
-__all__ = ["add_eval_args", "add_run_args", "check_eval_args", "eval_args_parser", "eval_attacks", "parse_eps",
-           "train_args_parser"]
+__all__ = ["add_eval_args", "add_run_args", "check_eval_args", "check_master_port", "eval_args_parser", "eval_attacks",
+           "parse_eps", "train_args_parser"]
 
 EVAL_ATTACKS = tuple(n for n in names.ATTACKS if n != "none")
 
@@ -90,8 +90,15 @@ def eval_attacks(text: str) -> list[str]:
     return out
 
 
+def check_master_port(port: int | None) -> None:
+    """``--master-port`` (None: the launcher picks a free one) is a TCP port number."""
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"--master-port={port} is not a TCP port; use 1..65535 (or leave it out for a free one)")
+
+
 def check_eval_args(args: argparse.Namespace) -> None:
     """Every ``dat-ds eval`` argument the command line alone can check; one-line ConfigError otherwise."""
+    check_master_port(getattr(args, "master_port", None))  # only the launching process has it
     if args.run is None and args.weights is None:
         raise ConfigError("nothing to evaluate; pass --run runs/<name>, or --weights FILE --model NAME --data NAME")
     if args.run is not None and args.weights is not None:

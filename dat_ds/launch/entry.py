@@ -1,9 +1,10 @@
 """The one run entry: every command and every rank runs under ``run_entry``.
 
 It maps exceptions to exit codes (``ConfigError`` 2, ``NonFiniteLossError`` 3, ``RankFailure`` the
-launcher's code, anything else 1 with its traceback), prints the reason once (``error: ...`` on stderr,
-from rank 0 only when the error is one every rank sees), and, in a rank started by ``launch()``, writes
-the rank's exit report that names the culprit when a run fails. Nothing here imports torch.
+launcher's code, ``Interrupted`` 128 + the signal, anything else 1 with its traceback), prints the reason
+once (``error: ...`` on stderr, from rank 0 only when the error is one every rank sees), and, in a rank
+started by ``launch()``, writes the rank's exit report that names the culprit when a run fails and
+watches the launching ``dat-ds`` process (the rank exits once it is gone). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import sys
 from typing import Any, Callable
 
 from ..core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NAN_ABORT, EXIT_OK, EXIT_USER_ERROR, ConfigError, NonFiniteLossError
-from .launcher import RankFailure
-from .status import STATUS_ENV, install_sigterm_status, write_rank_status
+from .launcher import Interrupted, RankFailure
+from .status import STATUS_ENV, install_sigterm_status, watch_cli, write_rank_status
 
 
 def _is_rank() -> bool:
@@ -32,6 +33,7 @@ def _say(message: str, *, every_rank_sees_it: bool) -> None:
 def run_entry(main: Callable[[], Any]) -> int:
     """Run ``main()`` and return the process exit code; see the module docstring."""
     install_sigterm_status()
+    watch_cli()
     try:
         rc = main()
     except ConfigError as e:
@@ -46,6 +48,11 @@ def run_entry(main: Callable[[], Any]) -> int:
         if str(e):  # empty: every rank failed alike and rank 0 has printed the reason
             _say(str(e), every_rank_sees_it=False)
         write_rank_status(e.code, e)
+        return e.code
+    except Interrupted as e:  # the user's signal, forwarded to every rank: no rank is blamed for it
+        sys.stderr.write(f"{e}\n")
+        sys.stderr.flush()
+        write_rank_status(e.code, str(e))
         return e.code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

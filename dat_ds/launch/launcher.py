@@ -4,6 +4,13 @@
 DeepSpeed launcher (``--hostfile`` for several nodes), the same way users start DeepSpeed programs. On
 one node it gives the ranks a folder for their exit reports and, when the run fails, raises
 ``RankFailure`` with one line naming the rank that failed first. Nothing here imports torch.
+
+Signals: the launcher starts in its own session, so a terminal's Ctrl-C reaches this process only.
+SIGTERM/SIGINT here are forwarded to the launcher's whole process group (the DeepSpeed launcher and
+every rank), every process of the run is waited for with a bound (then SIGKILLed), and ``Interrupted``
+is raised: exit code 128 + signal, one line naming the last complete checkpoint. The ranks also get this
+process's PID (``DAT_DS_CLI_PID``) and exit within about a second once it is gone, so a SIGKILLed
+``dat-ds`` leaves nothing running either (``status.watch_cli``).
 """
 
 from __future__ import annotations
@@ -11,18 +18,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from ..core.errors import ConfigError
 from ..core.ports import free_port
-from .status import STATUS_ENV, failed_rank_line
+from .status import CLI_PID_ENV, STATUS_ENV, failed_rank_line
 
 log = logging.getLogger(__name__)
 
 LAUNCH_FLAGS = ("--nproc", "--hostfile", "--master-port")
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_GRACE_S = 20.0  # after a forwarded signal: then SIGKILL, so nothing outlives the command by 30 s
 
 
 class RankFailure(Exception):
@@ -31,6 +44,15 @@ class RankFailure(Exception):
     def __init__(self, line: str, code: int):
         super().__init__(line)
         self.code = code
+
+
+class Interrupted(Exception):
+    """The user stopped a launched run with a signal; every process of it is gone. Printed as one line."""
+
+    def __init__(self, signum: int, line: str):
+        super().__init__(line)
+        self.signum = signum
+        self.code = 128 + signum  # what a shell reports for a process the signal ended: 143 TERM, 130 INT
 
 
 def add_launch_args(p: argparse.ArgumentParser, default_nproc: int = 1) -> None:
@@ -71,8 +93,11 @@ def world_size_of(nproc: int, hostfile: str | None) -> int:
 
 
 def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = None, master_port: int | None = None,
-           env: dict[str, str] | None = None) -> int:
-    """Start ``python -m module argv`` on ``nproc`` ranks per node; returns 0 or raises ``RankFailure``."""
+           env: dict[str, str] | None = None, checkpoint_root: str | Path | None = None) -> int:
+    """Start ``python -m module argv`` on ``nproc`` ranks per node; returns 0 or raises ``RankFailure``.
+
+    ``checkpoint_root``: a training run's checkpoint folder, named in the line ``Interrupted`` carries.
+    """
     world_size_of(nproc, hostfile)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(master_port or free_port())]
     if hostfile:
@@ -88,19 +113,108 @@ def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = N
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     if hostfile:  # remote ranks cannot write into a local folder: the launcher's exit code is all we get
-        rc = subprocess.call(cmd, env=child_env)
+        rc = _run(cmd, child_env, checkpoint_root=checkpoint_root, all_local=False)
         if rc != 0:
             raise RankFailure(f"a rank failed (launcher exit code {rc}); see the output above", rc)
         return rc
     # The launcher stops every rank when one exits non-zero; the ranks' exit reports name the culprit.
     with tempfile.TemporaryDirectory(prefix="dat-ds-ranks-") as status_dir:
         child_env[STATUS_ENV] = status_dir
-        rc = subprocess.call(cmd, env=child_env)
+        child_env[CLI_PID_ENV] = str(os.getpid())  # local ranks only: a remote host has its own PIDs
+        rc = _run(cmd, child_env, checkpoint_root=checkpoint_root, all_local=True)
         if rc != 0:
             line = failed_rank_line(status_dir, nproc, rc)
             # None: every rank reported the same user error (code 2/3), which rank 0 printed already.
             raise RankFailure(line, rc) if line is not None else _Quiet(rc)
     return rc
+
+
+def _run(cmd: list[str], env: dict[str, str], *, checkpoint_root: str | Path | None, all_local: bool) -> int:
+    """Run the DeepSpeed launcher to its end; on SIGTERM/SIGINT stop all of the run, then raise ``Interrupted``.
+
+    The signal goes to the launcher's process group: DeepSpeed's runner, its per-node launcher and every
+    local rank (the single-node runner dies on SIGTERM without passing it on; the multi-node one passes it
+    to the remote hosts itself). A second signal SIGKILLs the group.
+    """
+    received: list[int] = []
+    proc: subprocess.Popen | None = None
+
+    def forward(signum, frame):
+        received.append(signum)
+        if proc is not None:
+            _signal_run(proc, signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
+
+    # Handlers only in the main thread (Python's rule); a launch from another thread keeps the defaults.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS} if in_main else {}
+    try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        if received:  # a signal between installing the handlers and the launcher's start
+            _signal_run(proc, signal.SIGTERM)
+        rc = proc.wait()
+        if received:
+            _wait_for_run(proc)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if received:
+        raise Interrupted(received[0], _interrupted_line(checkpoint_root, remove_unfinished=all_local))
+    return rc
+
+
+def _signal_run(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # start_new_session: the group's id is the launcher's PID
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group ``pgid``."""
+    import psutil  # a DeepSpeed dependency; here so that --help stays light
+
+    members = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                members.append(p.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return members
+
+
+def _wait_for_run(proc: subprocess.Popen) -> None:
+    """Wait up to ``STOP_GRACE_S`` for every local process of the run to exit, then SIGKILL what is left."""
+    deadline = time.monotonic() + STOP_GRACE_S
+    while _group_members(proc.pid):
+        if time.monotonic() > deadline:
+            log.warning("the run did not stop within %.0f s of the signal; killing it", STOP_GRACE_S)
+            _signal_run(proc, signal.SIGKILL)
+            kill_deadline = time.monotonic() + 5
+            while _group_members(proc.pid) and time.monotonic() < kill_deadline:
+                time.sleep(0.1)
+            return
+        time.sleep(0.2)
+
+
+def _interrupted_line(checkpoint_root: str | Path | None, *, remove_unfinished: bool) -> str:
+    """``interrupted: last complete checkpoint <tag>; ...`` for a training run, ``interrupted`` otherwise.
+
+    ``remove_unfinished``: every rank was local and is gone, so a save they left unfinished is deleted
+    (never resumed from either way); remote ranks might still be writing theirs.
+    """
+    if checkpoint_root is None:
+        return "interrupted"
+    root = Path(checkpoint_root)
+    from ..runtime.checkpoint import TMP_PREFIX, find_resume_tag  # torch: the ranks ran, so it is loaded anyway
+
+    if remove_unfinished and root.is_dir():
+        for d in root.glob(TMP_PREFIX + "*"):
+            shutil.rmtree(d, ignore_errors=True)
+    tag = find_resume_tag(root, verify=False)  # committed tags; --resume auto verifies the files
+    if tag is None:
+        return "interrupted: no complete checkpoint yet; run the command again to start over"
+    return f"interrupted: last complete checkpoint {tag}; continue with --resume auto"
 
 
 class _Quiet(RankFailure):

@@ -142,11 +142,28 @@ def _no_image_spec(spec):
     return dataclasses.replace(spec, img_size=0)
 
 
+def check_precision(settings, accelerator=None) -> None:
+    """bf16/fp16 weights need the accelerator's support: DeepSpeed's own start-up check, said in one line.
+
+    Asked of DeepSpeed's accelerator (``is_bf16_supported`` / ``is_fp16_supported``), as the engine does
+    in ``_do_sanity_check``; its CPU accelerator runs bf16 but fp16 only where oneDNN has fp16 kernels.
+    """
+    if settings.precision not in ("bf16", "fp16"):
+        return  # fp32 and bf16 autocast run everywhere
+    accelerator = accelerator or dist.accelerator()
+    supported = accelerator.is_bf16_supported() if settings.precision == "bf16" else accelerator.is_fp16_supported()
+    if not supported:
+        raise ConfigError(f"DeepSpeed config enables {settings.precision}, which DeepSpeed's "
+                          f"{accelerator.device_name()} accelerator does not support on this machine; set "
+                          f"{settings.precision}.enabled to false (fp32 runs everywhere)")
+
+
 def preflight(cfg, resume: str | None = None, world: int | None = None) -> None:
     """All start-up checks; raises ConfigError (one line) on the first problem found."""
     from ..runtime import checkpoint, ds_config
 
     settings = ds_config.prepare(cfg.deepspeed_config, world or dist.world_size())
+    check_precision(settings)
     check_model_name(cfg.model.name)
     warn_step_sizes(cfg)
     from ..attacks import eval_spec, training_spec

@@ -3,18 +3,26 @@
 ``launch()`` sets ``DAT_DS_STATUS_DIR`` for the ranks it starts; every rank leaves ``rank<R>.json`` there
 when it exits (normally, by exception, or by SIGTERM from the launcher). A rank that left nothing died
 hard (SIGKILL, OOM killer, segfault). ``failed_rank_line`` turns the reports into one line naming the
-rank that failed first. Nothing here imports torch.
+rank that failed first. ``watch_cli`` ends a rank whose ``dat-ds`` command is gone (``DAT_DS_CLI_PID``).
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import threading
 import time
 
+log = logging.getLogger(__name__)
+
 STATUS_ENV = "DAT_DS_STATUS_DIR"
+CLI_PID_ENV = "DAT_DS_CLI_PID"  # the dat-ds process that launched this rank
+CLI_POLL_S = 1.0
 TERMINATED = "terminated by the launcher"
+CLI_GONE = "the dat-ds command that started this run is gone"
 _COMM_HINTS = ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")
 
 
@@ -64,6 +72,43 @@ def install_sigterm_status() -> None:
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def watch_cli() -> threading.Thread | None:
+    """In a rank ``launch()`` started: exit (code 143) within ~1 s of the launching ``dat-ds`` process's end.
+
+    A SIGKILLed ``dat-ds`` cannot stop its run, and DeepSpeed's launcher does not notice that its parent
+    is gone; without this the ranks would train on, re-parented, to the end.
+    """
+    pid = os.environ.get(CLI_PID_ENV)
+    if not pid:
+        return None
+    import psutil  # a DeepSpeed dependency
+
+    try:  # the start time tells the launching process from a later one that got its PID
+        born = psutil.Process(int(pid)).create_time()
+    except (psutil.Error, ValueError):
+        born = None
+
+    def alive() -> bool:
+        if born is None:
+            return False
+        try:
+            p = psutil.Process(int(pid))
+            return p.create_time() == born and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(CLI_POLL_S)
+        log.error("%s (PID %s); stopping rank %d", CLI_GONE, pid, _rank())
+        write_rank_status(128 + signal.SIGTERM, CLI_GONE)
+        os._exit(128 + signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="dat-ds-cli-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def failed_rank_line(folder: str, nproc: int, launcher_rc: int) -> str | None:

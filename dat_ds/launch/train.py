@@ -6,6 +6,9 @@ Launch it the way DeepSpeed users already do::
 
 or through ``dat-ds train --nproc 2 ...``, which starts that launcher for you. Structure follows the
 torchvision references: ``get_args_parser() -> main(args) -> train_one_epoch(...) -> evaluate(...)``.
+
+Rank 0 of the run owns the run folder's lock (``launch.runlock``) from after the validation pass until it
+exits; ``--overwrite`` moves the old run aside only once everything has been built (``runtime.trainer``).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
 from ..core import dist
+from ..core.errors import ConfigError
 from .args import add_run_args, train_args_parser as get_args_parser
 from .entry import run_entry
 from .validate import check_model_name, check_run_dir, config_from_args, dry_run_report, train_inputs
@@ -40,12 +45,52 @@ def main(args: argparse.Namespace, base: dict[str, Any] | None = None, *, world:
         log.info("resolved config:\n%s", cfg.to_yaml().rstrip())
         log.info("config OK: %s", json.dumps(info))
         return info
+    from . import runlock
+
+    if dist.rank() == 0:  # another live run on this folder: say so before the heavy checks (rank 0 owns the lock)
+        runlock.check_free(cfg.run_dir)
     from .preflight import preflight
 
     preflight(cfg, args.resume, world)  # bad data, models, checkpoints: one line before any output is written
     from ..evaluation.training import run_training
 
-    return run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+    lock = lock_run(cfg.run_dir)
+    try:
+        return run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+    except BaseException:
+        if lock is not None:  # the trainer settles --overwrite itself; this catches a stop outside it
+            settle_leftovers(cfg.run_dir, os.getpid())
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_run(run_dir):
+    """Rank 0 locks the run folder (``runlock``); every rank learns the outcome, so a refusal is one line
+    from every rank alike (printed once) rather than rank 0 failing alone. Returns the lock on rank 0."""
+    from . import runlock
+
+    dist.init_distributed()
+    lock, problem = None, None
+    if dist.is_main_process():
+        try:
+            lock = runlock.acquire(run_dir)
+        except ConfigError as e:
+            problem = str(e)
+    problem = dist.all_gather_object(problem)[0]
+    if problem is not None:
+        raise ConfigError(problem)
+    return lock
+
+
+def settle_leftovers(run_dir, pid: int) -> None:
+    """Old runs that process ``pid`` moved aside under --overwrite and could not settle (it stopped outside
+    the trainer, or was killed): put back unless the new run has a complete checkpoint."""
+    from ..runtime.trainer import overwritten_by, settle_overwritten
+
+    for aside in overwritten_by(run_dir, pid):
+        settle_overwritten(run_dir, aside)
 
 
 def cli_entry(argv: list[str] | None = None) -> int:

@@ -22,7 +22,8 @@ from ..core import names, resources
 from ..core.config import RunConfig, build_config
 from ..core.errors import ConfigError
 
-__all__ = ["check_model_name", "check_run_dir", "config_from_args", "dry_run_report", "eval_inputs", "recipe_path", "train_inputs"]
+__all__ = ["check_model_name", "check_run_dir", "config_from_args", "dry_run_report", "eval_inputs", "named_flags",
+           "recipe_path", "train_inputs"]
 
 
 def recipe_path(path: str | None) -> str | None:
@@ -30,19 +31,25 @@ def recipe_path(path: str | None) -> str | None:
     return None if path is None else str(resources.recipe(path))
 
 
-def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
-    overrides = list(args.overrides)
-    if args.deepspeed_config:
-        overrides.append(f"deepspeed_config={args.deepspeed_config}")
-    if args.name:
-        overrides.append(f"name={args.name}")
+def named_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The named options as typed config values (never YAML text: ``--name "exp #3"`` stays whole)."""
+    flags: dict[str, Any] = {}
+    if args.deepspeed_config is not None:
+        flags["deepspeed_config"] = args.deepspeed_config
+    if args.name is not None:
+        flags["name"] = args.name
     if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
+        flags["train"] = {"epochs": args.epochs}
+    if args.output_dir is not None:
+        flags["output_dir"] = args.output_dir
     if getattr(args, "trust_pickle", False):
-        overrides.append("data.trust_pickle=true")
-    return build_config(recipe_path(args.config), overrides, base=base)
+        flags["data"] = {"trust_pickle": True}
+    return flags
+
+
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
+    """Recipe, then ``--set`` overrides, then the named options (they win)."""
+    return build_config(recipe_path(args.config), list(args.overrides), base=base, flags=named_flags(args))
 
 
 def check_run_dir(cfg: RunConfig, resume: str | None, overwrite: bool) -> Path:
@@ -80,7 +87,9 @@ def train_inputs(args: argparse.Namespace, world: int, *, needs_unlabeled_object
                  base: dict[str, Any] | None = None):
     """The torch-free half for ``train`` / ``demo`` / ``pretrain``: returns ``(cfg, engine settings)``."""
     from ..runtime import ds_config
+    from .args import check_master_port
 
+    check_master_port(getattr(args, "master_port", None))  # only the launching process has it
     cfg = config_from_args(args, base)
     if needs_unlabeled_objective and cfg.objective.name not in names.UNLABELED_OBJECTIVES:
         raise ConfigError(f"dat-ds pretrain needs a self-supervised objective "

@@ -7,6 +7,7 @@ same names to builders; a test keeps the two key sets equal.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -52,6 +53,107 @@ SPECS: Mapping[str, OptimizerSpec] = MappingProxyType({
 })
 
 
+# Ranges of the parameters several optimizers share: (low, low inclusive, high, high inclusive).
+# A value outside them makes the optimizer diverge or raise mid-run (torch checks some only at step 1).
+PARAM_RANGES: Mapping[str, tuple[float, bool, float, bool]] = MappingProxyType({
+    "lr": (0.0, False, math.inf, False),
+    "eps": (0.0, False, math.inf, False),
+    "weight_decay": (0.0, True, math.inf, False),
+    "momentum": (0.0, True, 1.0, False),
+    "dampening": (0.0, True, 1.0, True),
+    "max_grad_norm": (0.0, True, math.inf, False),
+})
+BETA_RANGE = (0.0, True, 1.0, False)  # each of "betas"
+BOOL_PARAMS = frozenset({"amsgrad", "nesterov", "adam_w_mode", "bias_correction", "fused", "torch_adam", "cuda_aware",
+                         "trust_clip", "always_adapt", "eps_inside_sqrt"})
+STRING_PARAMS = frozenset({"comm_backend_name"})
+
+
+def _interval(low: float, low_in: bool, high: float, high_in: bool) -> str:
+    if high == math.inf:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _inside(value: float, low: float, low_in: bool, high: float, high_in: bool) -> bool:
+    return (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_param_values(type_name: str, params: dict[str, Any]) -> None:
+    """Types and ranges: numbers finite, flags true/false, lr > 0, betas in [0, 1), eps > 0, ..."""
+    where = f"optimizer {type_name!r}"
+    for key, value in params.items():
+        if key in BOOL_PARAMS:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where} {key}={value!r} must be true or false")
+        elif key in STRING_PARAMS:
+            if not isinstance(value, str):
+                raise ConfigError(f"{where} {key}={value!r} must be a string")
+        elif key == "betas":
+            if not (isinstance(value, list) and len(value) == 2 and all(map(_is_number, value))):
+                raise ConfigError(f"{where} betas={value!r} must be a list of two numbers, e.g. [0.9, 0.999]")
+            for beta in value:
+                if not _inside(beta, *BETA_RANGE):
+                    raise ConfigError(f"{where} betas={value!r}: each beta must be {_interval(*BETA_RANGE)}")
+        elif not _is_number(value):
+            raise ConfigError(f"{where} {key}={value!r} must be a number")
+        elif not math.isfinite(value):
+            raise ConfigError(f"{where} {key}={value!r} must be a finite number")
+        elif key in PARAM_RANGES and not _inside(value, *PARAM_RANGES[key]):
+            raise ConfigError(f"{where} {key}={value!r} must be {_interval(*PARAM_RANGES[key])}")
+
+
+# DeepSpeed's own LR schedulers (deepspeed.runtime.lr_schedules.VALID_LR_SCHEDULES) and their parameters
+# (the constructor's, less the optimizer); a test keeps both equal to the installed DeepSpeed's.
+DEEPSPEED_SCHEDULERS: Mapping[str, frozenset[str]] = MappingProxyType({
+    "LRRangeTest": frozenset({"lr_range_test_min_lr", "lr_range_test_step_size", "lr_range_test_step_rate",
+                              "lr_range_test_staircase", "last_batch_iteration"}),
+    "OneCycle": frozenset({"cycle_min_lr", "cycle_max_lr", "decay_lr_rate", "cycle_first_step_size",
+                           "cycle_second_step_size", "cycle_first_stair_count", "cycle_second_stair_count",
+                           "decay_step_size", "cycle_momentum", "cycle_min_mom", "cycle_max_mom", "decay_mom_rate",
+                           "last_batch_iteration"}),
+    "WarmupLR": frozenset({"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type",
+                           "last_batch_iteration"}),
+    "WarmupDecayLR": frozenset({"total_num_steps", "warmup_min_lr", "warmup_max_lr", "warmup_num_steps",
+                                "warmup_type", "last_batch_iteration"}),
+    "WarmupCosineLR": frozenset({"total_num_steps", "warmup_min_ratio", "warmup_num_steps", "cos_min_ratio",
+                                 "warmup_type", "last_batch_iteration"}),
+})
+# DeepSpeed falls back to torch.optim.lr_scheduler for other names; these are the ones a JSON can build
+# (no callables, no nested schedulers, no metric passed to step()).
+TORCH_SCHEDULERS = ("ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "ExponentialLR",
+                    "LinearLR", "MultiStepLR", "OneCycleLR", "PolynomialLR", "StepLR")
+
+
+def check_scheduler(section: Any) -> None:
+    """The JSON's ``"scheduler"``: a type DeepSpeed can build (case matters, as in DeepSpeed) and its params."""
+    example = '{"type": "WarmupLR", "params": {"warmup_num_steps": 100}}'
+    if not isinstance(section, dict):
+        raise ConfigError(f'DeepSpeed config "scheduler" must be an object like {example}')
+    unknown_top = sorted(set(section) - {"type", "params"})
+    if unknown_top:
+        raise ConfigError(f'unknown key {unknown_top[0]!r} in DeepSpeed config "scheduler"; allowed: type, params')
+    kind = section.get("type")
+    if kind not in DEEPSPEED_SCHEDULERS and kind not in TORCH_SCHEDULERS:
+        raise ConfigError(f"unknown scheduler type {kind!r} in the DeepSpeed config; choose one of DeepSpeed's "
+                          f"{', '.join(DEEPSPEED_SCHEDULERS)} or torch's {', '.join(TORCH_SCHEDULERS)} (case matters)")
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError('DeepSpeed config "scheduler.params" must be an object')
+    if kind in DEEPSPEED_SCHEDULERS:
+        allowed = DEEPSPEED_SCHEDULERS[kind]
+        bad = sorted(set(params) - allowed)
+        if bad:
+            raise ConfigError(f"unknown parameter {bad[0]!r} for scheduler {kind!r}; allowed: {', '.join(sorted(allowed))}")
+    for key, value in params.items():
+        if _is_number(value) and not math.isfinite(value):
+            raise ConfigError(f"scheduler {kind!r} {key}={value!r} must be a finite number")
+
+
 def _normalise(type_name: str) -> str:
     return type_name.replace("_", "").replace("-", "").lower()
 
@@ -75,7 +177,7 @@ def optimizer_spec(section: dict[str, Any]) -> tuple[str, OptimizerSpec]:
 
 
 def check_optimizer_params(section: dict[str, Any]) -> tuple[str, OptimizerSpec]:
-    """Every parameter is known to the optimizer and lr is positive; returns ``optimizer_spec(section)``."""
+    """Every parameter is known to the optimizer, of its type and in its range; returns ``optimizer_spec(section)``."""
     name, spec = optimizer_spec(section)
     params = section.get("params", {}) or {}
     if not isinstance(params, dict):
@@ -86,7 +188,5 @@ def check_optimizer_params(section: dict[str, Any]) -> tuple[str, OptimizerSpec]
             f"unknown parameter {unknown[0]!r} for optimizer {section['type']!r}; "
             f"allowed: {', '.join(sorted(spec.allowed | spec.ignored))}"
         )
-    if "lr" in params and not (isinstance(params["lr"], (int, float)) and not isinstance(params["lr"], bool)
-                               and params["lr"] > 0):
-        raise ConfigError(f"optimizer lr={params['lr']!r} must be a positive number")
+    check_param_values(str(section["type"]), params)
     return name, spec

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..core import resources
 from ..core.errors import ConfigError
-from ..optim.specs import check_optimizer_params
+from ..optim.specs import check_optimizer_params, check_scheduler
 
 KNOWN_KEYS = frozenset({
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
@@ -42,6 +43,83 @@ ZERO_KEYS = frozenset({
     "stage3_model_persistence_threshold", "cpu_offload", "log_trace_cache_warnings", "module_granularity_threshold",
 })
 
+# The JSON type of every value DeepSpeed reads; a wrong one fails deep inside DeepSpeed or, worse, not at
+# all ("enabled": "false" is a true string). "optimizer", "scheduler" and "gradient_compression" have
+# their own checks; batch sizes are checked with the batch arithmetic.
+OBJECT, NUMBER, INTEGER, BOOL, STRING = "an object", "a number", "an integer", "true or false", "a string"
+TOP_TYPES: dict[str, str] = {
+    **dict.fromkeys(("fp16", "bf16", "amp", "zero_optimization", "tensorboard", "csv_monitor", "wandb", "comet",
+                     "flops_profiler", "activation_checkpointing", "elasticity", "data_types", "checkpoint", "aio",
+                     "autotuning", "compile", "timers", "torch_autocast", "comms_logger", "data_efficiency",
+                     "compression_training", "weight_quantization", "pipeline", "monitor_config"), OBJECT),
+    **dict.fromkeys(("gradient_clipping", "gradient_predivide_factor"), NUMBER),
+    **dict.fromkeys(("steps_per_print", "mics_shard_size"), INTEGER),
+    **dict.fromkeys(("prescale_gradients", "sparse_gradients", "wall_clock_breakdown", "dump_state",
+                     "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "memory_breakdown",
+                     "load_universal_checkpoint", "use_node_local_storage", "disable_allgather", "graph_harvesting",
+                     "mics_hierarchical_params_gather"), BOOL),
+    "communication_data_type": STRING,
+}
+# Fields inside sections, by the same kinds (fields not listed are passed on unchecked).
+SECTION_TYPES: dict[str, dict[str, str]] = {
+    "fp16": {"enabled": BOOL, "auto_cast": BOOL, "loss_scale": NUMBER, "initial_scale_power": INTEGER,
+             "loss_scale_window": INTEGER, "hysteresis": INTEGER, "consecutive_hysteresis": BOOL,
+             "min_loss_scale": NUMBER},
+    "bf16": {"enabled": BOOL, "immediate_grad_update": BOOL},
+    "torch_autocast": {"enabled": BOOL, "dtype": STRING},
+    "zero_optimization": {
+        "stage": INTEGER,
+        **dict.fromkeys(("allgather_partitions", "overlap_comm", "reduce_scatter", "contiguous_gradients",
+                         "round_robin_gradients", "elastic_checkpoint", "ignore_unused_parameters",
+                         "load_from_fp32_weights", "stage3_gather_16bit_weights_on_model_save", "zero_quantized_weights",
+                         "zero_quantized_gradients", "memory_efficient_linear", "use_multi_rank_bucket_allreduce",
+                         "cpu_offload", "log_trace_cache_warnings", "mics_hierarchical_params_gather"), BOOL),
+        **dict.fromkeys(("allgather_bucket_size", "reduce_bucket_size", "stage3_max_live_parameters",
+                         "stage3_max_reuse_distance", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                         "stage3_model_persistence_threshold", "sub_group_size", "zero_hpz_partition_size",
+                         "mics_shard_size", "module_granularity_threshold"), NUMBER),
+    },
+}
+NULLABLE = frozenset({"zero_optimization.offload_param", "zero_optimization.offload_optimizer"})
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind == OBJECT:
+        return isinstance(value, dict)
+    if kind == BOOL:
+        return isinstance(value, bool)
+    if kind == STRING:
+        return isinstance(value, str)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) if kind == INTEGER else True
+
+
+def check_types(data: dict[str, Any]) -> None:
+    """Every section and field DeepSpeed reads has its JSON type; numbers are finite."""
+    for key, value in data.items():
+        kind = TOP_TYPES.get(key)
+        if kind is not None and not _type_ok(value, kind):
+            raise ConfigError(f"DeepSpeed config {key}={json.dumps(value)} must be {kind}")
+        if kind == NUMBER and not math.isfinite(value):
+            raise ConfigError(f"DeepSpeed config {key}={json.dumps(value)} must be a finite number")
+        if kind != OBJECT:
+            continue
+        fields = SECTION_TYPES.get(key, {"enabled": BOOL})  # every feature section switches on with "enabled"
+        for name, field_value in value.items():
+            where = f"{key}.{name}"
+            field_kind = fields.get(name)
+            if field_kind is None:
+                if where in NULLABLE and field_value is not None and not isinstance(field_value, dict):
+                    raise ConfigError(f"DeepSpeed config {where}={json.dumps(field_value)} must be an object or null")
+                continue
+            if not _type_ok(field_value, field_kind):
+                raise ConfigError(f"DeepSpeed config {where}={json.dumps(field_value)} must be {field_kind}")
+            if field_kind == NUMBER and not math.isfinite(field_value):
+                raise ConfigError(f"DeepSpeed config {where}={json.dumps(field_value)} must be a finite number")
+            if field_kind == NUMBER and field_value < 0:
+                raise ConfigError(f"DeepSpeed config {where}={json.dumps(field_value)} must be >= 0")
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -64,12 +142,38 @@ def resolve_path(path: str | Path) -> Path:
     return resources.ds_config(path)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` keeps the last of two equal keys; DeepSpeed's own loader refuses them, and so do we."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def load_ds_json(path: str | Path) -> dict[str, Any]:
     p = resolve_path(path)
+    if p.is_dir():
+        raise ConfigError(f"DeepSpeed config {str(path)!r} is a folder; pass a JSON file such as ds_configs/zero0_fp32.json")
     if not p.is_file():
         raise ConfigError(f"DeepSpeed config {str(path)!r} not found; pass one of ds_configs/*.json with --deepspeed_config")
     try:
-        data = json.loads(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {str(path)!r} is not UTF-8 text (byte offset {e.start}); save it as UTF-8 JSON") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read DeepSpeed config {str(path)!r} ({e.strerror or type(e).__name__}); "
+                          "check its permissions") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise ConfigError(f"DeepSpeed config {str(path)!r} has the key {e.args[0]!r} twice in one object; keep one "
+                          "(DeepSpeed refuses duplicate keys in a config file)") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"DeepSpeed config {str(path)!r} is not valid JSON (line {e.lineno}: {e.msg}); fix the syntax") from None
     if not isinstance(data, dict):
@@ -124,21 +228,20 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
     unknown = sorted(set(data) - KNOWN_KEYS)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in DeepSpeed config {str(path)!r}; check the spelling against the DeepSpeed config docs")
-    zero = data.get("zero_optimization", {}) or {}
-    if not isinstance(zero, dict):
-        raise ConfigError('DeepSpeed config "zero_optimization" must be an object')
+    check_types(data)
+    zero = data.get("zero_optimization", {})
     bad_zero = sorted(set(zero) - ZERO_KEYS)
     if bad_zero:
         raise ConfigError(f"unknown key {bad_zero[0]!r} in DeepSpeed config zero_optimization; check the spelling")
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
-    bf16 = bool((data.get("bf16") or {}).get("enabled", False))
-    fp16 = bool((data.get("fp16") or {}).get("enabled", False))
+    bf16 = data.get("bf16", {}).get("enabled", False)  # check_types: sections are objects, "enabled" a bool
+    fp16 = data.get("fp16", {}).get("enabled", False)
     if bf16 and fp16:
         raise ConfigError("DeepSpeed config enables both bf16 and fp16; enable one")
-    autocast = (data.get("torch_autocast") or {})
-    autocast_bf16 = bool(autocast.get("enabled", False)) and str(autocast.get("dtype", "bfloat16")).endswith("bfloat16")
+    autocast = data.get("torch_autocast", {})
+    autocast_bf16 = autocast.get("enabled", False) and autocast.get("dtype", "bfloat16").endswith("bfloat16")
     if autocast_bf16 and (bf16 or fp16):
         raise ConfigError("DeepSpeed config enables torch_autocast together with bf16/fp16; choose one precision mode")
     precision = "bf16" if bf16 else "fp16" if fp16 else "bf16-autocast" if autocast_bf16 else "fp32"
@@ -181,8 +284,10 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
         if conflict:
             raise ConfigError(f"gradient_compression replaces DeepSpeed's gradient all-reduce and cannot run with "
                               f"{conflict}; use a plain optimizer, ZeRO 0, no accumulation and fp32, or drop it")
-    clip = data.get("gradient_clipping", 0)
-    if not isinstance(clip, (int, float)) or clip < 0:
+    if "scheduler" in data:
+        check_scheduler(data["scheduler"])
+    clip = data.get("gradient_clipping", 0)  # check_types: a finite number
+    if clip < 0:
         raise ConfigError(f"gradient_clipping={clip!r} must be a number >= 0 (0 disables)")
     if stage > 0:
         # Our optimizers are client optimizers; ZeRO partitions any torch optimizer's state correctly.

@@ -1,7 +1,8 @@
 """The training run on one rank: build everything from the two configs, resume, run the epochs.
 
-``Trainer(cfg).setup()`` prepares the run folder, data, model, engine and objective and restores a
-checkpoint when resuming; ``fit(callbacks)`` runs the epochs and returns the run's summary. Around
+``Trainer(cfg).setup()`` builds data, model, engine and objective, restores a checkpoint when
+resuming, and only then, with everything checked, writes the run folder (under ``--overwrite`` it moves
+the old run aside first: ``set_aside``); ``fit(callbacks)`` runs the epochs and returns the run's summary. Around
 the loop the callbacks (``runtime.callbacks``) do the rest: the trainer always adds mid-epoch
 checkpointing last; evaluation and the overfitting monitor come from the layer above
 (``dat_ds.evaluation.training.run_training`` is the composition ``dat-ds train`` uses).
@@ -9,7 +10,9 @@ checkpointing last; evaluation and the overfitting monitor come from the layer a
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +34,36 @@ from .callbacks import Callback, Checkpointing, StopTraining
 from .loop import NonFiniteWatch, TrainState, train_one_epoch
 
 log = logging.getLogger("dat_ds.launch.train")
-RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png")  # what --overwrite removes besides checkpoints
+OVERWRITTEN = ".overwritten-"  # <run>.overwritten-<time>-<pid>: the old run under --overwrite until it is replaced
+
+
+def set_aside(run_dir: Path) -> Path:
+    """``--overwrite``: move the old run out of the way with one rename; it is deleted once the new run has
+    committed its first checkpoint, and put back (``settle_overwritten``) if the new run stops before."""
+    aside = run_dir.with_name(f"{run_dir.name}{OVERWRITTEN}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.rename(run_dir, aside)
+    log.info("--overwrite: moved the old run to %s until the new one has its first checkpoint", aside)
+    return aside
+
+
+def overwritten_by(run_dir: Path, pid: int) -> list[Path]:
+    """The old runs that process ``pid`` set aside from ``run_dir`` and has not settled yet."""
+    return sorted(Path(run_dir).parent.glob(f"{glob.escape(Path(run_dir).name)}{OVERWRITTEN}*-{pid}"))
+
+
+def settle_overwritten(run_dir: Path, aside: Path) -> str:
+    """A run under ``--overwrite`` stopped: keep it if it committed a checkpoint (the old one goes), else
+    delete its partial folder and put the old run back, so the file system is as it was. Returns which."""
+    run_dir = Path(run_dir)
+    if checkpoint.complete_tags(run_dir / "checkpoint"):
+        shutil.rmtree(aside, ignore_errors=True)
+        log.info("--overwrite: the new run has a complete checkpoint; deleted the old run (%s)", aside)
+        return "replaced"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    os.rename(aside, run_dir)
+    log.warning("the new run stopped before its first checkpoint; the old run is back in %s", run_dir)
+    return "restored"
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -72,12 +104,17 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoint"
         self.state = TrainState()
         self.callbacks: list[Callback] = []
+        self.overwritten: Path | None = None  # the old run set aside by --overwrite (rank 0), until replaced
         self._ready = False
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> Trainer:
-        """Run folder, data, model, engine, objective; then the checkpoint when resuming. Collective."""
+        """Data, model, engine, objective and the checkpoint when resuming; then the run folder. Collective.
+
+        Nothing is written (or, with ``--overwrite``, moved aside) before everything else has been built:
+        a start that fails on a setting only the engine checks leaves the file system as it was.
+        """
         dist.init_distributed()
         threads = dist.set_threads_per_rank()
         cfg, world = self.cfg, dist.world_size()
@@ -87,7 +124,6 @@ class Trainer:
         found = checkpoint.resolve_resume(self.resume, self.run_dir) if self.resume is not None else None
         if found is not None:
             checkpoint.check_compatible(*found, cfg, self.ds_json)
-        self._prepare_run_dir()
         s = self.settings
         log.info("run %s: %d rank(s) on %s/%s, %d thread(s) per rank, global batch %d (micro %d x accum %d x %d), "
                  "ZeRO-%d, %s", cfg.name, world, dist.accelerator().device_name(),
@@ -96,20 +132,29 @@ class Trainer:
         self._build()
         if found is not None:
             self._restore(*found)
-        self.metrics_file = JsonlWriter(self.run_dir / "metrics.jsonl") if dist.is_main_process() else None
+        try:
+            self._prepare_run_dir()
+            self.metrics_file = JsonlWriter(self.run_dir / "metrics.jsonl") if dist.is_main_process() else None
+        except BaseException:
+            self._settle()
+            raise
         self._ready = True
         return self
 
     def _prepare_run_dir(self) -> None:
         if dist.is_main_process():
             if self.overwrite and self.resume is None and self.run_dir.exists():
-                shutil.rmtree(self.ckpt_root, ignore_errors=True)
-                for name in RUN_FILES:
-                    (self.run_dir / name).unlink(missing_ok=True)
+                self.overwritten = set_aside(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
             atomic_write_json(self.run_dir / "ds_config.json", self.ds_json)
         dist.barrier()
+
+    def _settle(self) -> None:
+        """The run stops (an exception): under --overwrite, put the old run back unless this one replaced it."""
+        if self.overwritten is not None:
+            aside, self.overwritten = self.overwritten, None
+            settle_overwritten(self.run_dir, aside)
 
     def _build(self) -> None:
         cfg, s = self.cfg, self.settings
@@ -169,6 +214,17 @@ class Trainer:
         if not self._ready:
             self.setup()
         self.callbacks = [*callbacks, Checkpointing(self.cfg.train.save_every_steps)]
+        try:
+            summary = self._fit()
+        except BaseException:
+            self._settle()
+            raise
+        if self.overwritten is not None:  # it ended (stopped early) before any checkpoint: still the new run
+            aside, self.overwritten = self.overwritten, None
+            shutil.rmtree(aside, ignore_errors=True)
+        return summary
+
+    def _fit(self) -> dict[str, Any]:
         t_run = time.perf_counter()
         stopped = None
         while self.state.epoch < self.cfg.train.epochs:
@@ -227,9 +283,13 @@ class Trainer:
                                 "std": list(self.spec.std), "classes": list(self.spec.classes)},
                   "objective_state": self.objective.state_dict()}
         tag = checkpoint.tag_for(state.epoch, state.global_step, end_of_epoch)
-        return checkpoint.save(self.engine, self.ckpt_root, tag, client_state=client,
+        path = checkpoint.save(self.engine, self.ckpt_root, tag, client_state=client,
                                rank_state=checkpoint.capture_rng(self.generator), keep_last=self.cfg.train.keep_last,
                                comm=self.built.comm)
+        if self.overwritten is not None:  # the new run has a complete checkpoint: it replaces the old one now
+            aside, self.overwritten = self.overwritten, None
+            settle_overwritten(self.run_dir, aside)
+        return path
 
     def finish(self, stopped: str | None, seconds: float) -> dict[str, Any]:
         """``summary.json``, ``curves.png`` and the end-of-run table (rank 0); returns the summary."""
