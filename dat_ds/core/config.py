@@ -23,6 +23,7 @@ import yaml
 
 from . import names
 from .errors import ConfigError
+from .io import read_user_text
 
 
 @dataclass(frozen=True)
@@ -277,13 +278,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe file {str(p)!r} not found; pass an existing YAML file (see recipes/)")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"recipe file {str(p)!r} is not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read recipe file {str(p)!r} ({e.strerror or type(e).__name__}); "
-                          "check its permissions") from None
+    text = read_user_text(p, f"recipe file {str(p)!r}")
     try:
         data = yaml.load(text, Loader=StrictLoader) or {}
     except DuplicateKeyError as e:

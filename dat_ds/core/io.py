@@ -8,6 +8,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
+
+def read_user_text(path: Path, what: str, save_as: str = "UTF-8") -> str:
+    """The text of a file the user gave (``what`` names it in errors: 'recipe file 'x.yaml''); one-line errors."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} is not UTF-8 text (byte offset {e.start}); save it as {save_as}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} ({e.strerror or type(e).__name__}); check its permissions") from None
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)

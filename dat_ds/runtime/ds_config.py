@@ -18,6 +18,7 @@ from typing import Any
 
 from ..core import resources
 from ..core.errors import ConfigError
+from ..core.io import read_user_text
 from ..optim.specs import check_optimizer_params, check_scheduler
 
 KNOWN_KEYS = frozenset({
@@ -162,13 +163,7 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"DeepSpeed config {str(path)!r} is a folder; pass a JSON file such as ds_configs/zero0_fp32.json")
     if not p.is_file():
         raise ConfigError(f"DeepSpeed config {str(path)!r} not found; pass one of ds_configs/*.json with --deepspeed_config")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {str(path)!r} is not UTF-8 text (byte offset {e.start}); save it as UTF-8 JSON") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read DeepSpeed config {str(path)!r} ({e.strerror or type(e).__name__}); "
-                          "check its permissions") from None
+    text = read_user_text(p, f"DeepSpeed config {str(path)!r}", save_as="UTF-8 JSON")
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as e:
