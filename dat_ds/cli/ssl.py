@@ -9,6 +9,7 @@ from pathlib import Path
 from . import _train, _train_args, command, resolve_recipe
 from ..core import names
 from ..core.errors import ConfigError
+from ..core.pools import check_pool_spec
 
 log = logging.getLogger("dat_ds.ssl")
 
@@ -45,6 +46,8 @@ def _check_pseudo_label_args(args: argparse.Namespace) -> None:
         names.check("data set", args.data)
         if not Path(args.weights).is_file():
             raise ConfigError(f"--weights {args.weights!r} not found; give a local .safetensors or .pt file")
+    if args.pool is not None:
+        check_pool_spec(args.pool)
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder; give a FILE.npz to write")

@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,11 +32,11 @@ from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from ..core import dist
 from ..core.errors import ConfigError
 from ..core.io import atomic_write_bytes
+from ..core.pools import POOL_SPEC as _POOL_SPEC
 from .embedded import DEBIAN_DIR, ArrayDataset, load_embedded_arrays, read_idx
 
 log = logging.getLogger(__name__)
 
-_POOL_SPEC = re.compile(r"^(?P<source>[\w-]+):(?P<split>train|test)\[(?P<lo>\d*):(?P<hi>\d*)\]$")
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 
 
