@@ -67,12 +67,12 @@ def recipe(tmp: Path, text: str) -> Path:
     return p
 
 
-def fake_checkpoint(tmp: Path, model: str) -> Path:
+def fake_checkpoint(tmp: Path, model: str, world_size: int = 1) -> Path:
     """A committed checkpoint of another model: the mismatch is caught from complete.json alone."""
     tag = tmp / "runs" / "run" / "checkpoint" / "step000000004"
     tag.mkdir(parents=True)
     (tag / "complete.json").write_text(json.dumps({
-        "tag": tag.name, "global_step": 4, "epoch": 0, "world_size": 1, "files": {},
+        "tag": tag.name, "global_step": 4, "epoch": 0, "world_size": world_size, "files": {},
         "fits": {"model.name": model, "data.name": "fashion-mnist", "optimizer": "AdamW", "zero_stage": 0}}))
     (tag.parent / "latest").write_text(tag.name + "\n")
     return tag
@@ -211,6 +211,24 @@ CASES = [
      "data set 'fashion-mnist-full' (train split) has label 12 outside [0, 9]; fix the label file or the data set's class count"),
     ("labels-count-mismatch", lambda t: _full(t, labels=np.zeros(10)),
      "cannot load data set 'fashion-mnist-full' (train split) (AssertionError: Size mismatch between tensors); check the files under data.root='{tmp}/fmnist'"),
+    ("train-one-class", lambda t: _full(t, labels=np.full(64, 3)),
+     "data set 'fashion-mnist-full' (train split) has one class only (label 3 on all 64 examples); a classifier needs "
+     "at least two: check the label file and data.train_subset"),
+    ("weights-not-a-weights-file", lambda t: ["--set", f"model.weights={_text_at(t / 'w.pt')}"],
+     "model.weights file '{tmp}/w.pt' is neither a safetensors nor a torch file; give a .safetensors file (e.g. from "
+     "`dat-ds export`) or a .pt state dict"),
+    ("weights-damaged-safetensors", lambda t: ["--set", f"model.weights={_weights(t, 'tiny_cnn', truncate=True)}"],
+     "model.weights file '{tmp}/w.safetensors' is a damaged safetensors file (Error while deserializing header: "
+     "incomplete metadata, file not fully covered); export it again (`dat-ds export`)"),
+    ("weights-other-width", lambda t: ["--set", f"model.weights={_weights(t, 'small_cnn')}"],
+     "weights '{tmp}/w.safetensors' do not fit model 'tiny_cnn' (5 of 8 tensors have other shapes, e.g. features.0.weight "
+     "[32, 1, 3, 3] vs [8, 1, 3, 3]); give weights saved from model 'tiny_cnn' and this data set (class count, channels)"),
+    ("weights-other-architecture", lambda t: ["--set", f"model.weights={_weights(t, 'test_resnet', suffix='.pt')}"],
+     "weights '{tmp}/w.pt' do not fit model 'tiny_cnn' (missing 6 keys, e.g. ['features.0.weight', 'features.0.bias'], "
+     "unexpected 90, e.g. ['conv1.0.weight', 'conv1.1.weight']); give weights saved from model 'tiny_cnn' or set model.name to theirs"),
+    ("resume-other-world-size", lambda t: [*_ckpt(t, "tiny_cnn"), "--resume", "auto", "--nproc", "2"],
+     "checkpoint '{tmp}/runs/run/checkpoint/step000000004' was saved with 1 rank(s), but this run has 2; resume with "
+     "--nproc 1, or start a new run with another --name"),
     ("subset-too-large", lambda t: ["--set", "data.train_subset=20000"],
      "data.train_subset=20000 is larger than the training set (10000 examples)"),
     ("checkpoint-other-model", lambda t: [*_ckpt(t, "small_cnn"), "--resume", "auto"],
@@ -244,6 +262,30 @@ def _full(t: Path, *, empty=False, garbage=False, truncate=False, images=None, l
         with gzip.open(img, "wb") as f:
             f.write(raw[:16 + 1000])
     return ["--set", "data.name=fashion-mnist-full", "--set", f"data.root={root}"]
+
+
+def _text_at(path: Path) -> Path:
+    path.write_text("these are not weights\n")
+    return path
+
+
+def _weights(t: Path, model: str, *, suffix: str = ".safetensors", truncate: bool = False) -> Path:
+    """The weights of ``model`` (built for Fashion-MNIST) as the user would pass them in model.weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dat_ds.data.embedded import FASHION_SPEC
+    from dat_ds.models import create_model
+
+    state = {k: v.contiguous() for k, v in create_model(model, FASHION_SPEC).backbone.state_dict().items()}
+    path = t / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    if truncate:
+        path.write_bytes(path.read_bytes()[:-100])
+    return path
 
 
 def _bytes_at(path: Path, data: bytes) -> Path:
@@ -381,3 +423,68 @@ def test_export_library_call_refuses_to_overwrite_before_reading_the_run(tmp_pat
     with pytest.raises(ConfigError, match="is not a run folder with a complete checkpoint"):  # force: on to the run
         export(tmp_path / "run", out, force=True)
     assert out.read_bytes() == b"old"  # a failed export leaves the old file as it was
+
+
+def test_nproc_above_the_cores_is_one_warning_on_the_cpu_accelerator(tmp_path, caplog, capsys):
+    """More CPU ranks than cores runs (oversubscribed), so it is a WARNING naming the cores, said once before
+    any rank starts; here a bad data set stops the command right after, so nothing starts at all."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    argv = [*base_args(tmp_path), "--nproc", str(cores + 1), *_full(tmp_path, labels=np.zeros(64))]
+    with caplog.at_level(logging.WARNING, logger="dat_ds"):
+        assert cli.main(argv) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"--nproc {cores + 1} starts more ranks than the {cores} CPU core(s) available to this process; "
+                        f"they will share cores and run slower (--nproc {cores} or fewer avoids it)"]
+    assert capsys.readouterr().err.splitlines()[0].startswith("error: data set 'fashion-mnist-full' (train split) has one class")
+    assert not (tmp_path / "runs").exists()
+
+
+class _FakeGPUs:
+    """DeepSpeed's accelerator interface, as much of it as ``check_nproc`` reads: a machine with 2 GPUs."""
+
+    def device_name(self):
+        return "cuda"
+
+    def device_count(self):
+        return 2
+
+
+def test_nproc_above_the_gpus_is_an_error():
+    from dat_ds.core.errors import ConfigError
+    from dat_ds.launch.preflight import check_nproc
+
+    assert check_nproc(2, _FakeGPUs()) is None
+    with pytest.raises(ConfigError) as e:
+        check_nproc(3, _FakeGPUs())
+    assert str(e.value) == ("--nproc 3 is more than the 2 cuda device(s) on this machine; use --nproc 2 or fewer "
+                            "(one rank per device)")
+
+
+def test_data_set_checks_read_every_label_of_an_array_but_count_classes_only_when_they_have_all():
+    """An in-memory set is checked whole (a bad label at the end is found); a data set that only yields
+    items (a plugin's) is checked through its first one, and never called one-class from that one label."""
+    import torch
+
+    from dat_ds.core.errors import ConfigError
+    from dat_ds.data.embedded import FASHION_SPEC, ArrayDataset
+    from dat_ds.data.transforms import TransformDataset
+    from dat_ds.launch.preflight import check_dataset
+
+    images = np.zeros((5, 28, 28), np.uint8)
+    with pytest.raises(ConfigError, match="has label 10 outside"):
+        check_dataset(TransformDataset(ArrayDataset(images, np.r_[0, 1, 2, 3, 10]), lambda x: x), FASHION_SPEC, "d")
+    with pytest.raises(ConfigError, match="holds float32 images; store uint8"):
+        check_dataset(ArrayDataset(images.astype(np.float32), np.arange(5)), FASHION_SPEC, "d")
+
+    class Items(torch.utils.data.Dataset):  # no arrays to read: only its items
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(1, 28, 28), 4
+
+    check_dataset(Items(), FASHION_SPEC, "d", min_classes=2)
+    with pytest.raises(ConfigError, match="has one class only"):
+        check_dataset(ArrayDataset(images, np.full(5, 4)), FASHION_SPEC, "d", min_classes=2)

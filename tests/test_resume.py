@@ -96,6 +96,53 @@ def test_resume_with_another_model_is_one_line(reference, capsys):
     assert sorted(p.name for p in (folder / "runs" / "ref" / "checkpoint").iterdir()) == before
 
 
+def test_resume_on_another_world_size_is_refused_before_any_rank_starts(reference, capsys, monkeypatch):
+    """A 1-rank checkpoint resumed by a 2-rank command: one line from the CLI, exit 2, nothing started or written."""
+    folder, ds = reference
+    from dat_ds.launch import launcher
+
+    started = []
+    monkeypatch.setattr(launcher, "_run", lambda *a, **kw: started.append(a) or 0)  # a rank start would show here
+    args = tiny_args(folder / "runs", "ref", ds, "--resume", "auto", "--nproc", "2")
+    run_dir = folder / "runs" / "ref"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    assert checkpoint.read_complete(run_dir / "checkpoint" / "epoch0001")["world_size"] == 1
+    assert cli.main(["train", *args]) == 2
+    tag = run_dir / "checkpoint" / "epoch0001"
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: checkpoint '{tag}' was saved with 1 rank(s), but this run has 2; resume with --nproc 1, or start a "
+        "new run with another --name"]
+    assert started == []
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+def test_trainer_refuses_another_world_size_on_its_own(reference):
+    """The ranks' copy of the check (a run started with `deepspeed` directly skips the CLI's)."""
+    from dat_ds.core.errors import ConfigError
+    from dat_ds.runtime.trainer import check_world_size
+
+    folder, _ = reference
+    root = folder / "runs" / "ref" / "checkpoint"
+    check_world_size(root, "epoch0001", 1)
+    with pytest.raises(ConfigError, match=r"saved with 1 rank\(s\), but this run has 4; resume with --nproc 1"):
+        check_world_size(root, "epoch0001", 4)
+
+
+def test_a_checkpoints_model_states_are_weights_the_preflight_accepts(reference):
+    """DeepSpeed's ``mp_rank_00_model_states.pt`` keeps the state dict under "module": model.weights takes it."""
+    from dat_ds.core.config import build_config
+    from dat_ds.data.embedded import FASHION_SPEC
+    from dat_ds.launch.preflight import check_weights
+    from dat_ds.models import create_model
+
+    folder, ds = reference
+    states = folder / "runs" / "ref" / "checkpoint" / "epoch0001" / "mp_rank_00_model_states.pt"
+    cfg = build_config(None, ["model.name=tiny_cnn", f"model.weights={states}", f"deepspeed_config={ds}"])
+    check_weights(cfg, FASHION_SPEC)
+    loaded = create_model("tiny_cnn", FASHION_SPEC, str(states))
+    assert_identical(loaded.state_dict(), model_state(states.parent))
+
+
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dat_ds"):
         assert checkpoint.resolve_resume("auto", tmp_path / "nothing") is None

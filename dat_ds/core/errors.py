@@ -2,13 +2,20 @@
 
 Anything the user can fix (a config typo, a missing file, a bad value) raises ``ConfigError`` with a
 message that names the problem and the fix: printed as one line, exit code 2. A non-finite loss under
-``train.nan_policy=abort`` raises ``NonFiniteLossError``: exit code 3. Programming errors keep their
-traceback (exit code 1). Nothing here imports torch.
+``train.nan_policy=abort`` raises ``NonFiniteLossError``: exit code 3. A full disk (ENOSPC, or a quota)
+while writing a checkpoint or a run file raises ``DiskFullError``: the user fixes it by freeing space, so it
+is a ``ConfigError`` (one line, exit code 2) and the run entry needs no case of its own. Programming errors
+keep their traceback (exit code 1). Nothing here imports torch.
 """
 
 
 class ConfigError(ValueError):
     """A user-fixable problem: bad config, bad input file, impossible combination."""
+
+
+class DiskFullError(ConfigError):
+    """No space left where a checkpoint or run file was being written. A checkpoint save that hits it on any
+    rank fails on every rank, after its temporary folder is removed: the last complete checkpoint stays as it was."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -17,6 +24,6 @@ class NonFiniteLossError(RuntimeError):
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a programming error or a crash: the traceback is printed
-EXIT_USER_ERROR = 2  # ConfigError
+EXIT_USER_ERROR = 2  # ConfigError, DiskFullError
 EXIT_NAN_ABORT = 3  # NonFiniteLossError
 EXIT_INTERRUPTED = 130

@@ -1,14 +1,68 @@
-"""Atomic file writes: a reader never sees half a file, and a crash never leaves one behind."""
+"""Atomic file writes: a reader never sees half a file, and a crash never leaves one behind.
+
+A full disk (ENOSPC or EDQUOT) while writing raises ``DiskFullError`` naming the file, about how much it
+needed and how much is free; the half-written temporary file (or half a JSONL line) is removed first.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, DiskFullError
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``: itself, or the one it was raised from (torch.save reports its file's
+    OSError as a RuntimeError raised while handling it); None if there is none."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, DiskFullError):
+        return True
+    os_error = os_error_in(e)
+    return os_error is not None and os_error.errno in DISK_FULL_ERRNOS
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the file system of ``path`` (or of its nearest existing parent); None if unknown."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def megabytes(n: int | float | None) -> str:
+    """'about N MB' figures for messages: 1,234 / 12 / 1.2 / 0.031 (never 0 for a non-empty file)."""
+    if n is None:
+        return "?"
+    mb = n / 1e6
+    if mb >= 10:
+        return f"{mb:,.0f}"
+    return f"{max(mb, 0.001) if n > 0 else 0:.2g}"
+
+
+def disk_full_message(path: str | Path, needed: int | None) -> str:
+    return (f"disk full: could not write {str(path)!r} (about {megabytes(needed)} MB, "
+            f"{megabytes(free_bytes(path))} MB free there); free some space on that file system")
 
 
 def read_user_text(path: Path, what: str, save_as: str = "UTF-8") -> str:
@@ -23,17 +77,20 @@ def read_user_text(path: Path, what: str, save_as: str = "UTF-8") -> str:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # a file system that reports ENOSPC late (NFS) does it here or at close
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(disk_full_message(path, len(data))) from e
         raise
 
 
@@ -53,9 +110,21 @@ class JsonlWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        data = (json.dumps(record) + "\n").encode()
+        line = memoryview(data)
+        with open(self.path, "ab", buffering=0) as f:  # unbuffered: nothing is left to fail at close
+            start = f.seek(0, os.SEEK_END)
+            try:
+                while line:
+                    line = line[f.write(line):]
+            except OSError as e:
+                try:
+                    f.truncate(start)  # no half line for read_jsonl to choke on
+                except OSError:
+                    pass
+                if e.errno in DISK_FULL_ERRNOS:
+                    raise DiskFullError(disk_full_message(self.path, len(data))) from e
+                raise
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -37,38 +37,55 @@ def warn_step_sizes(cfg) -> list[str]:
     return out
 
 
-def _labels_of(ds) -> torch.Tensor | None:
-    tensors = getattr(ds, "tensors", None)
-    if isinstance(tensors, (tuple, list)) and len(tensors) >= 2:
-        return torch.as_tensor(tensors[1])
-    for name in ("targets", "labels"):
+def _arrays_of(ds) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The whole image and label arrays of a data set held in memory (None where it reads files lazily).
+
+    Our in-memory sets (embedded, IDX, CIFAR, .npz pools) are ``ArrayDataset``s, possibly under a
+    ``TransformDataset``; image folders and HF sets give their labels without decoding an image.
+    """
+    from torch.utils.data import TensorDataset
+
+    from ..data.hf import HFImageDataset
+    from ..data.imagefolder import FolderDataset
+    from ..data.transforms import TransformDataset
+
+    if isinstance(ds, TransformDataset):  # a transform changes the images, never the labels
+        _, labels = _arrays_of(ds.base)
+        return None, labels
+    if isinstance(ds, TensorDataset) and len(ds.tensors) >= 2:
+        return ds.tensors[0], torch.as_tensor(ds.tensors[1])
+    if isinstance(ds, FolderDataset):
+        return None, torch.as_tensor(ds.folder.targets)
+    if isinstance(ds, HFImageDataset):
+        import numpy as np
+
+        return None, torch.from_numpy(np.asarray(ds.ds[ds.label_col]))
+    for name in ("targets", "labels"):  # the torchvision convention, for data sets from plugins
         value = getattr(ds, name, None)
         if value is not None and not callable(value):
             try:
-                return torch.as_tensor(value)
+                return None, torch.as_tensor(value)
             except (TypeError, ValueError, RuntimeError):
-                return None
-    return None
+                return None, None
+    return None, None
 
 
-def check_dataset(ds, spec, where: str) -> None:
-    """Images match the spec's channels and size; labels are finite integers in [0, num_classes)."""
-    if len(ds) == 0:
-        raise ConfigError(f"{where} is empty; check data.root and data.train_subset")
-    x, y = ds[0]
-    if isinstance(x, torch.Tensor) and spec.img_size:
-        want = (spec.in_chans, spec.img_size, spec.img_size)
-        if x.dim() != 3 or x.shape[0] != spec.in_chans:
-            raise ConfigError(f"{where} images have shape {tuple(x.shape)} but {spec.in_chans} channel(s) are "
-                              f"expected ({want}); check the data files under data.root")
-        if tuple(x.shape[1:]) != want[1:]:
-            raise ConfigError(f"{where} images are {x.shape[1]}x{x.shape[2]} but the data set declares "
-                              f"{spec.img_size}x{spec.img_size}; check the data files under data.root")
-    labels = _labels_of(ds)
-    if labels is None:
-        labels = torch.as_tensor([y]) if isinstance(y, (int, float)) or (isinstance(y, torch.Tensor) and y.dim() == 0) else None
-    if labels is None or labels.numel() == 0:
+def _check_images(x: torch.Tensor, spec, where: str) -> None:
+    want = (spec.in_chans, spec.img_size, spec.img_size)
+    if x.dim() != 3 or x.shape[0] != spec.in_chans:
+        raise ConfigError(f"{where} images have shape {tuple(x.shape)} but {spec.in_chans} channel(s) are "
+                          f"expected ({want}); check the data files under data.root")
+    if tuple(x.shape[1:]) != want[1:]:
+        raise ConfigError(f"{where} images are {x.shape[1]}x{x.shape[2]} but the data set declares "
+                          f"{spec.img_size}x{spec.img_size}; check the data files under data.root")
+
+
+def check_labels(labels: torch.Tensor, spec, where: str, *, min_classes: int = 1) -> None:
+    """Every label is a finite integer in [0, num_classes); at least ``min_classes`` distinct ones."""
+    if labels.numel() == 0:
         return
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise ConfigError(f"{where} has {labels.dtype} labels; labels must be integer class indices")
     if labels.is_floating_point():
         bad = ~torch.isfinite(labels)
         if bad.any():
@@ -81,16 +98,76 @@ def check_dataset(ds, spec, where: str) -> None:
         value = low if low < 0 else high
         raise ConfigError(f"{where} has label {value:g} outside [0, {spec.num_classes - 1}]; "
                           "fix the label file or the data set's class count")
+    if min_classes > 1 and low == high:
+        raise ConfigError(f"{where} has one class only (label {low:g} on all {labels.numel()} examples); a classifier "
+                          "needs at least two: check the label file and data.train_subset")
+
+
+def check_dataset(ds, spec, where: str, *, min_classes: int = 1) -> None:
+    """Images match the spec's channels and size; labels are finite integers in [0, num_classes).
+
+    In-memory sets are checked whole (every label; the image array's dtype and shape), others through
+    their first image and, where the data set lists them without decoding, every label.
+    """
+    from ..data.embedded import ArrayDataset
+
+    if len(ds) == 0:
+        raise ConfigError(f"{where} is empty; check data.root and data.train_subset")
+    images, labels = _arrays_of(ds)
+    if isinstance(ds, ArrayDataset) and images is not None and images.dtype != torch.uint8:  # read as pixels / 255
+        raise ConfigError(f"{where} holds {str(images.dtype).removeprefix('torch.')} images; store uint8 pixels (0-255)")
+    x, y = ds[0]  # an array has one shape, so its first image stands for all of them
+    if isinstance(x, torch.Tensor) and spec.img_size:
+        _check_images(x, spec, where)
+    if labels is not None:
+        check_labels(labels.reshape(-1), spec, where, min_classes=min_classes)
+    elif isinstance(y, (int, float)) or (isinstance(y, torch.Tensor) and y.dim() == 0):  # one label: no class count
+        check_labels(torch.as_tensor([y]), spec, where)
 
 
 def check_data(cfg) -> Any:
+    """Both splits load and pass ``check_dataset``; a classifier's training split has two classes or more."""
+    from ..core.names import UNLABELED_OBJECTIVES
+
     spec = None
     for split in ("train", "test"):
-        spec = load_and_check_split(cfg.data, split)
+        two = split == "train" and cfg.objective.name not in UNLABELED_OBJECTIVES  # acl ignores the labels
+        spec = load_and_check_split(cfg.data, split, min_classes=2 if two else 1)
     return spec
 
 
-def load_and_check_split(data_cfg, split: str):
+def check_weights(cfg, spec) -> None:
+    """``model.weights`` load into the model the run builds (the trainer's own call): keys and shapes match."""
+    if not cfg.model.weights:
+        return
+    from ..models import create_model
+    from ..objectives import prepare_model
+
+    prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights))
+
+
+def check_nproc(nproc: int, accelerator=None) -> str | None:
+    """``--nproc`` ranks on this node: more than the GPUs is an error (a rank would have no device); more
+    than the cores on the CPU accelerator works but oversubscribes (a WARNING, returned too)."""
+    accelerator = accelerator or dist.accelerator()
+    if accelerator.device_name() == "cpu":
+        import os
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if nproc <= cores:
+            return None
+        msg = (f"--nproc {nproc} starts more ranks than the {cores} CPU core(s) available to this process; they "
+               f"will share cores and run slower (--nproc {cores} or fewer avoids it)")
+        log.warning(msg)
+        return msg
+    devices = accelerator.device_count()
+    if nproc > devices:
+        raise ConfigError(f"--nproc {nproc} is more than the {devices} {accelerator.device_name()} device(s) on this "
+                          f"machine; use --nproc {devices} or fewer (one rank per device)")
+    return None
+
+
+def load_and_check_split(data_cfg, split: str, *, min_classes: int = 1):
     """Load one split and check it (see ``check_dataset``); an unreadable file is one ConfigError line."""
     from ..data import build_dataset
 
@@ -103,7 +180,7 @@ def load_and_check_split(data_cfg, split: str):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(f"cannot load {where} ({type(e).__name__}: {msg}); check the files under "
                           f"data.root={data_cfg.root!r}") from None
-    check_dataset(ds, spec, where)
+    check_dataset(ds, spec, where, min_classes=min_classes)
     return spec
 
 
@@ -124,22 +201,21 @@ def check_unlabeled(cfg, spec) -> None:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"pseudo-label file {str(path)!r} is unreadable without pickle ({first}); "
                               "rewrite it with `dat-ds pseudo-label`") from None
-        if raw is not None:
-            check_dataset(torch.utils.data.TensorDataset(torch.zeros(len(raw), 0), torch.from_numpy(np.asarray(raw))),
-                          _no_image_spec(spec), f"data.unlabeled {str(path)!r}")
+        if raw is not None:  # before load_pseudo_labels casts them to int64 (NaN would become a huge number)
+            check_labels(torch.from_numpy(np.asarray(raw)).reshape(-1), spec, f"data.unlabeled {str(path)!r}")
     from ..data.unlabeled import load_pseudo_labels
 
     if path.suffix in (".npz", ".pkl", ".pickle"):  # other forms are pool specs, checked by their owner
-        pseudo = load_pseudo_labels(path, trust_pickle=cfg.data.trust_pickle)
-        from ..data.embedded import ArrayDataset
-
-        check_dataset(ArrayDataset(pseudo.images[:1], pseudo.labels[:1]), spec, f"data.unlabeled {str(path)!r}")
-
-
-def _no_image_spec(spec):
-    import dataclasses
-
-    return dataclasses.replace(spec, img_size=0)
+        pseudo = load_pseudo_labels(path, trust_pickle=cfg.data.trust_pickle)  # uint8 N x H x W x C (or fails)
+        where = f"data.unlabeled {str(path)!r}"
+        if len(pseudo.images) != len(pseudo.labels):
+            raise ConfigError(f"{where} has {len(pseudo.images)} images but {len(pseudo.labels)} labels; "
+                              "rewrite it with `dat-ds pseudo-label`")
+        if len(pseudo.labels) == 0:
+            raise ConfigError(f"{where} is empty; rewrite it with `dat-ds pseudo-label`")
+        if spec.img_size:  # the whole array has one shape: its first image stands for all
+            _check_images(torch.from_numpy(pseudo.images[0]).permute(2, 0, 1), spec, where)
+        check_labels(torch.from_numpy(pseudo.labels), spec, where)
 
 
 def check_precision(settings, accelerator=None) -> None:
@@ -158,11 +234,19 @@ def check_precision(settings, accelerator=None) -> None:
                           f"{settings.precision}.enabled to false (fp32 runs everywhere)")
 
 
-def preflight(cfg, resume: str | None = None, world: int | None = None) -> None:
-    """All start-up checks; raises ConfigError (one line) on the first problem found."""
-    from ..runtime import checkpoint, ds_config
+def preflight(cfg, resume: str | None = None, world: int | None = None, *, nproc: int | None = None) -> None:
+    """All start-up checks; raises ConfigError (one line) on the first problem found.
 
-    settings = ds_config.prepare(cfg.deepspeed_config, world or dist.world_size())
+    ``nproc``: the ranks the calling process is about to start on this node (the launcher passes it; a
+    rank, which is already running, does not).
+    """
+    from ..runtime import checkpoint, ds_config
+    from ..runtime.trainer import check_world_size
+
+    world = world or dist.world_size()
+    if nproc is not None:
+        check_nproc(nproc)
+    settings = ds_config.prepare(cfg.deepspeed_config, world)
     check_precision(settings)
     check_model_name(cfg.model.name)
     warn_step_sizes(cfg)
@@ -173,9 +257,11 @@ def preflight(cfg, resume: str | None = None, world: int | None = None) -> None:
     if resume is not None:
         found = checkpoint.resolve_resume(resume, cfg.run_dir)
         if found is not None:
+            check_world_size(*found, world)
             checkpoint.check_compatible(*found, cfg, {**settings.ds_config, "optimizer": settings.optimizer})
     spec = check_data(cfg)
     check_unlabeled(cfg, spec)
+    check_weights(cfg, spec)
 
 
 def preflight_eval(args) -> None:
@@ -184,6 +270,8 @@ def preflight_eval(args) -> None:
     from ..core.config import DataConfig
     from ..evaluation.run import attack_options
 
+    if getattr(args, "nproc", None) is not None and not getattr(args, "hostfile", None):  # the launching process
+        check_nproc(args.nproc)
     attack_options(args)  # a flag none of --attacks takes (--restarts with square, --steps with autoattack)
 
     if args.run is not None:

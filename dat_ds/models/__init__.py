@@ -74,36 +74,75 @@ def create_model(name: str, spec, weights: str | None = None) -> NormalizedModel
     else:
         backbone = _timm_model(name, spec.in_chans, spec.num_classes, spec.img_size)
     if weights:
-        load_backbone_weights(backbone, weights)
+        load_backbone_weights(backbone, weights, name)
     return NormalizedModel(backbone, spec.mean, spec.std)
 
 
-def load_backbone_weights(backbone: nn.Module, path: str) -> None:
+def _weights_format(path: Path) -> str | None:
+    """What the file holds, from its first bytes (the suffix may lie): safetensors, torch or neither."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"  # an 8-byte little-endian header length, then the JSON header
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip archive, or a legacy pickle
+        return "torch"
+    return None
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The state dict in a local .safetensors or torch file; any unreadable file is one ConfigError line."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"model.weights file {path!r} not found; give a local .safetensors or .pt file")
-    if p.suffix == ".safetensors":
+    kind = _weights_format(p)
+    if kind is None:
+        raise ConfigError(f"model.weights file {path!r} is neither a safetensors nor a torch file; give a "
+                          ".safetensors file (e.g. from `dat-ds export`) or a .pt state dict")
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(p))
-    else:
         try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-            raise ConfigError(f"cannot load weights {path!r} safely ({type(e).__name__}); use a safetensors file") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+            return load_file(str(p))
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends: a damaged file is the user's problem
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"model.weights file {path!r} is a damaged safetensors file ({first}); "
+                              "export it again (`dat-ds export`)") from None
     try:
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # same names, other shapes: weights of another width/depth/class count
-        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)[:200]
-        raise ConfigError(f"weights {path!r} do not fit this model ({first.strip()}); check model.name and the data set") from None
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise ConfigError(f"cannot load weights {path!r} safely ({type(e).__name__}); use a safetensors file") from None
+    for key in ("state_dict", "module", "model"):  # training checkpoints (DeepSpeed's model_states: "module")
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.weights file {path!r} holds a {type(state).__name__}, not a state dict of "
+                          "tensors; save model.state_dict() (or use `dat-ds export`)")
+    return state
+
+
+def load_backbone_weights(backbone: nn.Module, path: str, model_name: str | None = None) -> None:
+    """Load ``path`` into ``backbone``; keys and shapes must match exactly (said in one line otherwise)."""
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in read_weights(path).items()}
+    model = f"model {model_name!r}" if model_name else "this model"
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ConfigError(
-            f"weights {path!r} do not fit this model (missing {len(missing)} keys, e.g. {missing[:2]}, "
-            f"unexpected {len(unexpected)}, e.g. {unexpected[:2]}); check model.name"
+            f"weights {path!r} do not fit {model} (missing {len(missing)} keys, e.g. {missing[:2]}, "
+            f"unexpected {len(unexpected)}, e.g. {unexpected[:2]}); give weights saved from {model} or set "
+            "model.name to theirs"
         )
+    shapes = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if shapes:  # same names, other shapes: weights of another width/depth/class count
+        k = shapes[0]
+        raise ConfigError(
+            f"weights {path!r} do not fit {model} ({len(shapes)} of {len(own)} tensors have other shapes, e.g. "
+            f"{k} {list(state[k].shape)} vs {list(own[k].shape)}); give weights saved from {model} and this "
+            "data set (class count, channels)"
+        )
+    backbone.load_state_dict(state, strict=True)
 
 
-__all__ = ["MODELS", "NormalizedModel", "SmallCNN", "create_model", "model_names"]
+__all__ = ["MODELS", "NormalizedModel", "SmallCNN", "create_model", "model_names", "read_weights"]

@@ -11,7 +11,9 @@ Layout of ``<run>/checkpoint/``::
 
 A save writes into ``.tmp-<tag>/``; once every rank has written its files, rank 0 adds
 ``complete.json`` and renames the folder to ``<tag>`` (one atomic rename), then updates ``latest``.
-A crash mid-save therefore leaves only a ``.tmp-*`` folder, which is never resumed from.
+A crash mid-save therefore leaves only a ``.tmp-*`` folder, which is never resumed from. A write that
+fails (a full disk: ``DiskFullError``) fails the save on every rank together, removes ``.tmp-<tag>/``
+and leaves the committed tags and ``latest`` as they were.
 
 Loading is guarded: DeepSpeed unpickles its files with ``weights_only=False``, so before it does,
 every ``.pt`` file of the tag is opened with ``torch.load(weights_only=True)`` (a restricted
@@ -20,21 +22,23 @@ unpickler that cannot call arbitrary code); a file that needs anything else is r
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..comm.protocol import CommunicatingOptimizer
 from ..core import dist
-from ..core.errors import ConfigError
-from ..core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..core.errors import ConfigError, DiskFullError
+from ..core.io import (atomic_write_bytes, atomic_write_json, atomic_write_text, free_bytes, is_disk_full, megabytes,
+                       os_error_in)
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
@@ -108,39 +112,186 @@ def save(engine, root: Path, tag: str, *, client_state: dict[str, Any], rank_sta
 
     ``comm`` (``BuiltEngine.comm``): the optimizer that communicates itself; its per-rank state (error
     feedback, 0/1 Adam's local steps, the quantizer's step counter) goes into this rank's own file.
+
+    A write that fails on any rank (a full disk above all) fails the save on every rank, never leaves the
+    others waiting in a barrier: each rank keeps its first failed write (``_RankWrites``) and goes on
+    through the save's collectives; two all-reduces (``_agree``, one before the commit, one after it) are
+    the save's barriers and tell every rank whether any rank failed. Then rank 0 removes ``.tmp-<tag>/``
+    and every rank raises (``DiskFullError`` for ENOSPC/EDQUOT); the committed tags and ``latest`` are as
+    they were before the save.
     """
     root = Path(root)
-    tmp_tag = TMP_PREFIX + tag
-    if dist.is_main_process() and (root / tmp_tag).exists():
-        shutil.rmtree(root / tmp_tag)  # left over from a save that crashed
+    tmp_dir = root / (TMP_PREFIX + tag)
+    if dist.is_main_process() and tmp_dir.exists():
+        shutil.rmtree(tmp_dir)  # left over from a save that crashed
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
-    import io
-
+    writes = _RankWrites()
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _GuardedCheckpointEngine(inner, writes)
+    try:
+        if writes.run(lambda: engine.save_checkpoint(str(root), tag=tmp_dir.name, client_state=client_state,
+                                                     save_latest=False)):
+            # What escapes DeepSpeed is a write outside its checkpoint engine (ZeRO's recovery scripts): done
+            # after its last collective but its closing barrier, where the other ranks wait for this one.
+            dist.barrier()
+    finally:
+        engine.checkpoint_engine = inner
     if comm is not None:  # DeepSpeed (ZeRO 0) saves rank 0's optimizer state only
         rank_state = {**rank_state, OPTIMIZER_LOCAL: comm.rank_local_state()}
     buf = io.BytesIO()
     torch.save(rank_state, buf)
-    atomic_write_bytes(root / tmp_tag / f"rank_state_{dist.rank()}.pt", buf.getvalue())
-    dist.barrier()  # every rank's files are on disk before the commit
+    rank_file = tmp_dir / f"rank_state_{dist.rank()}.pt"
+    writes.run(lambda: atomic_write_bytes(rank_file, buf.getvalue()), size=lambda: buf.getbuffer().nbytes)
+    _agree(writes, root, tag)  # every rank's files are on disk before the commit
     if dist.is_main_process():
-        files = {str(p.relative_to(root / tmp_tag)): p.stat().st_size
-                 for p in sorted((root / tmp_tag).rglob("*")) if p.is_file()}
-        atomic_write_json(root / tmp_tag / COMPLETE, {
-            "tag": tag, "global_step": client_state["global_step"], "epoch": client_state["epoch"],
-            "step_in_epoch": client_state.get("step_in_epoch"), "world_size": dist.world_size(),
-            "fits": checkpoint_meta(client_state.get("config"), client_state.get("ds_config")), "files": files,
-        })
-        old = root / f"{TMP_PREFIX}old-{tag}"
-        if (root / tag).exists():  # the same tag again (e.g. re-run after resuming an older one)
-            os.replace(root / tag, old)
-        os.replace(root / tmp_tag, root / tag)  # the commit
-        _fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
-        atomic_write_text(root / "latest", tag + "\n")
-        _prune(root, keep_last, keep=tag)
-    dist.barrier()
+        mark = {"tag": tag, "global_step": client_state["global_step"], "epoch": client_state["epoch"],
+                "step_in_epoch": client_state.get("step_in_epoch"), "world_size": dist.world_size(),
+                "fits": checkpoint_meta(client_state.get("config"), client_state.get("ds_config"))}
+        writes.run(lambda: _commit(root, tag, mark), size=lambda: 1024)  # complete.json and latest: about 1 KB
+        if writes.error is None:
+            _prune(root, keep_last, keep=tag)
+    _agree(writes, root, tag)  # the other ranks go on once the commit stands (or all raise)
     return root / tag
+
+
+def _commit(root: Path, tag: str, mark: dict[str, Any]) -> None:
+    """Rank 0: ``complete.json``, the rename (the commit), then ``latest``. If any of it fails the rename
+    is undone, so the committed tags and ``latest`` are what they were before the save."""
+    tmp_dir, tag_dir, old = root / (TMP_PREFIX + tag), root / tag, root / f"{TMP_PREFIX}old-{tag}"
+    files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
+    atomic_write_json(tmp_dir / COMPLETE, {**mark, "files": files})
+    moved_old = renamed = False
+    try:
+        if tag_dir.exists():  # the same tag again (e.g. re-run after resuming an older one)
+            os.replace(tag_dir, old)
+            moved_old = True
+        os.replace(tmp_dir, tag_dir)  # the commit
+        renamed = True
+        _fsync_dir(root)
+        atomic_write_text(root / "latest", tag + "\n")
+    except BaseException:
+        if renamed:
+            os.replace(tag_dir, tmp_dir)
+        if moved_old:
+            os.replace(old, tag_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _RankWrites:
+    """This rank's writes of one save. The first one that fails with an OSError (torch.save reports its
+    file's OSError as a RuntimeError raised while handling it) is kept, not raised; later writes are
+    skipped and only sized, so the rank still reaches every collective of the save."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.unwritten = 0  # bytes the failed and skipped writes still needed
+
+    def run(self, write: Callable[[], Any], path: str | Path | None = None,
+            size: Callable[[], int] = lambda: 0) -> bool:
+        """``write()`` unless an earlier write failed; True if this one raised. ``path``: the file it writes
+        (a half-written one counts as written), ``size``: about how many bytes it writes."""
+        if self.error is not None:
+            self.unwritten += size()
+            return False
+        try:
+            write()
+            return False
+        except Exception as e:
+            if not isinstance(e, DiskFullError) and os_error_in(e) is None:
+                raise  # a programming error keeps its traceback
+            if self.error is None:  # a guarded write inside DeepSpeed may have failed first
+                self.error = e
+            partial = os.path.getsize(path) if path is not None and os.path.isfile(path) else 0
+            self.unwritten += max(0, size() - partial)
+            return True
+
+
+class _GuardedCheckpointEngine:
+    """DeepSpeed's checkpoint engine (its writer of every checkpoint file) for one save, each write run
+    through ``_RankWrites``; everything else is the engine's own."""
+
+    def __init__(self, inner, writes: _RankWrites):
+        self._inner, self._writes = inner, writes
+
+    def save(self, state_dict, path: str) -> None:
+        self._writes.run(lambda: self._save(state_dict, path), path, lambda: _tensor_bytes(state_dict))
+
+    def _save(self, state_dict, path: str) -> None:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        if type(self._inner) is not TorchCheckpointEngine:
+            self._inner.save(state_dict, path)
+            return
+        # torch.save(obj, path) reports a full disk as 'enforce fail ... unexpected pos' with the errno
+        # lost; into a Python file the OSError of the failed write survives as the RuntimeError's context.
+        with open(path, "wb") as f:
+            self._inner.save(state_dict, f)
+            f.flush()
+            os.fsync(f.fileno())  # a file system that reports ENOSPC late (NFS) does it here or at close
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self._writes.run(lambda: self._inner.makedirs(path, exist_ok=exist_ok))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """About what torch.save writes for ``obj``: the bytes of its tensors' storages, each counted once."""
+    storages: dict[tuple, int] = {}
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            storages[(st.data_ptr(), str(o.device))] = st.nbytes()
+        elif isinstance(o, (dict, list, tuple)) and id(o) not in seen:
+            seen.add(id(o))
+            stack.extend(o.values() if isinstance(o, dict) else o)
+    return sum(storages.values())
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) if Path(folder).is_dir() else 0
+
+
+def _agree(writes: _RankWrites, root: Path, tag: str) -> None:
+    """One all-reduce that every rank reaches (the save's barrier): did a write fail on any rank? If one
+    did, rank 0 removes the temporary folder, once every rank has stopped writing, and every rank raises."""
+    failed = writes.error is not None
+    totals = dist.all_reduce_sum(torch.tensor([failed and is_disk_full(writes.error), failed, writes.unwritten],
+                                              dtype=torch.float64)).tolist()
+    disk_full, failed_ranks, unwritten = totals
+    if not failed_ranks:
+        return
+    tmp_dir = root / (TMP_PREFIX + tag)
+    written = 0.0
+    if dist.is_main_process():
+        written = float(_tree_bytes(tmp_dir))
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    # the second all-reduce: no rank raises (and reads the free space) before the folder is gone
+    written = dist.all_reduce_sum(torch.tensor([written], dtype=torch.float64)).tolist()[0]
+    if disk_full:
+        raise DiskFullError(_disk_full_line(root, tag, int(written + unwritten))) from writes.error
+    if writes.error is not None:
+        raise writes.error
+    raise RuntimeError(f"checkpoint {tag} was not saved: another rank could not write its files (see its error)")
+
+
+def _disk_full_line(root: Path, tag: str, written_and_unwritten: int) -> str:
+    """The one line of a save that did not fit. How much it needs: the last complete checkpoint's size,
+    else what the failed save had written plus what it still had to write."""
+    tags = complete_tags(root)
+    if tags:
+        last = tags[-1][1]
+        needed, state = _tree_bytes(root / last), f"the last complete checkpoint {last} is intact"
+    else:
+        needed, state = written_and_unwritten, "no checkpoint of this run is complete yet"
+    return (f"disk full: checkpoint {tag} does not fit in {str(root)!r} (it needs about {megabytes(needed)} MB, "
+            f"{megabytes(free_bytes(root))} MB are free there); {state}. Free some space on that file system "
+            "and continue with --resume auto")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -66,6 +66,15 @@ def settle_overwritten(run_dir: Path, aside: Path) -> str:
     return "restored"
 
 
+def check_world_size(root: Path, tag: str, world: int) -> None:
+    """A checkpoint resumes only on the world size it was saved with (``complete.json``'s ``world_size``):
+    per-rank RNG and optimizer state and the data shards are per rank, and re-sharding them is not done."""
+    saved = (checkpoint.read_complete(Path(root) / tag) or {}).get("world_size")
+    if isinstance(saved, int) and saved != world:
+        raise ConfigError(f"checkpoint {str(Path(root) / tag)!r} was saved with {saved} rank(s), but this run has "
+                          f"{world}; resume with --nproc {saved}, or start a new run with another --name")
+
+
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     """Training loss and, where the rows have them, clean and robust test accuracy per epoch."""
     import matplotlib
@@ -123,6 +132,7 @@ class Trainer:
         # Resolve and vet the checkpoint before anything is built: a mismatch is one line, not a DeepSpeed crash.
         found = checkpoint.resolve_resume(self.resume, self.run_dir) if self.resume is not None else None
         if found is not None:
+            check_world_size(*found, world)
             checkpoint.check_compatible(*found, cfg, self.ds_json)
         s = self.settings
         log.info("run %s: %d rank(s) on %s/%s, %d thread(s) per rank, global batch %d (micro %d x accum %d x %d), "
