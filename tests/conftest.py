@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli(*args: str, cwd: Path | str | None = None, timeout: float = 600, env: dict | None = None,
             check: bool = False) -> subprocess.CompletedProcess:
     """``dat-ds ARGS`` in a fresh interpreter (the way users run it); returns the completed process."""
-    full_env = dict(os.environ)
+    full_env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # a fresh command, not a rank
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.run([sys.executable, "-m", "dat_ds.cli", *args], cwd=cwd or REPO, env=full_env,
@@ -23,6 +23,12 @@ def run_cli(*args: str, cwd: Path | str | None = None, timeout: float = 600, env
     if check and proc.returncode != 0:
         raise AssertionError(f"dat-ds {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+# What torch.distributed reads from the environment. In-process tests initialise a world of one, which
+# sets these in this process for the tests after them; a command a test starts must not inherit them (it
+# would reuse that world's rendezvous port and fail with EADDRINUSE).
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture
