@@ -145,6 +145,11 @@ def _worker(rank: int, port: int, out_dir: str, ds_dir: str) -> None:
     dist.init_distributed()  # DeepSpeed's accelerator picks the backend (gloo here)
     result = {"least_squares": _least_squares(rank), "engine": _engine_checks(rank, Path(ds_dir))}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    # An orderly teardown: a process that exits while gloo's threads still run can abort (std::terminate).
+    import torch.distributed as tdist
+
+    tdist.barrier()
+    tdist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
