@@ -65,5 +65,13 @@ def run_entry(main: Callable[[], Any]) -> int:
         write_rank_status(EXIT_FAILURE, e)
         raise
     code = rc if isinstance(rc, int) else EXIT_OK
+    _close_process_group()
     write_rank_status(code)
     return code
+
+
+def _close_process_group() -> None:
+    """Tear torch.distributed down in order: a rank that exits with gloo's threads running can abort."""
+    tdist = sys.modules.get("torch.distributed")
+    if tdist is not None and tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
