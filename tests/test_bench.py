@@ -180,14 +180,19 @@ def test_synthetic_worker_data_is_seeded_and_shaped():
     assert torch.equal(a.tensors[0], b.tensors[0]) and a.tensors[0].shape == (8, 3, 32, 32)
 
 
-@pytest.mark.slow
-def test_bench_comm_runs_on_the_accelerator_through_launch(tmp_path):
+def run_bench(name: str, argv: list[str]) -> None:
+    """``dat-ds bench NAME ARGV`` in this process, through the same lookup and parser the CLI uses."""
     from dat_ds.bench import get_bench
 
     p = argparse.ArgumentParser()
-    bench = get_bench("comm")
+    bench = get_bench(name)
     bench.add_args(p)
-    bench.run(p.parse_args(["--out", str(tmp_path), "--steps", "2", "--warmup", "1"]))
+    bench.run(p.parse_args(argv))
+
+
+@pytest.mark.slow
+def test_bench_comm_runs_on_the_accelerator_through_launch(tmp_path):
+    run_bench("comm", ["--out", str(tmp_path), "--steps", "2", "--warmup", "1"])
     data = json.loads((tmp_path / "comm.json").read_text())
     assert data["nproc"] == 2 and data["threads_per_rank"] == 1
     assert set(data["arms"]) == {"fp32 all-reduce", "DAT 8-bit", "1-bit Adam", "0/1 Adam", "1-bit LAMB"}
@@ -196,12 +201,7 @@ def test_bench_comm_runs_on_the_accelerator_through_launch(tmp_path):
 
 @pytest.mark.slow
 def test_bench_startup_writes_ratios(tmp_path):
-    from dat_ds.bench import get_bench
-
-    p = argparse.ArgumentParser()
-    bench = get_bench("startup")
-    bench.add_args(p)
-    bench.run(p.parse_args(["--out", str(tmp_path), "--rounds", "1", "--demo-rounds", "0"]))
+    run_bench("startup", ["--out", str(tmp_path), "--rounds", "1", "--demo-rounds", "0"])
     data = json.loads((tmp_path / "startup.json").read_text())
     assert data["import_torch"]["median_s"] > 0 and data["demo_first_step"] is None
     for name in ("--help", "config error", "eval error"):
