@@ -71,7 +71,13 @@ def run_entry(main: Callable[[], Any]) -> int:
 
 
 def _close_process_group() -> None:
-    """Tear torch.distributed down in order: a rank that exits with gloo's threads running can abort."""
+    """Tear torch.distributed down in order: a rank that exits with gloo's threads running can abort.
+
+    Only in a world of several ranks, each its own process that ends here. The in-process world of one
+    rank (``--nproc 1``, tests) stays: DeepSpeed caches its groups, so destroying it would leave the next
+    run in that process with dead groups."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
     tdist = sys.modules.get("torch.distributed")
     if tdist is not None and tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
