@@ -67,13 +67,13 @@ def recipe(tmp: Path, text: str) -> Path:
     return p
 
 
-def fake_checkpoint(tmp: Path, model: str, world_size: int = 1) -> Path:
+def fake_checkpoint(tmp: Path, model: str, world_size: int = 1, **fits) -> Path:
     """A committed checkpoint of another model: the mismatch is caught from complete.json alone."""
     tag = tmp / "runs" / "run" / "checkpoint" / "step000000004"
     tag.mkdir(parents=True)
     (tag / "complete.json").write_text(json.dumps({
         "tag": tag.name, "global_step": 4, "epoch": 0, "world_size": world_size, "files": {},
-        "fits": {"model.name": model, "data.name": "fashion-mnist", "optimizer": "AdamW", "zero_stage": 0}}))
+        "fits": {"model.name": model, "data.name": "fashion-mnist", "optimizer": "AdamW", "zero_stage": 0, **fits}}))
     (tag.parent / "latest").write_text(tag.name + "\n")
     return tag
 
@@ -189,6 +189,12 @@ CASES = [
     ("ds-fp16-on-cpu", lambda t: _fp16_on_cpu(t),
      "DeepSpeed config enables fp16, which DeepSpeed's cpu accelerator does not support on this machine; set "
      "fp16.enabled to false (fp32 runs everywhere)"),
+    ("ds-fp16-on-cpu-dry-run", lambda t: [*_fp16_on_cpu(t), "--dry-run"],
+     "DeepSpeed config enables fp16, which DeepSpeed's cpu accelerator does not support on this machine; set "
+     "fp16.enabled to false (fp32 runs everywhere)"),
+    ("hf-two-copies", lambda t: ["--set", "data.name=hf", "--set", f"data.root={_hf_two_copies(t)}"],
+     "'{tmp}/hf' holds train files in 2 folders (hf_disk/train, hf_parquet/plain_text): more than one copy or "
+     "configuration of the data set; point data.root at the one to use"),
     ("recipe-malformed-yaml", lambda t: ["--config", str(recipe(t, "attack: {name: pgd\nmodel: [\n"))],
      "recipe file '{tmp}/recipe.yaml' is not valid YAML at line 2; fix the syntax"),
     ("recipe-not-mapping", lambda t: ["--config", str(recipe(t, "- a\n- b\n"))],
@@ -228,7 +234,15 @@ CASES = [
      "unexpected 90, e.g. ['conv1.0.weight', 'conv1.1.weight']); give weights saved from model 'tiny_cnn' or set model.name to theirs"),
     ("resume-other-world-size", lambda t: [*_ckpt(t, "tiny_cnn"), "--resume", "auto", "--nproc", "2"],
      "checkpoint '{tmp}/runs/run/checkpoint/step000000004' was saved with 1 rank(s), but this run has 2; resume with "
-     "--nproc 1, or start a new run with another --name"),
+     "--nproc 1, or pass --allow-world-size-change (not bit-identical), or start a new run with another --name"),
+    ("resume-other-world-size-zero1", lambda t: [*_ckpt(t, "tiny_cnn", zero_stage=1), "--resume", "auto", "--nproc", "2",
+                                                 "--allow-world-size-change"],
+     "checkpoint '{tmp}/runs/run/checkpoint/step000000004' was saved with ZeRO-1 on 1 rank(s): its optimizer state is "
+     "partitioned per rank and cannot be re-sharded to 2; resume with --nproc 1"),
+    ("resume-other-world-size-onebit", lambda t: [*_ckpt(t, "tiny_cnn", optimizer="OneBitAdam"), "--resume", "auto",
+                                                  "--nproc", "2", "--allow-world-size-change"],
+     "checkpoint '{tmp}/runs/run/checkpoint/step000000004' was saved with OneBitAdam on 1 rank(s): its per-rank "
+     "compression state cannot be re-sharded to 2; resume with --nproc 1"),
     ("subset-too-large", lambda t: ["--set", "data.train_subset=20000"],
      "data.train_subset=20000 is larger than the training set (10000 examples)"),
     ("checkpoint-other-model", lambda t: [*_ckpt(t, "small_cnn"), "--resume", "auto"],
@@ -306,8 +320,21 @@ def _fp16_on_cpu(t: Path) -> list[str]:
     return ["--ds-config", str(ds_file(t, fp16={"enabled": True}))]
 
 
-def _ckpt(t: Path, model: str) -> list[str]:
-    fake_checkpoint(t, model)
+def _hf_two_copies(t: Path) -> Path:
+    """A save_to_disk copy and a parquet copy of one HF data set under one data.root (each read, 40 of 20 examples)."""
+    import datasets
+    from test_data_formats import write_hf
+
+    datasets.disable_progress_bars()  # stderr holds the error line only
+    try:
+        write_hf(t / "hf", np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) % 10)
+    finally:
+        datasets.enable_progress_bars()
+    return t / "hf"
+
+
+def _ckpt(t: Path, model: str, **fits) -> list[str]:
+    fake_checkpoint(t, model, **fits)
     return ["--name", "run"]
 
 
@@ -488,3 +515,72 @@ def test_data_set_checks_read_every_label_of_an_array_but_count_classes_only_whe
     check_dataset(Items(), FASHION_SPEC, "d", min_classes=2)
     with pytest.raises(ConfigError, match="has one class only"):
         check_dataset(ArrayDataset(images, np.full(5, 4)), FASHION_SPEC, "d", min_classes=2)
+
+
+# ----------------------------------------------------------------------------- data.on_corrupt
+
+
+def _image_folder(t: Path) -> Path:
+    """train/{a,b}/ with 16 PNGs each (28x28 RGB), val/{a,b}/ with 8; one training PNG cut in half: it opens
+    (the header is whole) but does not decode. Not the first file, so the start-up check passes it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = t / "folder"
+    for split, n in (("train", 16), ("val", 8)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(root / split / c / f"{i:02d}.png")
+    bad = root / "train" / "b" / "05.png"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    return bad
+
+
+def _folder_args(t: Path, *extra: str) -> list[str]:
+    from reliability_utils import tiny_args, write_ds
+
+    return tiny_args(t / "runs", "folder", write_ds(t), "--set", "data.name=imagefolder", "--set",
+                     f"data.root={t / 'folder'}", "--set", "data.image_size=28", *extra, subset=32, epochs=1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_aborts_with_its_path_in_one_line(tmp_path, capsys, workers):
+    """data.on_corrupt=abort (default): exit 2 and one line naming the file, also when a DataLoader worker met it."""
+    bad = _image_folder(tmp_path)
+    rc = cli.main(["train", *_folder_args(tmp_path, "--set", f"data.num_workers={workers}")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert [ln for ln in err if ln.startswith("error:")] == err[-1:] and not [ln for ln in err if "Traceback" in ln]
+    assert err[-1].startswith(f"error: corrupt image {str(bad)!r} (") and err[-1].endswith(
+        "); replace or remove it, or set data.on_corrupt=skip to train without such files"), err[-1]
+    root = tmp_path / "runs" / "folder" / "checkpoint"
+    assert not root.exists() or not any(root.iterdir())  # no checkpoint was saved after it
+
+
+def test_corrupt_image_is_skipped_counted_and_reported_once_per_epoch(tmp_path, caplog):
+    bad = _image_folder(tmp_path)
+    with caplog.at_level(logging.INFO, logger="dat_ds"):
+        rc = cli.main(["train", *_folder_args(tmp_path, "--set", "data.on_corrupt=skip", "--set", "data.num_workers=2")])
+    assert rc == 0, caplog.text[-3000:]
+    lines = [r.getMessage() for r in caplog.records if "corrupt image(s)" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"epoch 1/1: skipped 1 corrupt image(s) (data.on_corrupt=skip), each replaced by the next one that "
+        f"decodes; e.g. {str(bad)!r}"), lines
+    rows = [json.loads(ln) for ln in (tmp_path / "runs" / "folder" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["corrupt_skipped"] for r in rows if r["kind"] == "epoch"] == [1]
+
+
+def test_a_corrupt_image_in_a_worker_keeps_its_one_line():
+    """How torch re-raises a worker's exception: ``type(e)(text with the worker's traceback)``."""
+    from torch.utils.data._utils import ExceptionWrapper
+
+    from dat_ds.data.corrupt import CorruptImageError
+
+    try:
+        raise CorruptImageError("corrupt image 'x.png' (OSError: truncated); replace or remove it")
+    except CorruptImageError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(CorruptImageError) as e:
+        wrapped.reraise()
+    assert str(e.value) == "corrupt image 'x.png' (OSError: truncated); replace or remove it"

@@ -177,7 +177,7 @@ def test_wrapper_shares_the_inner_optimizer_and_sets_nothing_on_it():
     model, x, y = _wrapped_problem()
     inner = torch.optim.AdamW(model.parameters(), lr=0.01)
     before = dict(vars(inner))
-    wrapped = QuantizedAllReduceOptimizer(inner)
+    wrapped = QuantizedAllReduceOptimizer(inner, compress_single_rank=True)  # quantized on one process
     sched = build_scheduler(wrapped, OptimConfig(warmup_epochs=1, schedule="cosine"), steps_per_epoch=4, total_epochs=2)
     lrs = []
     for _ in range(4):
@@ -204,7 +204,8 @@ def test_wrapper_step_is_the_quantized_allreduce_then_the_inner_step():
 
     model_a, x, y = _wrapped_problem()
     model_b = copy.deepcopy(model_a)
-    wrapped = QuantizedAllReduceOptimizer(torch.optim.AdamW(model_a.parameters(), lr=0.01), bits=4, block=64, seed=3)
+    wrapped = QuantizedAllReduceOptimizer(torch.optim.AdamW(model_a.parameters(), lr=0.01), bits=4, block=64, seed=3,
+                                          compress_single_rank=True)  # a real world of one skips the quantizer
     ref = torch.optim.AdamW(model_b.parameters(), lr=0.01)
     quantizer, backend = StochasticQuantizer(bits=4, block=64), TorchBackend()
     for step in range(1, 4):
@@ -230,7 +231,8 @@ def test_wrapper_state_dict_resumes_exactly():
     from dat_ds.comm import QuantizedAllReduceOptimizer
 
     model, x, y = _wrapped_problem()
-    wrapped = QuantizedAllReduceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), seed=1)
+    wrapped = QuantizedAllReduceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), seed=1,
+                                          compress_single_rank=True)
     for _ in range(3):
         _backward(model, x, y)
         wrapped.step()
@@ -241,7 +243,8 @@ def test_wrapper_state_dict_resumes_exactly():
         wrapped.step()
     model2, _, _ = _wrapped_problem(seed=1)
     model2.load_state_dict(saved_model)
-    resumed = QuantizedAllReduceOptimizer(torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9), seed=1)
+    resumed = QuantizedAllReduceOptimizer(torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9), seed=1,
+                                          compress_single_rank=True)
     resumed.load_state_dict(saved_opt)
     resumed.load_rank_local_state(saved_opt["comm"])
     for _ in range(3):

@@ -68,6 +68,15 @@ def test_report_silent_rank_was_killed(tmp_path):
         "rank 1 failed (exit code -9: killed by SIGKILL); the other ranks were stopped")
 
 
+def test_a_user_error_one_rank_met_is_named_not_its_echo(tmp_path):
+    """data.on_corrupt=abort: the rank whose shard holds the file exits 2; its peer fails in a collective."""
+    _status(tmp_path, 1, 2, "CorruptImageError: corrupt image 'b/05.png' (OSError: truncated)", t=1.0)
+    _status(tmp_path, 0, 1, "DistBackendError: Connection closed by peer", comm=True, t=2.0)
+    assert status.failed_rank_line(str(tmp_path), 2, 1) == (
+        "rank 1 failed (exit code 2: CorruptImageError: corrupt image 'b/05.png' (OSError: truncated)); the other "
+        "ranks were stopped")
+
+
 def test_config_errors_are_not_reported_twice(tmp_path):
     _status(tmp_path, 0, 2, "ConfigError: bad")
     _status(tmp_path, 1, 2, "ConfigError: bad")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -110,8 +111,8 @@ def test_resume_on_another_world_size_is_refused_before_any_rank_starts(referenc
     assert cli.main(["train", *args]) == 2
     tag = run_dir / "checkpoint" / "epoch0001"
     assert capsys.readouterr().err.splitlines() == [
-        f"error: checkpoint '{tag}' was saved with 1 rank(s), but this run has 2; resume with --nproc 1, or start a "
-        "new run with another --name"]
+        f"error: checkpoint '{tag}' was saved with 1 rank(s), but this run has 2; resume with --nproc 1, or pass "
+        "--allow-world-size-change (not bit-identical), or start a new run with another --name"]
     assert started == []
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
@@ -227,3 +228,41 @@ def test_sigkill_two_ranks_then_resume_is_bit_identical(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_identical(model_state(runs / "ref" / "checkpoint" / "epoch0001"), model_state(root / "epoch0001"))
+
+
+def test_world_size_change_is_refused_unless_allowed_then_reshards(tmp_path, capsys):
+    """2 ranks train one epoch; a 1-rank resume is one line without --allow-world-size-change (exit 2, nothing
+    written), and with it continues: the epoch checkpoint starts epoch 2 at its beginning, the step counter
+    goes on (20 + 40 steps); a mid-epoch checkpoint (step 14 of 20 on 2 ranks: 448 examples) goes on at step 28
+    of 40 on one rank."""
+    ds = write_ds(tmp_path)
+    runs = tmp_path / "runs"
+    common = dict(subset=640, save_every=7)  # 20 steps per epoch on 2 ranks, 40 on one
+    two = subprocess.run([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2",
+                          *tiny_args(runs, "two", ds, epochs=1, **common)], cwd=REPO, capture_output=True, text=True,
+                         timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    root = runs / "two" / "checkpoint"
+    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000007", "step000000014", "epoch0000"]
+    before = {str(p): p.stat().st_mtime_ns for p in (runs / "two").rglob("*")}
+    capsys.readouterr()
+    assert cli.main(["train", *tiny_args(runs, "two", ds, epochs=2, **common), "--resume", "auto"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: checkpoint '{root / 'epoch0000'}' was saved with 2 rank(s), but this run has 1; resume with --nproc 2, "
+        "or pass --allow-world-size-change (not bit-identical), or start a new run with another --name"]
+    assert {str(p): p.stat().st_mtime_ns for p in (runs / "two").rglob("*")} == before
+
+    assert cli.main(["train", *tiny_args(runs, "two", ds, epochs=2, **common), "--resume", "auto",
+                     "--allow-world-size-change"]) == 0
+    assert ("world size 2 -> 1: epoch 2 starts at its beginning; per-rank RNG re-seeded; the global step counter "
+            "continues at 20; results will not be bit-identical to an uninterrupted run") in capsys.readouterr().err
+    mark = checkpoint.read_complete(root / "epoch0001")
+    assert mark["global_step"] == 60 and mark["world_size"] == 1
+    epochs = [json.loads(ln) for ln in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
+
+    assert cli.main(["train", *tiny_args(runs, "mid", ds, epochs=1, **common), "--resume",
+                     str(root / "step000000014"), "--allow-world-size-change"]) == 0
+    assert ("world size 2 -> 1: data position re-sharded at global example 448 of epoch 1 (step 28 of 40; 0 "
+            "example(s) seen again); per-rank RNG re-seeded") in capsys.readouterr().err
+    assert checkpoint.read_complete(runs / "mid" / "checkpoint" / "epoch0000")["global_step"] == 14 + 12

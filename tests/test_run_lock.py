@@ -263,3 +263,48 @@ def test_launcher_refuses_a_locked_folder_before_any_rank_starts(tmp_path, sleep
     err = capsys.readouterr().err.splitlines()
     assert rc == 2 and len(err) == 1 and f"is in use by PID {sleeper.pid}" in err[0], err
     assert time.time() - t0 < 30 and not run.exists()  # no rank was started (that takes longer), nothing written
+
+
+EVAL_ARGS = ["--steps", "1", "--max-examples", "16", "--batch-size", "16"]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_eval_into_a_locked_run_folder_is_one_line_and_writes_nothing(old_run, sleeper, capsys, monkeypatch, nproc):
+    """``dat-ds eval --run R`` writes R/eval.json: refused while a training run (or another eval) holds R."""
+    from dat_ds.launch import launcher
+
+    folder, _, run = old_run
+    target = _copy(run, folder / "runs" / f"e{nproc}")
+    write_lock(target, pid=sleeper.pid)
+    before = hashes(target)
+    started = []
+    monkeypatch.setattr(launcher, "_run", lambda *a, **kw: started.append(a) or 0)
+    rc = cli.main(["eval", "--run", str(target), "--nproc", str(nproc), *EVAL_ARGS])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: run folder {str(target)!r} is in use by PID {sleeper.pid} on host ")
+    assert err[0].endswith(f"; wait for that run to finish or stop it (kill {sleeper.pid}), or write this "
+                           "evaluation elsewhere with --out DIR"), err[0]
+    assert hashes(target) == before and started == []
+    assert json.loads(runlock.lock_path(target).read_text())["pid"] == sleeper.pid
+
+
+def test_eval_holds_the_run_folder_lock_while_it_runs(old_run, monkeypatch, tmp_path):
+    from dat_ds.evaluation import run as eval_run
+
+    folder, _, run = old_run
+    target = _copy(run, folder / "runs" / "held")
+    real, seen = eval_run.main, []
+
+    def spy(args):
+        seen.append(runlock.holder(target))
+        return real(args)
+
+    monkeypatch.setattr(eval_run, "main", spy)
+    assert cli.main(["eval", "--run", str(target), *EVAL_ARGS]) == 0
+    assert seen[0]["pid"] == os.getpid()
+    assert not runlock.lock_path(target).exists()  # released
+    assert json.loads((target / "eval.json").read_text())["count"] == 16
+    # --out elsewhere writes nothing into the run folder: no lock, so it may run beside a training run
+    assert cli.main(["eval", "--run", str(target), "--out", str(tmp_path / "out"), *EVAL_ARGS]) == 0
+    assert seen[1] is None and (tmp_path / "out" / "eval.json").is_file()

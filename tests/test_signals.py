@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,18 +16,19 @@ import psutil
 import pytest
 
 from dat_ds.runtime import checkpoint
-from reliability_utils import tiny_args, write_ds
+from dat_ds.runtime.signal_stop import save_fits
+from reliability_utils import assert_identical, model_state, tiny_args, write_ds
 from test_resume import REPO, rank_process, wait_for_tag
 
 GONE_WITHIN_S = 30
 EPOCHS = 40  # 800 steps: minutes of training, so a run left behind is still running when it is looked for
 
 
-def _start(tmp_path, name):
+def _start(tmp_path, name, *extra):
     """``dat-ds train --nproc 2`` in its own session, as a shell runs a foreground job (Ctrl-C reaches its group)."""
     ds = write_ds(tmp_path)
     runs = tmp_path / "runs"
-    args = tiny_args(runs, name, ds, subset=640, epochs=EPOCHS, save_every=3)  # 20 steps per epoch on 2 ranks
+    args = tiny_args(runs, name, ds, *extra, subset=640, epochs=EPOCHS, save_every=3)  # 20 steps per epoch on 2 ranks
     proc = subprocess.Popen([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     parent = psutil.Process(proc.pid)
@@ -111,3 +113,88 @@ def test_a_rank_exits_once_its_cli_is_gone(tmp_path):
                 p.kill()
     record = json.loads((tmp_path / "rank1.json").read_text())
     assert record["code"] == 143 and record["error"] == "the dat-ds command that started this run is gone"
+
+
+@pytest.mark.parametrize("elapsed, last_save, grace, fits", [
+    (0.5, None, 20.0, True),  # no save timed yet: tried (a save cut short is never committed)
+    (18.0, None, 20.0, False),  # no time left even to exit
+    (1.0, 2.0, 20.0, True),  # 1 + 1.5 * 2 + 3 = 7 s
+    (10.0, 4.0, 20.0, True),  # 10 + 6 + 3 = 19 s
+    (12.0, 4.0, 20.0, False),  # 21 s: past the SIGKILL
+    (0.0, 12.0, 20.0, False),  # a save slower than the grace period is never started
+])
+def test_a_final_save_is_started_only_if_it_fits_the_grace_period(elapsed, last_save, grace, fits):
+    assert save_fits(elapsed, last_save, grace) is fits
+
+
+SAVE_ON_SIGNAL = ("--set", "train.save_on_signal=true")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 2-rank run the interrupted ones must equal: 2 epochs of 20 steps, no mid-epoch checkpoint."""
+    folder = tmp_path_factory.mktemp("sig-ref")
+    ds = write_ds(folder)
+    ref = subprocess.run([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2",
+                          *tiny_args(folder / "runs", "ref", ds, subset=640, epochs=2, save_every=0)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return model_state(folder / "runs" / "ref" / "checkpoint" / "epoch0001")
+
+
+@pytest.mark.parametrize("save_on_signal", [pytest.param(True, id="save_on_signal"),
+                                            pytest.param(False, id="last_periodic", marks=pytest.mark.slow)])
+def test_sigterm_then_resume_auto_is_bit_identical(tmp_path, uninterrupted, save_on_signal):
+    """2 ranks: SIGTERM mid-epoch; with ``train.save_on_signal`` the ranks end the step and commit a checkpoint
+    of it, which the ``interrupted:`` line names; ``--resume auto`` (to 2 epochs) then ends bit-identical to
+    the uninterrupted run. Without it the run resumes from its last periodic checkpoint, also bit-identical."""
+    extra = SAVE_ON_SIGNAL if save_on_signal else ()
+    proc, family, root = _start(tmp_path, "term", *extra)
+    t_signal = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=GONE_WITHIN_S)
+    assert proc.returncode == 143, err[-3000:]
+    _assert_all_gone(family, t_signal)
+    tag = checkpoint.find_resume_tag(root)
+    assert err.splitlines()[-1] == f"interrupted: last complete checkpoint {tag}; continue with --resume auto"
+    assert not list(root.glob(checkpoint.TMP_PREFIX + "*"))
+    stopped = re.search(r"signal 15: stopped after epoch \d+ step \d+ \(global step (\d+)\)", err)
+    if save_on_signal:  # the step in progress was finished and is the checkpoint the line names
+        assert stopped, err[-3000:]
+        assert checkpoint.read_complete(root / tag)["global_step"] == int(stopped.group(1))
+        assert "final checkpoint" in err or "checkpointed already" in err
+    else:
+        assert stopped is None
+    step = checkpoint.read_complete(root / tag)["global_step"]
+    assert 3 <= step < 40, f"stopped at global step {step}: not inside the 2 epochs compared"
+    res = subprocess.run([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2",
+                          *tiny_args(tmp_path / "runs", "term", tmp_path / "ds.json", *extra,
+                                     subset=640, epochs=2, save_every=3), "--resume", "auto"],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {root / tag}" in res.stderr
+    assert_identical(uninterrupted, model_state(root / "epoch0001"))
+
+
+def test_sigterm_of_an_in_process_run_names_the_last_checkpoint(tmp_path):
+    """``dat-ds train`` on one rank trains in the command's own process: SIGTERM there ends it with the same
+    line and exit code 143 (not Python's silent default), the lock released, no ``.tmp-*`` left."""
+    from dat_ds.launch import runlock
+
+    ds = write_ds(tmp_path)
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "dat_ds.cli", "train",
+                             *tiny_args(runs, "one", ds, subset=640, epochs=EPOCHS, save_every=3)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = runs / "one" / "checkpoint"
+    wait_for_tag(root, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=GONE_WITHIN_S)
+    assert proc.returncode == 143, err[-3000:]
+    tag = checkpoint.find_resume_tag(root)
+    assert err.splitlines()[-1] == f"interrupted: last complete checkpoint {tag}; continue with --resume auto", \
+        err[-3000:]
+    assert not [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln], err[-3000:]
+    assert not runlock.lock_path(runs / "one").exists()
+    assert not list(root.glob(checkpoint.TMP_PREFIX + "*"))
+    _assert_stopped_early(root)

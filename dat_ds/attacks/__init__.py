@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .core import default_step_size, eval_mode, fgsm, fgsm_rs, no_attack, pgd
+from .core import NFGSM_NOISE_MULTIPLIER, default_step_size, eval_mode, fgsm, fgsm_rs, nfgsm, no_attack, pgd
 from .external import apgd_ce, apgd_dlr, autoattack, square
 from .geometry import GEOMETRIES, L2Geometry, LinfGeometry
 from .losses import ATTACK_LOSSES, ce_loss, margin_loss, misclassified
@@ -10,7 +10,7 @@ from .registry import ATTACKS, attack_parameters
 from .spec import AttackSpec, attack_from_config, eval_spec, takes, training_spec
 
 __all__ = [
-    "ATTACKS", "ATTACK_LOSSES", "AttackSpec", "GEOMETRIES", "L2Geometry", "LinfGeometry", "apgd_ce", "apgd_dlr",
+    "ATTACKS", "ATTACK_LOSSES", "AttackSpec", "GEOMETRIES", "NFGSM_NOISE_MULTIPLIER", "L2Geometry", "LinfGeometry", "apgd_ce", "apgd_dlr",
     "attack_from_config", "attack_parameters", "autoattack", "ce_loss", "default_step_size", "eval_mode", "eval_spec",
-    "fgsm", "fgsm_rs", "margin_loss", "misclassified", "no_attack", "pgd", "square", "takes", "training_spec",
+    "fgsm", "fgsm_rs", "margin_loss", "nfgsm", "misclassified", "no_attack", "pgd", "square", "takes", "training_spec",
 ]

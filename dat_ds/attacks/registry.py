@@ -14,12 +14,13 @@ from typing import Any, Callable
 import torch
 
 from ..core.registry import Registry
-from .core import fgsm, fgsm_rs, no_attack, pgd
+from .core import fgsm, fgsm_rs, nfgsm, no_attack, pgd
 from .external import apgd_ce, apgd_dlr, autoattack, square
 
 ATTACKS: Registry[Callable[..., torch.Tensor]] = Registry("attack")
 ATTACKS.register("fgsm")(fgsm)
 ATTACKS.register("fgsm_rs")(fgsm_rs)
+ATTACKS.register("nfgsm")(nfgsm)  # N-FGSM: noise 2 eps, step eps, no projection (de Jorge et al. 2022)
 ATTACKS.register("pgd")(pgd)
 ATTACKS.register("none")(no_attack)
 # Evaluation-only attacks through torchattacks (AutoAttack and its parts; Square is the black-box check).

@@ -8,8 +8,9 @@ that names the attack and what it takes, raised before any model runs; ``run`` t
 parameters the attack declares.
 
 The run config's attack sections are shared by every attack kind: their ``steps`` are PGD's, and
-attacks without steps ignore them; ``restarts`` or ``step_size`` set for an attack that has none are
-refused like any other argument.
+attacks without steps ignore them; ``restarts``, ``step_size`` or ``noise_multiplier`` (N-FGSM's) set
+for an attack that has none are refused like any other argument. ``init_delta`` (a start perturbation,
+ATTA's reuse) is runtime state, never a spec value: only ``attack_from_config`` passes it.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "norm": ("norm", "linf"), "loss": ("loss_fn", "ce"),
 }
 _SUPPLIED = ("eps", "generator")  # every attack takes these; the spec and the caller supply them
-_DISPLAY = {"fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "autoattack": "AutoAttack", "apgd-ce": "APGD-CE",
+_RUNTIME = ("init_delta",)  # passed by the caller per batch (attack_from_config), never set by a spec
+_DISPLAY = {"fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "nfgsm": "N-FGSM", "autoattack": "AutoAttack", "apgd-ce": "APGD-CE",
             "apgd-dlr": "APGD-DLR", "square": "Square", "none": "clean"}
 
 
 def takes(attack: str) -> list[str]:
     """What a spec may set for ``attack``: spec fields (``loss``, not ``loss_fn``) and extra keywords."""
     by_param = {param: name for name, (param, _) in _FIELDS.items()}
-    return ["eps", *(by_param.get(p, p) for p in attack_parameters(attack) if p not in _SUPPLIED)]
+    return ["eps", *(by_param.get(p, p) for p in attack_parameters(attack) if p not in _SUPPLIED + _RUNTIME)]
 
 
 def _refuse(attack: str, what: str) -> ConfigError:
@@ -66,7 +68,7 @@ class AttackSpec:
             if value != neutral and param not in params:
                 raise _refuse(self.attack, f"{name}={value!r}")
         for key in self.extra:
-            if key not in params or key in _SUPPLIED or key in (p for p, _ in _FIELDS.values()):
+            if key not in params or key in _SUPPLIED + _RUNTIME or key in (p for p, _ in _FIELDS.values()):
                 raise _refuse(self.attack, f"{key}={self.extra[key]!r} as an extra argument")
         if self.eps < 0:
             raise ConfigError(f"eps={self.eps} is negative; eps is a radius >= 0")
@@ -121,20 +123,22 @@ class AttackSpec:
 
 
 def _from_section(section: str, name_key: str, attack: str, eps: float, norm: str, *, steps: int, restarts: int,
-                  step_size: float | None) -> AttackSpec:
+                  step_size: float | None, noise_multiplier: float | None = None) -> AttackSpec:
     params = attack_parameters(attack)
-    for key, value, neutral in (("restarts", restarts, 1), ("step_size", step_size, None)):
+    for key, value, neutral in (("restarts", restarts, 1), ("step_size", step_size, None),
+                                ("noise_multiplier", noise_multiplier, None)):
         if value != neutral and key not in params:
             raise ConfigError(f"{section}.{key}={value} does not apply to {name_key}={attack}; "
                               f"{attack!r} takes {', '.join(takes(attack))}")
+    extra = {} if noise_multiplier is None else {"noise_multiplier": noise_multiplier}
     return AttackSpec(attack, eps=eps, steps=steps if "steps" in params else None, restarts=restarts,
-                      step_size=step_size, norm=norm)
+                      step_size=step_size, norm=norm, extra=extra)
 
 
 def training_spec(cfg: AttackConfig) -> AttackSpec:
     """The training attack of a run config's ``attack`` section."""
     return _from_section("attack", "attack.name", cfg.name, cfg.eps, cfg.norm, steps=cfg.steps,
-                         restarts=cfg.restarts, step_size=cfg.step_size)
+                         restarts=cfg.restarts, step_size=cfg.step_size, noise_multiplier=cfg.noise_multiplier)
 
 
 def eval_spec(cfg: RunConfig) -> AttackSpec:
@@ -151,12 +155,19 @@ def _cached_training_spec(cfg: AttackConfig) -> AttackSpec:
 
 def attack_from_config(cfg: AttackConfig, model: nn.Module, x: torch.Tensor, y, *,
                        generator: torch.Generator | None = None, loss_fn: LossFn = ce_loss,
-                       success_fn: SuccessFn | None = misclassified) -> torch.Tensor:
+                       success_fn: SuccessFn | None = misclassified,
+                       init_delta: torch.Tensor | None = None) -> torch.Tensor:
     """Run the configured training attack. The objective's ``loss_fn``/``success_fn`` (TRADES' KL, the
-    contrastive loss) go to the attacks that take them; ``none`` ignores both."""
+    contrastive loss) go to the attacks that take them; ``none`` ignores both. ``init_delta`` (the
+    example's stored perturbation, ``attack.reuse``) starts the attack; an attack without a start is an error."""
     spec = _cached_training_spec(cfg)
     kwargs = spec.kwargs(generator)
     params = attack_parameters(spec.attack)
+    if init_delta is not None:
+        if "init_delta" not in params:
+            raise ConfigError(f"attack {spec.attack!r} takes no start perturbation, so attack.reuse cannot apply; "
+                              "use pgd, fgsm_rs or fgsm")
+        kwargs["init_delta"] = init_delta
     if "loss_fn" in params:
         kwargs["loss_fn"] = loss_fn
     if "success_fn" in params:

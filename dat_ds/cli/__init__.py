@@ -63,7 +63,8 @@ def _train(args: argparse.Namespace, argv: list[str], *, needs_unlabeled_objecti
     runlock.check_free(cfg.run_dir)  # a live run on this folder: refused before any rank starts
     from ..launch.preflight import preflight
 
-    preflight(cfg, args.resume, world, nproc=None if args.hostfile else args.nproc)  # not ours to count: a hostfile's nodes
+    preflight(cfg, args.resume, world, nproc=None if args.hostfile else args.nproc,  # not ours to count: a hostfile's nodes
+              allow_world_size_change=args.allow_world_size_change)
     forwarded = strip_launch_args(argv)
     if args.config:
         forwarded = _replace_value(forwarded, ("--config", "--recipe"), args.config)

@@ -24,11 +24,24 @@ def _eval(args: argparse.Namespace, argv: list[str]) -> int:
 
         main(args)
         return 0
+    import time
+
+    from ..launch import runlock
+    from ..launch.evaluate import written_run_dir
     from ..launch.preflight import preflight_eval
 
     preflight_eval(args)  # heavy: the checkpoint, the model name, the data; still before any rank starts
-    return launch("dat_ds.launch.evaluate", strip_launch_args(argv), nproc=args.nproc, hostfile=args.hostfile,
-                  master_port=args.master_port)
+    run_dir = written_run_dir(args)
+    if run_dir is not None:  # a run (or another eval) writing that folder: refused before any rank starts
+        runlock.check_free(run_dir, runlock.EVAL_FIX)
+    started = time.time()
+    try:
+        return launch("dat_ds.launch.evaluate", strip_launch_args(argv), nproc=args.nproc, hostfile=args.hostfile,
+                      master_port=args.master_port)
+    except BaseException:
+        if run_dir is not None and not args.hostfile:  # rank 0 holds the lock; if it died, remove it
+            runlock.clear_dead(run_dir, started)
+        raise
 
 
 command("eval", "robust accuracy of a checkpoint under attacks and eps values (--nproc N shards the test set; "

@@ -11,6 +11,10 @@ steps with the same unbiased estimate of the mean gradient.
 
 ``gradient_clipping`` in the JSON (DeepSpeed clips before ``step()``) therefore bounds each rank's
 local gradient; their average is bounded by the same norm.
+
+At world size 1 there is nothing to average: the gradients are left exact (no quantization noise, which
+would save nothing) and ``step()`` is the wrapped optimizer's own; ``comm_stats()`` says ``skipped``.
+``compress_single_rank=True`` keeps the quantizer on one process (for its tests).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from .allreduce import compressed_allreduce
 from .backend import ByteMeter, TorchBackend
 from .compressors import StochasticQuantizer
+from .protocol import SKIPPED_NOTE
 from .spec import DEFAULT_BITS, DEFAULT_BLOCK
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,7 @@ class QuantizedAllReduceOptimizer(torch.optim.Optimizer):
 
     # Optimizer.__init__ is not called on purpose: it would build a second set of param_groups and state.
     def __init__(self, optimizer: torch.optim.Optimizer, *, bits: int = DEFAULT_BITS, block: int = DEFAULT_BLOCK,
-                 seed: int = 0, process_group=None):
+                 seed: int = 0, process_group=None, compress_single_rank: bool = False):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"QuantizedAllReduceOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, QuantizedAllReduceOptimizer):
@@ -51,6 +56,7 @@ class QuantizedAllReduceOptimizer(torch.optim.Optimizer):
         self.quantizer = StochasticQuantizer(bits=bits, block=block)
         self.seed = seed
         self.process_group = process_group
+        self.compress_single_rank = compress_single_rank
         self.meter = ByteMeter()
         self.steps = 0  # compressed all-reduces so far: seeds the rounding noise, so it is checkpointed
         self._backend: TorchBackend | None = None
@@ -66,6 +72,15 @@ class QuantizedAllReduceOptimizer(torch.optim.Optimizer):
     @property
     def scheme(self) -> str:
         return f"{self.quantizer.bits}-bit quantized gradients"
+
+    @property
+    def uncompressed(self) -> str:
+        return type(self.optimizer).__name__  # on the exact average gradient
+
+    @property
+    def skips_compression(self) -> bool:
+        """World size 1: nothing to communicate, so the gradients stay exact."""
+        return self.backend.world == 1 and not self.compress_single_rank
 
     # ------------------------------------------------------------------ the wrapped optimizer's data
     @property
@@ -142,7 +157,7 @@ class QuantizedAllReduceOptimizer(torch.optim.Optimizer):
     def average_gradients_(self) -> None:
         """Replace every ``param.grad`` by the quantized average over ranks (missing grads count as 0)."""
         params = [p for g in self.param_groups for p in g["params"]]
-        if not params:
+        if not params or self.skips_compression:
             return
         grads = [p.grad.detach().float().reshape(-1) if p.grad is not None
                  else torch.zeros(p.numel(), device=p.device) for p in params]
@@ -168,11 +183,12 @@ class QuantizedAllReduceOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ CommunicatingOptimizer
     def comm_stats(self) -> dict[str, Any]:
         world = self.backend.world
-        stats: dict[str, Any] = {"stage": "compressed" if self.steps else "warmup", "world_size": world,
-                                 **self.meter.as_dict(), "compressed_steps": self.steps, "local_steps": 0,
-                                 "bits": self.quantizer.bits}
+        skipped = self.skips_compression
+        stats: dict[str, Any] = {"stage": "skipped" if skipped else "compressed" if self.steps else "warmup",
+                                 "world_size": world, **self.meter.as_dict(), "compressed_steps": self.steps,
+                                 "local_steps": 0, "bits": self.quantizer.bits}
         if world == 1:
-            stats["note"] = "world size 1: nothing to communicate"
+            stats["note"] = SKIPPED_NOTE if skipped else "world size 1: nothing to communicate"
         return stats
 
     def _comm_state(self) -> dict[str, Any]:

@@ -7,7 +7,9 @@ through this protocol only -- ``BuiltEngine.comm`` is one, or None -- never by l
 
 * ``comm_stats()`` goes into ``metrics.jsonl`` as ``comm_*`` (stage, bytes sent vs fp32, ...);
 * ``rank_local_state()`` / ``load_rank_local_state()`` go into and come out of ``rank_state_<r>.pt``;
-* ``label``, ``scheme`` and ``warmup_steps`` let the start-up log say what compression really does.
+* ``label``, ``scheme`` and ``warmup_steps`` let the start-up log say what compression really does;
+* ``skips_compression`` is true at world size 1, where there is nothing to communicate: then every step
+  is the ``uncompressed`` algorithm's, exactly (a lossy compression there would save nothing).
 
 Implementers: ``dat_ds.optim.onebit`` (1-bit Adam, 0/1 Adam, 1-bit LAMB) and
 ``dat_ds.comm.gradient.QuantizedAllReduceOptimizer`` (DAT's quantized all-reduce around any optimizer).
@@ -17,11 +19,19 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+SKIPPED_NOTE = "compression skipped: world size 1, nothing to communicate"
+
 
 @runtime_checkable
 class CommunicatingOptimizer(Protocol):
     label: str  # for logs, e.g. "1-bit Adam"
     scheme: str  # what goes on the wire once compression is on, e.g. "1-bit compressed momentum"
+    uncompressed: str  # the algorithm it approximates, and runs as when it skips compression, e.g. "Adam"
+
+    @property
+    def skips_compression(self) -> bool:
+        """True at world size 1: every step is the uncompressed algorithm's (nothing is sent)."""
+        ...
 
     @property
     def warmup_steps(self) -> int:

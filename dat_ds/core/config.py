@@ -37,6 +37,7 @@ class DataConfig:
     unlabeled: str | None = None  # pseudo-labelled pool (npz/arrow written by `dat-ds pseudo-label`)
     unsup_fraction: float = 0.5  # share of each batch drawn from the unlabeled pool (RST uses 0.5)
     trust_pickle: bool = False  # legacy pickle files run code when loaded: refuse unless asked
+    on_corrupt: str = "abort"  # abort | skip: an ImageFolder/HF image that does not decode while training
 
 
 @dataclass(frozen=True)
@@ -44,18 +45,24 @@ class ModelConfig:
     name: str = "small_cnn"  # registered CIFAR/small model or any timm name
     weights: str | None = None  # local weights file (no hub downloads)
     channels_last: bool = False  # NHWC memory format; helps convnets on GPUs
+    act: str = "relu"  # relu | silu: preactresnet/wideresnet activation (SiLU: DM-Improves-AT, Gowal et al.)
 
 
 @dataclass(frozen=True)
 class AttackConfig:
     """The attack that generates training examples (the inner maximisation)."""
 
-    name: str = "pgd"  # pgd | fgsm_rs | fgsm | none
+    name: str = "pgd"  # pgd | fgsm_rs | fgsm | nfgsm | none
     eps: float = 0.1  # radius of the threat model, in pixel units ([0, 1] images)
     step_size: float | None = None  # None: the attack's standard step (dat_ds.attacks.default_step_size)
     steps: int = 5
     norm: str = "linf"  # linf | l2
     restarts: int = 1
+    noise_multiplier: float | None = None  # nfgsm: noise uniform in k*eps before its step; None: k = 2 (the paper's)
+    reuse: bool = False  # ATTA: start each example's attack from its own last perturbation (pgd/fgsm_rs/fgsm)
+    reuse_max_bytes: int = 4 * 2**30  # per-rank memory for reuse: 1 byte per pixel value of the rank's shard
+    steps_schedule: tuple[int, ...] = ()  # [first, last]: PGD steps ramped linearly over the run's steps
+    eps_warmup_epochs: float = 0.0  # eps (and step size) ramp linearly from ~0 over these epochs; eval: full eps
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,9 @@ class ObjectiveConfig:
     clean_weight: float = 0.5  # lambda in CE(adv) + lambda * CE(clean); 0 is Madry PGD-AT
     beta: float = 6.0  # TRADES / MART regulariser weight
     replays: int = 4  # Free-AT: replays of each minibatch (epochs are divided by this)
+    grad_align: float = 0.0  # GradAlign lambda: + lambda * (1 - cos(grad_x CE(x), grad_x CE(x + eta))); 0 is off
     temperature: float = 0.5  # NT-Xent temperature for contrastive objectives
+    label_smoothing: float = 0.0  # every CE term of the supervised objectives (not the attack's); 0.1 in DM-Improves-AT
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ class TrainConfig:
     save_every_steps: int = 0  # mid-epoch checkpoints every N steps (0: per epoch only)
     keep_last: int = 3  # checkpoints kept on disk
     nan_policy: str = "abort"  # abort | skip: what a non-finite loss or gradient does
+    save_on_signal: bool = False  # SIGTERM/SIGINT: end the step, write a final checkpoint if it fits the grace period
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.lr_scaling": ("none", "linear", "sqrt"),
     "optim.schedule": ("constant", "multistep", "cosine"),
     "train.nan_policy": ("abort", "skip"),
+    "data.on_corrupt": ("abort", "skip"),
     "monitor.policy": ("warn", "stop", "rollback"),
+    "model.act": names.ACTIVATIONS,
 }
 
 
@@ -366,6 +378,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"attack.restarts={a.restarts} must be >= 1")
     if a.step_size is not None and a.step_size <= 0:
         raise ConfigError(f"attack.step_size={a.step_size} must be > 0 (or null for the standard step)")
+    validate_fast_at(cfg)
+    validate_sota_options(cfg)
     e = cfg.eval
     if e.eps is not None and not 0.0 <= e.eps <= 1.0:
         raise ConfigError(f"eval.eps={e.eps} is outside [0, 1]; eps is in pixel units, e.g. 8/255")
@@ -414,6 +428,59 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir is empty; give a folder for the runs, e.g. --output-dir runs")
     check_names(cfg)
+
+
+def validate_sota_options(cfg: RunConfig) -> None:
+    """Label smoothing, the SiLU models and the eps warm-up: ranges and what each applies to."""
+    o, a, m = cfg.objective, cfg.attack, cfg.model
+    if not 0.0 <= o.label_smoothing < 1.0:
+        raise ConfigError(f"objective.label_smoothing={o.label_smoothing:g} must be in [0, 1) (0.1 in DM-Improves-AT)")
+    if o.label_smoothing > 0 and o.name not in names.LABEL_SMOOTHING_OBJECTIVES:
+        raise ConfigError(f"objective.label_smoothing applies to the objectives "
+                          f"{', '.join(names.LABEL_SMOOTHING_OBJECTIVES)}, not objective.name={o.name!r}")
+    if m.act != "relu" and m.name not in names.ACT_MODELS:
+        raise ConfigError(f"model.act={m.act} applies to the models {', '.join(names.ACT_MODELS)}, not "
+                          f"model.name={m.name!r}; remove it or choose one of those")
+    if a.eps_warmup_epochs < 0:
+        raise ConfigError(f"attack.eps_warmup_epochs={a.eps_warmup_epochs:g} must be >= 0 (0 is off)")
+    if a.eps_warmup_epochs > 0 and o.name not in names.EPS_WARMUP_OBJECTIVES:
+        raise ConfigError(f"attack.eps_warmup_epochs applies to the objectives "
+                          f"{', '.join(names.EPS_WARMUP_OBJECTIVES)}, not objective.name={o.name!r}")
+
+
+def validate_fast_at(cfg: RunConfig) -> None:
+    """N-FGSM's noise, perturbation reuse, the attack-step schedule and GradAlign: ranges and combinations."""
+    a, o = cfg.attack, cfg.objective
+    if a.noise_multiplier is not None:
+        if a.name not in names.NOISE_ATTACKS:
+            raise ConfigError(f"attack.noise_multiplier={a.noise_multiplier:g} applies to attack.name=nfgsm only, "
+                              f"not {a.name!r}; remove it or set attack.name=nfgsm")
+        if a.noise_multiplier < 0:
+            raise ConfigError(f"attack.noise_multiplier={a.noise_multiplier:g} must be >= 0 (2 in the N-FGSM paper)")
+    if a.reuse:
+        if a.name not in names.REUSE_ATTACKS:
+            raise ConfigError(f"attack.reuse needs an attack that starts from a perturbation ({', '.join(names.REUSE_ATTACKS)}),"
+                              f" not attack.name={a.name!r}")
+        if o.name not in names.REUSE_OBJECTIVES:
+            raise ConfigError(f"attack.reuse applies to the objectives {', '.join(names.REUSE_OBJECTIVES)}, not "
+                              f"objective.name={o.name!r}")
+        if cfg.data.unlabeled:
+            raise ConfigError("attack.reuse keeps one perturbation per training example and cannot follow the "
+                              "pseudo-labelled pool of data.unlabeled; turn one of them off")
+    if a.reuse_max_bytes < 1:
+        raise ConfigError(f"attack.reuse_max_bytes={a.reuse_max_bytes} must be >= 1")
+    if a.steps_schedule:
+        if a.name not in names.STEPS_ATTACKS:
+            raise ConfigError(f"attack.steps_schedule applies to attacks with steps ({', '.join(names.STEPS_ATTACKS)}), "
+                              f"not attack.name={a.name!r}")
+        if len(a.steps_schedule) != 2 or min(a.steps_schedule) < 1:
+            raise ConfigError(f"attack.steps_schedule={list(a.steps_schedule)} must be [first, last], two step "
+                              "counts >= 1, e.g. [1, 5]")
+    if o.grad_align < 0:
+        raise ConfigError(f"objective.grad_align={o.grad_align:g} must be >= 0 (0 turns GradAlign off)")
+    if o.grad_align > 0 and o.name not in names.GRAD_ALIGN_OBJECTIVES:
+        raise ConfigError(f"objective.grad_align applies to the objectives {', '.join(names.GRAD_ALIGN_OBJECTIVES)}, "
+                          f"not objective.name={o.name!r}")
 
 
 # A run name is a folder name on every file system and in every shell, used verbatim.

@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from .errors import ConfigError
 
-ATTACKS = ("apgd-ce", "apgd-dlr", "autoattack", "fgsm", "fgsm_rs", "none", "pgd", "square")
+ATTACKS = ("apgd-ce", "apgd-dlr", "autoattack", "fgsm", "fgsm_rs", "nfgsm", "none", "pgd", "square")
 EVAL_ONLY_ATTACKS = ("apgd-ce", "apgd-dlr", "autoattack", "square")  # torchattacks: no training use
 OBJECTIVES = ("acl", "clean", "dat", "free", "madry", "mart", "trades")
 UNLABELED_OBJECTIVES = ("acl",)  # self-supervised: `dat-ds pretrain` needs one of these
+# Fast-AT options (docs/objectives.md): which attacks and objectives each one combines with.
+NOISE_ATTACKS = ("nfgsm",)  # take attack.noise_multiplier
+REUSE_ATTACKS = ("fgsm", "fgsm_rs", "pgd")  # attack.reuse: they take a start perturbation (init_delta)
+REUSE_OBJECTIVES = ("dat", "madry", "mart", "trades")  # one attack per example and batch
+STEPS_ATTACKS = ("pgd",)  # attack.steps_schedule: the training attacks with a step count
+GRAD_ALIGN_OBJECTIVES = ("dat", "madry")  # objective.grad_align
+# State-of-the-art options (docs/objectives.md "Label smoothing, SiLU, eps warm-up").
+LABEL_SMOOTHING_OBJECTIVES = ("clean", "dat", "free", "madry", "mart", "trades")  # objective.label_smoothing
+EPS_WARMUP_OBJECTIVES = ("dat", "free", "madry", "mart", "trades")  # attack.eps_warmup_epochs
+ACTIVATIONS = ("relu", "silu")  # model.act
+ACT_MODELS = ("preactresnet18", "wideresnet16_4", "wideresnet28_10", "wideresnet34_10")  # take model.act
 MODELS = ("preactresnet18", "small_cnn", "small_cnn_avgpool", "tiny_cnn", "wideresnet16_4", "wideresnet28_10",
           "wideresnet34_10")  # ours; any timm name is also accepted (checked where timm is imported)
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "fashion-mnist-full", "hf", "imagefolder")

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from ..core.errors import ConfigError
 from .base import DATASETS, DataSpec
+from .corrupt import CorruptImages
 from .transforms import pick_transform, to_tensor
 
 IMAGE_COLUMNS = ("img", "image", "pixel_values")
@@ -91,6 +92,10 @@ def load_split(root: str, split: str):
     files = _files_for(base, names)
     if not files:
         raise ConfigError(f"no {names[0]} split found under {root!r}; {LAYOUT_HINT}")
+    folders = sorted({str(f.parent.relative_to(base)) for f in files})
+    if len(folders) > 1:  # e.g. a save_to_disk copy next to a parquet copy: both would be read, each example twice
+        raise ConfigError(f"{root!r} holds {split} files in {len(folders)} folders ({', '.join(folders[:3])}): more than "
+                          f"one copy or configuration of the data set; point data.root at the one to use")
     parts = []
     for f in files:
         if f.suffix == ".arrow":
@@ -137,14 +142,34 @@ def _as_mode(img, mode: str):
 
 
 class HFImageDataset(Dataset):
-    def __init__(self, ds, image_col: str, label_col: str, mode: str, transform):
+    """Rows -> float CHW in [0, 1]; an image that does not decode aborts naming it or is replaced and counted
+    (``data.on_corrupt``, ``data.corrupt``). ``where``: the split and root, for those messages."""
+
+    def __init__(self, ds, image_col: str, label_col: str, mode: str, transform, on_corrupt: str = "abort",
+                 where: str = "the data set"):
         self.ds, self.image_col, self.label_col = ds, image_col, label_col
-        self.mode, self.transform = mode, transform
+        self.mode, self.transform, self.where = mode, transform, where
+        self.corrupt = CorruptImages(len(ds), on_corrupt, self._describe)
 
     def __len__(self) -> int:
         return len(self.ds)
 
+    def _describe(self, i: int) -> str:
+        """Example ``i`` and, where the image column keeps one, its file's path."""
+        path = None
+        try:
+            import datasets
+
+            raw = self.ds.cast_column(self.image_col, datasets.Image(decode=False))[int(i)][self.image_col]
+            path = raw.get("path") if isinstance(raw, dict) else None
+        except Exception:  # noqa: BLE001 - only for the message: not an Image column, or no path stored
+            pass
+        return f"example {i} of {self.where}" + (f" ({path!r})" if path else "")
+
     def __getitem__(self, i: int):
+        return self.corrupt.load(int(i), self._read)
+
+    def _read(self, i: int):
         row = self.ds[int(i)]
         x = to_tensor(_as_mode(_decode(row[self.image_col]), self.mode))
         want = 1 if self.mode == "L" else 3
@@ -194,4 +219,5 @@ def hf_dataset(data_cfg, split: str) -> tuple[Dataset, DataSpec]:
     mean, std = default_stats(in_chans, size, num_classes)
     spec = DataSpec(in_chans=in_chans, num_classes=num_classes, img_size=size, mean=mean, std=std, classes=classes)
     transform = pick_transform(split, data_cfg.augment, size)  # resizes only images not already at size
-    return HFImageDataset(ds, image_col, label_col, mode, transform), spec
+    return HFImageDataset(ds, image_col, label_col, mode, transform, data_cfg.on_corrupt,
+                          f"the {split} split under {root!r}"), spec

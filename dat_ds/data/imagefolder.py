@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from ..core.errors import ConfigError
 from .base import DATASETS, DataSpec
+from .corrupt import CorruptImages
 from .transforms import pick_transform, to_tensor
 
 log = logging.getLogger(__name__)
@@ -27,16 +28,18 @@ LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg"
 
 
 class FolderDataset(Dataset):
-    """torchvision ImageFolder -> float CHW in [0, 1], resized/cropped by ``transform``."""
+    """torchvision ImageFolder -> float CHW in [0, 1], resized/cropped by ``transform``; an image that does
+    not decode aborts with its path or is replaced and counted (``data.on_corrupt``, ``data.corrupt``)."""
 
-    def __init__(self, folder, transform):
+    def __init__(self, folder, transform, on_corrupt: str = "abort"):
         self.folder, self.transform = folder, transform
+        self.corrupt = CorruptImages(len(folder), on_corrupt, lambda j: repr(self.folder.samples[j][0]))
 
     def __len__(self) -> int:
         return len(self.folder)
 
     def __getitem__(self, i: int):
-        img, label = self.folder[i]
+        img, label = self.corrupt.load(i, self.folder.__getitem__)
         x = to_tensor(img)
         if self.transform is not None:
             x = self.transform(x)
@@ -106,4 +109,4 @@ def imagefolder(data_cfg, split: str) -> tuple[Dataset, DataSpec]:
     mean, std = default_stats(3, size, len(train.classes))
     spec = DataSpec(in_chans=3, num_classes=len(train.classes), img_size=size, mean=mean, std=std,
                     classes=tuple(train.classes))
-    return FolderDataset(folder, pick_transform(split, data_cfg.augment, size)), spec
+    return FolderDataset(folder, pick_transform(split, data_cfg.augment, size), data_cfg.on_corrupt), spec

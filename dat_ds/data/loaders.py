@@ -3,23 +3,44 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..core import dist
 from .sampler import ShardSampler
 
 
+class IndexedDataset(Dataset):
+    """``dataset[i]`` as ``(x, y, i)``: batches carry their examples' positions (perturbation reuse keys on them)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
 class TrainLoaderFactory:
     """Builds the per-epoch training loader for this rank, resumable mid-epoch.
 
-    ``loader(epoch, start_step)`` yields ``(x, y)`` micro-batches; ``steps_per_epoch`` is the same on
-    every rank (ragged tails are dropped) so collectives stay in lockstep.
+    ``loader(epoch, start_step)`` yields ``(x, y)`` micro-batches, ``(x, y, index)`` under ``attack.reuse``
+    (each rank then keeps its own fixed shard: ``shard()``); ``steps_per_epoch`` is the same on every rank
+    (ragged tails are dropped) so collectives stay in lockstep.
     """
 
     def __init__(self, cfg, dataset, *, micro_batch: int, rank: int, world_size: int):
-        self.cfg, self.dataset, self.micro_batch = cfg, dataset, micro_batch
+        reuse = cfg.attack.reuse
+        self.cfg, self.micro_batch = cfg, micro_batch
+        self.dataset = IndexedDataset(dataset) if reuse else dataset
         self.sampler = ShardSampler(len(dataset), rank=rank, world_size=world_size, shuffle=True, seed=cfg.seed,
-                                    drop_last=True, multiple_of=micro_batch)
+                                    drop_last=True, multiple_of=micro_batch, fixed_shards=reuse)
+
+    def shard(self) -> list[int]:
+        """The training examples this rank owns every epoch (``attack.reuse``)."""
+        return self.sampler.shard()
 
     @property
     def steps_per_epoch(self) -> int:

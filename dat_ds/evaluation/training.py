@@ -50,9 +50,10 @@ class EpochEvaluation:
                  f", {self.spec.label} acc {row['robust_acc']:.4f}" if robust else "", row["eval_seconds"])
 
 
-def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = False,
+                 allow_world_size_change: bool = False) -> dict[str, Any]:
     """Train ``cfg`` on this rank (every rank calls it), evaluating each epoch; returns the run's summary."""
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite).setup()
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, allow_world_size_change=allow_world_size_change).setup()
     test_set, _ = build_dataset(cfg.data, "test")
     callbacks: list[Callback] = [EpochEvaluation(cfg, test_set)]
     if cfg.monitor.every_steps > 0:

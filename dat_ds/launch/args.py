@@ -32,6 +32,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, metavar="auto|DIR",
                         help="continue from the newest complete checkpoint of this run (auto) or of DIR")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    parser.add_argument("--allow-world-size-change", action="store_true",
+                        help="with --resume: continue a checkpoint saved on another number of ranks (data position "
+                             "re-sharded, per-rank RNG re-seeded: not bit-identical)")
     parser.add_argument("--dry-run", action="store_true", help="validate the configs and exit")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow legacy pickle data files (they can run code when loaded; only for files you trust)")

@@ -1,7 +1,7 @@
 """The one run entry: every command and every rank runs under ``run_entry``.
 
 It maps exceptions to exit codes (``ConfigError`` 2, ``NonFiniteLossError`` 3, ``RankFailure`` the
-launcher's code, ``Interrupted`` 128 + the signal, anything else 1 with its traceback), prints the reason
+launcher's code, ``Interrupted`` and ``core.stop.Stopped`` 128 + the signal, anything else 1 with its traceback), prints the reason
 once (``error: ...`` on stderr, from rank 0 only when the error is one every rank sees), and, in a rank
 started by ``launch()``, writes the rank's exit report that names the culprit when a run fails and
 watches the launching ``dat-ds`` process (the rank exits once it is gone). Nothing here imports torch.
@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from ..core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NAN_ABORT, EXIT_OK, EXIT_USER_ERROR, ConfigError, NonFiniteLossError
 from .launcher import Interrupted, RankFailure
-from .status import STATUS_ENV, install_sigterm_status, watch_cli, write_rank_status
+from ..core.stop import Stopped
+from .status import STATUS_ENV, TERMINATED, install_sigterm_status, watch_cli, write_rank_status
 
 
 def _is_rank() -> bool:
@@ -53,6 +54,9 @@ def run_entry(main: Callable[[], Any]) -> int:
         sys.stderr.write(f"{e}\n")
         sys.stderr.flush()
         write_rank_status(e.code, str(e))
+        return e.code
+    except Stopped as e:  # a launched rank that stopped on the forwarded signal: the dat-ds command says so
+        write_rank_status(e.code, TERMINATED)
         return e.code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..core.errors import ConfigError
 from ..core.ports import free_port
+from ..core.stop import GRACE_ENV
 from .status import CLI_PID_ENV, STATUS_ENV, failed_rank_line
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = N
     child_env.update(dist.launch_env())
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
+    child_env[GRACE_ENV] = str(STOP_GRACE_S)  # train.save_on_signal: a final save must fit before the SIGKILL
     if hostfile:  # remote ranks cannot write into a local folder: the launcher's exit code is all we get
         rc = _run(cmd, child_env, checkpoint_root=checkpoint_root, all_local=False)
         if rc != 0:
@@ -158,7 +160,7 @@ def _run(cmd: list[str], env: dict[str, str], *, checkpoint_root: str | Path | N
         for s, h in previous.items():
             signal.signal(s, h)
     if received:
-        raise Interrupted(received[0], _interrupted_line(checkpoint_root, remove_unfinished=all_local))
+        raise Interrupted(received[0], interrupted_line(checkpoint_root, remove_unfinished=all_local))
     return rc
 
 
@@ -197,7 +199,7 @@ def _wait_for_run(proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
-def _interrupted_line(checkpoint_root: str | Path | None, *, remove_unfinished: bool) -> str:
+def interrupted_line(checkpoint_root: str | Path | None, *, remove_unfinished: bool) -> str:
     """``interrupted: last complete checkpoint <tag>; ...`` for a training run, ``interrupted`` otherwise.
 
     ``remove_unfinished``: every rank was local and is gone, so a save they left unfinished is deleted

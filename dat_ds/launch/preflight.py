@@ -184,6 +184,17 @@ def load_and_check_split(data_cfg, split: str, *, min_classes: int = 1):
     return spec
 
 
+def check_reuse(cfg, world: int) -> None:
+    """``attack.reuse``: each rank's stored perturbations fit ``attack.reuse_max_bytes`` (the trainer checks again)."""
+    if not cfg.attack.reuse:
+        return
+    from ..data import build_dataset
+    from ..objectives.reuse import check_reuse_budget
+
+    train, _ = build_dataset(cfg.data, "train")  # check_data has already loaded it once without error
+    check_reuse_budget(len(train), world, tuple(train[0][0].shape), cfg.attack.reuse_max_bytes)
+
+
 def check_unlabeled(cfg, spec) -> None:
     """The pseudo-labelled pool: readable without pickle (unless trusted), finite in-range labels."""
     if not cfg.data.unlabeled:
@@ -234,11 +245,12 @@ def check_precision(settings, accelerator=None) -> None:
                           f"{settings.precision}.enabled to false (fp32 runs everywhere)")
 
 
-def preflight(cfg, resume: str | None = None, world: int | None = None, *, nproc: int | None = None) -> None:
+def preflight(cfg, resume: str | None = None, world: int | None = None, *, nproc: int | None = None,
+              allow_world_size_change: bool = False) -> None:
     """All start-up checks; raises ConfigError (one line) on the first problem found.
 
     ``nproc``: the ranks the calling process is about to start on this node (the launcher passes it; a
-    rank, which is already running, does not).
+    rank, which is already running, does not). ``allow_world_size_change``: ``train --allow-world-size-change``.
     """
     from ..runtime import checkpoint, ds_config
     from ..runtime.trainer import check_world_size
@@ -257,9 +269,10 @@ def preflight(cfg, resume: str | None = None, world: int | None = None, *, nproc
     if resume is not None:
         found = checkpoint.resolve_resume(resume, cfg.run_dir)
         if found is not None:
-            check_world_size(*found, world)
+            check_world_size(*found, world, allow_world_size_change)
             checkpoint.check_compatible(*found, cfg, {**settings.ds_config, "optimizer": settings.optimizer})
     spec = check_data(cfg)
+    check_reuse(cfg, world)
     check_unlabeled(cfg, spec)
     check_weights(cfg, spec)
 

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 __all__ = ["RunLock", "acquire", "check_free", "clear_dead", "holder", "lock_path"]
 
 SUFFIX = ".lock"
+TRAIN_FIX = "start this one with another --name"  # how the refused command can go ahead anyway
+EVAL_FIX = "write this evaluation elsewhere with --out DIR"
 
 
 def lock_path(run_dir: Path) -> Path:
@@ -95,7 +97,7 @@ def _is_stale(record: dict[str, Any]) -> bool:
     return record.get("host") == _host() and not _pid_alive(int(record["pid"]), float(started) if started else None)
 
 
-def _refusal(run_dir: Path, record: dict[str, Any]) -> str:
+def _refusal(run_dir: Path, record: dict[str, Any], fix: str = TRAIN_FIX) -> str:
     path = lock_path(run_dir)
     if not record:
         return (f"run folder {str(run_dir)!r} has an unreadable lock file {str(path)!r}; if no run is using the "
@@ -103,16 +105,16 @@ def _refusal(run_dir: Path, record: dict[str, Any]) -> str:
     who = f"PID {record['pid']} on host {record['host']!r} since {_since(record)}"
     if record["host"] == _host():
         return (f"run folder {str(run_dir)!r} is in use by {who}; wait for that run to finish or stop it "
-                f"(kill {record['pid']}), or start this one with another --name")
+                f"(kill {record['pid']}), or {fix}")
     return (f"run folder {str(run_dir)!r} is in use by {who}; if that job is really gone, delete {str(path)!r} "
-            "and start again, or start this one with another --name")
+            f"and start again, or {fix}")
 
 
-def check_free(run_dir: Path) -> None:
+def check_free(run_dir: Path, fix: str = TRAIN_FIX) -> None:
     """Read-only: raise the one-line ConfigError if a live run (or another host's) holds ``run_dir``."""
     record = holder(run_dir)
     if record is not None and (not record or not _is_stale(record)):
-        raise ConfigError(_refusal(run_dir, record))
+        raise ConfigError(_refusal(run_dir, record, fix))
 
 
 class RunLock:
@@ -175,8 +177,9 @@ def _take_over(run_dir: Path, stale: dict[str, Any]) -> bool:
     return True
 
 
-def acquire(run_dir: Path) -> RunLock:
-    """Lock ``run_dir`` for this process, taking over a stale lock; raise the one-line ConfigError if held."""
+def acquire(run_dir: Path, fix: str = TRAIN_FIX) -> RunLock:
+    """Lock ``run_dir`` for this process, taking over a stale lock; raise the one-line ConfigError if held.
+    ``fix``: the refusal's last words, how the refused command can go ahead (another --name, --out)."""
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     record = {"host": _host(), "pid": os.getpid(), "started": time.time(), "command": " ".join(sys.argv),
@@ -190,9 +193,9 @@ def acquire(run_dir: Path) -> RunLock:
         if current is None:  # released in between
             continue
         if not current or not _is_stale(current):
-            raise ConfigError(_refusal(run_dir, current))
+            raise ConfigError(_refusal(run_dir, current, fix))
         _take_over(run_dir, current)
-    raise ConfigError(_refusal(run_dir, holder(run_dir) or {}))
+    raise ConfigError(_refusal(run_dir, holder(run_dir) or {}, fix))
 
 
 def clear_dead(run_dir: Path, since: float) -> int | None:

@@ -63,11 +63,17 @@ def write_rank_status(code: int, error: BaseException | str | None = None) -> No
 
 
 def install_sigterm_status() -> None:
-    """Record a launcher's SIGTERM (a sibling failed) before exiting, so it is not blamed on this rank."""
+    """Record a launcher's SIGTERM (a sibling failed, or the user's signal) before exiting, so it is not
+    blamed on this rank. While a trainer defers signals (``train.save_on_signal``, ``core.stop``) the
+    handler only records it: the trainer stops at the end of the step, and every rank exits together."""
     if not os.environ.get(STATUS_ENV):
         return
+    from ..core import stop
 
     def handler(signum, frame):
+        if stop.deferred():
+            stop.record(signum)
+            return
         write_rank_status(128 + signum, TERMINATED)
         os._exit(128 + signum)
 
@@ -133,7 +139,8 @@ def failed_rank_line(folder: str, nproc: int, launcher_rc: int) -> str | None:
                 name = f"signal {sig}"
             return f"rank {r} failed (exit code -{sig}: killed by {name}); the other ranks were stopped"
         return f"rank {r} failed (exited without a report; launcher exit code {launcher_rc}); the other ranks were stopped"
-    failed = [rec for rec in records.values() if rec["code"] not in (0, 2) and rec["error"] != TERMINATED]
+    # A user error one rank alone met (code 2: e.g. a corrupt image in its shard) is a cause too, not an echo.
+    failed = [rec for rec in records.values() if rec["code"] != 0 and rec["error"] != TERMINATED]
     if not failed:
         failed = [rec for rec in records.values() if rec["code"] != 0]
     if not failed:

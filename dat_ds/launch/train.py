@@ -14,16 +14,20 @@ exits; ``--overwrite`` moves the old run aside only once everything has been bui
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
-from ..core import dist
+from ..core import dist, stop
 from ..core.errors import ConfigError
 from .args import add_run_args, train_args_parser as get_args_parser
 from .entry import run_entry
+from .status import STATUS_ENV
 from .validate import check_model_name, check_run_dir, config_from_args, dry_run_report, train_inputs
 
 log = logging.getLogger("dat_ds.launch.train")
@@ -41,6 +45,10 @@ def main(args: argparse.Namespace, base: dict[str, Any] | None = None, *, world:
     cfg, settings = train_inputs(args, world, base=base)
     if args.dry_run:  # validate for the requested world size; nothing heavy, no process is started
         check_model_name(cfg.model.name)
+        if settings.precision in ("bf16", "fp16"):  # asks the accelerator (imports torch); fp32 runs everywhere
+            from .preflight import check_precision
+
+            check_precision(settings)  # bf16/fp16 this machine's accelerator lacks: the start would fail
         info = dry_run_report(cfg, settings, world)
         log.info("resolved config:\n%s", cfg.to_yaml().rstrip())
         log.info("config OK: %s", json.dumps(info))
@@ -51,31 +59,65 @@ def main(args: argparse.Namespace, base: dict[str, Any] | None = None, *, world:
         runlock.check_free(cfg.run_dir)
     from .preflight import preflight
 
-    preflight(cfg, args.resume, world)  # bad data, models, checkpoints: one line before any output is written
+    allow = getattr(args, "allow_world_size_change", False)
+    preflight(cfg, args.resume, world, allow_world_size_change=allow)  # bad data, models, checkpoints: one line before any output is written
     from ..evaluation.training import run_training
 
     lock = lock_run(cfg.run_dir)
+    in_process = not os.environ.get(STATUS_ENV) and dist.world_size() == 1  # no launch(): nobody else says it
     try:
-        return run_training(cfg, resume=args.resume, overwrite=args.overwrite)
-    except BaseException:
+        with _stop_on_signals(in_process):
+            return run_training(cfg, resume=args.resume, overwrite=args.overwrite, allow_world_size_change=allow)
+    except BaseException as e:
         if lock is not None:  # the trainer settles --overwrite itself; this catches a stop outside it
             settle_leftovers(cfg.run_dir, os.getpid())
+        if in_process and isinstance(e, (stop.Stopped, KeyboardInterrupt)):
+            from .launcher import Interrupted, interrupted_line
+
+            signum = e.signum if isinstance(e, stop.Stopped) else signal.SIGINT
+            raise Interrupted(signum, interrupted_line(cfg.run_dir / "checkpoint", remove_unfinished=True)) from None
         raise
     finally:
         if lock is not None:
             lock.release()
 
 
-def lock_run(run_dir):
+@contextlib.contextmanager
+def _stop_on_signals(in_process: bool):
+    """A run in the ``dat-ds`` process itself (one rank; ``launch()``'s ranks have ``status``' handler):
+    SIGTERM and SIGINT raise ``core.stop.Stopped`` (exit 143/130 with the ``interrupted:`` line); while the
+    trainer defers signals (``train.save_on_signal``) the first one only asks it to stop after the step."""
+    if not in_process or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stop.reset()
+
+    def handler(signum, frame):
+        if stop.deferred() and stop.received() is None:
+            stop.record(signum)
+            return
+        raise stop.Stopped(signum)  # not deferred, or a second signal: stop here
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        stop.reset()
+
+
+def lock_run(run_dir, fix: str | None = None):
     """Rank 0 locks the run folder (``runlock``); every rank learns the outcome, so a refusal is one line
-    from every rank alike (printed once) rather than rank 0 failing alone. Returns the lock on rank 0."""
+    from every rank alike (printed once) rather than rank 0 failing alone. Returns the lock on rank 0.
+    ``fix``: what the refusal suggests (``runlock.TRAIN_FIX`` by default)."""
     from . import runlock
 
     dist.init_distributed()
     lock, problem = None, None
     if dist.is_main_process():
         try:
-            lock = runlock.acquire(run_dir)
+            lock = runlock.acquire(run_dir, fix or runlock.TRAIN_FIX)
         except ConfigError as e:
             problem = str(e)
     problem = dist.all_gather_object(problem)[0]

@@ -9,13 +9,17 @@ model than the classifier (``acl``: encoder + projection head) overrides :meth:`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import RunConfig
 from ..core.registry import Registry
+
+if TYPE_CHECKING:
+    from .reuse import PerturbationStore
 
 
 @dataclass
@@ -25,6 +29,10 @@ class ObjectiveContext:
     cfg: RunConfig
     generator: torch.Generator  # this rank's attack randomness
     step: int = 0  # global optimizer step, for schedules inside objectives
+    total_steps: int = 0  # steps of the whole run (epochs x steps per epoch), for attack.steps_schedule
+    index: torch.Tensor | None = None  # data-set positions of the batch's examples, when the loader yields them
+    perturbations: PerturbationStore | None = None  # attack.reuse: this rank's stored perturbations
+    steps_per_epoch: int = 0  # training steps (batches) per epoch, for attack.eps_warmup_epochs
 
 
 @dataclass
@@ -64,6 +72,17 @@ class Objective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def supervised_ce(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> torch.Tensor:
+    """The cross-entropy every supervised objective trains on, with ``objective.label_smoothing``.
+
+    One place for every training CE term (madry/dat clean and adversarial, trades' natural term, mart's CE,
+    free, clean), so a smoothed run smooths them all. The attacks' inner maximisation keeps plain CE
+    (``attacks.ce_loss``), as DM-Improves-AT and Gowal et al. do. ``label_smoothing=0`` is plain CE exactly.
+    """
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction=reduction)
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")

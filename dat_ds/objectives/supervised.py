@@ -1,11 +1,27 @@
-"""Madry PGD-AT and DAT: cross-entropy on adversarial examples, plus lambda * CE on clean ones."""
+"""Madry PGD-AT and DAT: cross-entropy on adversarial examples, plus lambda * CE on clean ones.
+
+Both take ``objective.grad_align`` (GradAlign, Andriushchenko & Flammarion 2020): lambda * (1 - cos) of the
+input gradients at x and at x + eta is added to the loss, which keeps FGSM-RS / N-FGSM training from
+catastrophic overfitting; ``engine.backward`` differentiates through it (double backprop). Its forwards go
+through the bare module (``ctx.module``, in train mode here): DeepSpeed's engine forward hooks its output so
+that any backward through it other than ``engine.backward`` -- ``torch.autograd.grad`` included -- is an error.
+"""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+from .base import OBJECTIVES, Objective, ObjectiveOutput, supervised_ce
+from .fast import grad_align, training_attack
 
-from ..attacks import attack_from_config
-from .base import OBJECTIVES, Objective, ObjectiveOutput
+
+def _with_grad_align(ctx, x, y, loss, metrics):
+    """``loss`` plus GradAlign's term when ``objective.grad_align`` > 0 (its 1 - cos goes to the metrics)."""
+    lam = ctx.cfg.objective.grad_align
+    if lam <= 0:
+        return loss
+    a = ctx.cfg.attack
+    penalty, _ = grad_align(ctx.module, x, y, eps=a.eps, norm=a.norm, generator=ctx.generator)
+    metrics["grad_align"] = penalty.detach()
+    return loss + lam * penalty
 
 
 @OBJECTIVES.register("madry")
@@ -13,10 +29,12 @@ class Madry(Objective):
     """min_theta E max_delta CE(f(x + delta), y) (Madry et al. 2018)."""
 
     def __call__(self, ctx, x, y):
-        x_adv = attack_from_config(ctx.cfg.attack, ctx.module, x, y, generator=ctx.generator)
+        x_adv = training_attack(ctx, x, y)
         logits = ctx.model(x_adv)
-        loss = F.cross_entropy(logits.float(), y)
-        return ObjectiveOutput(loss=loss, logits=logits, metrics={"loss_adv": loss.detach()})
+        loss = supervised_ce(logits, y, ctx.cfg.objective.label_smoothing)
+        metrics = {"loss_adv": loss.detach()}
+        loss = _with_grad_align(ctx, x, y, loss, metrics)
+        return ObjectiveOutput(loss=loss, logits=logits, metrics=metrics)
 
 
 @OBJECTIVES.register("dat")
@@ -25,15 +43,16 @@ class DAT(Objective):
 
     def __call__(self, ctx, x, y):
         lam = ctx.cfg.objective.clean_weight
-        x_adv = attack_from_config(ctx.cfg.attack, ctx.module, x, y, generator=ctx.generator)
+        x_adv = training_attack(ctx, x, y)
         logits = ctx.model(x_adv)
-        loss_adv = F.cross_entropy(logits.float(), y)
+        loss_adv = supervised_ce(logits, y, ctx.cfg.objective.label_smoothing)
         metrics = {"loss_adv": loss_adv.detach()}
         loss = loss_adv
         if lam > 0:
-            loss_clean = F.cross_entropy(ctx.model(x).float(), y)
+            loss_clean = supervised_ce(ctx.model(x), y, ctx.cfg.objective.label_smoothing)
             metrics["loss_clean"] = loss_clean.detach()
             loss = loss_adv + lam * loss_clean
+        loss = _with_grad_align(ctx, x, y, loss, metrics)
         return ObjectiveOutput(loss=loss, logits=logits, metrics=metrics)
 
 
@@ -43,5 +62,5 @@ class Clean(Objective):
 
     def __call__(self, ctx, x, y):
         logits = ctx.model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = supervised_ce(logits, y, ctx.cfg.objective.label_smoothing)
         return ObjectiveOutput(loss=loss, logits=logits)

@@ -3,7 +3,8 @@
 The inner maximisation is the configured attack (``cfg.attack``: PGD-k, eps, norm) run on the KL
 divergence to the clean prediction instead of on the cross-entropy, so it needs no labels. The clean
 prediction that serves as the attack's target is taken in eval mode (like the attack itself) and
-detached; the training loss then uses train-mode forwards through the engine.
+detached; the training loss then uses train-mode forwards through the engine. ``objective.label_smoothing``
+smooths the natural CE term only (as DM-Improves-AT does); the KL term and the attack are unchanged.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attacks import attack_from_config, eval_mode
-from .base import OBJECTIVES, Objective, ObjectiveOutput
+from ..attacks import eval_mode
+from .base import OBJECTIVES, Objective, ObjectiveOutput, supervised_ce
+from .fast import training_attack
 
 
 def kl_to_target(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -33,8 +35,7 @@ def kl_attack(ctx, x: torch.Tensor) -> torch.Tensor:
     with eval_mode(ctx.module), torch.no_grad():
         target = F.softmax(ctx.module(x).float(), dim=1)
     # success_fn=None: with restarts the worst case is the one with the largest KL (no notion of "fooled").
-    return attack_from_config(ctx.cfg.attack, ctx.module, x, target, generator=ctx.generator,
-                              loss_fn=kl_to_target, success_fn=None)
+    return training_attack(ctx, x, target, loss_fn=kl_to_target, success_fn=None)
 
 
 @OBJECTIVES.register("trades")
@@ -44,7 +45,7 @@ class Trades(Objective):
     def __call__(self, ctx, x, y):
         beta = ctx.cfg.objective.beta
         logits_clean = ctx.model(x)
-        loss_clean = F.cross_entropy(logits_clean.float(), y)
+        loss_clean = supervised_ce(logits_clean, y, ctx.cfg.objective.label_smoothing)  # the KL term is not smoothed
         if beta == 0:
             return ObjectiveOutput(loss=loss_clean, logits=logits_clean, metrics={"loss_clean": loss_clean.detach()})
         x_adv = kl_attack(ctx, x)

@@ -2,11 +2,15 @@
 
 The base LR comes from the DeepSpeed JSON; ``optim.lr_scaling`` scales it by the global batch over
 ``optim.base_batch_size`` (linear: Goyal et al.; sqrt: for adaptive optimizers such as LAMB).
+
+Epoch-based settings (``warmup_epochs``, ``milestones``, the cosine span) are converted to optimizer
+steps through :class:`StepPlan`, the one place that says how many optimizer steps an epoch has.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -18,8 +22,40 @@ def lr_scale(cfg: OptimConfig, global_batch: int) -> float:
     return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
 
 
-def lr_multiplier(cfg: OptimConfig, step: int, steps_per_epoch: int, total_epochs: int) -> float:
-    epoch = step / max(1, steps_per_epoch)  # fractional epoch at this optimizer step
+@dataclass(frozen=True)
+class StepPlan:
+    """How many OPTIMIZER steps a run takes: what LR schedules, warm-up and compression plans count.
+
+    The loop calls ``engine.step()`` once per replay of each batch (Free-AT replays every batch m times),
+    and DeepSpeed steps the optimizer and its LR scheduler once every ``grad_accum`` of those calls. An
+    epoch of ``batches`` therefore has ``batches * replays / grad_accum`` optimizer steps; counting batches
+    instead made Free-AT's schedule run m times too fast.
+    """
+
+    batches_per_epoch: int  # loader (micro-)batches per epoch on one rank
+    epochs: int
+    replays: int = 1  # engine.step() calls per batch: ``Objective.replays``
+    grad_accum: int = 1  # engine.step() calls per optimizer step: DeepSpeed's gradient_accumulation_steps
+
+    def __post_init__(self):
+        for name in ("batches_per_epoch", "replays", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StepPlan.{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def per_epoch(self) -> float:
+        """Optimizer steps per epoch (fractional when grad_accum does not divide the epoch's engine steps)."""
+        return self.batches_per_epoch * self.replays / self.grad_accum
+
+    @property
+    def total(self) -> int:
+        """Optimizer steps of the whole run (DeepSpeed's accumulation boundary runs across epochs)."""
+        return self.batches_per_epoch * self.replays * self.epochs // self.grad_accum
+
+
+def lr_multiplier(cfg: OptimConfig, step: int, steps_per_epoch: float, total_epochs: int) -> float:
+    """The LR factor after ``step`` optimizer steps; ``steps_per_epoch``: :attr:`StepPlan.per_epoch`."""
+    epoch = step / steps_per_epoch  # fractional epoch at this optimizer step
     warmup = cfg.warmup_epochs
     if warmup > 0 and epoch < warmup:
         return (step + 1) / (warmup * steps_per_epoch)
@@ -32,8 +68,9 @@ def lr_multiplier(cfg: OptimConfig, step: int, steps_per_epoch: int, total_epoch
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: float,
                     total_epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``steps_per_epoch``: optimizer steps per epoch (:attr:`StepPlan.per_epoch`), not batches."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(cfg, step, steps_per_epoch, total_epochs)
     )

@@ -22,6 +22,14 @@ class OptimizerSpec:
     compresses: bool = False  # does its own (compressed) gradient communication
     renames: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # JSON name -> constructor name
     ignored: frozenset[str] = frozenset()  # accepted for DeepSpeed 0.18 compatibility, no effect here
+    # Passed to the constructor unless the JSON says otherwise, so that no library default decides what a
+    # JSON means (timm's Lamb would decay every tensor by 0.01 and clip the gradient norm at 1.0).
+    defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # JSON keys that would change the algorithm behind the JSON's back: key -> what to write instead.
+    refused: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Layer-wise trust ratio (LAMB, LARS): on for every weight tensor whatever its decay, off (and no
+    # decay) for biases and norm weights, the 1-D tensors, as in the LAMB paper and DAT.
+    layerwise: bool = False
 
 
 _ADAM_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad"})
@@ -31,16 +39,28 @@ _COMM_KEYS = frozenset({"cuda_aware", "comm_backend_name"})
 # DeepSpeed 0.18 accepted these for its 1-bit optimizers; they have no effect there or here.
 _ONEBIT_IGNORED = frozenset({"bias_correction", "eps_inside_sqrt", "max_grad_norm", "amsgrad"})
 
+_LAYERWISE_REFUSED = MappingProxyType({
+    "max_grad_norm": 'the optimizer never clips; clip the global gradient norm with DeepSpeed\'s top-level '
+                     '"gradient_clipping" (0 disables)',
+    "always_adapt": "the trust ratio is always on for weight tensors and off for biases and norm weights "
+                    "(1-D tensors); drop the key",
+})
+
 SPECS: Mapping[str, OptimizerSpec] = MappingProxyType({
     "adam": OptimizerSpec(_ADAM_KEYS | {"adam_w_mode"}, ignored=_DS_ADAM_EXTRAS - {"adam_w_mode"}),
     "adamw": OptimizerSpec(_ADAM_KEYS, ignored=_DS_ADAM_EXTRAS),
     "sgd": OptimizerSpec(frozenset({"lr", "momentum", "weight_decay", "nesterov", "dampening"})),
     # timm's Lamb/Lars run on every device (DeepSpeed's fused LAMB is CUDA-only).
-    "lamb": OptimizerSpec(frozenset({"lr", "betas", "eps", "weight_decay", "max_grad_norm", "trust_clip", "always_adapt",
-                                     "max_coeff", "min_coeff", "bias_correction"}),
-                          ignored=frozenset({"max_coeff", "min_coeff"})),
+    "lamb": OptimizerSpec(frozenset({"lr", "betas", "eps", "weight_decay", "trust_clip", "bias_correction"}),
+                          ignored=frozenset({"max_coeff", "min_coeff"}), layerwise=True, refused=_LAYERWISE_REFUSED,
+                          defaults=MappingProxyType({"betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0,
+                                                     "bias_correction": True, "trust_clip": False,
+                                                     "max_grad_norm": None})),
     "lars": OptimizerSpec(frozenset({"lr", "momentum", "weight_decay", "dampening", "nesterov", "trust_coeff",
-                                     "trust_clip", "always_adapt", "eps"})),
+                                     "trust_clip", "eps"}), layerwise=True, refused=_LAYERWISE_REFUSED,
+                          defaults=MappingProxyType({"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
+                                                     "nesterov": False, "trust_coeff": 0.001, "eps": 1e-8,
+                                                     "trust_clip": False})),
     # Ours (dat_ds/optim/onebit.py): they average gradients themselves, compressed; DeepSpeed 0.18 names.
     "onebitadam": OptimizerSpec(_ADAM_KEYS - {"amsgrad"} | {"freeze_step"} | _COMM_KEYS, compresses=True,
                                 ignored=_ONEBIT_IGNORED),
@@ -182,6 +202,9 @@ def check_optimizer_params(section: dict[str, Any]) -> tuple[str, OptimizerSpec]
     params = section.get("params", {}) or {}
     if not isinstance(params, dict):
         raise ConfigError('DeepSpeed config "optimizer.params" must be a mapping')
+    refused = sorted(set(params) & set(spec.refused))
+    if refused:
+        raise ConfigError(f"optimizer {section['type']!r} does not take {refused[0]!r}: {spec.refused[refused[0]]}")
     unknown = sorted(set(params) - spec.allowed - spec.ignored)
     if unknown:
         raise ConfigError(

@@ -90,6 +90,20 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator | None) -> Non
         generator.set_state(state["generator"])
 
 
+def reseed_rank(seed: int, global_step: int, rank: int, generator: torch.Generator | None) -> None:
+    """New random streams for ``rank`` when a run resumes on another world size (``--allow-world-size-change``):
+    the old ranks' streams do not map onto the new ranks, so every stream is derived from (seed, step, rank)."""
+    base = (seed * 1_000_003 + global_step * 7919 + rank * 104_729) % 2**31
+    torch.manual_seed(base)
+    random.seed(base)
+    np.random.seed(base)
+    acc = dist.accelerator()
+    if acc.device_name() != "cpu":
+        acc.manual_seed(base)
+    if generator is not None:
+        generator.manual_seed(base + 1)
+
+
 # ----------------------------------------------------------------------------- save
 
 
@@ -501,11 +515,14 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
 
 
 def load(engine, root: Path, tag: str, generator: torch.Generator | None,
-         comm: CommunicatingOptimizer | None = None) -> dict[str, Any]:
+         comm: CommunicatingOptimizer | None = None,
+         on_rank_state: Callable[[dict[str, Any]], None] | None = None, rank_state: bool = True) -> dict[str, Any]:
     """Restore engine + RNG from a tag that ``verify_tag`` accepted (call ``check_compatible`` first).
 
     ``comm`` gets back the per-rank state :func:`save` took from it, after DeepSpeed restored rank 0's
-    optimizer state on every rank.
+    optimizer state on every rank. ``on_rank_state`` gets this rank's whole ``rank_state`` dict (what the
+    caller added to it at save time, e.g. the stored perturbations of ``attack.reuse``). ``rank_state=False``
+    (resuming on another world size) leaves the per-rank files alone: the caller re-seeds (``reseed_rank``).
     """
     try:
         verify_tag(root, tag)  # cheap next to training, and the files may have changed since the preflight
@@ -520,9 +537,13 @@ def load(engine, root: Path, tag: str, generator: torch.Generator | None,
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {root / tag}; it is incomplete or from another setup")
     rank_file = Path(root) / tag / f"rank_state_{dist.rank()}.pt"
+    if not rank_state:
+        return client_state
     if rank_file.is_file():
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
         restore_rng(rank_state, generator)
+        if on_rank_state is not None:
+            on_rank_state(rank_state)
         if comm is not None and OPTIMIZER_LOCAL in rank_state:
             comm.load_rank_local_state(rank_state[OPTIMIZER_LOCAL])
         elif comm is not None:

@@ -210,11 +210,12 @@ def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, m
             totals[k] += stats[k]
         return stats
 
-    for x, y in loader:
+    for batch in loader:  # (x, y), or (x, y, example ids) when the loader gives them (attack.reuse)
         if max_steps is not None and state.step_in_epoch >= max_steps:
             break
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
+        x = batch[0].to(device, non_blocking=True)
+        y = batch[1].to(device, non_blocking=True)
+        ctx.index = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
         if cfg.model.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         for _ in range(objective.replays):

@@ -20,20 +20,24 @@ from typing import Any, Sequence
 
 import torch
 
-from ..core import dist, ui
+from ..core import dist, stop, ui
 from ..core.config import RunConfig
 from ..core.errors import ConfigError
 from ..core.io import JsonlWriter, atomic_write_json, atomic_write_text
 from ..data import build_dataset
+from ..data.corrupt import corrupt_images
 from ..data.loaders import build_train_loader
 from ..models import create_model
 from ..objectives import ObjectiveContext, build_objective, prepare_model
+from ..objectives.reuse import PerturbationStore, check_reuse_budget
 from . import checkpoint, ds_config
 from .build import build_engine
 from .callbacks import Callback, Checkpointing, StopTraining
 from .loop import NonFiniteWatch, TrainState, train_one_epoch
+from .signal_stop import SignalStop
 
 log = logging.getLogger("dat_ds.launch.train")
+REUSE_KEY = "perturbations"  # attack.reuse's store in rank_state_<r>.pt
 OVERWRITTEN = ".overwritten-"  # <run>.overwritten-<time>-<pid>: the old run under --overwrite until it is replaced
 
 
@@ -66,13 +70,32 @@ def settle_overwritten(run_dir: Path, aside: Path) -> str:
     return "restored"
 
 
-def check_world_size(root: Path, tag: str, world: int) -> None:
-    """A checkpoint resumes only on the world size it was saved with (``complete.json``'s ``world_size``):
-    per-rank RNG and optimizer state and the data shards are per rank, and re-sharding them is not done."""
-    saved = (checkpoint.read_complete(Path(root) / tag) or {}).get("world_size")
-    if isinstance(saved, int) and saved != world:
-        raise ConfigError(f"checkpoint {str(Path(root) / tag)!r} was saved with {saved} rank(s), but this run has "
-                          f"{world}; resume with --nproc {saved}, or start a new run with another --name")
+COMPRESSING_OPTIMIZERS = ("onebitadam", "onebitlamb", "zerooneadam")  # per-rank state that cannot be re-sharded
+
+
+def check_world_size(root: Path, tag: str, world: int, allow_change: bool = False) -> int | None:
+    """A checkpoint resumes on the world size it was saved with (``complete.json``'s ``world_size``): per-rank
+    RNG and optimizer state and the data shards are per rank. With ``allow_change`` (``--allow-world-size-change``)
+    another world size is accepted where the state can be re-sharded (ZeRO-0, no compressing optimizer);
+    returns the saved world size when it differs, else None."""
+    mark = checkpoint.read_complete(Path(root) / tag) or {}
+    saved, where = mark.get("world_size"), str(Path(root) / tag)
+    if not isinstance(saved, int) or saved == world:
+        return None
+    if not allow_change:
+        raise ConfigError(f"checkpoint {where!r} was saved with {saved} rank(s), but this run has {world}; resume "
+                          f"with --nproc {saved}, or pass --allow-world-size-change (not bit-identical), or start a "
+                          "new run with another --name")
+    fits = mark.get("fits") or {}
+    optimizer = str(fits.get("optimizer") or "").lower()
+    if fits.get("zero_stage"):
+        raise ConfigError(f"checkpoint {where!r} was saved with ZeRO-{fits['zero_stage']} on {saved} rank(s): its "
+                          f"optimizer state is partitioned per rank and cannot be re-sharded to {world}; resume with "
+                          f"--nproc {saved}")
+    if optimizer in COMPRESSING_OPTIMIZERS:
+        raise ConfigError(f"checkpoint {where!r} was saved with {fits['optimizer']} on {saved} rank(s): its per-rank "
+                          f"compression state cannot be re-sharded to {world}; resume with --nproc {saved}")
+    return saved
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -105,9 +128,12 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
 class Trainer:
     """One run on this rank. Every rank builds one and calls the same methods in the same order."""
 
-    def __init__(self, cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False):
+    def __init__(self, cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
+                 allow_world_size_change: bool = False):
         self.cfg = cfg
         self.resume = resume
+        self.allow_world_size_change = allow_world_size_change
+        self.saved_world: int | None = None  # the checkpoint's world size, when it differs from this run's
         self.overwrite = overwrite
         self.run_dir = cfg.run_dir
         self.ckpt_root = self.run_dir / "checkpoint"
@@ -115,6 +141,9 @@ class Trainer:
         self.callbacks: list[Callback] = []
         self.overwritten: Path | None = None  # the old run set aside by --overwrite (rank 0), until replaced
         self._ready = False
+        self.last_save_seconds: float | None = None  # how long this process's last save took (save_on_signal)
+        self.last_saved_step: int | None = None
+        self.signal_stop: SignalStop | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -132,7 +161,7 @@ class Trainer:
         # Resolve and vet the checkpoint before anything is built: a mismatch is one line, not a DeepSpeed crash.
         found = checkpoint.resolve_resume(self.resume, self.run_dir) if self.resume is not None else None
         if found is not None:
-            check_world_size(*found, world)
+            self.saved_world = check_world_size(*found, world, self.allow_world_size_change)
             checkpoint.check_compatible(*found, cfg, self.ds_json)
         s = self.settings
         log.info("run %s: %d rank(s) on %s/%s, %d thread(s) per rank, global batch %d (micro %d x accum %d x %d), "
@@ -172,6 +201,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         train_set, spec = build_dataset(cfg.data, "train")
         self.spec = spec
+        self.corrupt = corrupt_images(train_set)  # data.on_corrupt=skip: counted, reported per epoch
         model = prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights))
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -183,12 +213,13 @@ class Trainer:
             raise ConfigError(f"the training set ({len(train_set)} examples) is smaller than one global batch "
                               f"({s.global_batch}); lower train_micro_batch_size_per_gpu")
         self.steps_per_epoch = steps
-        self.built = build_engine(cfg, s, model, max(1, steps // s.grad_accum))
+        self.perturbations = self._perturbation_store(train_set, world) if cfg.attack.reuse else None
+        self.objective = build_objective(cfg)  # before the engine: its replays count in the LR schedule
+        self.built = build_engine(cfg, s, model, steps, replays=self.objective.replays)
         self.engine = self.built.engine
         if self.built.lr_scale != 1.0:
             log.info("LR scaled x%.3g (%s rule, global batch %d / base %d)", self.built.lr_scale,
                      cfg.optim.lr_scaling, s.global_batch, cfg.optim.base_batch_size)
-        self.objective = build_objective(cfg)
         self.generator = torch.Generator(device=dist.device()).manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1))
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout etc. differ per rank from here on
         attack_module = self.engine.module
@@ -196,21 +227,71 @@ class Trainer:
             from ..models.wrapper import AutocastModule
 
             attack_module = AutocastModule(self.engine.module, dist.accelerator().device_name())
-        self.ctx = ObjectiveContext(model=self.engine, module=attack_module, cfg=cfg, generator=self.generator)
+        self.ctx = ObjectiveContext(model=self.engine, module=attack_module, cfg=cfg, generator=self.generator,
+                                    total_steps=cfg.train.epochs * steps, perturbations=self.perturbations)
         self.watch = NonFiniteWatch(dist.device())
 
+    def _perturbation_store(self, train_set, world: int) -> PerturbationStore:
+        """``attack.reuse``: this rank's store, after the budget check (before the engine is built)."""
+        shape = tuple(train_set[0][0].shape)
+        needed = check_reuse_budget(len(train_set), world, shape, self.cfg.attack.reuse_max_bytes)
+        log.info("attack.reuse: keeping each example's last perturbation, %.1f MB per rank", needed / 1e6)
+        return PerturbationStore(self.loaders.shard(), len(train_set), shape, self.cfg.attack.eps, dist.device())
+
+    def _rank_state(self) -> dict[str, Any]:
+        """What this rank alone holds: its random streams and, under ``attack.reuse``, its perturbations."""
+        state = checkpoint.capture_rng(self.generator)
+        if self.perturbations is not None:
+            state[REUSE_KEY] = self.perturbations.state_dict()
+        return state
+
+    def _load_rank_state(self, rank_state: dict[str, Any]) -> None:
+        if self.perturbations is not None and REUSE_KEY in rank_state:
+            self.perturbations.load_state_dict(rank_state[REUSE_KEY])
+        elif self.perturbations is not None:
+            log.warning("the checkpoint has no stored perturbations; attack.reuse starts from random starts")
+
     def _restore(self, root: Path, tag: str) -> None:
-        client = checkpoint.load(self.engine, root, tag, self.generator, comm=self.built.comm)
+        resharded = self.saved_world is not None
+        client = checkpoint.load(self.engine, root, tag, self.generator, comm=self.built.comm,
+                                 on_rank_state=self._load_rank_state, rank_state=not resharded)
         state = TrainState(epoch=client["epoch"], step_in_epoch=client["step_in_epoch"],
                            global_step=client["global_step"], skipped_steps=client.get("skipped_steps", 0),
                            history=client.get("history", []))
         if client.get("objective_state"):
             self.objective.load_state_dict(client["objective_state"])
-        if state.step_in_epoch >= self.steps_per_epoch:  # the checkpoint closed its epoch
+        if resharded:
+            self._reshard(state, client, closed=tag.startswith("epoch"))
+        elif state.step_in_epoch >= self.steps_per_epoch:  # the checkpoint closed its epoch
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
         self.state = state
         log.info("resumed from %s: epoch %d, step %d of the epoch, global step %d", root / tag, state.epoch,
                  state.step_in_epoch, state.global_step)
+
+    def _reshard(self, state: TrainState, client: dict[str, Any], *, closed: bool) -> None:
+        """``--allow-world-size-change``: map the checkpoint's place in its epoch onto this world size, re-seed.
+
+        The epoch's order depends on (seed, epoch) only and the old ranks together took its first G examples
+        (G = step x micro batch x old world size), so this run starts the epoch at global example G, rounded
+        down to a whole step of the new world (up to one global batch is trained twice). An epoch the
+        checkpoint closed is left as it was: the next one starts at its beginning."""
+        old, world, rank = self.saved_world, dist.world_size(), dist.rank()
+        old_micro = int((client.get("ds_config") or {}).get("train_micro_batch_size_per_gpu") or self.settings.micro_batch)
+        new_batch = self.settings.micro_batch * world
+        if closed or state.step_in_epoch * old_micro * old >= self.steps_per_epoch * new_batch:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            where = f"epoch {state.epoch + 1} starts at its beginning"
+        else:
+            consumed = state.step_in_epoch * old_micro * old
+            state.step_in_epoch = consumed // new_batch
+            where = (f"data position re-sharded at global example {consumed} of epoch {state.epoch + 1} (step "
+                     f"{state.step_in_epoch} of {self.steps_per_epoch}; {consumed - state.step_in_epoch * new_batch} "
+                     "example(s) seen again)")
+        checkpoint.reseed_rank(self.cfg.seed, state.global_step, rank, self.generator)
+        reuse = "; attack.reuse perturbations start afresh" if self.perturbations is not None else ""
+        log.warning("world size %d -> %d: %s; per-rank RNG re-seeded%s; the global step counter continues at %d; "
+                    "results will not be bit-identical to an uninterrupted run", old, world, where, reuse,
+                    state.global_step)
 
     # ------------------------------------------------------------------ the run
 
@@ -224,11 +305,17 @@ class Trainer:
         if not self._ready:
             self.setup()
         self.callbacks = [*callbacks, Checkpointing(self.cfg.train.save_every_steps)]
+        if self.cfg.train.save_on_signal:  # a signal now ends the step in progress (core.stop), then maybe a save
+            self.signal_stop = SignalStop()
+            self.callbacks.append(self.signal_stop)
+            stop.defer()
         try:
             summary = self._fit()
         except BaseException:
             self._settle()
             raise
+        finally:
+            stop.defer(False)
         if self.overwritten is not None:  # it ended (stopped early) before any checkpoint: still the new run
             aside, self.overwritten = self.overwritten, None
             shutil.rmtree(aside, ignore_errors=True)
@@ -248,6 +335,8 @@ class Trainer:
                             "reason": stopped})
                 break
             self.end_epoch(train_stats)
+            if self.signal_stop is not None:
+                self.signal_stop.check(self)
         return self.finish(stopped, time.perf_counter() - t_run)
 
     def train_epoch(self) -> dict[str, float]:
@@ -269,7 +358,10 @@ class Trainer:
         epoch = state.epoch
         log.info("epoch %d/%d: loss %.4f, train acc %.4f (%.1fs)", epoch + 1, cfg.train.epochs,
                  train_stats["train_loss"], train_stats["train_acc"], train_stats["train_seconds"])
-        row = {"kind": "epoch", "epoch": epoch + 1, **train_stats, "lr": self.engine.get_lr()[0]}
+        row = {"kind": "epoch", "epoch": epoch + 1, **train_stats, "lr": self.engine.get_lr()[0],
+               "optimizer_steps": self.engine.global_steps}  # replays included (Free-AT: m per batch)
+        if self.corrupt is not None and self.cfg.data.on_corrupt == "skip":
+            row["corrupt_skipped"] = self._report_corrupt(epoch)
         for cb in self.callbacks:
             cb.on_epoch_end(self, state, row)
         state.history.append(row)
@@ -283,6 +375,16 @@ class Trainer:
         state.epoch, state.step_in_epoch = epoch + 1, 0
         return row
 
+    def _report_corrupt(self, epoch: int) -> int:
+        """The epoch's corrupt images skipped on all ranks (one all-reduce), logged once; a few of rank 0's named."""
+        count, examples = self.corrupt.epoch_report()
+        total = int(dist.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64)).item())
+        if total:
+            log.warning("epoch %d/%d: skipped %d corrupt image(s) (data.on_corrupt=skip), each replaced by the next "
+                        "one that decodes%s", epoch + 1, self.cfg.train.epochs, total,
+                        f"; e.g. {', '.join(examples)}" if examples else "")
+        return total
+
     def save(self, end_of_epoch: bool) -> Path:
         """Checkpoint the current state (collective). Never after a non-finite step: the check comes first."""
         self.watch.check(self.state)
@@ -293,9 +395,11 @@ class Trainer:
                                 "std": list(self.spec.std), "classes": list(self.spec.classes)},
                   "objective_state": self.objective.state_dict()}
         tag = checkpoint.tag_for(state.epoch, state.global_step, end_of_epoch)
+        t_save = time.perf_counter()
         path = checkpoint.save(self.engine, self.ckpt_root, tag, client_state=client,
-                               rank_state=checkpoint.capture_rng(self.generator), keep_last=self.cfg.train.keep_last,
+                               rank_state=self._rank_state(), keep_last=self.cfg.train.keep_last,
                                comm=self.built.comm)
+        self.last_save_seconds, self.last_saved_step = time.perf_counter() - t_save, state.global_step
         if self.overwritten is not None:  # the new run has a complete checkpoint: it replaces the old one now
             aside, self.overwritten = self.overwritten, None
             settle_overwritten(self.run_dir, aside)
