@@ -24,8 +24,11 @@ _BENCHES: dict[str, tuple[str, str]] = {
     "step": ("step", "PGD-k AT step cost / clean step: input-gradient attack vs naive loop"),
     "engine": ("engine_bench", "samples/s: DeepSpeed-engine trainer vs a plain DDP loop, same AT work"),
     "scaling": ("scaling", "weak and strong scaling 1 -> N ranks (samples/s)"),
-    "time-to-robust": ("time_to_robust", "wall time for FGSM-RS / Free-AT / PGD-7 AT to reach a PGD-20 target"),
+    "time-to-robust": ("time_to_robust", "training time of PGD-5, FGSM-RS, N-FGSM, Free-AT, ATTA, N-FGSM + one-cycle "
+                                         "to PGD-10 AT's AutoAttack accuracy (-1 pp)"),
     "comm": ("comm", "bytes and time per step: fp32 all-reduce vs DAT 8-bit, 1-bit Adam, 0/1 Adam, 1-bit LAMB"),
+    "network": ("network", "two nodes (network namespaces) behind a shaped link: step time and time to a loss, "
+                           "fp32 all-reduce vs DAT 8-bit, 1-bit Adam, 0/1 Adam, 1-bit LAMB"),
     "eval": ("eval_bench", "PGD-20 evaluation throughput on 1 vs N ranks"),
     "startup": ("startup", "wall time of dat-ds --help, a config error, an eval error and the demo's first step, "
                            "each vs `import torch`"),

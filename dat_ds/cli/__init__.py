@@ -197,7 +197,7 @@ def _load_extensions() -> None:
     """Subcommands defined in sibling modules register themselves on import (argparse only, no torch)."""
     import importlib
 
-    for mod in ("dat_ds.cli.eval", "dat_ds.cli.bench", "dat_ds.cli.ssl", "dat_ds.cli.export"):
+    for mod in ("dat_ds.cli.eval", "dat_ds.cli.bench", "dat_ds.cli.ssl", "dat_ds.cli.export", "dat_ds.cli.tune"):
         importlib.import_module(mod)
 
 

@@ -12,6 +12,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output .safetensors file; model.json is written next to it")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
     p.add_argument("--force", action="store_true", help="replace the output files if they exist")
+    p.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="the weight EMA or the raw trained weights (default: the EMA when the run has one)")
 
 
 def _check_export_args(args: argparse.Namespace) -> None:
@@ -42,9 +44,9 @@ def _export(args: argparse.Namespace, argv: list[str]) -> int:
     from ..core import ui
     from ..evaluation.export import export
 
-    info = export(args.run, args.out, args.tag, force=args.force)
+    info = export(args.run, args.out, args.tag, force=args.force, weights=args.weights or "auto")
     ui.console.print(f"wrote {info['weights']} and {info['meta']} ({info['model']}, {info['num_classes']} classes, "
-                     f"from {info['source']})")
+                     f"{info['which_weights']} weights, from {info['source']})")
     return 0
 
 

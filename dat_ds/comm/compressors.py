@@ -28,7 +28,6 @@ from .spec import DEFAULT_BITS, DEFAULT_BLOCK, check_block, check_quantizer
 COMPRESSORS: Registry[type] = Registry("compressor")
 
 _SCALE_BYTES = 4  # one fp32 scale per block
-_BIT_WEIGHTS = {bits: (2 ** (bits * torch.arange(8 // bits))).to(torch.uint8) for bits in (1, 2, 4)}
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -36,10 +35,14 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.to(torch.uint8)
     per_byte = 8 // bits
-    c = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
-    weights = _BIT_WEIGHTS[bits].to(codes.device)
-    # The fields do not overlap, so a sum of shifted codes is their bitwise OR; int32 avoids uint8 sum quirks.
-    return (c.to(torch.int32) * weights.to(torch.int32)).sum(-1).to(torch.uint8)
+    # bool -> uint8 is a view, not a copy (sign masks arrive as bool); fields are OR-ed in with shifts on
+    # uint8 slices: 2 * (per_byte - 1) passes over 1/per_byte of the data, no int32 temporaries.
+    c = codes.view(torch.uint8) if codes.dtype == torch.bool else codes.to(torch.uint8)
+    c = c.reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
+    out = c[..., 0].clone()
+    for i in range(1, per_byte):
+        out |= c[..., i] << (bits * i)
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -51,6 +54,25 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     codes = (packed.unsqueeze(-1) >> shifts) & mask
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+
+
+_SIGN_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """``[256, 8]`` float32: row b holds the 8 signs (+1 / -1) that byte b packs, bit 0 first."""
+    table = _SIGN_TABLES.get(device)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = _SIGN_TABLES[device] = (bits.to(torch.float32) * 2 - 1).to(device)
+    return table
+
+
+def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., k]`` of packed signs -> float32 ``[..., 8 k]`` of +1 / -1, in one table lookup."""
+    table = _sign_table(packed.device)
+    signs = table.index_select(0, packed.reshape(-1).to(torch.int32))
+    return signs.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
 
 
 def _scales_to_bytes(scales: torch.Tensor) -> torch.Tensor:
@@ -104,16 +126,18 @@ class SignCompressor(Compressor):
         self.check(m)
         blocks = x.reshape(rows, m // self.block, self.block).float()
         # Mean-square scale keeps ||decoded|| == ||x|| per block, the choice of 1-bit Adam.
-        scales = blocks.norm(dim=-1) / math.sqrt(self.block)
-        signs = pack_bits((x >= 0).to(torch.uint8), 1)
-        return torch.cat([signs, _scales_to_bytes(scales).reshape(rows, -1)], dim=1)
+        scales = torch.linalg.vector_norm(blocks, dim=-1).div_(math.sqrt(self.block))
+        payload = torch.empty(rows, self.payload_bytes(m), dtype=torch.uint8, device=x.device)
+        payload[:, :m // 8] = pack_bits(x >= 0, 1)  # written into the payload row, no concatenation
+        payload[:, m // 8:] = _scales_to_bytes(scales).reshape(rows, -1)
+        return payload
 
     def decode(self, payload: torch.Tensor, m: int) -> torch.Tensor:
         rows = payload.shape[0]
         sign_bytes = m // 8
-        signs = unpack_bits(payload[:, :sign_bytes], 1).to(torch.float32) * 2 - 1
+        signs = unpack_signs(payload[:, :sign_bytes])  # +1 / -1 as float32, a fresh tensor: scaled in place
         scales = _bytes_to_scales(payload[:, sign_bytes:]).reshape(rows, m // self.block, 1)
-        return (signs.reshape(rows, m // self.block, self.block) * scales).reshape(rows, m)
+        return signs.view(rows, m // self.block, self.block).mul_(scales).view(rows, m)
 
 
 @COMPRESSORS.register("dat_quantizer")
@@ -136,23 +160,29 @@ class StochasticQuantizer(Compressor):
         rows, m = x.shape
         self.check(m)
         blocks = x.reshape(rows, m // self.block, self.block).float()
-        scales = blocks.abs().amax(dim=-1, keepdim=True)
+        low, high = torch.aminmax(blocks, dim=-1, keepdim=True)  # one pass, no |x| temporary
+        scales = torch.maximum(high, low.neg_())
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # zero block: any code decodes to 0
-        position = (blocks + safe) / (2 * safe) * self.levels  # in [0, levels]
-        low = position.floor()
-        noise = torch.rand(position.shape, generator=generator, device=x.device, dtype=position.dtype)
-        # Round up with probability equal to the fractional part: E[code] = position, hence unbiased.
-        codes = (low + (noise < (position - low)).to(position.dtype)).clamp_(0, self.levels)
-        packed = pack_bits(codes.reshape(rows, m).to(torch.uint8), self.bits)
-        return torch.cat([packed, _scales_to_bytes(scales.reshape(rows, -1)).reshape(rows, -1)], dim=1)
+        # position = (x + s) / (2 s) * levels, in [0, levels]; floor(position + u), u ~ U[0, 1), rounds up
+        # with probability equal to the fractional part: E[code] = position, hence unbiased.
+        position = blocks * (self.levels / 2.0 / safe)
+        position.add_(self.levels / 2.0)
+        position.add_(torch.rand(position.shape, generator=generator, device=x.device, dtype=position.dtype))
+        codes = position.floor_().clamp_(0, self.levels).to(torch.uint8).view(rows, m)
+        payload = torch.empty(rows, self.payload_bytes(m), dtype=torch.uint8, device=x.device)
+        code_bytes = m * self.bits // 8
+        payload[:, :code_bytes] = pack_bits(codes, self.bits)
+        payload[:, code_bytes:] = _scales_to_bytes(scales.reshape(rows, -1)).reshape(rows, -1)
+        return payload
 
     def decode(self, payload: torch.Tensor, m: int) -> torch.Tensor:
         rows = payload.shape[0]
         code_bytes = m * self.bits // 8
         codes = unpack_bits(payload[:, :code_bytes], self.bits).to(torch.float32)
         scales = _bytes_to_scales(payload[:, code_bytes:]).reshape(rows, m // self.block, 1)
-        unit = codes.reshape(rows, m // self.block, self.block) * (2.0 / self.levels) - 1.0  # in [-1, 1]
-        return (unit * scales).reshape(rows, m)
+        # code c decodes to s * (2 c / levels - 1): one fused multiply-add per element
+        out = torch.addcmul(scales.neg(), codes.view(rows, m // self.block, self.block), scales * (2.0 / self.levels))
+        return out.view(rows, m)
 
 
 def build_compressor(name: str, **kwargs) -> Compressor:

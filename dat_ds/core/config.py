@@ -66,6 +66,22 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class CutMixConfig:
+    """CutMix with soft labels (Yun et al. 2019; with TRADES as in Gowal et al. 2021 and DM-Improves-AT)."""
+
+    alpha: float = 1.0  # box area ~ Beta(alpha, alpha) (1.0: uniform, the published setting)
+    prob: float = 1.0  # share of batches that are mixed
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """Consistency regularisation (Tack et al., AAAI 2022): JS divergence between two views' adversarial predictions."""
+
+    weight: float = 1.0  # lambda of + lambda * JS(f(x_adv, view 1), f(x_adv, view 2))
+    temperature: float = 0.5  # softmax temperature of the JS term
+
+
+@dataclass(frozen=True)
 class ObjectiveConfig:
     name: str = "dat"  # registered objective
     clean_weight: float = 0.5  # lambda in CE(adv) + lambda * CE(clean); 0 is Madry PGD-AT
@@ -74,6 +90,8 @@ class ObjectiveConfig:
     grad_align: float = 0.0  # GradAlign lambda: + lambda * (1 - cos(grad_x CE(x), grad_x CE(x + eta))); 0 is off
     temperature: float = 0.5  # NT-Xent temperature for contrastive objectives
     label_smoothing: float = 0.0  # every CE term of the supervised objectives (not the attack's); 0.1 in DM-Improves-AT
+    consistency: ConsistencyConfig | None = None  # trades: two views + JS consistency of their adversarial predictions
+    cutmix: CutMixConfig | None = None  # trades: CutMix with soft labels; null: off, {} on with the defaults
 
 
 @dataclass(frozen=True)
@@ -83,9 +101,10 @@ class OptimConfig:
     lr_scaling: str = "none"  # none | linear | sqrt: scale the JSON lr by global_batch / base_batch_size
     base_batch_size: int = 256  # the batch size at which the JSON lr is right
     warmup_epochs: float = 0.0  # linear warmup from 0 (DAT uses 5 at large batch)
-    schedule: str = "constant"  # constant | multistep | cosine
+    schedule: str = "constant"  # constant | multistep | cosine | onecycle
     milestones: tuple[float, ...] = ()  # epochs at which multistep multiplies the LR by gamma
     gamma: float = 0.1
+    onecycle_peak: float = 0.4  # onecycle: LR 0 -> JSON lr at this fraction of the run -> 0 (Wong et al.: 2/5)
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,15 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class EMAConfig:
+    """Weight EMA (``dat_ds.runtime.ema``); the section absent or ``ema: null`` turns it off, ``ema: {}`` on."""
+
+    decay: float = 0.995  # ema = decay * ema + (1 - decay) * weights (DM-Improves-AT 0.995; Gowal et al. up to 0.999)
+    warmup: bool = True  # dynamic decay min(decay, (1 + t) / (10 + t)), t = EMA updates so far
+    every: int = 1  # optimizer steps between EMA updates
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -135,6 +163,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: EMAConfig | None = None  # weight EMA, evaluated and exported next to the raw weights; None: off
 
     @property
     def run_dir(self) -> Path:
@@ -150,7 +179,7 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "attack.norm": ("linf", "l2"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
-    "optim.schedule": ("constant", "multistep", "cosine"),
+    "optim.schedule": ("constant", "multistep", "cosine", "onecycle"),
     "train.nan_policy": ("abort", "skip"),
     "data.on_corrupt": ("abort", "skip"),
     "monitor.policy": ("warn", "stop", "rollback"),
@@ -216,6 +245,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported config type {hint} for {key}")
 
 
+def _optional_section(hint: Any) -> type | None:
+    """``Section | None`` -> ``Section``; anything else -> None."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -228,7 +265,12 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        section = _optional_section(hint)
+        if section is not None:  # an optional section (``ema``): null turns it off
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix + name!r} must be a mapping of its fields, or null for off")
+            kwargs[name] = None if value is None else _build(section, value, prefix + name + ".")
+        elif dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {prefix + name!r} must be a mapping of its fields")
             kwargs[name] = _build(hint, value, prefix + name + ".")
@@ -424,6 +466,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.schedule=multistep needs optim.milestones, e.g. [75, 90, 95]")
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
         raise ConfigError(f"optim.milestones={list(cfg.optim.milestones)} must be increasing")
+    if not 0.0 < cfg.optim.onecycle_peak < 1.0:
+        raise ConfigError(f"optim.onecycle_peak={cfg.optim.onecycle_peak:g} must be in (0, 1): the fraction of the "
+                          "run at which the one-cycle LR peaks (0.4 in Wong et al. 2020)")
+    if cfg.optim.schedule == "onecycle" and cfg.optim.warmup_epochs > 0:
+        raise ConfigError(f"optim.schedule=onecycle ramps the LR up itself (to optim.onecycle_peak); remove "
+                          f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} or set it to 0")
+    if cfg.ema is not None:
+        if not 0.0 < cfg.ema.decay < 1.0:
+            raise ConfigError(f"ema.decay={cfg.ema.decay:g} must be in (0, 1), e.g. 0.995 (or ema: null for no EMA)")
+        if cfg.ema.every < 1:
+            raise ConfigError(f"ema.every={cfg.ema.every} must be >= 1 optimizer steps")
     check_run_name(cfg.name)
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir is empty; give a folder for the runs, e.g. --output-dir runs")
@@ -441,8 +494,37 @@ def validate_sota_options(cfg: RunConfig) -> None:
     if m.act != "relu" and m.name not in names.ACT_MODELS:
         raise ConfigError(f"model.act={m.act} applies to the models {', '.join(names.ACT_MODELS)}, not "
                           f"model.name={m.name!r}; remove it or choose one of those")
+    if m.act != "relu" and o.name in names.UNLABELED_OBJECTIVES:  # its encoder (and fine-tuning) build with ReLU
+        raise ConfigError(f"model.act={m.act} is not supported by the self-supervised objective {o.name!r}; "
+                          "remove model.act")
     if a.eps_warmup_epochs < 0:
         raise ConfigError(f"attack.eps_warmup_epochs={a.eps_warmup_epochs:g} must be >= 0 (0 is off)")
+    if o.consistency is not None:
+        if o.name not in names.CONSISTENCY_OBJECTIVES:
+            raise ConfigError(f"objective.consistency applies to the objectives {', '.join(names.CONSISTENCY_OBJECTIVES)}, "
+                              f"not objective.name={o.name!r}; remove it (or objective.consistency: null)")
+        if o.consistency.weight < 0:
+            raise ConfigError(f"objective.consistency.weight={o.consistency.weight:g} must be >= 0")
+        if o.consistency.temperature <= 0:
+            raise ConfigError(f"objective.consistency.temperature={o.consistency.temperature:g} must be > 0 (0.5 in "
+                              "Tack et al.)")
+        if a.reuse:
+            raise ConfigError("objective.consistency attacks two new views of each image every batch, whose "
+                              "perturbations attack.reuse cannot keep per example; turn one of them off")
+    if o.cutmix is not None:
+        if o.name not in names.CONSISTENCY_OBJECTIVES:
+            raise ConfigError(f"objective.cutmix applies to the objectives {', '.join(names.CONSISTENCY_OBJECTIVES)}, "
+                              f"not objective.name={o.name!r}; remove it (or objective.cutmix: null)")
+        if o.cutmix.alpha <= 0:
+            raise ConfigError(f"objective.cutmix.alpha={o.cutmix.alpha:g} must be > 0 (1.0 in Gowal et al.)")
+        if not 0.0 < o.cutmix.prob <= 1.0:
+            raise ConfigError(f"objective.cutmix.prob={o.cutmix.prob:g} must be in (0, 1]")
+        if o.consistency is not None:
+            raise ConfigError("objective.cutmix and objective.consistency are two ways of mixing a batch (as in "
+                              "DM-Improves-AT); use one of them")
+        if a.reuse:
+            raise ConfigError("objective.cutmix attacks new mixed images every batch, whose perturbations attack.reuse "
+                              "cannot keep per example; turn one of them off")
     if a.eps_warmup_epochs > 0 and o.name not in names.EPS_WARMUP_OBJECTIVES:
         raise ConfigError(f"attack.eps_warmup_epochs applies to the objectives "
                           f"{', '.join(names.EPS_WARMUP_OBJECTIVES)}, not objective.name={o.name!r}")

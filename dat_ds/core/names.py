@@ -23,6 +23,7 @@ GRAD_ALIGN_OBJECTIVES = ("dat", "madry")  # objective.grad_align
 LABEL_SMOOTHING_OBJECTIVES = ("clean", "dat", "free", "madry", "mart", "trades")  # objective.label_smoothing
 EPS_WARMUP_OBJECTIVES = ("dat", "free", "madry", "mart", "trades")  # attack.eps_warmup_epochs
 ACTIVATIONS = ("relu", "silu")  # model.act
+CONSISTENCY_OBJECTIVES = ("trades",)  # objective.consistency, objective.cutmix (with TRADES, as DM-Improves-AT)
 ACT_MODELS = ("preactresnet18", "wideresnet16_4", "wideresnet28_10", "wideresnet34_10")  # take model.act
 MODELS = ("preactresnet18", "small_cnn", "small_cnn_avgpool", "tiny_cnn", "wideresnet16_4", "wideresnet28_10",
           "wideresnet34_10")  # ours; any timm name is also accepted (checked where timm is imported)

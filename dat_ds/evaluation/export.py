@@ -7,6 +7,8 @@ normalisation buffers), so plain timm loads it::
     model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
 
 Inputs must then be normalised with ``meta["mean"]``/``meta["std"]`` (dat-ds keeps that inside the model).
+A run trained with a weight EMA exports the averaged weights unless ``weights="raw"``; ``meta["weights"]``
+says which.
 """
 
 from __future__ import annotations
@@ -41,30 +43,34 @@ def check_outputs(run: Path, out: Path, force: bool = False) -> None:
             raise ConfigError(f"{str(path)!r} already exists; pass --force to replace it, or choose another --out")
 
 
-def export(run: str | Path, out: str | Path, tag: str | None = None, *, force: bool = False) -> dict[str, Any]:
-    """Write ``out`` and its ``.json``; existing files are an error unless ``force``."""
+def export(run: str | Path, out: str | Path, tag: str | None = None, *, force: bool = False,
+           weights: str = "auto") -> dict[str, Any]:
+    """Write ``out`` and its ``.json``; existing files are an error unless ``force``. ``weights``: ``ema``,
+    ``raw`` or ``auto`` (the EMA where the run has one; ``ema`` without one is a ConfigError)."""
     from safetensors.torch import save
 
     run, out = Path(run), Path(out)
     check_outputs(run, out, force)
-    loaded = load_run(run, tag)  # verified tag, weights_only, any ZeRO stage
+    loaded = load_run(run, tag, weights)  # verified tag, weights_only, any ZeRO stage
     module, spec, states = loaded.model.state_dict(), loaded.spec, loaded.client_state
-    weights = {}
+    tensors = {}
     for key, value in module.items():
         key = key.removeprefix("module.").removeprefix("backbone.")
         if key in ("mean", "std"):
             continue
         value = value.detach().cpu()
-        weights[key] = (value.float() if value.is_floating_point() else value).contiguous()
+        tensors[key] = (value.float() if value.is_floating_point() else value).contiguous()
     meta = {
         "model": loaded.cfg.model.name, "dataset": loaded.cfg.data.name,
         "num_classes": spec.num_classes, "in_chans": spec.in_chans, "img_size": spec.img_size,
         "mean": list(spec.mean), "std": list(spec.std), "classes": list(spec.classes),
         "source": loaded.source["tag_dir"], "global_step": states.get("global_step"),
+        "weights": loaded.source["which_weights"],
         "format": "backbone state dict (no normalisation); normalise inputs with mean/std",
     }
-    atomic_write_bytes(out, save(weights, metadata={"dat_ds": json.dumps({k: meta[k] for k in ("model", "dataset")})}))
+    atomic_write_bytes(out, save(tensors, metadata={"dat_ds": json.dumps({k: meta[k] for k in ("model", "dataset", "weights")})}))
     meta_file = meta_path(out)
     atomic_write_json(meta_file, meta)
-    log.info("exported %d tensors from %s to %s (+ %s)", len(weights), meta["source"], out, meta_file)
-    return {"weights": str(out), "meta": str(meta_file), **meta}
+    log.info("exported %d tensors (%s weights) from %s to %s (+ %s)", len(tensors), meta["weights"], meta["source"],
+             out, meta_file)
+    return {**meta, "which_weights": meta["weights"], "weights": str(out), "meta": str(meta_file)}

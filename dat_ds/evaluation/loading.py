@@ -9,7 +9,10 @@ all come through :func:`load_run`:
 3. build the model the objective trained: ``create_model`` from the run config, then the objective's
    ``prepare_model`` (``acl``: the contrastive encoder + projection head);
 4. load the weights: under ZeRO 0/1/2 the full module state sits in ``mp_rank_00_model_states.pt`` under
-   ``"module"``; ZeRO-3 partitions it, and DeepSpeed's ``zero_to_fp32`` reader reassembles it.
+   ``"module"``; ZeRO-3 partitions it, and DeepSpeed's ``zero_to_fp32`` reader reassembles it. With a
+   weight EMA (``ema`` in the run config) ``weights`` picks the averaged weights or the raw ones (default:
+   the EMA where the checkpoint has one): a full copy in the client state (ZeRO 0/1/2), or one shard per
+   rank in ``rank_state_<r>.pt`` (ZeRO-3), put together here.
 
 Every user mistake is a one-line ConfigError.
 """
@@ -33,9 +36,12 @@ from ..data.base import DataSpec
 from ..models import create_model
 from ..objectives import OBJECTIVES
 from ..runtime import checkpoint
+from ..runtime.ema import STATE_KEY as EMA_KEY, assemble
 
 log = logging.getLogger(__name__)
 MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: each rank writes its own; rank 0's
+WEIGHTS = ("auto", "ema", "raw")  # which weights of a run: the EMA where there is one, else the raw ones
 
 
 @dataclass
@@ -75,6 +81,8 @@ def _read_states(root: Path, tag: str) -> dict[str, Any]:
     except checkpoint.CorruptCheckpoint as e:
         raise ConfigError(f"checkpoint {str(root / tag)!r} is corrupt ({e}); pick another tag") from None
     states_file = root / tag / MODEL_STATES
+    if not states_file.is_file() and (root / tag / ZERO3_MODEL_STATES).is_file():
+        states_file = root / tag / ZERO3_MODEL_STATES  # client state as usual, the weights partitioned
     if not states_file.is_file():
         raise ConfigError(f"{str(states_file)!r} is missing; is {str(root / tag)!r} a DeepSpeed checkpoint?")
     with torch.serialization.safe_globals(checkpoint._deepspeed_safe_globals()):
@@ -109,7 +117,7 @@ def _data_spec(cfg: RunConfig, states: dict[str, Any]) -> DataSpec:
 def trained_model(cfg: RunConfig, spec: DataSpec) -> nn.Module:
     """The architecture ``cfg`` trains, with fresh weights: the classifier, or what the objective makes of it."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))  # weights: the checkpoint's
-    model = create_model(cfg.model.name, spec)
+    model = create_model(cfg.model.name, spec, act=cfg.model.act)  # model.act: no weights say which
     return OBJECTIVES.get(cfg.objective.name).prepare_model(cfg, spec, model)
 
 
@@ -118,16 +126,45 @@ def _zero_stage(states: dict[str, Any]) -> int:
     return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
 
 
-def load_run(run: str | Path, tag: str | None = None) -> LoadedModel:
-    """The model of run folder ``run`` at checkpoint ``tag`` (default: the newest complete one)."""
+def _ema_state(root: Path, tag: str, states: dict[str, Any], stage: int) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's full EMA state (parameters and buffers), or None if it has none."""
+    if isinstance(states.get(EMA_KEY), dict):  # ZeRO 0/1/2: rank 0's full copy
+        return assemble([states[EMA_KEY]])
+    if stage < 3:
+        return None
+    world = int((checkpoint.read_complete(root / tag) or {}).get("world_size") or 0)
+    shards = []
+    for r in range(world):  # files verified by _read_states (verify_tag): weights_only is safe and enough
+        rank_file = root / tag / f"rank_state_{r}.pt"
+        shard = torch.load(rank_file, map_location="cpu", weights_only=True).get(EMA_KEY) if rank_file.is_file() else None
+        if shard is None:
+            return None
+        shards.append(shard)
+    return assemble(shards) if shards else None
+
+
+def load_run(run: str | Path, tag: str | None = None, weights: str = "auto") -> LoadedModel:
+    """The model of run folder ``run`` at checkpoint ``tag`` (default: the newest complete one).
+
+    ``weights``: ``ema`` (the weight EMA; a ConfigError if the run has none), ``raw`` (the trained
+    weights), or ``auto`` (the EMA where the checkpoint has one). ``source["which_weights"]`` says which."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
     run_dir, root, tag = resolve_checkpoint(run, tag)
     states = _read_states(root, tag)
     cfg = _run_config(run_dir, states)
     spec = _data_spec(cfg, states)
     model = trained_model(cfg, spec)
     stage = _zero_stage(states)
+    ema_state = _ema_state(root, tag, states, stage) if weights != "raw" else None
+    if weights == "ema" and ema_state is None:
+        raise ConfigError(f"checkpoint {str(root / tag)!r} has no weight EMA (the run trained without `ema`); "
+                          "use --weights raw, or train with --set ema.decay=0.995")
     module_state = states.get("module")
-    if stage >= 3 or not module_state:
+    if ema_state is not None:
+        keys = model.state_dict().keys()  # the EMA also holds non-persistent buffers: not part of a state dict
+        module_state = {k: v for k, v in ema_state.items() if k in keys}
+    elif stage >= 3 or not module_state:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         module_state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)  # files verified above
@@ -140,17 +177,19 @@ def load_run(run: str | Path, tag: str | None = None) -> LoadedModel:
         raise ConfigError(f"checkpoint {str(root / tag)!r} does not fit model {cfg.model.name!r} trained by objective "
                           f"{cfg.objective.name!r} (missing {list(missing)[:2]}, unexpected {list(unexpected)[:2]})")
     model.eval()
-    client_state = {k: v for k, v in states.items() if k != "module"}
+    client_state = {k: v for k, v in states.items() if k not in ("module", EMA_KEY)}
+    which = "ema" if ema_state is not None else "raw"
     source = {"kind": "run", "run_dir": str(run_dir), "tag": tag, "tag_dir": str(root / tag), "zero_stage": stage,
               "global_step": states.get("global_step"), "model": cfg.model.name, "objective": cfg.objective.name,
-              "data": cfg.data.name}
-    log.info("loaded %s (tag %s, ZeRO-%d, global step %s)", run_dir, tag, stage, states.get("global_step"))
+              "data": cfg.data.name, "which_weights": which}
+    log.info("loaded %s (tag %s, ZeRO-%d, global step %s, %s weights)", run_dir, tag, stage, states.get("global_step"),
+             "EMA" if which == "ema" else "raw")
     return LoadedModel(model=model, data_cfg=cfg.data, source=source, cfg=cfg, spec=spec, client_state=client_state)
 
 
-def load_classifier(run: str | Path, tag: str | None = None) -> LoadedModel:
+def load_classifier(run: str | Path, tag: str | None = None, weights: str = "auto") -> LoadedModel:
     """``load_run`` for commands that need class predictions (eval, pseudo-label)."""
-    loaded = load_run(run, tag)
+    loaded = load_run(run, tag, weights)
     if not OBJECTIVES.get(loaded.cfg.objective.name).needs_labels:
         raise ConfigError(f"run {str(run)!r} trained a self-supervised encoder (objective "
                           f"{loaded.cfg.objective.name!r}), not a classifier; evaluate it with "

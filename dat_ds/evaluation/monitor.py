@@ -19,6 +19,7 @@ the same accuracies and takes the same decision (a rollback is a collective ``lo
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,11 +94,14 @@ class CatastrophicOverfittingMonitor:
         step = state.global_step
         if self.every <= 0 or step % self.every != 0:
             return
+        t0 = time.perf_counter()
         clean, fgsm_acc, pgd_acc = self.measure(step)
         overfit = fgsm_acc - pgd_acc > self.gap
+        # seconds: inside the epoch's train_seconds; benchmarks that time training take it back out
         record = {"kind": "monitor", "step": step, "epoch": state.epoch, "clean_acc": clean, "fgsm_acc": fgsm_acc,
                   "pgd_acc": pgd_acc, "gap": fgsm_acc - pgd_acc, "best_pgd_acc": max(self.best_pgd_acc, pgd_acc),
-                  "overfit": overfit, "policy": self.policy if overfit else None}
+                  "overfit": overfit, "policy": self.policy if overfit else None,
+                  "seconds": time.perf_counter() - t0}
         self.history.append(record)
         self.write(record)
         if not overfit:

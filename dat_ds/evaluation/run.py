@@ -147,7 +147,7 @@ def plot_curves(report: dict[str, Any], path: Path, title: str) -> None:
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
     if args.run is not None:
-        return load_classifier(args.run, args.tag)
+        return load_classifier(args.run, args.tag, args.weights or "auto")  # --weights: ema | raw with --run
     return load_weights(args.weights, args.model, args.data or "fashion-mnist", args.data_root)
 
 
@@ -187,9 +187,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if extra_spec.label not in {s.label for s in all_specs}:
                 all_specs.append(extra_spec)
     n = len(test_set) if args.max_examples is None else min(args.max_examples, len(test_set))
-    log.info("evaluating %s on %d %s test examples, %d rank(s): %s", loaded.source.get("run_dir") or
-             loaded.source.get("weights"), n, loaded.data_cfg.name, dist.world_size(),
-             ", ".join(s.label for s in all_specs))
+    log.info("evaluating %s%s on %d %s test examples, %d rank(s): %s", loaded.source.get("run_dir") or
+             loaded.source.get("weights"),
+             f" ({loaded.source['which_weights']} weights)" if "which_weights" in loaded.source else "", n,
+             loaded.data_cfg.name, dist.world_size(), ", ".join(s.label for s in all_specs))
     t0 = time.perf_counter()
     with ui.progress_bar(n * len(all_specs), "eval") as advance:
         result = evaluate(model, test_set, all_specs, batch_size=args.batch_size, seed=args.seed,
@@ -213,7 +214,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         out = Path(args.out) if args.out else (Path(loaded.source["run_dir"]) if args.run else Path("eval_out"))
         atomic_write_json(out / EVAL_JSON, report)
         plot_curves(report, out / PLOT, f"{loaded.source.get('model')} on {loaded.data_cfg.name}")
-        ui.show(ui.table(f"robust accuracy on {result.count} test examples ({dist.world_size()} rank(s))",
+        which = f", {loaded.source['which_weights']} weights" if "which_weights" in loaded.source else ""
+        ui.show(ui.table(f"robust accuracy on {result.count} test examples ({dist.world_size()} rank(s){which})",
                          ["attack", "eps", "clean acc", "robust acc", "count", "seconds"],
                          [(r["label"].rsplit("@", 1)[0], r["eps"], r["clean_acc"], r["robust_acc"], r["count"],
                            r["seconds"]) for r in report["results"]]))

@@ -27,7 +27,9 @@ log = logging.getLogger("dat_ds.launch.train")
 class EpochEvaluation:
     """Clean test accuracy after every epoch, robust accuracy (``eval`` section) every ``eval.every_epochs``
     epochs and after the last; adds ``clean_acc``, ``robust_acc`` (None when not measured),
-    ``robust_attack``, ``eval_count`` and ``eval_seconds`` to the epoch's row."""
+    ``robust_attack``, ``eval_count`` and ``eval_seconds`` to the epoch's row; with a weight EMA
+    (``ema``) the averaged weights are evaluated the same way next to them (``ema_clean_acc``,
+    ``ema_robust_acc``), swapped in and out by ``WeightEMA.applied``."""
 
     def __init__(self, cfg: RunConfig, test_set):
         self.cfg = cfg
@@ -41,13 +43,26 @@ class EpochEvaluation:
         cfg, done = self.cfg, state.epoch + 1
         robust = done == cfg.train.epochs or done % cfg.eval.every_epochs == 0
         t_eval = time.perf_counter()
-        result = evaluate(trainer.engine.module, self.test_set, [self.spec] if robust else [],
-                          batch_size=cfg.eval.batch_size, seed=cfg.seed, max_examples=cfg.eval.max_examples,
-                          lockstep=trainer.settings.zero_stage == 3)
-        row.update(clean_acc=result.clean_acc, robust_acc=result.robust_acc(self.spec.label) if robust else None,
-                   robust_attack=self.spec.label, eval_count=result.count, eval_seconds=time.perf_counter() - t_eval)
+        specs = [self.spec] if robust else []
+
+        def accuracies(prefix: str) -> None:
+            result = evaluate(trainer.engine.module, self.test_set, specs, batch_size=cfg.eval.batch_size,
+                              seed=cfg.seed, max_examples=cfg.eval.max_examples,
+                              lockstep=trainer.settings.zero_stage == 3)
+            row.update({f"{prefix}clean_acc": result.clean_acc,
+                        f"{prefix}robust_acc": result.robust_acc(self.spec.label) if robust else None})
+            row["eval_count"] = result.count
+
+        accuracies("")
+        if trainer.ema is not None:
+            with trainer.ema.applied(trainer.engine.module):
+                accuracies("ema_")
+        row.update(robust_attack=self.spec.label, eval_seconds=time.perf_counter() - t_eval)
         log.info("epoch %d/%d: clean acc %.4f%s (%.1fs eval)", done, cfg.train.epochs, row["clean_acc"],
                  f", {self.spec.label} acc {row['robust_acc']:.4f}" if robust else "", row["eval_seconds"])
+        if trainer.ema is not None:
+            log.info("epoch %d/%d: EMA weights: clean acc %.4f%s", done, cfg.train.epochs, row["ema_clean_acc"],
+                     f", {self.spec.label} acc {row['ema_robust_acc']:.4f}" if robust else "")
 
 
 def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = False,

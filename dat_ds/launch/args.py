@@ -51,7 +51,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("what to evaluate (either --run, or --weights with --model and --data)")
     src.add_argument("--run", default=None, help="run folder (runs/<name>), its checkpoint/ folder or one tag folder")
     src.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
-    src.add_argument("--weights", default=None, help="timm/torch state dict (.pt/.pth) or .safetensors file")
+    src.add_argument("--weights", default=None, help="timm/torch state dict (.pt/.pth) or .safetensors file; with "
+                     "--run: ema or raw, which of the run's weights (default: the weight EMA when the run has one)")
     src.add_argument("--model", default=None, help="model name for --weights (registered or timm)")
     src.add_argument("--data", default=None, help="data set name for --weights (default: the run's, or fashion-mnist)")
     src.add_argument("--data-root", default=None, help="data.root for on-disk data sets")
@@ -99,14 +100,19 @@ def check_master_port(port: int | None) -> None:
         raise ConfigError(f"--master-port={port} is not a TCP port; use 1..65535 (or leave it out for a free one)")
 
 
+RUN_WEIGHTS = ("ema", "raw")  # `dat-ds eval --run R --weights ema|raw`: the weight EMA or the raw weights
+
+
 def check_eval_args(args: argparse.Namespace) -> None:
     """Every ``dat-ds eval`` argument the command line alone can check; one-line ConfigError otherwise."""
     check_master_port(getattr(args, "master_port", None))  # only the launching process has it
     if args.run is None and args.weights is None:
         raise ConfigError("nothing to evaluate; pass --run runs/<name>, or --weights FILE --model NAME --data NAME")
-    if args.run is not None and args.weights is not None:
-        raise ConfigError("pass either --run or --weights, not both")
-    if args.weights is not None and not args.model:
+    run_weights = args.run is not None and args.weights in RUN_WEIGHTS  # which of the run's weights
+    if args.run is not None and args.weights is not None and not run_weights:
+        raise ConfigError("with --run, --weights is ema or raw (which of the run's weights); evaluate a weights "
+                          "file without --run: --weights FILE --model NAME --data NAME")
+    if args.weights is not None and not run_weights and not args.model:
         raise ConfigError("--weights needs --model NAME (e.g. --model small_cnn or a timm name)")
     for key in ("steps", "restarts", "batch_size", "aa_steps", "aa_queries", "apgd_steps", "square_queries"):
         if getattr(args, key) < 1:
@@ -126,7 +132,7 @@ def check_eval_args(args: argparse.Namespace) -> None:
 
     if args.run is not None and not Path(args.run).exists():
         raise ConfigError(f"--run {args.run!r} does not exist; give a run folder such as runs/demo")
-    if args.weights is not None and not Path(args.weights).is_file():
+    if args.weights is not None and not run_weights and not Path(args.weights).is_file():
         raise ConfigError(f"--weights {args.weights!r} not found; give a local .safetensors or .pt file")
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out!r} is a file; give a folder for eval.json and the plot")

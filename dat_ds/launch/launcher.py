@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import ConfigError
@@ -93,16 +94,38 @@ def world_size_of(nproc: int, hostfile: str | None) -> int:
     return nproc * hostfile_nodes(hostfile)
 
 
+@dataclass(frozen=True)
+class NodeLaunch:
+    """Start only this node's ranks of a multi-node run, without ssh (DeepSpeed's ``--no_ssh``).
+
+    What a scheduler does on a cluster: the same ``launch()`` runs once per node, each with its
+    ``node_rank``, all with the same hostfile, ``master_addr`` (node 0's address) and ``master_port``.
+    ``prefix`` is a command the DeepSpeed runner is started under, e.g. ``("ip", "netns", "exec", NAME)``
+    to run the node inside a network namespace (``dat-ds bench network``, the two-node test).
+    """
+
+    node_rank: int
+    master_addr: str
+    prefix: tuple[str, ...] = ()
+
+
 def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = None, master_port: int | None = None,
-           env: dict[str, str] | None = None, checkpoint_root: str | Path | None = None) -> int:
+           env: dict[str, str] | None = None, checkpoint_root: str | Path | None = None,
+           node: NodeLaunch | None = None) -> int:
     """Start ``python -m module argv`` on ``nproc`` ranks per node; returns 0 or raises ``RankFailure``.
 
     ``checkpoint_root``: a training run's checkpoint folder, named in the line ``Interrupted`` carries.
+    ``node``: start only one node's ranks (needs ``hostfile`` and ``master_port``, the same on every node).
     """
     world_size_of(nproc, hostfile)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(master_port or free_port())]
+    if node is not None and (not hostfile or master_port is None):
+        raise ConfigError("a per-node launch needs a hostfile and a master port that every node shares")
+    cmd = [*(node.prefix if node else ()), sys.executable, "-m", "deepspeed.launcher.runner",
+           "--master_port", str(master_port or free_port())]
     if hostfile:
         cmd += ["--hostfile", hostfile]
+    if node is not None:
+        cmd += ["--no_ssh", "--node_rank", str(node.node_rank), "--master_addr", node.master_addr]
     if os.environ.get("DAT_DS_VERBOSE", "") in ("", "0"):  # the launcher's INFO lines only with --verbose
         cmd += ["--log_level", "error"]
     cmd += ["--num_gpus", str(nproc), "--module", module, *argv]
@@ -115,6 +138,8 @@ def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = N
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     child_env[GRACE_ENV] = str(STOP_GRACE_S)  # train.save_on_signal: a final save must fit before the SIGKILL
     if hostfile:  # remote ranks cannot write into a local folder: the launcher's exit code is all we get
+        if node is not None:  # this node's ranks are local: they end when this process does
+            child_env[CLI_PID_ENV] = str(os.getpid())
         rc = _run(cmd, child_env, checkpoint_root=checkpoint_root, all_local=False)
         if rc != 0:
             raise RankFailure(f"a rank failed (launcher exit code {rc}); see the output above", rc)

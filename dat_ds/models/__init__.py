@@ -13,7 +13,7 @@ from .cifar import CIFAR_MODELS
 from .small import SmallCNN
 from .wrapper import NormalizedModel
 
-# name -> fn(in_chans, num_classes, img_size) -> nn.Module
+# name -> fn(in_chans, num_classes, img_size) -> nn.Module; the CIFAR models also take act="relu"|"silu"
 MODELS: Registry = Registry("model")
 
 
@@ -36,10 +36,10 @@ def tiny_cnn(in_chans: int, num_classes: int, img_size: int) -> nn.Module:
 def _register_timm_cifar(name: str) -> None:
     # The CIFAR models live in timm's registry (so plain timm code can build them); listing them here
     # too makes `dat-ds list models` show them.
-    def build(in_chans: int, num_classes: int, img_size: int) -> nn.Module:
+    def build(in_chans: int, num_classes: int, img_size: int, act: str = "relu") -> nn.Module:
         import timm
 
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, act=act)
 
     MODELS.register(name)(build)
 
@@ -67,9 +67,16 @@ def _timm_model(name: str, in_chans: int, num_classes: int, img_size: int) -> nn
         return timm.create_model(name, **kwargs)
 
 
-def create_model(name: str, spec, weights: str | None = None) -> NormalizedModel:
-    """Build ``name`` for a data set ``spec`` and wrap it with the data set's normalisation."""
-    if name in MODELS:
+def create_model(name: str, spec, weights: str | None = None, act: str = "relu") -> NormalizedModel:
+    """Build ``name`` for a data set ``spec`` and wrap it with the data set's normalisation.
+
+    ``act`` (``model.act``) is the CIFAR models' activation; the other models have their own and take only "relu"
+    (the default, meaning "as built")."""
+    if act != "relu":
+        if name not in CIFAR_MODELS:
+            raise ConfigError(f"model.act={act} applies to the models {', '.join(CIFAR_MODELS)}, not {name!r}")
+        backbone = MODELS.get(name)(spec.in_chans, spec.num_classes, spec.img_size, act=act)
+    elif name in MODELS:
         backbone = MODELS.get(name)(spec.in_chans, spec.num_classes, spec.img_size)
     else:
         backbone = _timm_model(name, spec.in_chans, spec.num_classes, spec.img_size)

@@ -9,6 +9,10 @@ resolution (3x3 conv, no max-pool), unlike timm's ImageNet ResNets.
 - WideResNet-d-k (Zagoruyko & Komodakis, BMVC 2016): WRN-34-10 is the standard PGD-AT / TRADES
   benchmark model, WRN-28-10 the RST one; WRN-16-4 is a small one for tests.
 
+Each takes ``act="relu"`` (default) or ``act="silu"`` (``model.act``): SiLU/Swish everywhere the ReLU was, as in
+the WideResNets of Gowal et al. 2020 and DM-Improves-AT (Wang et al. 2023). The weights are the same tensors
+either way, so a checkpoint loads into both: the activation is part of the run config, not of the state dict.
+
 No pretrained weights exist for these names; ``model.weights`` loads a local file instead.
 """
 
@@ -23,13 +27,22 @@ from torch import nn
 
 from ..core.errors import ConfigError
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU}  # core.names.ACTIVATIONS
+
+
+def make_act(act: str) -> nn.Module:
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {act!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[act]()
+
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv twice; the shortcut taps the pre-activation when the shape changes."""
+    """BN-act-conv twice; the shortcut taps the pre-activation when the shape changes."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, drop_rate: float = 0.0):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, drop_rate: float = 0.0, act: str = "relu"):
         super().__init__()
         self.drop_rate = drop_rate  # WideResNet's dropout between the two convs
+        self.act = make_act(act)  # stateless: one module serves both places
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -39,9 +52,9 @@ class PreActBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
+        out = self.act(self.bn1(x))
         shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = F.relu(self.bn2(self.conv1(out)))
+        out = self.act(self.bn2(self.conv1(out)))
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
         return self.conv2(out) + shortcut
@@ -70,39 +83,43 @@ class _Classifier(nn.Module):
 
 
 class PreActResNet(_Classifier):
-    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, in_chans: int = 3, width: int = 64):
+    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, in_chans: int = 3, width: int = 64,
+                 act: str = "relu"):
         super().__init__()
         self.num_classes = num_classes
+        self.act = make_act(act)
         self.conv1 = nn.Conv2d(in_chans, width, 3, stride=1, padding=1, bias=False)
         layers, in_planes = [], width
         for i, n in enumerate(num_blocks):
             planes = width * 2**i
             for j in range(n):
-                layers.append(PreActBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1))
+                layers.append(PreActBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1, act=act))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(in_planes)  # pre-activation nets need a final BN-ReLU before pooling
+        self.bn = nn.BatchNorm2d(in_planes)  # pre-activation nets need a final BN-act before pooling
         self.num_features = in_planes
         self.fc = nn.Linear(in_planes, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.layers(self.conv1(x))))
+        return self.act(self.bn(self.layers(self.conv1(x))))
 
 
 class WideResNet(_Classifier):
     def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, in_chans: int = 3,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, act: str = "relu"):
         super().__init__()
         if (depth - 4) % 6:
             raise ConfigError(f"WideResNet depth {depth} must be 6n+4 (e.g. 16, 28, 34)")
         n = (depth - 4) // 6
         self.num_classes = num_classes
+        self.act = make_act(act)
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
         layers, in_planes = [], widths[0]
         for i, planes in enumerate(widths[1:]):
             for j in range(n):
-                layers.append(PreActBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1, drop_rate=drop_rate))
+                layers.append(PreActBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1, drop_rate=drop_rate,
+                                          act=act))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(in_planes)
@@ -110,12 +127,12 @@ class WideResNet(_Classifier):
         self.fc = nn.Linear(in_planes, num_classes) if num_classes > 0 else nn.Identity()
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # for SiLU too, as DM-Improves-AT
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.layers(self.conv1(x))))
+        return self.act(self.bn(self.layers(self.conv1(x))))
 
 
 # timm passes pretrained_cfg / pretrained_cfg_overlay / cache_dir to every entrypoint; img_size is

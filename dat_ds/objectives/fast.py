@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import GEOMETRIES, attack_from_config, ce_loss, misclassified
+from .eps_warmup import warmed_up
 
 
 def scheduled_steps(first: int, last: int, step: int, total_steps: int) -> int:
@@ -32,14 +33,14 @@ def scheduled_steps(first: int, last: int, step: int, total_steps: int) -> int:
 
 def _attack_config(ctx):
     a = ctx.cfg.attack
-    if not a.steps_schedule:
-        return a
-    first, last = a.steps_schedule
-    return dataclasses.replace(a, steps=scheduled_steps(first, last, ctx.step, ctx.total_steps))
+    if a.steps_schedule:
+        first, last = a.steps_schedule
+        a = dataclasses.replace(a, steps=scheduled_steps(first, last, ctx.step, ctx.total_steps))
+    return warmed_up(a, ctx.step, ctx.steps_per_epoch)  # attack.eps_warmup_epochs (eps_warmup.py)
 
 
 def training_attack(ctx, x: torch.Tensor, y, *, loss_fn=ce_loss, success_fn=misclassified) -> torch.Tensor:
-    """The configured training attack on (x, y), with the step schedule and perturbation reuse applied."""
+    """The configured training attack on (x, y), with the step schedule, eps warm-up and perturbation reuse applied."""
     cfg = _attack_config(ctx)
     store = ctx.perturbations
     if store is None:

@@ -9,6 +9,10 @@ divide the epoch count by m: E / m epochs of Free-AT cost about as much as E epo
 
 Each rank keeps its own ``delta`` (its own data shard); ``state_dict`` gathers all of them so a resumed
 run with the same world size continues bit for bit.
+
+``objective.label_smoothing`` smooths the training CE; the input gradient that moves ``delta`` comes from the
+same backward, so here (unlike the PGD objectives) the perturbation also follows the smoothed loss.
+``attack.eps_warmup_epochs`` scales the ball and the step of ``delta`` by the warm-up factor of the batch's step.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..core import dist
 from ..attacks import GEOMETRIES
-from .base import OBJECTIVES, Objective, ObjectiveOutput
+from .base import OBJECTIVES, Objective, ObjectiveOutput, supervised_ce
+from .eps_warmup import eps_factor
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class FreeAT(Objective):
         self.delta: torch.Tensor | None = None
         self._x: torch.Tensor | None = None  # this step's clean batch and perturbed input, until after_backward
         self._x_adv: torch.Tensor | None = None
+        self._factor = 1.0  # attack.eps_warmup_epochs: this step's fraction of eps and of the step size
 
     def __call__(self, ctx, x, y):
         if self.delta is None or self.delta.shape != x.shape:
@@ -44,8 +49,9 @@ class FreeAT(Objective):
         # A leaf that requires grad: engine.backward fills x_adv.grad along with the parameter gradients.
         x_adv = (x + self.delta).clamp(0, 1).detach().requires_grad_(True)
         self._x, self._x_adv = x, x_adv
+        self._factor = eps_factor(ctx.step, ctx.cfg.attack.eps_warmup_epochs, ctx.steps_per_epoch)
         logits = ctx.model(x_adv)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = supervised_ce(logits, y, ctx.cfg.objective.label_smoothing)
         return ObjectiveOutput(loss=loss, logits=logits, metrics={"loss_adv": loss.detach()})
 
     def after_backward(self) -> None:
@@ -54,8 +60,10 @@ class FreeAT(Objective):
         self._x = self._x_adv = None
         if x_adv is None or x_adv.grad is None:  # no backward through this step: keep the perturbation as it was
             return
-        stepped = self.geometry.step(x_adv.detach(), x_adv.grad, self.step_size)
-        self.delta = (self.geometry.project(stepped, x) - x).detach()
+        geometry = self.geometry if self._factor >= 1.0 else GEOMETRIES.get(self.cfg.attack.norm)(
+            self.cfg.attack.eps * self._factor)
+        stepped = geometry.step(x_adv.detach(), x_adv.grad, self.step_size * self._factor)
+        self.delta = (geometry.project(stepped, x) - x).detach()
 
     def state_dict(self) -> dict[str, Any]:
         # Collective: every rank calls state_dict() when a checkpoint is saved, and rank 0 writes it.

@@ -5,6 +5,11 @@ divergence to the clean prediction instead of on the cross-entropy, so it needs 
 prediction that serves as the attack's target is taken in eval mode (like the attack itself) and
 detached; the training loss then uses train-mode forwards through the engine. ``objective.label_smoothing``
 smooths the natural CE term only (as DM-Improves-AT does); the KL term and the attack are unchanged.
+
+``objective.consistency: {weight, temperature}`` (Tack et al. 2022, ``mixing.py``) trains on two random views of
+the batch (2B examples) and adds weight * JS between the two views' tempered adversarial predictions.
+``objective.cutmix: {alpha, prob}`` mixes the batch (``mixing.cutmix``): the natural term is the (smoothed) CE to
+the soft labels and the attack maximises the KL to them, as in DM-Improves-AT.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch.nn.functional as F
 from ..attacks import eval_mode
 from .base import OBJECTIVES, Objective, ObjectiveOutput, supervised_ce
 from .fast import training_attack
+from .mixing import consistency_views, cutmix, js_divergence
 
 
 def kl_to_target(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -43,13 +49,35 @@ class Trades(Objective):
     """beta = ``objective.beta`` (6 in the paper); beta = 0 is standard training and skips the attack."""
 
     def __call__(self, ctx, x, y):
-        beta = ctx.cfg.objective.beta
+        beta, consistency = ctx.cfg.objective.beta, ctx.cfg.objective.consistency
+        cutmix_cfg = ctx.cfg.objective.cutmix
+        if consistency is not None:  # Tack et al.: TRADES on two views of the batch, + lambda * JS between them
+            x, y = consistency_views(x, ctx.generator), torch.cat([y, y])
+        soft = None
+        if cutmix_cfg is not None:  # soft labels: the class count comes from the model's output
+            with eval_mode(ctx.module), torch.no_grad():
+                num_classes = ctx.module(x[:1]).shape[1]
+            x, soft = cutmix(x, y, num_classes, alpha=cutmix_cfg.alpha, prob=cutmix_cfg.prob, generator=ctx.generator)
         logits_clean = ctx.model(x)
-        loss_clean = supervised_ce(logits_clean, y, ctx.cfg.objective.label_smoothing)  # the KL term is not smoothed
-        if beta == 0:
-            return ObjectiveOutput(loss=loss_clean, logits=logits_clean, metrics={"loss_clean": loss_clean.detach()})
-        x_adv = kl_attack(ctx, x)
-        logits_adv = ctx.model(x_adv)
-        loss_kl = kl_clean_adv(logits_clean, logits_adv).mean()
-        return ObjectiveOutput(loss=loss_clean + beta * loss_kl, logits=logits_adv,
-                               metrics={"loss_clean": loss_clean.detach(), "loss_kl": loss_kl.detach()})
+        # The KL term is not smoothed; under CutMix the natural term is the CE to the soft labels.
+        loss_clean = supervised_ce(logits_clean, y if soft is None else soft, ctx.cfg.objective.label_smoothing)
+        metrics = {"loss_clean": loss_clean.detach()}
+        loss, logits = loss_clean, logits_clean
+        if beta > 0:
+            # Under CutMix the attack's KL target is the soft label, as in DM-Improves-AT's trades_loss(use_cutmix).
+            x_adv = kl_attack(ctx, x) if soft is None else training_attack(ctx, x, soft, loss_fn=kl_to_target,
+                                                                           success_fn=None)
+            logits = ctx.model(x_adv)
+            loss_kl = kl_clean_adv(logits_clean, logits).mean()
+            metrics["loss_kl"] = loss_kl.detach()
+            loss = loss + beta * loss_kl
+        if consistency is not None:  # on the adversarial predictions (the clean ones when beta = 0: no attack)
+            view1, view2 = logits.chunk(2)
+            loss_js = js_divergence(view1, view2, consistency.temperature)
+            metrics["loss_consistency"] = loss_js.detach()
+            loss = loss + consistency.weight * loss_js
+            # The running train accuracy counts one prediction per batch example: view 1's (the loop's count is B).
+            return ObjectiveOutput(loss=loss, logits=view1, metrics=metrics)
+        # Under CutMix the running accuracy reads the label holding the larger share of each image.
+        return ObjectiveOutput(loss=loss, logits=logits, targets=None if soft is None else soft.argmax(dim=1),
+                               metrics=metrics)

@@ -1,10 +1,15 @@
-"""LR scaling with batch size, linear warmup, and MultiStep/cosine decay as one LambdaLR.
+"""LR scaling with batch size, linear warmup, and MultiStep/cosine/one-cycle schedules as one LambdaLR.
 
 The base LR comes from the DeepSpeed JSON; ``optim.lr_scaling`` scales it by the global batch over
 ``optim.base_batch_size`` (linear: Goyal et al.; sqrt: for adaptive optimizers such as LAMB).
 
 Epoch-based settings (``warmup_epochs``, ``milestones``, the cosine span) are converted to optimizer
 steps through :class:`StepPlan`, the one place that says how many optimizer steps an epoch has.
+
+``onecycle`` is the cyclic schedule of fast adversarial training (Smith & Topin 2019, as used by Wong,
+Rice & Kolter 2020): the LR rises linearly from 0 to the JSON lr at ``optim.onecycle_peak`` of the run
+(their 2/5) and falls linearly back to 0 at its last optimizer step. Short runs need it: it spends the
+budget at a large LR and still ends converged.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class StepPlan:
 def lr_multiplier(cfg: OptimConfig, step: int, steps_per_epoch: float, total_epochs: int) -> float:
     """The LR factor after ``step`` optimizer steps; ``steps_per_epoch``: :attr:`StepPlan.per_epoch`."""
     epoch = step / steps_per_epoch  # fractional epoch at this optimizer step
+    if cfg.schedule == "onecycle":
+        return onecycle_multiplier(step, steps_per_epoch * total_epochs, cfg.onecycle_peak)
     warmup = cfg.warmup_epochs
     if warmup > 0 and epoch < warmup:
         return (step + 1) / (warmup * steps_per_epoch)
@@ -66,6 +73,18 @@ def lr_multiplier(cfg: OptimConfig, step: int, steps_per_epoch: float, total_epo
         progress = min(1.0, (epoch - warmup) / span)
         return 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0
+
+
+def onecycle_multiplier(step: int, total_steps: float, peak: float) -> float:
+    """The one-cycle factor for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    As in Wong et al.'s code the LR of a step is the schedule at the END of it, ``(step + 1) / total``:
+    the first step already moves the weights and the last one lands on LR 0.
+    """
+    progress = min(1.0, (step + 1) / max(total_steps, 1e-12))
+    if progress <= peak:
+        return progress / peak
+    return max(0.0, (1.0 - progress) / (1.0 - peak))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: float,

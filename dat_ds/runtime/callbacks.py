@@ -5,7 +5,8 @@ and ``on_epoch_end(trainer, state, row)`` after each epoch, before the row is lo
 checkpoint is saved; ``row`` is the epoch's metrics dict, and a callback may add fields to it. An
 ``on_step`` ends the run cleanly by raising :class:`StopTraining`. Callbacks that need layers above this
 one (per-epoch evaluation, the catastrophic-overfitting monitor) live there and are composed by
-``dat_ds.evaluation.training.run_training``.
+``dat_ds.evaluation.training.run_training``. The weight EMA (``runtime.ema.WeightEMA``, config ``ema``) is
+one too: the trainer builds it with the engine and runs it first, so the others see the step's average.
 """
 
 from __future__ import annotations

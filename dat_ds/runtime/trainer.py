@@ -29,10 +29,12 @@ from ..data.corrupt import corrupt_images
 from ..data.loaders import build_train_loader
 from ..models import create_model
 from ..objectives import ObjectiveContext, build_objective, prepare_model
+from ..objectives import eps_warmup
 from ..objectives.reuse import PerturbationStore, check_reuse_budget
 from . import checkpoint, ds_config
 from .build import build_engine
 from .callbacks import Callback, Checkpointing, StopTraining
+from .ema import STATE_KEY as EMA_KEY, WeightEMA
 from .loop import NonFiniteWatch, TrainState, train_one_epoch
 from .signal_stop import SignalStop
 
@@ -117,6 +119,10 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     rob = [(h["epoch"], h["robust_acc"]) for h in history if h.get("robust_acc") is not None]
     if rob:
         ax2.plot(*zip(*rob), marker="s", label=history[-1].get("robust_attack", "robust"))
+    for key, marker, label in (("ema_clean_acc", "o", "EMA clean"), ("ema_robust_acc", "s", "EMA robust")):
+        points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+        if points:
+            ax2.plot(*zip(*points), marker=marker, linestyle="--", label=label)
     ax2.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1), title=title)
     if clean or rob:
         ax2.legend()
@@ -144,6 +150,8 @@ class Trainer:
         self.last_save_seconds: float | None = None  # how long this process's last save took (save_on_signal)
         self.last_saved_step: int | None = None
         self.signal_stop: SignalStop | None = None
+        self.ema: WeightEMA | None = None  # the weight EMA (cfg.ema), built with the engine
+        self._ema_restored = False  # the resumed checkpoint held the EMA
 
     # ------------------------------------------------------------------ setup
 
@@ -202,7 +210,7 @@ class Trainer:
         train_set, spec = build_dataset(cfg.data, "train")
         self.spec = spec
         self.corrupt = corrupt_images(train_set)  # data.on_corrupt=skip: counted, reported per epoch
-        model = prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights))
+        model = prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights, act=cfg.model.act))
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.loaders = build_train_loader(cfg, train_set, micro_batch=s.micro_batch, rank=rank, world_size=world)
@@ -228,8 +236,13 @@ class Trainer:
 
             attack_module = AutocastModule(self.engine.module, dist.accelerator().device_name())
         self.ctx = ObjectiveContext(model=self.engine, module=attack_module, cfg=cfg, generator=self.generator,
-                                    total_steps=cfg.train.epochs * steps, perturbations=self.perturbations)
+                                    total_steps=cfg.train.epochs * steps, perturbations=self.perturbations,
+                                    steps_per_epoch=steps)
+        if cfg.attack.eps_warmup_epochs > 0:
+            log.info("%s", eps_warmup.describe(cfg.attack, steps))
         self.watch = NonFiniteWatch(dist.device())
+        if cfg.ema is not None:  # after the engine: under ZeRO-3 it averages this rank's partitions
+            self.ema = WeightEMA(self.engine.module, cfg.ema)
 
     def _perturbation_store(self, train_set, world: int) -> PerturbationStore:
         """``attack.reuse``: this rank's store, after the budget check (before the engine is built)."""
@@ -243,6 +256,8 @@ class Trainer:
         state = checkpoint.capture_rng(self.generator)
         if self.perturbations is not None:
             state[REUSE_KEY] = self.perturbations.state_dict()
+        if self.ema is not None and self.ema.sharded:  # ZeRO-3: this rank's EMA shards
+            state[EMA_KEY] = self.ema.state_dict()
         return state
 
     def _load_rank_state(self, rank_state: dict[str, Any]) -> None:
@@ -250,9 +265,13 @@ class Trainer:
             self.perturbations.load_state_dict(rank_state[REUSE_KEY])
         elif self.perturbations is not None:
             log.warning("the checkpoint has no stored perturbations; attack.reuse starts from random starts")
+        if self.ema is not None and self.ema.sharded and EMA_KEY in rank_state:
+            self.ema.load_state_dict(rank_state[EMA_KEY])
+            self._ema_restored = True
 
     def _restore(self, root: Path, tag: str) -> None:
         resharded = self.saved_world is not None
+        self._ema_restored = False
         client = checkpoint.load(self.engine, root, tag, self.generator, comm=self.built.comm,
                                  on_rank_state=self._load_rank_state, rank_state=not resharded)
         state = TrainState(epoch=client["epoch"], step_in_epoch=client["step_in_epoch"],
@@ -260,6 +279,12 @@ class Trainer:
                            history=client.get("history", []))
         if client.get("objective_state"):
             self.objective.load_state_dict(client["objective_state"])
+        if self.ema is not None and not self.ema.sharded and client.get(EMA_KEY):
+            self.ema.load_state_dict(client[EMA_KEY])
+            self._ema_restored = True
+        if self.ema is not None and not self._ema_restored:  # a checkpoint of a run without ema
+            self.ema = WeightEMA(self.engine.module, self.cfg.ema)
+            log.warning("the checkpoint has no weight EMA; the EMA starts from the restored weights")
         if resharded:
             self._reshard(state, client, closed=tag.startswith("epoch"))
         elif state.step_in_epoch >= self.steps_per_epoch:  # the checkpoint closed its epoch
@@ -304,7 +329,8 @@ class Trainer:
         """Run the remaining epochs with ``callbacks`` (then mid-epoch checkpointing); returns the summary."""
         if not self._ready:
             self.setup()
-        self.callbacks = [*callbacks, Checkpointing(self.cfg.train.save_every_steps)]
+        ema = [self.ema] if self.ema is not None else []  # first: the other callbacks see this step's EMA
+        self.callbacks = [*ema, *callbacks, Checkpointing(self.cfg.train.save_every_steps)]
         if self.cfg.train.save_on_signal:  # a signal now ends the step in progress (core.stop), then maybe a save
             self.signal_stop = SignalStop()
             self.callbacks.append(self.signal_stop)
@@ -394,6 +420,8 @@ class Trainer:
                                 "img_size": self.spec.img_size, "mean": list(self.spec.mean),
                                 "std": list(self.spec.std), "classes": list(self.spec.classes)},
                   "objective_state": self.objective.state_dict()}
+        if self.ema is not None and not self.ema.sharded:  # ZeRO 0-2: one full copy, saved by rank 0
+            client[EMA_KEY] = self.ema.state_dict()
         tag = checkpoint.tag_for(state.epoch, state.global_step, end_of_epoch)
         t_save = time.perf_counter()
         path = checkpoint.save(self.engine, self.ckpt_root, tag, client_state=client,
@@ -415,10 +443,13 @@ class Trainer:
             atomic_write_json(self.run_dir / "summary.json", summary)
             if history:
                 plot_history(history, self.run_dir / "curves.png", f"{cfg.name}: test accuracy")
+            ema = cfg.ema is not None  # the EMA's accuracies next to the raw weights'
             ui.show(ui.table(
                 f"dat-ds {cfg.name}: {cfg.objective.name} / {cfg.attack.name} eps={cfg.attack.eps:.4g} on {world} rank(s)",
-                ["epoch", "loss", "train acc", "clean acc", "robust acc", "seconds"],
+                ["epoch", "loss", "train acc", "clean acc", "robust acc",
+                 *(["ema clean acc", "ema robust acc"] if ema else []), "seconds"],
                 [(h["epoch"], h["train_loss"], h["train_acc"], h.get("clean_acc"), h.get("robust_acc"),
+                  *((h.get("ema_clean_acc"), h.get("ema_robust_acc")) if ema else ()),
                   h["train_seconds"] + h.get("eval_seconds", 0.0)) for h in history]))
         dist.barrier()
         return summary

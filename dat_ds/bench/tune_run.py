@@ -1,0 +1,510 @@
+"""``dat-ds tune``: the search of ``tune.py`` with real measurements, and what it writes.
+
+``EngineMeasure`` is the ``measure(point)`` of the search: it keeps one launch of
+``dat_ds.bench.tune_worker`` per layout (ranks x threads) alive and sends it one request per point, so
+torch and DeepSpeed are imported once per layout, not once per point. A point that kills its ranks (out
+of memory) is recorded and the next point gets new ranks.
+
+Outputs: the tuned DeepSpeed JSON (plain: ``dat-ds train`` and the ``deepspeed`` launcher take it as is),
+``<json>.tuning.json`` beside it (every measured point, the hardware, versions, the command; also the
+cache an interrupted tune resumes from), a table sorted by samples/s and ``<json>.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..core.errors import ConfigError
+from ..core.io import atomic_write_json
+from ..launch.launcher import Interrupted, RankFailure, launch
+from . import tune
+from .tune import INVALID, OK, OOM, Point, Result
+
+log = logging.getLogger(__name__)
+
+WARMUP, STEPS, PROBE = 2, 5, 2  # optimizer steps per point: warm-up, timed (median), agreement after PROBE
+START_GRACE_S = 240.0  # the ranks' start-up (imports, rendezvous) before a request counts as lost
+
+
+# ----------------------------------------------------------------------------- the measuring ranks
+
+
+class Server:
+    """One launch of the measuring ranks for one layout; ``request()`` sends a point, waits for its result."""
+
+    def __init__(self, exchange: Path, *, recipe: str | None, sets: list[str], ranks: int, threads: int,
+                 hostfile: str | None):
+        self.dir = Path(tempfile.mkdtemp(prefix=f"layout-{ranks}x{threads}-", dir=exchange))
+        self.n = 0
+        self.failure: str | None = None
+        self.done = threading.Event()
+        argv = ["--exchange", str(self.dir)] + (["--recipe", recipe] if recipe else [])
+        for s in sets:
+            argv += ["--set", s]
+        env = {"DAT_DS_THREADS_PER_RANK": str(threads)} if threads else None
+        import psutil
+
+        before = {c.pid for c in psutil.Process().children()}
+
+        def run() -> None:
+            try:
+                launch("dat_ds.bench.tune_worker", argv, nproc=ranks, hostfile=hostfile, env=env)
+            except RankFailure as e:
+                self.failure = str(e) or f"the ranks exited with code {e.code}"
+            except Exception as e:  # noqa: BLE001 -- reported with the point that was running
+                self.failure = f"{type(e).__name__}: {e}"
+            finally:
+                self.done.set()
+
+        self.thread = threading.Thread(target=run, name=f"tune-ranks-{ranks}x{threads}", daemon=True)
+        self.thread.start()
+        self.launcher_pid: int | None = None
+        for _ in range(50):  # the DeepSpeed launcher this launch started: its process group is the whole run
+            new = [c.pid for c in psutil.Process().children() if c.pid not in before]
+            if new:
+                self.launcher_pid = new[0]
+                break
+            time.sleep(0.02)
+
+    def request(self, req: dict[str, Any], *, wait_until: float) -> dict[str, Any]:
+        n = self.n
+        self.n += 1
+        atomic_write_json(self.dir / f"req-{n}.json", req)
+        res = self.dir / f"res-{n}.json"
+        while not res.exists():
+            if self.done.is_set():
+                fails = sorted(self.dir.glob(f"fail-{n}-*.json"))
+                if fails:
+                    return json.loads(fails[0].read_text())
+                return {"status": "error", "message": self.failure or "the ranks exited"}
+            if time.time() > wait_until:
+                self.kill()
+                return {"status": "error", "message": "no result before the budget's end; the ranks were stopped"}
+            time.sleep(0.05)
+        return json.loads(res.read_text())
+
+    def kill(self) -> None:
+        import signal
+
+        if self.launcher_pid is not None and not self.done.is_set():
+            try:
+                os.killpg(self.launcher_pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.done.wait(30)
+
+    def close(self) -> None:
+        if not self.done.is_set():
+            atomic_write_json(self.dir / f"req-{self.n}.json", {"op": "quit"})
+            if not self.done.wait(30):
+                self.kill()
+
+
+class EngineMeasure:
+    """``measure(point, prune_below) -> Result`` on real ranks; one live launch at a time."""
+
+    def __init__(self, *, recipe: str | None, sets: list[str], hostfile: str | None, base_json: dict[str, Any],
+                 start: Point, optimizer_family: str, lr_rule: str, deadline: float, rss_cap_mb: float | None,
+                 exchange: Path, warmup: int = WARMUP, steps: int = STEPS, probe: int = PROBE):
+        self.recipe, self.sets, self.hostfile = recipe, sets, hostfile
+        self.base, self.start, self.family, self.lr_rule = base_json, start, optimizer_family, lr_rule
+        self.deadline, self.rss_cap_mb, self.exchange = deadline, rss_cap_mb, exchange
+        self.warmup, self.steps, self.probe = warmup, steps, probe
+        self.server: Server | None = None
+        self.layout: tuple[int, int] | None = None
+
+    def ds_json(self, p: Point) -> dict[str, Any]:
+        return tune.point_ds_json(self.base, self.start, p, optimizer_family=self.family, lr_rule=self.lr_rule)
+
+    def _server(self, layout: tuple[int, int]) -> Server:
+        if self.server is not None and (self.layout != layout or self.server.done.is_set()):
+            self.server.close()
+            self.server = None
+        if self.server is None:
+            self.server = Server(self.exchange, recipe=self.recipe, sets=self.sets, ranks=layout[0], threads=layout[1],
+                                 hostfile=self.hostfile)
+            self.layout = layout
+        return self.server
+
+    def run_json(self, layout: tuple[int, int], ds: dict[str, Any], sets: list[str], *, steps: int,
+                 prune_below: float | None = None) -> Result:
+        t0 = time.time()
+        server = self._server(layout)
+        measured = json.loads(json.dumps(ds))
+        params = measured.get("optimizer", {}).get("params", {})
+        for k in ("freeze_step", "var_freeze_step"):  # time the compressed stage, not the warm-up one
+            if k in params:
+                params[k] = self.warmup
+        digest = hashlib.sha1(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:12]
+        path = server.dir / f"point-{digest}.json"
+        atomic_write_json(path, measured)
+        req = {"op": "measure", "ds_config": str(path), "sets": sets, "warmup": self.warmup, "steps": steps,
+               "probe": min(self.probe, steps), "prune_below": prune_below, "rss_cap_mb": self.rss_cap_mb,
+               "deadline": self.deadline}
+        out = server.request(req, wait_until=max(self.deadline, t0 + START_GRACE_S) + 15)
+        return Result(out.get("status", "error"), out.get("samples_per_s"), out.get("step_s", []),
+                      time.time() - t0, out.get("peak_mem_mb"), out.get("message", ""))
+
+    def __call__(self, p: Point, prune_below: float | None) -> Result:
+        sets = [f"model.channels_last={str(p.channels_last).lower()}", f"data.num_workers={p.workers}"]
+        return self.run_json(p.layout, self.ds_json(p), sets, steps=self.steps, prune_below=prune_below)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+# ----------------------------------------------------------------------------- the space
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Everything the CLI validated (torch-free) before anything is measured."""
+
+    recipe: str | None
+    recipe_name: str
+    sets: tuple[str, ...]
+    ds_path: str
+    base_json: dict[str, Any]
+    nproc: int
+    hostfile: str | None
+    nodes: int
+    budget_s: float
+    allow_numerics_change: bool
+    allow_batch_change: bool
+    out: str | None
+    memory_cap_mb: float | None
+    command: tuple[str, ...]
+
+
+def start_point(inputs: Inputs, cfg, settings, threads: int) -> Point:
+    return Point(micro=settings.micro_batch, accum=settings.grad_accum, global_batch=settings.global_batch,
+                 zero=settings.zero_stage, precision=settings.precision,
+                 comm=tune.json_comm({**settings.ds_config, "optimizer": settings.optimizer,
+                                      "gradient_compression": settings.gradient_compression}, settings.compresses),
+                 channels_last=cfg.model.channels_last, workers=cfg.data.num_workers, ranks=inputs.nproc,
+                 threads=threads)
+
+
+def build_space(inputs: Inputs, start: Point, *, cpu: bool, cores: int, family: str) -> tune.Space:
+    n = inputs.nproc
+    layouts = [start.layout]
+    if cpu and not inputs.hostfile:  # ranks x threads within this machine's cores
+        layouts += [(r, max(1, cores // r)) for r in range(n - 1, 0, -1) if n % r == 0]
+        layouts += [(n, t) for t in (1,) if t < start.threads]
+    world_min = min(r for r, _ in layouts) * inputs.nodes
+    batches = [start.global_batch]
+    if inputs.allow_batch_change:
+        world = n * inputs.nodes
+        batches += [b for b in (start.global_batch // 2, start.global_batch * 2, start.global_batch * 4)
+                    if b >= world and b % world == 0 and b != start.global_batch]
+    micro = tune.powers_of_two(max(batches) // world_min, also=[start.micro])
+    precisions = [start.precision]
+    comms = [start.comm]
+    if inputs.allow_numerics_change:
+        precisions += [p for p in ("fp32", "bf16") if p != start.precision]
+        if n * inputs.nodes > 1:  # nothing to communicate on one rank
+            comms += [c for c in ("none", "dat8", *tune.ONEBIT_FAMILY.get(family, ())) if c != start.comm]
+    workers = [start.workers] + [w for w in (0, 1, 2) if w != start.workers and (not cpu or w < cores)]
+    return tune.Space(micro=micro, zero=[start.zero] + [z for z in range(4) if z != start.zero],
+                      precision=precisions, comm=comms, channels_last=[start.channels_last, not start.channels_last],
+                      workers=workers, layout=layouts, global_batch=batches if len(batches) > 1 else (),
+                      nodes=inputs.nodes)
+
+
+def validator(inputs: Inputs, start: Point, family: str, lr_rule: str) -> Callable[[Point], str | None]:
+    """The project's DeepSpeed-JSON validation of each point's JSON, before it is measured."""
+    from ..runtime import ds_config
+
+    def validate(p: Point) -> str | None:
+        d = tune.point_ds_json(inputs.base_json, start, p, optimizer_family=family, lr_rule=lr_rule)
+        try:
+            ds_config.prepare(f"tuned point {p.label()}", p.ranks * inputs.nodes, data=d)
+        except ConfigError as e:
+            return str(e)
+        return None
+
+    return validate
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def context_key(inputs: Inputs, hardware: dict[str, Any]) -> str:
+    """What a cached point depends on: the recipe and JSON (contents), ranks, --set, the flags, the machine."""
+    recipe_text = Path(inputs.recipe).read_text() if inputs.recipe else ""
+    parts = [recipe_text, json.dumps(inputs.base_json, sort_keys=True), inputs.nproc, inputs.nodes, list(inputs.sets),
+             inputs.allow_numerics_change, inputs.allow_batch_change, inputs.memory_cap_mb,
+             {k: hardware[k] for k in ("device", "cores", "torch", "deepspeed")}]
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def hardware_info() -> dict[str, Any]:
+    import platform
+
+    import deepspeed
+    import psutil
+    import torch
+
+    from ..core import dist
+
+    cpu = dist.accelerator().device_name() == "cpu"
+    device = "cpu" if cpu else torch.cuda.get_device_name(0)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"device": device, "device_count": 0 if cpu else torch.cuda.device_count(), "cores": cores,
+            "memory_mb": psutil.virtual_memory().total / 2**20, "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "backend": dist.accelerator().communication_backend_name()}
+
+
+def device_tag(hardware: dict[str, Any]) -> str:
+    name = hardware["device"].lower().replace("nvidia", "").strip()
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-") or "device"
+
+
+def default_out(recipe_name: str, world: int, hardware: dict[str, Any]) -> Path:
+    return Path("ds_configs") / "tuned" / f"{recipe_name}-{world}x{device_tag(hardware)}.json"
+
+
+def run(inputs: Inputs) -> dict[str, Any]:
+    """Measure, search, write the JSON + sidecar + PNG, show the table; returns the sidecar's content."""
+    from ..core import ui
+    from ..core.config import build_config
+    from ..optim.specs import check_optimizer_params
+    from ..runtime import ds_config
+
+    t_start = time.time()
+    clock = time.monotonic
+    budget = tune.Budget(inputs.budget_s, clock)
+    hardware = hardware_info()
+    cpu = hardware["device"] == "cpu"
+    cfg = build_config(inputs.recipe, list(inputs.sets))
+    world = inputs.nproc * inputs.nodes
+    settings = ds_config.prepare(inputs.ds_path, world, data=inputs.base_json)
+    family, _ = check_optimizer_params(inputs.base_json["optimizer"])
+    default_threads = max(1, hardware["cores"] // inputs.nproc) if cpu else 0
+    start = start_point(inputs, cfg, settings, default_threads)
+    space = build_space(inputs, start, cpu=cpu, cores=hardware["cores"], family=family)
+    out = Path(inputs.out) if inputs.out else default_out(inputs.recipe_name, world, hardware)
+    sidecar = out.with_name(out.stem + ".tuning.json")
+    key = context_key(inputs, hardware)
+    cache: dict[str, dict] = {}
+    if sidecar.is_file():
+        try:
+            old = json.loads(sidecar.read_text())
+            if old.get("context") == key:
+                cache = dict(old.get("cache", {}))
+                log.info("resuming: %d measured point(s) from %s", len(cache), sidecar)
+            else:
+                log.info("%s is from another recipe, JSON or machine; measuring from scratch", sidecar)
+        except (OSError, ValueError):
+            log.warning("%s is not readable JSON; measuring from scratch", sidecar)
+    rss_cap = inputs.memory_cap_mb
+    if rss_cap is None and cpu:  # resident memory per rank; over it a point counts as out of memory
+        rss_cap = 0.8 * hardware["memory_mb"] / inputs.nproc
+    lr_rule = cfg.optim.lr_scaling
+    out.parent.mkdir(parents=True, exist_ok=True)
+    exchange = Path(tempfile.mkdtemp(prefix=".tune-", dir=out.parent))
+    # measurements stop at the budget; what follows (files, table, plot) takes a few seconds of the 10 %
+    measure = EngineMeasure(recipe=inputs.recipe, sets=list(inputs.sets), hostfile=inputs.hostfile,
+                            base_json=inputs.base_json, start=start, optimizer_family=family, lr_rule=lr_rule,
+                            deadline=time.time() + inputs.budget_s, rss_cap_mb=rss_cap, exchange=exchange)
+    record: dict[str, Any] = {}
+
+    def save(outcome: tune.Outcome | None = None, measured: list | None = None) -> None:
+        record.update({
+            "recipe": inputs.recipe_name, "recipe_path": inputs.recipe, "start_json": inputs.ds_path,
+            "command": list(inputs.command), "hardware": hardware, "context": key, "cache": cache,
+            "nproc": inputs.nproc, "nodes": inputs.nodes, "budget_s": inputs.budget_s,
+            "allow_numerics_change": inputs.allow_numerics_change, "allow_batch_change": inputs.allow_batch_change,
+            "memory_cap_mb": rss_cap, "space": dataclasses.asdict(space),
+            "points": [{"point": dataclasses.asdict(p), "label": p.label(), **r.to_json(),
+                        "cached": c} for p, r, c in (measured or [])],
+        })
+        atomic_write_json(sidecar, record)
+
+    done: list[tuple[Point, Result, bool]] = []
+    progress_state = {"planned": tune.planned_points(space)}
+    with _progress(budget) as bar:
+        def on_result(p: Point, r: Result, cached: bool) -> None:
+            done.append((p, r, cached))
+            save(measured=done)
+            sps = f"{r.samples_per_s:.1f} samples/s" if r.samples_per_s else r.message[:80]
+            log.info("%-40s %-7s %s%s", p.label(), r.status, sps, " (cached)" if cached else "")
+            bar(len(done), progress_state["planned"], p.label())
+
+        def on_plan(n: int) -> None:
+            progress_state["planned"] = max(n, len(done))
+            bar(len(done), progress_state["planned"], None)
+
+        import signal
+
+        def stop(signum, frame):  # a SIGTERM ends the tune like Ctrl-C: ranks stopped, cache kept
+            raise _Signal(signum)
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            outcome = tune.search(start, space, measure, budget=budget, cache=cache,
+                                  validate=validator(inputs, start, family, lr_rule), on_result=on_result,
+                                  on_plan=on_plan)
+        except (KeyboardInterrupt, _Signal) as e:
+            signum = e.signum if isinstance(e, _Signal) else signal.SIGINT
+            raise Interrupted(signum, f"interrupted after {len(done)} point(s); they are cached in {sidecar}: run "
+                                      "the same command again to resume") from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            measure.close()
+            shutil.rmtree(exchange, ignore_errors=True)
+    if outcome.best_sps is None:
+        save(outcome, done)
+        raise ConfigError(f"no point ran (the first: {done[0][1].message if done else 'none measured'}); "
+                          f"see {sidecar}")
+    best_json = measure.ds_json(outcome.best)
+    ds_config.prepare(str(out), outcome.best.ranks * inputs.nodes, data=best_json)  # what we write passes, always
+    atomic_write_json(out, best_json)
+    note = tune.lr_note(start, outcome.best, lr_rule, cfg.optim.base_batch_size,
+                        best_json["optimizer"].get("params", {}).get("lr"))
+    run_sets = _run_config_sets(start, outcome.best)
+    summary = {
+        "tuned_json": str(out), "best": dataclasses.asdict(outcome.best), "best_label": outcome.best.label(),
+        "start": dataclasses.asdict(start), "start_label": start.label(), "start_samples_per_s": outcome.start_sps,
+        "best_samples_per_s": outcome.best_sps, "expected_speedup": outcome.speedup,
+        "default_is_best": outcome.default_is_best, "stopped_by_budget": outcome.stopped_by_budget,
+        "confirm_rounds": [[{"label": p.label(), "samples_per_s": s} for p, s in rnd] for rnd in outcome.confirm_rounds],
+        "lr_note": note, "run_config_sets": run_sets, "launch": _launch_line(inputs, outcome.best, out, run_sets, cpu),
+        "seconds": time.time() - t_start,
+    }
+    record["summary"] = summary
+    save(outcome, done)
+    png = out.with_suffix(".png")
+    _plot(png, done, start, outcome.best)
+    _table(done, start, outcome.best, inputs.recipe_name)
+    _say(summary, start, note, inputs)
+    return record
+
+
+class _Signal(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _run_config_sets(start: Point, best: Point) -> list[str]:
+    """Settings of the run config (not the JSON, which owns only the engine) that the tuned point changes."""
+    sets = []
+    if best.channels_last != start.channels_last:
+        sets.append(f"model.channels_last={str(best.channels_last).lower()}")
+    if best.workers != start.workers:
+        sets.append(f"data.num_workers={best.workers}")
+    return sets
+
+
+def _launch_line(inputs: Inputs, best: Point, out: Path, sets: list[str], cpu: bool) -> str:
+    env = f"DAT_DS_THREADS_PER_RANK={best.threads} " if cpu and best.threads and \
+        best.threads != max(1, (os.cpu_count() or 1) // best.ranks) else ""
+    host = f" --hostfile {inputs.hostfile}" if inputs.hostfile else ""
+    extra = "".join(f" --set {s}" for s in sets)
+    return (f"{env}dat-ds train --recipe {inputs.recipe or 'default'} --nproc {best.ranks}{host} "
+            f"--deepspeed_config {out}{extra}")
+
+
+class _progress:
+    """A rich bar: points done / planned, and the budget left."""
+
+    def __init__(self, budget: tune.Budget):
+        self.budget = budget
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        from ..core import ui
+
+        if not sys.stdout.isatty():
+            return lambda done, planned, label: None
+        self.bar = Progress(TextColumn("tune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                            console=ui.console, transient=True)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("", total=1)
+
+        def update(done: int, planned: int, label: str | None) -> None:
+            left = max(0.0, self.budget.left())
+            self.bar.update(self.task, completed=done, total=max(planned, done, 1),
+                            description=f"budget left {int(left // 60)}:{int(left % 60):02d}"
+                            + (f"  last: {label}" if label else ""))
+
+        return update
+
+    def __exit__(self, *exc):
+        if hasattr(self, "bar"):
+            self.bar.__exit__(*exc)
+        return False
+
+
+def _rows(done: list[tuple[Point, Result, bool]]) -> list[tuple[Point, Result]]:
+    """One row per point (its last measurement), ok points by samples/s first."""
+    last: dict[Point, Result] = {}
+    for p, r, _ in done:
+        if p not in last or r.status == OK:
+            last[p] = r
+    return sorted(last.items(), key=lambda t: (t[1].status != OK, -(t[1].samples_per_s or 0)))
+
+
+def _table(done, start: Point, best: Point, recipe: str) -> None:
+    from ..core import ui
+
+    rows = []
+    for p, r in _rows(done):
+        mark = " (tuned)" if p == best else " (start)" if p == start else ""
+        rows.append([p.label() + mark, r.status, r.samples_per_s if r.status == OK else None,
+                     r.peak_mem_mb, len(r.step_s), r.message[:60] or None])
+    ui.show(ui.table(f"dat-ds tune {recipe}: measured points, fastest first",
+                     ["name", "status", "samples/s", "peak MB", "timed steps", "detail"], rows))
+
+
+def _plot(path: Path, done, start: Point, best: Point) -> None:
+    from .common import save_bar_plot
+
+    ok = [(p, r) for p, r in _rows(done) if r.status == OK][:20]
+    if not ok:
+        return
+    labels = [p.label() + (" *" if p == best else "") for p, _ in ok]
+    start_sps = next((r.samples_per_s for p, r in ok if p == start), None)
+    save_bar_plot(path, labels, [r.samples_per_s for _, r in ok], ylabel="samples/s",
+                  title="dat-ds tune: measured points (* tuned)", hline=start_sps,
+                  hline_label="starting JSON" if start_sps else None)
+
+
+def _say(summary: dict[str, Any], start: Point, note: str | None, inputs: Inputs) -> None:
+    from ..core import ui
+
+    speedup = summary["expected_speedup"]
+    if summary["start_samples_per_s"] is None:
+        ui.console.print(f"[bold]tuned:[/bold] {summary['best_label']}, {summary['best_samples_per_s']:.1f} samples/s; "
+                         "the starting JSON itself did not run here (see the table)")
+    elif summary["default_is_best"]:
+        ui.console.print(f"[bold]the starting JSON is the best measured[/bold] ({start.label()}, "
+                         f"{summary['start_samples_per_s']:.1f} samples/s): nothing beat it by 3 %; "
+                         f"{summary['tuned_json']} is it, written out in full")
+    else:
+        ui.console.print(f"[bold]tuned:[/bold] {summary['best_label']}: expected speedup "
+                         f"[bold]{speedup:.2f}x[/bold] over the starting JSON ({summary['best_samples_per_s']:.1f} vs "
+                         f"{summary['start_samples_per_s']:.1f} samples/s)")
+    if note:
+        ui.console.print(f"note: {note}")
+    if summary["stopped_by_budget"]:
+        ui.console.print("note: the budget ended the search; run the same command again to continue it (cached)")
+    ui.console.print(f"wrote {summary['tuned_json']} (+ .tuning.json, .png); run it with:\n  {summary['launch']}\n"
+                     f"confirm: dat-ds bench engine --recipe {inputs.recipe_name} --nproc {inputs.nproc} "
+                     f"--deepspeed_config {summary['tuned_json']} --vs {inputs.ds_path}")

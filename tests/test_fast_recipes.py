@@ -1,0 +1,249 @@
+"""Short-run recipes (issue 18): the one-cycle LR, the fast recipes, and ``bench time-to-robust``'s judgement.
+
+The judgement is tested as pure functions on made-up curves; the benchmark itself runs end to end on a
+tiny size (slow: it starts ``dat-ds train`` and ``dat-ds eval`` ranks several times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dat_ds.bench import time_to_robust as ttr
+from dat_ds.core.config import OptimConfig, build_config
+from dat_ds.core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "dat_ds" / "recipes"
+
+
+# ----------------------------------------------------------------------------- one-cycle LR
+
+
+def test_onecycle_rises_to_the_peak_at_two_fifths_and_falls_to_zero_in_optimizer_steps():
+    from dat_ds.optim import lr_multiplier
+    from dat_ds.optim.schedule import StepPlan
+
+    # Free-AT-like: 10 batches x 2 replays x 5 epochs = 100 optimizer steps; the schedule counts those.
+    plan = StepPlan(batches_per_epoch=10, epochs=5, replays=2)
+    cfg = OptimConfig(schedule="onecycle")
+    lrs = [lr_multiplier(cfg, k, plan.per_epoch, plan.epochs) for k in range(plan.total)]
+    assert plan.total == 100 and len(lrs) == 100
+    assert lrs[0] == pytest.approx(1 / 40)  # the first step already moves the weights (Wong et al.'s t = i + 1)
+    assert lrs[39] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)  # peak at 2/5 = step 40 of 100
+    assert lrs[69] == pytest.approx(0.5)  # half-way down: progress 0.7 = 0.4 + 0.6 / 2
+    assert lrs[99] == pytest.approx(0.0, abs=1e-12)  # ends at 0
+    rises, falls = lrs[:40], lrs[39:]
+    assert all(b - a == pytest.approx(1 / 40) for a, b in zip(rises, rises[1:]))  # linear up
+    assert all(a - b == pytest.approx(1 / 60) for a, b in zip(falls, falls[1:]))  # linear down
+    late = OptimConfig(schedule="onecycle", onecycle_peak=0.25)
+    assert lr_multiplier(late, 24, plan.per_epoch, plan.epochs) == pytest.approx(1.0)
+
+
+def test_onecycle_drives_the_optimizer_lr():
+    import torch
+
+    from dat_ds.optim import build_scheduler
+
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=0.2)
+    sched = build_scheduler(opt, OptimConfig(schedule="onecycle", onecycle_peak=0.5), steps_per_epoch=5, total_epochs=2)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.04, 0.08, 0.12, 0.16, 0.2, 0.16, 0.12, 0.08, 0.04, 0.0])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.schedule=onecycle", "optim.warmup_epochs=1"], "optim.schedule=onecycle ramps the LR up itself"),
+    (["optim.onecycle_peak=1"], "optim.onecycle_peak=1 must be in (0, 1)"),
+    (["optim.onecycle_peak=0"], "optim.onecycle_peak=0 must be in (0, 1)"),
+    (["optim.schedule=onecycl"], "allowed: constant, multistep, cosine, onecycle"),
+])
+def test_onecycle_settings_are_checked_without_torch(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        build_config(None, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert build_config(None, ["optim.schedule=onecycle"]).optim.onecycle_peak == 0.4
+
+
+# ----------------------------------------------------------------------------- the fast recipes
+
+
+def test_demo_fast_is_a_method_the_bench_measures():
+    """demo_fast.yaml trains what ``bench time-to-robust`` measured for one of its methods, nothing else."""
+    fast = build_config(RECIPES / "demo_fast.yaml")
+    demo = build_config(RECIPES / "demo.yaml")
+    assert (fast.data, fast.model, fast.train.epochs, fast.attack.eps) == (demo.data, demo.model, demo.train.epochs,
+                                                                         demo.attack.eps)
+    assert fast.monitor.every_steps > 0  # a single-step method: watch for catastrophic overfitting
+    matches = []
+    for name, method in ttr.METHODS.items():
+        as_benched = build_config(RECIPES / "demo.yaml", list(method.overrides))
+        if (as_benched.attack, as_benched.objective, as_benched.optim) == (fast.attack, fast.objective, fast.optim):
+            matches.append(name)
+    assert matches == ["nfgsm_onecycle"]  # the current guess; the measurement decides
+
+
+@pytest.mark.parametrize("name, anchor", [
+    ("cifar10_prn18_fast", {"clean_acc": 0.861, "robust_acc": 0.461, "robust_attack": "PGD-50", "minutes": 12,
+                            "gpus": 1}),
+    ("imagenet_r50_fast", {"clean_acc": 0.609, "robust_acc": 0.435, "hours": 12, "gpus": 4}),
+])
+def test_fast_benchmark_recipes_state_their_published_anchor(name, anchor):
+    from dat_ds.runtime import ds_config
+
+    text = (RECIPES / f"{name}.yaml").read_text()
+    raw = yaml.safe_load(text)
+    assert {k: raw["paper"][k] for k in anchor} == anchor and "Wong" in raw["paper"]["source"]
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert f"--module dat_ds.train --config recipes/{name}.yaml" in header and "deepspeed --hostfile" in header
+    cfg = build_config(RECIPES / f"{name}.yaml")
+    assert cfg.attack.name == "nfgsm" and cfg.optim.schedule == "onecycle" and cfg.train.epochs == 15
+    assert cfg.monitor.every_steps > 0
+    for world in (1, 4, 8):
+        settings = ds_config.prepare(cfg.deepspeed_config, world)
+        assert settings.micro_batch * settings.grad_accum * world == settings.global_batch
+    if name == "cifar10_prn18_fast":  # Wong et al.: SGD, peak LR 0.2 at batch 128, eps 8/255
+        assert cfg.attack.eps == pytest.approx(8 / 255)
+        settings = ds_config.prepare(cfg.deepspeed_config, 1)
+        from dat_ds.optim.schedule import lr_scale
+
+        assert settings.optimizer["params"]["lr"] * lr_scale(cfg.optim, settings.global_batch) == pytest.approx(0.2)
+    else:
+        assert cfg.attack.eps == pytest.approx(2 / 255)
+
+
+# ----------------------------------------------------------------------------- the judgement (pure)
+
+
+def _curve(points):
+    """(seconds, PGD-20) per epoch -> the bench's curve rows; seconds cumulative."""
+    return [{"epoch": e, "train_seconds": s, "robust_acc": r} for e, (s, r) in enumerate(points, start=1)]
+
+
+def test_next_epoch_to_score_skips_epochs_below_the_target_and_stops_at_the_first_pass():
+    curve = _curve([(10, 0.40), (20, 0.62), (30, 0.66), (40, 0.70)])
+    target = 0.60
+    assert ttr.next_epoch_to_score(curve, {4: 0.65}, target) == 2  # epoch 1's PGD-20 0.40 < target: AA cannot pass
+    assert ttr.next_epoch_to_score(curve, {4: 0.65, 2: 0.59}, target) == 3  # epoch 2 failed under AA
+    assert ttr.next_epoch_to_score(curve, {4: 0.65, 2: 0.59, 3: 0.61}, target) is None  # found: epoch 3
+    assert ttr.next_epoch_to_score(curve, {4: 0.65, 2: 0.61}, target) is None
+    assert ttr.next_epoch_to_score(_curve([(10, 0.5), (20, 0.55)]), {2: 0.5}, target) is None  # never reaches it
+
+
+def test_judge_ratios_come_from_autoattack_scored_epochs_only():
+    curves = {
+        "pgd10": _curve([(100, 0.50), (200, 0.60), (300, 0.65)]),
+        "fast": _curve([(20, 0.55), (40, 0.66), (60, 0.67)]),  # PGD-20 says epoch 2; AutoAttack says epoch 3
+        "masked": _curve([(15, 0.90), (30, 0.95), (45, 0.97)]),  # PGD-20 looks great, AutoAttack does not
+        "slow": _curve([(150, 0.5), (300, 0.6), (450, 0.645)]),
+    }
+    autoattack = {"pgd10": {3: 0.63}, "fast": {2: 0.615, 3: 0.625}, "masked": {1: 0.1, 2: 0.1, 3: 0.2},
+                  "slow": {3: 0.621}}
+    j = ttr.judge(curves, autoattack)
+    assert j["reference_final_autoattack"] == 0.63 and j["target_autoattack"] == pytest.approx(0.62)
+    assert j["reference_train_seconds"] == 300
+    m = j["methods"]
+    assert m["pgd10"]["ratio_to_reference"] == 1.0 and m["pgd10"]["epoch_to_target"] == 3
+    assert (m["fast"]["epoch_to_target"], m["fast"]["seconds_to_target"]) == (3, 60)
+    assert m["fast"]["ratio_to_reference"] == pytest.approx(0.2)
+    assert m["masked"]["seconds_to_target"] is None and m["masked"]["ratio_to_reference"] is None
+    assert m["slow"]["ratio_to_reference"] == pytest.approx(1.5)
+    assert m["fast"]["scored_epochs"] == [2, 3]
+
+
+def _score(epoch, aa, pgd50, sanity=True):
+    return {"epoch": epoch, "tag": f"epoch{epoch - 1:04d}", "count": 100, "clean_acc": 0.8, "autoattack_acc": aa,
+            "autoattack_label": "AutoAttack@0.1", "autoattack_seconds": 1.0, "pgd50x5_acc": pgd50,
+            "pgd50x5_label": "PGD-50x5@0.1", "sanity_pass": sanity, "sanity": [], "eval_seconds": 1.0}
+
+
+def _curve_rows(points):
+    return [{**p, "monitor_seconds": 0.0, "optimizer_steps": 10 * p["epoch"], "clean_acc": 0.8,
+             "robust_attack": "PGD-20@0.1", "monitor_min_pgd_acc": 0.5, "monitor_max_gap": 0.05,
+             "monitor_overfit": False} for p in _curve(points)]
+
+
+def test_the_winner_needs_pgd50_and_sanity_to_hold_at_the_target_checkpoint():
+    args = argparse.Namespace(eps=0.1, epochs=2, nproc=2, eval_examples=100, train_examples=None, quick_eval=False)
+    curves = {"pgd10": _curve_rows([(100, 0.6), (200, 0.66)]), "nfgsm": _curve_rows([(20, 0.66), (40, 0.67)]),
+              "fgsm_rs": _curve_rows([(15, 0.66), (30, 0.67)]), "pgd5": _curve_rows([(50, 0.66), (99, 0.67)])}
+    scores = {"pgd10": {2: _score(2, 0.64, 0.65)},
+              "nfgsm": {1: _score(1, 0.635, 0.64), 2: _score(2, 0.64, 0.65)},
+              "fgsm_rs": {1: _score(1, 0.64, 0.65, sanity=False), 2: _score(2, 0.64, 0.65, sanity=False)},
+              "pgd5": {1: _score(1, 0.64, 0.62), 2: _score(2, 0.64, 0.65)}}
+    out = ttr.build_result(curves, scores, args)
+    s = out["summary"]
+    assert out["judgement"]["target_autoattack"] == pytest.approx(0.63)
+    assert s["fgsm_rs"]["ratio_to_reference"] == pytest.approx(0.075) and s["fgsm_rs"]["sanity_at_target"] is False
+    assert s["pgd5"]["pgd50x5_at_target"] == 0.62  # PGD-50 x 5 below the target at epoch 1: not a win
+    assert s["nfgsm"]["ratio_to_reference"] == pytest.approx(0.1)
+    assert out["winner"] == "nfgsm" and out["goal_met"] is True
+    assert s["nfgsm"]["aa_above_pgd20"] == []
+    json.dumps(out)  # the JSON the bench writes
+
+
+def test_summarize_report_refuses_a_weakened_autoattack():
+    row = {"attack": "autoattack", "label": "AutoAttack-n_queries20@0.1", "eps": 0.1, "steps": None, "restarts": 1,
+           "extra": {"n_queries": 20}, "robust_acc": 0.7, "seconds": 1.0}
+    pgd = {"attack": "pgd", "label": "PGD-50x5@0.1", "eps": 0.1, "steps": 50, "restarts": 5, "extra": {},
+           "robust_acc": 0.7, "seconds": 1.0}
+    report = {"results": [row, pgd], "count": 10, "clean_acc": 0.9, "sanity": [], "seconds": 2.0}
+    with pytest.raises(RuntimeError, match="standard AutoAttack"):
+        ttr.summarize_report(report, 1, "epoch0000")
+    report["results"][0] = {**row, "label": "AutoAttack@0.1", "extra": {}}
+    out = ttr.summarize_report(report, 1, "epoch0000")
+    assert (out["autoattack_acc"], out["pgd50x5_acc"], out["sanity_pass"]) == (0.7, 0.7, False)  # no checks: no pass
+
+
+def test_methods_always_include_the_reference_and_refuse_unknown_names():
+    assert ttr.selected_methods("nfgsm,pgd10,nfgsm") == ["pgd10", "nfgsm"]
+    assert set(ttr.METHODS) == {"pgd10", "pgd5", "fgsm_rs", "nfgsm", "free", "atta_pgd2", "nfgsm_onecycle"}
+    with pytest.raises(ConfigError, match="unknown method 'pgd7'"):
+        ttr.selected_methods("pgd7")
+
+
+# ----------------------------------------------------------------------------- end to end, tiny
+
+
+@pytest.mark.slow
+def test_bench_time_to_robust_end_to_end_tiny(tmp_path):
+    """Two methods, 2 epochs of 256 images, one rank, AutoAttack cut to 2 iterations (--quick-eval) on 32 images.
+
+    Standard AutoAttack costs minutes per batch of 256 on this CPU whatever the batch holds (Square's 5,000
+    queries run one after another), which is what the real measurement pays."""
+    from dat_ds.bench import get_bench
+
+    bench = get_bench("time-to-robust")
+    p = argparse.ArgumentParser()
+    bench.add_args(p)
+    args = p.parse_args(["--out", str(tmp_path / "out"), "--epochs", "2", "--eval-examples", "32", "--methods",
+                         "pgd10,nfgsm", "--nproc", "1", "--train-examples", "256", "--monitor-every", "2",
+                         "--runs-dir", str(tmp_path / "runs"), "--quick-eval"])
+    bench.run(args)
+    data = json.loads((tmp_path / "out" / "time_to_robust.json").read_text())
+    assert data["benchmark"] == "time_to_robust" and "machine" in data
+    assert set(data["summary"]) == {"pgd10", "nfgsm"} and data["judgement"]["reference"] == "pgd10"
+    for name, curve in data["curves"].items():
+        assert [c["epoch"] for c in curve] == [1, 2]
+        assert all(c["robust_attack"] == "PGD-20@0.1" and c["train_seconds"] > 0 for c in curve)
+        assert curve[1]["train_seconds"] > curve[0]["train_seconds"]
+        assert all(c["monitor_max_gap"] is not None for c in curve)  # the monitor ran every epoch
+        final = data["scores"][name]["2"]
+        assert final["count"] == 32 and final["autoattack_label"] == "AutoAttack-aa_steps2-n_queries20@0.1"
+        assert final["pgd50x5_label"] == "PGD-50x5@0.1" and len(final["sanity"]) >= 5
+        assert final["autoattack_acc"] <= final["pgd50x5_acc"] + 1e-9
+    assert data["autoattack_standard"] is False and data["goal_met"] is False  # --quick-eval never passes
+    assert data["judge"].startswith("NOT STANDARD AutoAttack")
+    ref = data["summary"]["pgd10"]
+    assert ref["ratio_to_reference"] == 1.0
+    assert data["judgement"]["target_autoattack"] == pytest.approx(ref["final_autoattack"] - 0.01)
+    assert (tmp_path / "out" / "time_to_robust.png").stat().st_size > 1000
+    assert (tmp_path / "runs" / "nfgsm" / "checkpoint" / "epoch0000").is_dir()  # keep_last kept every epoch
