@@ -46,7 +46,7 @@ def fast_cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["demo", "--help"],
                                   ["pretrain", "--help"], ["finetune", "--help"], ["pseudo-label", "--help"],
-                                  ["export", "--help"], ["bench", "--help"]], ids=" ".join)
+                                  ["export", "--help"], ["bench", "--help"], ["tune", "--help"]], ids=" ".join)
 def test_help_imports_no_torch(tmp_path, argv):
     proc = fast_cli(tmp_path, *argv)
     assert proc.returncode == 0, proc.stderr
@@ -140,6 +140,17 @@ CASES = [
     ("export-missing-run", lambda t: ["export", "--run", "runs/none", "--out", "m.safetensors"],
      "--run 'runs/none' does not exist; give a run folder such as runs/demo"),
     ("nproc-zero", lambda t: ["eval", "--run", "runs/demo", "--nproc", "0"], "--nproc=0 must be >= 1"),
+    ("tune-bad-budget", lambda t: ["tune", "--recipe", "demo", "--nproc", "2", "--budget", "10x"],
+     "--budget '10x' is not a duration; write e.g. 10m, 90s or 1h"),
+    ("tune-batch-for-world", lambda t: ["tune", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "3"],
+     "train_batch_size=2048 is not divisible by gradient_accumulation_steps=1 x world_size=3; change train_batch_size or "
+     "give train_micro_batch_size_per_gpu"),
+    ("tune-bogus-attack", lambda t: ["tune", "--recipe", "demo", "--nproc", "2", "--set", "attack.name=bogus"],
+     f"unknown attack 'bogus'; choose one of: {_names('attack')}"),
+    ("tune-out-not-json", lambda t: ["tune", "--recipe", "demo", "--nproc", "2", "--out", "tuned.yaml"],
+     "--out 'tuned.yaml' must end in .json"),
+    ("bench-vs-without-a", lambda t: ["bench", "engine", "--vs", "zero0_fp32"],
+     "bench engine compares two JSONs with both --deepspeed_config A and --vs B"),
 ]
 
 

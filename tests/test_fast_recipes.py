@@ -171,8 +171,15 @@ def _curve_rows(points):
              "monitor_overfit": False} for p in _curve(points)]
 
 
-def test_the_winner_needs_pgd50_and_sanity_to_hold_at_the_target_checkpoint():
-    args = argparse.Namespace(eps=0.1, epochs=2, nproc=2, eval_examples=100, train_examples=None, quick_eval=False)
+@pytest.fixture
+def bench_args():
+    p = argparse.ArgumentParser()
+    ttr.add_args(p)
+    return p.parse_args([])
+
+
+def test_the_winner_needs_pgd50_and_sanity_to_hold_at_the_target_checkpoint(bench_args):
+    args = bench_args
     curves = {"pgd10": _curve_rows([(100, 0.6), (200, 0.66)]), "nfgsm": _curve_rows([(20, 0.66), (40, 0.67)]),
               "fgsm_rs": _curve_rows([(15, 0.66), (30, 0.67)]), "pgd5": _curve_rows([(50, 0.66), (99, 0.67)])}
     scores = {"pgd10": {2: _score(2, 0.64, 0.65)},
@@ -208,6 +215,16 @@ def test_methods_always_include_the_reference_and_refuse_unknown_names():
     assert set(ttr.METHODS) == {"pgd10", "pgd5", "fgsm_rs", "nfgsm", "free", "atta_pgd2", "nfgsm_onecycle"}
     with pytest.raises(ConfigError, match="unknown method 'pgd7'"):
         ttr.selected_methods("pgd7")
+
+
+@pytest.mark.parametrize("name", list(ttr.METHODS))
+def test_every_bench_method_passes_the_start_up_validation_for_two_ranks(name, tmp_path, bench_args):
+    from dat_ds import cli as dat_cli
+
+    argv = ttr.train_argv(name, ttr.METHODS[name], bench_args, tmp_path)
+    assert dat_cli.main(["train", *argv, "--nproc", "2", "--dry-run"]) == 0
+    cfg = build_config(ttr.DEMO_RECIPE, argv[argv.index("--overwrite") + 1:][1::2])
+    assert cfg.train.keep_last == bench_args.epochs and cfg.monitor.every_steps == 40 and cfg.eval.every_epochs == 1
 
 
 # ----------------------------------------------------------------------------- end to end, tiny

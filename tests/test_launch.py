@@ -1,10 +1,18 @@
 """Two "nodes" on one machine: the DeepSpeed launcher started once per node, as on a real cluster.
 
 DeepSpeed's default multi-node path ssh-es (pdsh) into every host of the hostfile; with ``--no_ssh``
-the same runner is started on each node by hand (or by a scheduler) with its ``--node_rank``. Here both
-"nodes" are local processes sharing a hostfile of two hosts with one slot each and the master address
-127.0.0.1, so this exercises the real runner -> launch -> rank path and a 2-process gloo world whose
-ranks were started by different launchers.
+the same runner is started on each node by hand (or by a scheduler) with its ``--node_rank``. Each
+"node" here is a command that calls the project's one launcher, ``launch(..., node=NodeLaunch(...))``,
+with a shared hostfile of two hosts with one slot each. Two variants:
+
+* ``localhost``: both nodes in this machine's network, master address 127.0.0.1;
+* ``netns``: each node inside its own network namespace, joined by a veth pair with the addresses
+  10.231.<id>.1 / .2 (``dat_ds.bench.netns``): two hosts that can reach each other only over that
+  link, gloo bound to it. Needs root and iproute2; skipped with the reason otherwise.
+
+Either way this exercises the real runner -> launch -> rank path and a 2-process gloo world whose ranks
+were started by different launchers. No namespace outlives the test (and ``conftest`` removes any this
+session left at its end).
 """
 
 from __future__ import annotations
@@ -19,11 +27,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One node: the launcher call a scheduler would make on that machine (verbose, so DeepSpeed's launcher
+# prints the world it started).
+NODE_SCRIPT = """
+import json, sys
+from dat_ds.launch.launcher import NodeLaunch, launch
+a = json.loads(sys.argv[1])
+sys.exit(launch("dat_ds.launch.train", a["argv"], nproc=1, hostfile=a["hostfile"], master_port=a["port"],
+                env=a["env"], node=NodeLaunch(a["node_rank"], a["master_addr"], tuple(a["prefix"]))))
+"""
+
 
 @pytest.mark.dist
-def test_two_node_launch_trains_one_short_epoch(tmp_path):
+@pytest.mark.parametrize("network", ["localhost", "netns"])
+def test_two_node_launch_trains_one_short_epoch(tmp_path, network):
+    from dat_ds.bench import netns
     from dat_ds.core.dist import free_port
 
+    if network == "netns" and (reason := netns.unavailable()) is not None:
+        pytest.skip(f"two nodes in network namespaces: {reason}")
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port = free_port()
@@ -31,27 +53,42 @@ def test_two_node_launch_trains_one_short_epoch(tmp_path):
                 "--set", "model.name=tiny_cnn", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=3",
                 "--set", "attack.steps=1", "--set", "eval.max_examples=64", "--set", "eval.steps=2",
                 "--set", "eval.batch_size=32"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONUNBUFFERED="1", DAT_DS_VERBOSE="1")
+    link = netns.NetnsLink() if network == "netns" else None
     procs = []
-    for node_rank in (0, 1):
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-               "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "--module", "dat_ds.launch.train", *run_args]
-        log = open(tmp_path / f"node{node_rank}.log", "w")
-        procs.append((subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     try:
+        if link is not None:
+            link.open()
+        for node_rank in (0, 1):
+            spec = {"argv": run_args, "hostfile": str(hostfile), "port": port, "node_rank": node_rank,
+                    "master_addr": link.addrs[0] if link else "127.0.0.1",
+                    "prefix": list(link.exec_prefix(node_rank)) if link else [],
+                    "env": {"GLOO_SOCKET_IFNAME": link.ifnames[node_rank]} if link else {}}
+            log = open(tmp_path / f"node{node_rank}.log", "w")
+            procs.append((subprocess.Popen([sys.executable, "-c", NODE_SCRIPT, json.dumps(spec)], cwd=tmp_path, env=env,
+                                           stdout=log, stderr=subprocess.STDOUT), log))
         codes = [p.wait(timeout=600) for p, _ in procs]
+        sent = [link.tx_bytes(i) for i in (0, 1)] if link else []
     finally:
         for p, log in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
             log.close()
+        if link is not None:
+            link.close()
+    if link is not None:
+        assert not netns.owned_by(os.getpid()), "the test's namespaces were not deleted"
+        assert sent[1] > 20_000, f"node 1 sent only {sent[1]} bytes over the link"  # gradients went over the veth
     logs = {i: (tmp_path / f"node{i}.log").read_text() for i in (0, 1)}
     assert codes == [0, 0], f"exit codes {codes}\nnode0:\n{logs[0][-4000:]}\nnode1:\n{logs[1][-4000:]}"
     # Each launcher started exactly its own rank of a 2-process world.
     for i in (0, 1):
         assert "dist_world_size=2" in logs[i]
         assert f"node_rank={i}" in logs[i]
+    if link is not None:  # node 1 met the master at node 0's address on the link
+        assert link.addrs[0] in logs[1]
     summary = json.loads((tmp_path / "runs" / "two-nodes" / "summary.json").read_text())
     assert summary["world_size"] == 2
     final = summary["final"]
@@ -59,6 +96,16 @@ def test_two_node_launch_trains_one_short_epoch(tmp_path):
     assert final["train_loss"] > 0 and 0.0 <= final["robust_acc"] <= final["clean_acc"] <= 1.0
     steps = [json.loads(line) for line in (tmp_path / "runs" / "two-nodes" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "epoch" for r in steps)
+
+
+def test_a_node_launch_needs_a_hostfile_and_a_shared_port():
+    from dat_ds.core.errors import ConfigError
+    from dat_ds.launch.launcher import NodeLaunch, launch
+
+    with pytest.raises(ConfigError, match="hostfile and a master port"):
+        launch("dat_ds.launch.train", [], nproc=1, node=NodeLaunch(0, "127.0.0.1"))
+    with pytest.raises(ConfigError, match="hostfile and a master port"):
+        launch("dat_ds.launch.train", [], nproc=1, hostfile=__file__, node=NodeLaunch(1, "127.0.0.1"))
 
 
 def test_cpu_shm_comm_op_is_marked_incompatible_before_init():

@@ -205,10 +205,11 @@ def _cli(tmp_path: Path, *argv: str, timeout: float = 600) -> subprocess.Complet
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # ~150 s on the 2-core machine: two launches of the ranks
 def test_real_tiny_tune_writes_a_json_that_validates_and_resumes(tmp_path):
     """One launch on 1 rank, PGD-1 on the embedded data: the JSON, the sidecar and the plot, then a resume."""
     out = tmp_path / "tuned" / "demo.json"
-    argv = ["tune", "--recipe", "demo", "--nproc", "1", "--budget", "75s", "--set", "attack.steps=1",
+    argv = ["tune", "--recipe", "demo", "--nproc", "1", "--budget", "100s", "--set", "attack.steps=1",
             "--out", str(out)]
     proc = _cli(tmp_path, *argv)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -227,3 +228,14 @@ def test_real_tiny_tune_writes_a_json_that_validates_and_resumes(tmp_path):
     side2 = json.loads(out.with_name("demo.tuning.json").read_text())
     cached = [p for p in side2["points"] if p["cached"]]
     assert len(cached) >= len(ok)
+
+
+def test_a_tuned_json_is_accepted_by_train_unchanged(tmp_path):
+    """What tune writes is a plain DeepSpeed JSON: `dat-ds train --dry-run` validates it at its world size."""
+    best = dataclasses.replace(START, micro=16, accum=4, zero=1)
+    path = tmp_path / "demo-2xcpu.json"
+    path.write_text(json.dumps(point_ds_json(BASE, START, best, optimizer_family="adamw")))
+    proc = _cli(tmp_path, "train", "--recipe", "demo", "--nproc", "2", "--deepspeed_config", str(path), "--dry-run",
+                timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"global_batch": 128, "micro_batch_per_rank": 16, "grad_accum": 4, "zero_stage": 1' in proc.stderr

@@ -22,19 +22,24 @@ from ..core.errors import ConfigError
 # name -> (module under dat_ds.bench, one-line help). Every module has ``add_args(p)`` and ``run(args) -> dict``.
 _BENCHES: dict[str, tuple[str, str]] = {
     "step": ("step", "PGD-k AT step cost / clean step: input-gradient attack vs naive loop"),
-    "engine": ("engine_bench", "samples/s: DeepSpeed-engine trainer vs a plain DDP loop, same AT work"),
+    "engine": ("engine_bench", "samples/s: DeepSpeed-engine trainer vs a plain DDP loop, same AT work; "
+                               "--deepspeed_config A --vs B: two JSONs side by side"),
     "scaling": ("scaling", "weak and strong scaling 1 -> N ranks (samples/s)"),
     "time-to-robust": ("time_to_robust", "training time of PGD-5, FGSM-RS, N-FGSM, Free-AT, ATTA, N-FGSM + one-cycle "
                                          "to PGD-10 AT's AutoAttack accuracy (-1 pp)"),
     "comm": ("comm", "bytes and time per step: fp32 all-reduce vs DAT 8-bit, 1-bit Adam, 0/1 Adam, 1-bit LAMB"),
     "network": ("network", "two nodes (network namespaces) behind a shaped link: step time and time to a loss, "
                            "fp32 all-reduce vs DAT 8-bit, 1-bit Adam, 0/1 Adam, 1-bit LAMB"),
+    "simulate": ("simulate", "alpha-beta cost model calibrated and checked on bench network: step time and scaling "
+                             "efficiency for N ranks on 1-400 Gbit/s links"),
     "eval": ("eval_bench", "PGD-20 evaluation throughput on 1 vs N ranks"),
     "startup": ("startup", "wall time of dat-ds --help, a config error, an eval error and the demo's first step, "
                            "each vs `import torch`"),
     "gpu-smoke": ("gpu_smoke", "one CUDA device: every one-rank ds_config, bf16, ZeRO-3, attacks, AutoAttack eval, "
                                "SSL commands, dat-ds vs plain PyTorch samples/s"),
 }
+_BENCHES["unlabeled-memory"] = ("unlabeled_memory", "resident memory of generated-data mixing (memory-mapped .npz shards) "
+                                                   "from 100k to 1M generated images")
 BENCH_HELP: dict[str, str] = {name: help_ for name, (_, help_) in _BENCHES.items()}
 
 

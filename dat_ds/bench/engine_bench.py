@@ -3,6 +3,11 @@
 engine: samples/s of our DeepSpeed-engine trainer vs a plain ``torch.nn.parallel.DDP`` loop doing the
 same adversarial-training work on 2 ranks (same objective, model, batch, data shard; pass counts are
 recorded to show the work is equal). Arms alternate over ``--repeats`` launches.
+
+engine --deepspeed_config A --vs B: two DeepSpeed JSONs side by side in one launch of the tune ranks
+(``tune_worker``): the recipe's own step, same world size, A and B alternating for ``--rounds`` rounds;
+writes ``engine_vs.json`` with ``ratio`` = samples/s of A / samples/s of B (e.g. a ``dat-ds tune`` result
+against the JSON it started from).
 """
 
 from __future__ import annotations
@@ -41,9 +46,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="small_cnn")
     p.add_argument("--attack-steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2, help="launches per arm, alternating")
+    p.add_argument("--deepspeed_config", "--ds-config", dest="deepspeed_config", default=None,
+                   help="with --vs: the JSON A to compare (e.g. a dat-ds tune result)")
+    p.add_argument("--vs", default=None, metavar="B", help="compare --deepspeed_config A with JSON B side by side")
+    p.add_argument("--recipe", default="demo", help="with --vs: the recipe whose step is timed (default demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --vs: run-config overrides of the recipe (repeatable)")
+    p.add_argument("--rounds", type=int, default=3, help="with --vs: alternating rounds (A, B) in the one launch")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.vs is not None or args.deepspeed_config is not None:
+        return run_vs(args)
     runs: dict[str, list[dict[str, Any]]] = {"deepspeed": [], "ddp": []}
     for _ in range(args.repeats):
         for arm in ("deepspeed", "ddp"):
@@ -64,4 +78,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                ["arm", "samples/s", "fwd passes", "bwd passes"],
                [[arm, sps[arm], runs[arm][0]["forward_passes_rank0"], runs[arm][0]["backward_passes_rank0"]]
                 for arm in runs] + [["ratio", ratio, None, None]])
+    return out
+
+
+def check_vs_args(args: argparse.Namespace):
+    """Torch-free: both JSONs exist and pass the DeepSpeed-JSON validation at this world size."""
+    from ..core.config import build_config
+    from ..core.errors import ConfigError
+    from ..launch.validate import recipe_path
+    from ..runtime import ds_config
+
+    if args.vs is None or args.deepspeed_config is None:
+        raise ConfigError("bench engine compares two JSONs with both --deepspeed_config A and --vs B")
+    if args.rounds < 1 or args.steps < 1:
+        raise ConfigError(f"--rounds={args.rounds} and --steps={args.steps} must be >= 1")
+    recipe = recipe_path(args.recipe)
+    build_config(recipe, list(args.overrides))
+    paths = {}
+    for arm, path in (("A", args.deepspeed_config), ("B", args.vs)):
+        resolved = str(ds_config.resolve_path(path))
+        ds_config.prepare(resolved, args.nproc, data=ds_config.load_ds_json(resolved))
+        paths[arm] = resolved
+    return recipe, paths
+
+
+def run_vs(args: argparse.Namespace) -> dict[str, Any]:
+    """A and B alternating in one launch: ``ratio`` = samples/s of A / samples/s of B."""
+    import time
+
+    from ..runtime import ds_config
+    from .tune_run import EngineMeasure, STEPS
+    from .tune import Point
+
+    recipe, paths = check_vs_args(args)
+    jsons = {arm: ds_config.load_ds_json(p) for arm, p in paths.items()}
+    runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+    with tempfile.TemporaryDirectory(prefix="dat-ds-vs-") as tmp:
+        dummy = Point(micro=1, accum=1, global_batch=args.nproc, ranks=args.nproc)
+        measure = EngineMeasure(recipe=recipe, sets=list(args.overrides), hostfile=None, base_json=jsons["A"],
+                                start=dummy, optimizer_family="adamw", lr_rule="none",
+                                deadline=time.time() + 10**6, rss_cap_mb=None, exchange=Path(tmp))
+        try:
+            for _ in range(args.rounds):
+                for arm in ("A", "B"):
+                    r = measure.run_json((args.nproc, 0), jsons[arm], [], steps=args.steps or STEPS)
+                    if r.status != "ok":
+                        from ..core.errors import ConfigError
+
+                        raise ConfigError(f"--{'deepspeed_config' if arm == 'A' else 'vs'} {paths[arm]} did not run: "
+                                          f"{r.status} {r.message}")
+                    runs[arm].append({"samples_per_s": r.samples_per_s, "step_s": r.step_s, "peak_mem_mb": r.peak_mem_mb})
+        finally:
+            measure.close()
+    sps = {arm: statistics.median(x["samples_per_s"] for x in rs) for arm, rs in runs.items()}
+    ratio = sps["A"] / sps["B"]
+    out = {"recipe": args.recipe, "nproc": args.nproc, "steps_per_round": args.steps, "rounds": args.rounds,
+           "A": paths["A"], "B": paths["B"], "json_A": jsons["A"], "json_B": jsons["B"], "runs": runs,
+           "samples_per_s": sps, "ratio": ratio, "a_not_slower": ratio >= 1.0}
+    write_result(args.out, "engine_vs", out)
+    save_bar_plot(Path(args.out) / "engine_vs.png", [f"A: {Path(paths['A']).name}", f"B: {Path(paths['B']).name}"],
+                  [sps["A"], sps["B"]], ylabel="samples/s", title=f"{args.recipe} on {args.nproc} ranks, alternating")
+    show_table(f"bench engine --vs: {args.recipe}, {args.nproc} ranks, {args.rounds} alternating rounds of "
+               f"{args.steps} steps", ["arm", "samples/s"],
+               [[f"A {paths['A']}", sps["A"]], [f"B {paths['B']}", sps["B"]], ["ratio A / B", ratio]])
     return out

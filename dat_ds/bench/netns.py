@@ -1,11 +1,13 @@
 """Two emulated "nodes" on one machine: two network namespaces joined by a veth pair, optionally shaped.
 
-``NetnsLink`` creates ``datds-<id>-0`` and ``datds-<id>-1``, one veth end in each with the address
+``NetnsLink`` creates ``datds-<pid>-<id>-0`` and ``datds-<pid>-<id>-1`` (``pid``: the process that owns
+them), one veth end in each with the address
 ``10.231.<id>.1`` / ``.2`` (a /30 that exists only between these two namespaces, so traffic can go nowhere
 else), brings loopback up in both and can shape the link with ``tc ... tbf`` on both ends (each end
 shapes what it sends, so both directions get the rate). Everything it creates is deleted on ``close()``
-(also when the body of ``with`` raised); ``remove_leftovers()`` deletes any ``datds-*`` namespace or
-link a killed process left behind. Needs root and iproute2; ``unavailable()`` says why not in one line.
+(also when the body of ``with`` raised); ``remove_leftovers()`` deletes the ``datds-*`` namespaces and
+links whose owner is gone (a killed process left them), never those of a live process (a benchmark
+running next to a test session). Needs root and iproute2; ``unavailable()`` says why not in one line.
 No torch here.
 """
 
@@ -15,11 +17,10 @@ import logging
 import os
 import shutil
 import subprocess
-import time
 
 log = logging.getLogger(__name__)
 
-PREFIX = "datds-"  # every namespace we create; interfaces are "datds<id>n" (IFNAMSIZ: 15 characters)
+PREFIX = "datds-"  # every namespace we create; interfaces are "datds<id>n<node>" (IFNAMSIZ: 15 characters)
 SUBNET = "10.231"  # 10.231.<id>.0/30 per link: private, and only ever assigned inside our namespaces
 _CMD_TIMEOUT_S = 20.0
 
@@ -37,7 +38,7 @@ def unavailable() -> str | None:
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"`{tool}` not found (install iproute2)"
-    probe = f"{PREFIX}probe-{os.getpid()}"
+    probe = f"{PREFIX}{os.getpid()}-0-probe"  # owned by this process, so no cleanup elsewhere takes it
     try:
         made = _ip("netns", "add", probe, check=False)
         if made.returncode != 0:
@@ -55,28 +56,50 @@ def namespaces() -> list[str]:
     return [ln.split()[0] for ln in out.splitlines() if ln.split() and ln.split()[0].startswith(PREFIX)]
 
 
-def remove_leftovers() -> list[str]:
-    """Delete every ``datds-*`` namespace and every ``datds*`` link in this namespace; returns their names."""
-    removed = []
+def _owner_and_id(name: str) -> tuple[int, int] | None:
+    parts = name.split("-")  # datds-<pid>-<id>-<node>
+    if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit():
+        return int(parts[1]), int(parts[2])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(also_owner: int | None = None) -> list[str]:
+    """Delete ``datds-*`` namespaces whose owning process is gone (or is ``also_owner``), and ``datds*``
+    links left in this namespace that no live owner's namespaces account for; returns their names."""
+    removed, live_ids = [], set()
     for name in namespaces():
+        owner = _owner_and_id(name)
+        if owner is not None and owner[0] != also_owner and _alive(owner[0]):
+            live_ids.add(owner[1])
+            continue
         _ip("netns", "del", name, check=False)
         removed.append(name)
     if shutil.which("ip") is not None:
         for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
             parts = line.split(":")
-            if len(parts) > 1:
-                ifname = parts[1].strip().split("@")[0]
-                if ifname.startswith(PREFIX.rstrip("-")):
-                    _ip("link", "del", ifname, check=False)
-                    removed.append(ifname)
+            ifname = parts[1].strip().split("@")[0] if len(parts) > 1 else ""
+            digits = ifname[len("datds"):].split("n")[0]
+            if ifname.startswith("datds") and not (digits.isdigit() and int(digits) in live_ids):
+                _ip("link", "del", ifname, check=False)
+                removed.append(ifname)
     if removed:
         log.warning("removed leftover network namespaces/links: %s", ", ".join(removed))
     return removed
 
 
 def _free_id() -> int:
-    taken = {int(n.split("-")[1]) for n in namespaces() if n.split("-")[1].isdigit()}
-    start = os.getpid() % 200 + 20  # concurrent processes (a test and a benchmark) pick different links
+    taken = {owner[1] for n in namespaces() if (owner := _owner_and_id(n)) is not None}
+    start = os.getpid() % 200  # concurrent processes (a test and a benchmark) start at different ids
     for k in range(200):
         i = (start + k) % 200 + 20
         if i not in taken:
@@ -89,7 +112,7 @@ class NetnsLink:
 
     def __init__(self):
         self.id = _free_id()
-        self.names = (f"{PREFIX}{self.id}-0", f"{PREFIX}{self.id}-1")
+        self.names = (f"{PREFIX}{os.getpid()}-{self.id}-0", f"{PREFIX}{os.getpid()}-{self.id}-1")
         self.ifnames = (f"datds{self.id}n0", f"datds{self.id}n1")
         self.addrs = (f"{SUBNET}.{self.id}.1", f"{SUBNET}.{self.id}.2")
         self.rate_mbit: float | None = None
@@ -148,6 +171,13 @@ class NetnsLink:
         """Bring node 1's end of the link up or down (a peer that loses its network)."""
         _ip("-n", self.names[1], "link", "set", self.ifnames[1], "up" if up else "down")
 
+    def tx_bytes(self, node: int) -> int:
+        """Bytes node ``node`` has sent over the link so far (the veth end's counter)."""
+        out = _ip("-n", self.names[node], "-s", "-j", "link", "show", self.ifnames[node]).stdout
+        import json
+
+        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+
     def throughput_mb_s(self, nbytes: int = 4 << 20, timeout_s: float = 30.0) -> float:
         """Measured MB/s from node 0 to node 1 over the link (a TCP stream of ``nbytes``)."""
         import sys
@@ -178,11 +208,6 @@ class NetnsLink:
         return nbytes / seconds / 1e6
 
 
-def wait_gone(timeout_s: float = 5.0) -> bool:
-    """True once no ``datds-*`` namespace exists (deletion is asynchronous in some kernels)."""
-    deadline = time.monotonic() + timeout_s
-    while namespaces():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+def owned_by(pid: int) -> list[str]:
+    """The ``datds-*`` namespaces process ``pid`` created that still exist."""
+    return [n for n in namespaces() if (owner := _owner_and_id(n)) is not None and owner[0] == pid]

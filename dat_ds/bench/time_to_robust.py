@@ -14,8 +14,8 @@ settings), through ``dat-ds eval``'s own ranks (``dat_ds.launch.evaluate`` -> ``
 1. the reference (PGD-10 AT) is scored after its last epoch; target = its AutoAttack accuracy - 1 pp;
 2. every other method is scored after its last epoch, and at each earlier epoch whose PGD-20 accuracy
    reaches the target, in order, until one passes. An epoch whose PGD-20 accuracy is below the target is
-   not scored: AutoAttack, which breaks every example PGD-20 breaks and more (docs/evaluation.md), can
-   only be lower there. Skipping epochs can only make a method look slower, never faster; every scored
+   not scored: AutoAttack, which broke every example PGD-20 broke and more on the demo model
+   (docs/evaluation.md), can only be lower there. Skipping epochs can only make a method look slower, never faster; every scored
    checkpoint's AutoAttack <= PGD-20 is checked and reported (``aa_above_pgd20``);
 3. a method's time to the target is its cumulative training time (evaluation and the monitor's own
    measurements excluded) at the first epoch whose AutoAttack accuracy reaches the target; its ratio is
@@ -126,15 +126,19 @@ def judge(curves: dict[str, list[dict[str, Any]]], autoattack: dict[str, dict[in
 # ----------------------------------------------------------------------------- training and scoring
 
 
-def train_method(name: str, method: Method, args: argparse.Namespace, runs: Path) -> list[dict[str, Any]]:
-    """Train one method with ``dat-ds train``'s ranks; its per-epoch curve (monitor time taken out)."""
+def train_argv(name: str, method: Method, args: argparse.Namespace, runs: Path) -> list[str]:
+    """``dat-ds train`` arguments for one method: the demo recipe, the bench's common settings, the method's."""
     sets = [f"attack.eps={args.eps}", "eval.attack=pgd", "eval.steps=20",
             "eval.every_epochs=1", f"eval.max_examples={args.eval_examples}", f"train.keep_last={args.epochs}",
             "train.save_every_steps=0", f"monitor.every_steps={args.monitor_every}", "monitor.policy=warn",
             *([f"data.train_subset={args.train_examples}"] if args.train_examples else []), *method.overrides]
-    argv = ["--config", str(DEMO_RECIPE), "--name", name, "--output-dir", str(runs), "--epochs", str(args.epochs),
+    return ["--config", str(DEMO_RECIPE), "--name", name, "--output-dir", str(runs), "--epochs", str(args.epochs),
             "--overwrite", *(a for s in sets for a in ("--set", s))]
-    launch("dat_ds.launch.train", argv, nproc=args.nproc)  # raises RankFailure on failure
+
+
+def train_method(name: str, method: Method, args: argparse.Namespace, runs: Path) -> list[dict[str, Any]]:
+    """Train one method with ``dat-ds train``'s ranks; its per-epoch curve (monitor time taken out)."""
+    launch("dat_ds.launch.train", train_argv(name, method, args, runs), nproc=args.nproc)  # RankFailure on failure
     return read_curve(runs / name)
 
 
@@ -169,7 +173,7 @@ def score_checkpoint(run_dir: Path, epoch: int, args: argparse.Namespace) -> dic
     # (100 iterations, 5,000 queries), and summarize_report checks that eval.json says so.
     argv = ["--run", str(run_dir), "--tag", tag, "--attacks", "autoattack,pgd", "--steps", str(PGD_STEPS),
             "--restarts", str(PGD_RESTARTS), "--sanity", "--max-examples", str(args.eval_examples),
-            "--out", str(out), *(QUICK_EVAL if args.quick_eval else ())]
+            "--batch-size", str(args.eval_batch_size), "--out", str(out), *(QUICK_EVAL if args.quick_eval else ())]
     launch("dat_ds.launch.evaluate", argv, nproc=args.nproc)
     report = json.loads((out / "eval.json").read_text())
     return summarize_report(report, epoch, tag, standard=not args.quick_eval)
@@ -213,6 +217,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--eval-examples", type=int, default=1000,
                    help="first N test images for the per-epoch PGD-20 curve and the AutoAttack judgement")
+    p.add_argument("--eval-batch-size", type=int, default=500,
+                   help="dat-ds eval's batch: AutoAttack's cost grows with the number of batches more than with "
+                        "their size on a CPU (Square's 5,000 queries run one after another), so 1,000 images on 2 "
+                        "ranks are one batch per rank")
     p.add_argument("--train-examples", type=int, default=None,
                    help="train on the first N training images (data.train_subset; default: all 10,000)")
     p.add_argument("--monitor-every", type=int, default=40, help="catastrophic-overfitting check every N steps")
@@ -294,13 +302,14 @@ def build_result(curves: dict[str, list[dict[str, Any]]], scores: dict[str, dict
               "NOT STANDARD AutoAttack (--quick-eval: 2 iterations, 20 queries; a smoke test, not a measurement)")
     return {
         "eps": args.eps, "epochs": args.epochs, "nproc": args.nproc, "eval_examples": args.eval_examples,
+        "eval_batch_size": args.eval_batch_size,
         "train_examples": args.train_examples or "all",
         "setup": "demo recipe (small_cnn_avgpool, embedded Fashion-MNIST), Madry objective, same epochs for every "
                  "method; train_seconds: training only (per-epoch evaluation and the overfitting monitor's "
                  "measurements excluded)",
         "judge": f"{attack} on the first {args.eval_examples} test images of an epoch's checkpoint, via dat-ds "
-                 "eval; target = reference's final AutoAttack - 1 pp; scored: every method's last epoch, and each earlier epoch whose PGD-20 "
-                 "reaches the target (in order, until one passes); time to target = training seconds at the first "
+                 "eval; target = reference's final AutoAttack - 1 pp; scored: every method's last epoch, and each "
+                 "earlier epoch whose PGD-20 reaches the target (in order, until one passes); time to target = training seconds at the first "
                  "AutoAttack-scored epoch at or above it; PGD-50 x 5 restarts and the gradient-masking checks in the "
                  "same evaluation",
         "judgement": j, "summary": summary, "curves": curves,

@@ -10,8 +10,9 @@ tests, a formula:
    resident-memory cap on CPU) -- every larger one is then pruned unmeasured -- or is slower; then down
    until one is slower. Accumulation follows, so the global batch stays what the JSON says;
 3. one pass over each other dimension at the best point so far (coordinate search);
-4. successive halving of the best few: each round re-measures the survivors with twice the timed steps,
-   alternating, and keeps the better half, so the winner is not the luckiest single measurement.
+4. successive halving of the best few: each round re-measures the survivors and the start one after
+   the other and keeps the better half (by the median of each point's measurements), so the winner is
+   not the luckiest single measurement and the speedup is stated from side-by-side numbers.
 
 A point whose first timed steps are already ``margin`` slower than the best is stopped early by the
 measurement (``prune_below``): it cannot win. Measured points go to a cache (``cache[key]``), so an
@@ -68,7 +69,8 @@ class Result:
     status: str  # ok | pruned (slower than the best after its first steps) | oom | invalid | error
     samples_per_s: float | None = None
     step_s: list[float] = field(default_factory=list)  # the timed optimizer steps (slowest rank each)
-    wall_s: float = 0.0  # what the measurement cost, start-up included
+    wall_s: float = 0.0  # what measuring the point cost on running ranks
+    startup_s: float = 0.0  # starting the ranks first (imports, rendezvous), when this point needed new ones
     peak_mem_mb: float | None = None
     message: str = ""
 
@@ -179,6 +181,8 @@ class _Search:
         self.measured: list[tuple[Point, Result]] = []
         self.oom_at: dict[Point, int] = {}  # point with micro=0 (the rest of its settings) -> smallest micro that did not fit
         self.walls: list[float] = []
+        self.startups: list[float] = []
+        self.last_layout: tuple[int, int] | None = None
         self.best: Point | None = None
         self.planned = 0
         self.stopped_by_budget = False
@@ -195,8 +199,12 @@ class _Search:
     def best_sps(self) -> float | None:
         return self.sps(self.best) if self.best is not None else None
 
-    def _estimate(self) -> float:
-        return statistics.median(self.walls[-5:]) if self.walls else 0.0
+    def _estimate(self, p: Point) -> float:
+        """What measuring ``p`` will cost: recent points, plus a start of new ranks for another layout."""
+        cost = max(self.walls[-5:]) if self.walls else 0.0  # engines of other ZeRO stages build slower
+        if p.layout != self.last_layout and self.startups:
+            cost += statistics.median(self.startups)
+        return cost
 
     def evaluate(self, p: Point, *, tag: str = "", prune: bool = True) -> Result:
         key = p.key() + tag
@@ -211,13 +219,16 @@ class _Search:
         elif key in self.cache:
             result, cached = Result.from_json(self.cache[key]), True
         else:
-            if self.budget.left() < self._estimate():
+            if self.budget.left() < self._estimate(p):
                 self.stopped_by_budget = True
                 raise _OutOfBudget
             best = self.best_sps()
             floor = best * (1 - self.margin) if (prune and best) else None
             result, cached = self.measure(p, floor), False
             self.walls.append(result.wall_s)
+            if result.startup_s:
+                self.startups.append(result.startup_s)
+            self.last_layout = p.layout if result.status in (OK, PRUNED) else None  # a failed point ends its ranks
             if result.status not in (INVALID,):
                 self.cache[key] = result.to_json()
         if result.status == OOM:
@@ -398,10 +409,9 @@ def point_ds_json(base: Mapping[str, Any], start: Point, p: Point, *, optimizer_
     with ``none``, a changed global batch scales the JSON's lr linearly (Goyal et al.), otherwise the
     runtime rescales it from ``optim.base_batch_size`` and the JSON's lr stays.
     """
-    d = json.loads(json.dumps(base))
-    d["train_batch_size"] = p.global_batch
-    d["train_micro_batch_size_per_gpu"] = p.micro
-    d["gradient_accumulation_steps"] = p.accum
+    batch = {"train_batch_size": p.global_batch, "train_micro_batch_size_per_gpu": p.micro,
+             "gradient_accumulation_steps": p.accum}
+    d = {**batch, **{k: v for k, v in json.loads(json.dumps(base)).items() if k not in batch}}  # batch keys first
     d["zero_optimization"] = {**d.get("zero_optimization", {}), "stage": p.zero}
     if p.precision != start.precision:
         for k in ("bf16", "fp16", "torch_autocast"):

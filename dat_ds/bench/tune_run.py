@@ -29,12 +29,15 @@ from ..core.errors import ConfigError
 from ..core.io import atomic_write_json
 from ..launch.launcher import Interrupted, RankFailure, launch
 from . import tune
-from .tune import INVALID, OK, OOM, Point, Result
+from .tune import OK, Point, Result
 
 log = logging.getLogger(__name__)
 
 WARMUP, STEPS, PROBE = 2, 5, 2  # optimizer steps per point: warm-up, timed (median), agreement after PROBE
-START_GRACE_S = 240.0  # the ranks' start-up (imports, rendezvous) before a request counts as lost
+# Of the budget, the search may start points until (1 - RESERVE) of it has passed and must have its
+# results by the budget's end (the ranks stop a point that runs late); the last RESERVE_S seconds and the
+# 10 % over are for stopping the ranks, the files, the table and the plot.
+RESERVE, RESERVE_S = 0.05, 8.0
 
 
 # ----------------------------------------------------------------------------- the measuring ranks
@@ -104,10 +107,12 @@ class Server:
                 pass
         self.done.wait(30)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Tell the ranks to exit; ``wait=False`` at the very end: they go within a second, and also when
+        this process is gone (``launch.status.watch_cli``)."""
         if not self.done.is_set():
             atomic_write_json(self.dir / f"req-{self.n}.json", {"op": "quit"})
-            if not self.done.wait(30):
+            if wait and not self.done.wait(30):
                 self.kill()
 
 
@@ -116,10 +121,11 @@ class EngineMeasure:
 
     def __init__(self, *, recipe: str | None, sets: list[str], hostfile: str | None, base_json: dict[str, Any],
                  start: Point, optimizer_family: str, lr_rule: str, deadline: float, rss_cap_mb: float | None,
-                 exchange: Path, warmup: int = WARMUP, steps: int = STEPS, probe: int = PROBE):
+                 exchange: Path, hard_end: float | None = None, warmup: int = WARMUP, steps: int = STEPS, probe: int = PROBE):
         self.recipe, self.sets, self.hostfile = recipe, sets, hostfile
         self.base, self.start, self.family, self.lr_rule = base_json, start, optimizer_family, lr_rule
         self.deadline, self.rss_cap_mb, self.exchange = deadline, rss_cap_mb, exchange
+        self.hard_end = hard_end if hard_end is not None else deadline + 60  # then the ranks are stopped
         self.warmup, self.steps, self.probe = warmup, steps, probe
         self.server: Server | None = None
         self.layout: tuple[int, int] | None = None
@@ -140,6 +146,7 @@ class EngineMeasure:
     def run_json(self, layout: tuple[int, int], ds: dict[str, Any], sets: list[str], *, steps: int,
                  prune_below: float | None = None) -> Result:
         t0 = time.time()
+        fresh = self.server is None or self.layout != layout or self.server.done.is_set()
         server = self._server(layout)
         measured = json.loads(json.dumps(ds))
         params = measured.get("optimizer", {}).get("params", {})
@@ -152,18 +159,26 @@ class EngineMeasure:
         req = {"op": "measure", "ds_config": str(path), "sets": sets, "warmup": self.warmup, "steps": steps,
                "probe": min(self.probe, steps), "prune_below": prune_below, "rss_cap_mb": self.rss_cap_mb,
                "deadline": self.deadline}
-        out = server.request(req, wait_until=max(self.deadline, t0 + START_GRACE_S) + 15)
-        return Result(out.get("status", "error"), out.get("samples_per_s"), out.get("step_s", []),
-                      time.time() - t0, out.get("peak_mem_mb"), out.get("message", ""))
+        out = server.request(req, wait_until=self.hard_end)
+        total = time.time() - t0
+        own = out.get("wall_s", total)  # the ranks' own time for the point; the rest was their start
+        return Result(status=out.get("status", "error"), samples_per_s=out.get("samples_per_s"),
+                      step_s=out.get("step_s", []), wall_s=own, peak_mem_mb=out.get("peak_mem_mb"),
+                      message=out.get("message", ""), startup_s=max(0.0, total - own) if fresh else 0.0)
 
     def __call__(self, p: Point, prune_below: float | None) -> Result:
         sets = [f"model.channels_last={str(p.channels_last).lower()}", f"data.num_workers={p.workers}"]
         return self.run_json(p.layout, self.ds_json(p), sets, steps=self.steps, prune_below=prune_below)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         if self.server is not None:
-            self.server.close()
-            self.server = None
+            self.server.close(wait)
+            self.last, self.server = self.server, None
+
+    def wait_closed(self, timeout: float) -> None:
+        last = getattr(self, "last", None)
+        if last is not None:
+            last.done.wait(timeout)
 
 
 # ----------------------------------------------------------------------------- the space
@@ -175,6 +190,7 @@ class Inputs:
 
     recipe: str | None
     recipe_name: str
+    recipe_arg: str  # as the user wrote it (a shipped recipe's name stays a name)
     sets: tuple[str, ...]
     ds_path: str
     base_json: dict[str, Any]
@@ -280,14 +296,13 @@ def default_out(recipe_name: str, world: int, hardware: dict[str, Any]) -> Path:
 
 def run(inputs: Inputs) -> dict[str, Any]:
     """Measure, search, write the JSON + sidecar + PNG, show the table; returns the sidecar's content."""
-    from ..core import ui
     from ..core.config import build_config
     from ..optim.specs import check_optimizer_params
     from ..runtime import ds_config
 
     t_start = time.time()
     clock = time.monotonic
-    budget = tune.Budget(inputs.budget_s, clock)
+    budget = tune.Budget(inputs.budget_s * (1 - RESERVE) - RESERVE_S, clock)
     hardware = hardware_info()
     cpu = hardware["device"] == "cpu"
     cfg = build_config(inputs.recipe, list(inputs.sets))
@@ -320,7 +335,8 @@ def run(inputs: Inputs) -> dict[str, Any]:
     # measurements stop at the budget; what follows (files, table, plot) takes a few seconds of the 10 %
     measure = EngineMeasure(recipe=inputs.recipe, sets=list(inputs.sets), hostfile=inputs.hostfile,
                             base_json=inputs.base_json, start=start, optimizer_family=family, lr_rule=lr_rule,
-                            deadline=time.time() + inputs.budget_s, rss_cap_mb=rss_cap, exchange=exchange)
+                            deadline=time.time() + inputs.budget_s - RESERVE_S, rss_cap_mb=rss_cap, exchange=exchange,
+                            hard_end=time.time() + inputs.budget_s)
     record: dict[str, Any] = {}
 
     def save(outcome: tune.Outcome | None = None, measured: list | None = None) -> None:
@@ -360,17 +376,20 @@ def run(inputs: Inputs) -> dict[str, Any]:
                                   validate=validator(inputs, start, family, lr_rule), on_result=on_result,
                                   on_plan=on_plan)
         except (KeyboardInterrupt, _Signal) as e:
+            measure.close(wait=True)
+            shutil.rmtree(exchange, ignore_errors=True)
             signum = e.signum if isinstance(e, _Signal) else signal.SIGINT
             raise Interrupted(signum, f"interrupted after {len(done)} point(s); they are cached in {sidecar}: run "
                                       "the same command again to resume") from None
         finally:
             signal.signal(signal.SIGTERM, previous)
-            measure.close()
+            measure.close(wait=False)
+        if outcome.best_sps is None:
+            save(outcome, done)
+            measure.wait_closed(5.0)
             shutil.rmtree(exchange, ignore_errors=True)
-    if outcome.best_sps is None:
-        save(outcome, done)
-        raise ConfigError(f"no point ran (the first: {done[0][1].message if done else 'none measured'}); "
-                          f"see {sidecar}")
+            raise ConfigError(f"no point ran (the first: {done[0][1].message if done else 'none measured'}); "
+                              f"see {sidecar}")
     best_json = measure.ds_json(outcome.best)
     ds_config.prepare(str(out), outcome.best.ranks * inputs.nodes, data=best_json)  # what we write passes, always
     atomic_write_json(out, best_json)
@@ -388,6 +407,8 @@ def run(inputs: Inputs) -> dict[str, Any]:
     }
     record["summary"] = summary
     save(outcome, done)
+    measure.wait_closed(5.0)
+    shutil.rmtree(exchange, ignore_errors=True)
     png = out.with_suffix(".png")
     _plot(png, done, start, outcome.best)
     _table(done, start, outcome.best, inputs.recipe_name)
@@ -416,7 +437,7 @@ def _launch_line(inputs: Inputs, best: Point, out: Path, sets: list[str], cpu: b
         best.threads != max(1, (os.cpu_count() or 1) // best.ranks) else ""
     host = f" --hostfile {inputs.hostfile}" if inputs.hostfile else ""
     extra = "".join(f" --set {s}" for s in sets)
-    return (f"{env}dat-ds train --recipe {inputs.recipe or 'default'} --nproc {best.ranks}{host} "
+    return (f"{env}dat-ds train --recipe {inputs.recipe_arg} --nproc {best.ranks}{host} "
             f"--deepspeed_config {out}{extra}")
 
 
@@ -453,12 +474,22 @@ class _progress:
 
 
 def _rows(done: list[tuple[Point, Result, bool]]) -> list[tuple[Point, Result]]:
-    """One row per point (its last measurement), ok points by samples/s first."""
-    last: dict[Point, Result] = {}
+    """One row per point, fastest first: its measurements together (median samples/s of the ok ones)."""
+    import statistics
+
+    by_point: dict[Point, list[Result]] = {}
     for p, r, _ in done:
-        if p not in last or r.status == OK:
-            last[p] = r
-    return sorted(last.items(), key=lambda t: (t[1].status != OK, -(t[1].samples_per_s or 0)))
+        by_point.setdefault(p, []).append(r)
+    rows = []
+    for p, rs in by_point.items():
+        ok = [r for r in rs if r.status == OK]
+        if ok:
+            r = dataclasses.replace(ok[-1], samples_per_s=statistics.median(r.samples_per_s for r in ok),
+                                    step_s=[s for r in ok for s in r.step_s])
+        else:
+            r = rs[-1]
+        rows.append((p, r))
+    return sorted(rows, key=lambda t: (t[1].status != OK, -(t[1].samples_per_s or 0)))
 
 
 def _table(done, start: Point, best: Point, recipe: str) -> None:

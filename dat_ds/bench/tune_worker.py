@@ -168,7 +168,10 @@ def main(args: argparse.Namespace) -> int:
     from ..core import dist
     from ..core.io import atomic_write_json
 
+    import warnings
+
     dist.setup_logging(logging.WARNING)  # one line per point is the caller's job
+    warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's use of deprecated torch calls, per point
     sys.stdout = open(os.devnull, "w")  # no per-point progress bars under the caller's own
     dist.init_distributed()
     exchange = Path(args.exchange)

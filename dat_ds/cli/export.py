@@ -10,7 +10,7 @@ from . import command
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (runs/<name>) or its checkpoint folder")
     p.add_argument("--out", required=True, help="output .safetensors file; model.json is written next to it")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the run's best one when train.keep_best kept one, else the newest)")
     p.add_argument("--force", action="store_true", help="replace the output files if they exist")
     p.add_argument("--weights", choices=("ema", "raw"), default=None,
                    help="the weight EMA or the raw trained weights (default: the EMA when the run has one)")
@@ -45,8 +45,9 @@ def _export(args: argparse.Namespace, argv: list[str]) -> int:
     from ..evaluation.export import export
 
     info = export(args.run, args.out, args.tag, force=args.force, weights=args.weights or "auto")
+    best = " -- the run's best checkpoint by validation robust accuracy; --tag picks another" if info["best"] else ""
     ui.console.print(f"wrote {info['weights']} and {info['meta']} ({info['model']}, {info['num_classes']} classes, "
-                     f"{info['which_weights']} weights, from {info['source']})")
+                     f"{info['which_weights']} weights, from {info['source']}{best})")
     return 0
 
 

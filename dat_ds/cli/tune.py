@@ -61,7 +61,7 @@ def check_inputs(args: argparse.Namespace, argv: list[str]):
             raise ConfigError(f"--out {args.out!r} must end in .json")
         if out.is_dir():
             raise ConfigError(f"--out {args.out!r} is a folder; give a FILE.json to write")
-    target = Path(args.out) if args.out else Path("ds_configs") / "tuned"
+    target = Path(args.out).parent if args.out else Path("ds_configs") / "tuned"
     probe = next((p for p in [target, *target.parents] if p.exists()), Path("."))
     if not probe.is_dir():
         raise ConfigError(f"output path {str(target)!r} lies under the file {str(probe)!r}; choose another --out")
@@ -69,7 +69,8 @@ def check_inputs(args: argparse.Namespace, argv: list[str]):
         raise ConfigError(f"output folder {str(probe)!r} is not writable; choose another --out")
     from ..bench.tune_run import Inputs
 
-    return Inputs(recipe=recipe, recipe_name=Path(recipe).stem if recipe else "default", sets=tuple(args.overrides),
+    return Inputs(recipe=recipe, recipe_name=Path(recipe).stem if recipe else "default",
+                  recipe_arg=args.config, sets=tuple(args.overrides),
                   ds_path=ds_path, base_json=base, nproc=args.nproc, hostfile=args.hostfile,
                   nodes=hostfile_nodes(args.hostfile), budget_s=budget,
                   allow_numerics_change=args.allow_numerics_change, allow_batch_change=args.allow_batch_change,

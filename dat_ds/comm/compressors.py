@@ -161,14 +161,13 @@ class StochasticQuantizer(Compressor):
         self.check(m)
         blocks = x.reshape(rows, m // self.block, self.block).float()
         low, high = torch.aminmax(blocks, dim=-1, keepdim=True)  # one pass, no |x| temporary
-        scales = torch.maximum(high, low.neg_())
+        scales = torch.maximum(high, low.neg_()).abs_()  # abs_: an all-zero block gives +0.0, not -0.0
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # zero block: any code decodes to 0
-        # position = (x + s) / (2 s) * levels, in [0, levels]; floor(position + u), u ~ U[0, 1), rounds up
-        # with probability equal to the fractional part: E[code] = position, hence unbiased.
-        position = blocks * (self.levels / 2.0 / safe)
-        position.add_(self.levels / 2.0)
-        position.add_(torch.rand(position.shape, generator=generator, device=x.device, dtype=position.dtype))
-        codes = position.floor_().clamp_(0, self.levels).to(torch.uint8).view(rows, m)
+        position = (blocks + safe).div_(2 * safe).mul_(self.levels)  # in [0, levels]; in place after the first op
+        low = position.floor()
+        noise = torch.rand(position.shape, generator=generator, device=x.device, dtype=position.dtype)
+        # Round up with probability equal to the fractional part: E[code] = position, hence unbiased.
+        codes = low.add_(noise < position.sub_(low)).clamp_(0, self.levels).to(torch.uint8).view(rows, m)
         payload = torch.empty(rows, self.payload_bytes(m), dtype=torch.uint8, device=x.device)
         code_bytes = m * self.bits // 8
         payload[:, :code_bytes] = pack_bits(codes, self.bits)

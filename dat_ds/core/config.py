@@ -34,7 +34,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers per rank; 0 keeps CPU cores for the attack
     augment: bool = False  # random crop + flip (CIFAR/ImageNet recipes turn it on)
     image_size: int | None = None  # ImageFolder/HF crop size; None = data set default
-    unlabeled: str | None = None  # pseudo-labelled pool (npz/arrow written by `dat-ds pseudo-label`)
+    unlabeled: str | None = None  # pseudo-label .npz (`dat-ds pseudo-label`), or generated .npz shards (file or folder)
     unsup_fraction: float = 0.5  # share of each batch drawn from the unlabeled pool (RST uses 0.5)
     trust_pickle: bool = False  # legacy pickle files run code when loaded: refuse unless asked
     on_corrupt: str = "abort"  # abort | skip: an ImageFolder/HF image that does not decode while training
@@ -116,6 +116,8 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept on disk
     nan_policy: str = "abort"  # abort | skip: what a non-finite loss or gradient does
     save_on_signal: bool = False  # SIGTERM/SIGINT: end the step, write a final checkpoint if it fits the grace period
+    keep_best: str = "none"  # none | robust: keep the checkpoint with the best PGD accuracy on a validation split
+    val_examples: int = 1000  # keep_best=robust: training examples held out (seeded) as that validation split
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,14 @@ class EMAConfig:
 
 
 @dataclass(frozen=True)
+class AWPConfig:
+    """Adversarial weight perturbation (Wu et al. 2020, ``dat_ds.objectives.awp``); absent or ``awp: null``: off."""
+
+    gamma: float = 0.005  # each layer's perturbation norm / weight norm (authors: 0.01 with PGD-AT, 0.005 with TRADES)
+    warmup_epochs: float = 0.0  # no perturbation before this epoch (authors: 0 with PGD-AT, 10 with TRADES)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -164,6 +174,7 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ema: EMAConfig | None = None  # weight EMA, evaluated and exported next to the raw weights; None: off
+    awp: AWPConfig | None = None  # adversarial weight perturbation around madry/dat/trades; None: off
 
     @property
     def run_dir(self) -> Path:
@@ -184,6 +195,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_corrupt": ("abort", "skip"),
     "monitor.policy": ("warn", "stop", "rollback"),
     "model.act": names.ACTIVATIONS,
+    "train.keep_best": names.KEEP_BEST,
 }
 
 
@@ -422,6 +434,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"attack.step_size={a.step_size} must be > 0 (or null for the standard step)")
     validate_fast_at(cfg)
     validate_sota_options(cfg)
+    validate_awp_and_best(cfg)
     e = cfg.eval
     if e.eps is not None and not 0.0 <= e.eps <= 1.0:
         raise ConfigError(f"eval.eps={e.eps} is outside [0, 1]; eps is in pixel units, e.g. 8/255")
@@ -528,6 +541,43 @@ def validate_sota_options(cfg: RunConfig) -> None:
     if a.eps_warmup_epochs > 0 and o.name not in names.EPS_WARMUP_OBJECTIVES:
         raise ConfigError(f"attack.eps_warmup_epochs applies to the objectives "
                           f"{', '.join(names.EPS_WARMUP_OBJECTIVES)}, not objective.name={o.name!r}")
+
+
+def validate_awp_and_best(cfg: RunConfig) -> None:
+    """AWP's range and what it wraps; keep_best's validation split (Rice et al. 2020)."""
+    w, o, t = cfg.awp, cfg.objective, cfg.train
+    if w is not None:
+        if not 0.0 < w.gamma <= 1.0:
+            raise ConfigError(f"awp.gamma={w.gamma:g} must be in (0, 1]: the perturbation's norm relative to each "
+                              "layer's weights (0.01 with PGD-AT, 0.005 with TRADES in Wu et al. 2020)")
+        if w.warmup_epochs < 0:
+            raise ConfigError(f"awp.warmup_epochs={w.warmup_epochs:g} must be >= 0 (0: from the first step)")
+        if o.name not in names.AWP_OBJECTIVES:
+            raise ConfigError(f"awp applies to the objectives {', '.join(names.AWP_OBJECTIVES)}, not "
+                              f"objective.name={o.name!r}; remove awp (or awp: null)")
+        if o.grad_align > 0:
+            raise ConfigError("awp and objective.grad_align do not combine (GradAlign's double backprop would run "
+                              "twice per step); use one of them")
+        if t.nan_policy == "skip":  # a skipped step never reaches after_backward, which removes the perturbation
+            raise ConfigError("awp needs train.nan_policy=abort: a step that nan_policy=skip drops would keep its "
+                              "weight perturbation")
+    if t.keep_best != "none":
+        if t.val_examples < 1:
+            raise ConfigError(f"train.val_examples={t.val_examples} must be >= 1 (the validation split of keep_best)")
+        if o.name in names.UNLABELED_OBJECTIVES:
+            raise ConfigError(f"train.keep_best={t.keep_best} measures robust accuracy of a classifier; the "
+                              f"self-supervised objective {o.name!r} trains none, remove it")
+        if cfg.data.train_subset is not None and cfg.data.train_subset <= t.val_examples:
+            raise ConfigError(f"data.train_subset={cfg.data.train_subset} leaves nothing to train on after the "
+                              f"validation split of train.val_examples={t.val_examples}; lower train.val_examples")
+
+
+def check_engine(cfg: RunConfig, zero_stage: int) -> None:
+    """Run-config options that depend on the DeepSpeed JSON, checked where both are known (``launch.validate``
+    and the trainer)."""
+    if cfg.awp is not None and zero_stage == 3:
+        raise ConfigError("awp perturbs each layer's whole weight tensor, which ZeRO-3 partitions over the ranks; "
+                          "use zero_optimization.stage 0, 1 or 2 with awp, or remove awp")
 
 
 def validate_fast_at(cfg: RunConfig) -> None:

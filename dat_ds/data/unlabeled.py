@@ -11,6 +11,14 @@
   every rank. An epoch has as many steps as the concatenated data set holds global batches; the smaller
   group is cycled through fresh permutations. The order depends only on (seed, epoch, rank), so a run
   resumes mid-epoch exactly, and every rank takes the same number of steps.
+- With ``data.unlabeled: FOLDER`` (or one ``.npz`` holding ``image``/``label``, DM-Improves-AT's format) the
+  generated images are memory-mapped shard by shard (``generated.py``), never loaded whole. Batches mix
+  them in the same way, but as DM-Improves-AT does: an epoch is one pass over the *labeled* set (its
+  400 epochs mean 400 x 50,000 labeled images), and the generated images are drawn without replacement
+  from one pseudo-random permutation per pass over them that continues across epochs (each rank its own
+  disjoint part), evaluated pointwise so 50M images cost no 50M-entry index. The position is a pure
+  function of (seed, epoch, step, rank), like the rest of the data order, so resuming from a checkpoint's
+  (epoch, step) continues the stream exactly.
 - Legacy pickle files (RST's ``ti_500K_pseudo_labeled.pickle``: ``data`` + ``extrapolated_targets``)
   can run arbitrary code when loaded: refused unless ``data.trust_pickle: true``.
 """
@@ -27,17 +35,19 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from ..core import dist
 from ..core.errors import ConfigError
 from ..core.io import atomic_write_bytes
 from ..core.pools import POOL_SPEC as _POOL_SPEC
 from .embedded import DEBIAN_DIR, ArrayDataset, load_embedded_arrays, read_idx
+from .generated import GeneratedShards, is_generated, permuted
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
+MAX_OPEN_SHARDS = 2  # generated-data shards mapped at once per reader (each DataLoader worker has its own)
 
 
 @dataclass
@@ -200,14 +210,95 @@ class MixedBatchSampler(Sampler[list[int]]):
         return max(0, self.steps - self.start)
 
 
+class GeneratedDataset(Dataset):
+    """Generated shards as ``(float CHW in [0, 1], label)`` items; a batch is read in one grouped call."""
+
+    def __init__(self, shards: GeneratedShards):
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = self.shards.read(indices)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+        return list(zip(x, torch.from_numpy(labels)))
+
+
+class MixedDataset(Dataset):
+    """``labeled`` then ``generated`` as one index space (a ConcatDataset that fetches a batch's generated
+    part in one ``__getitems__`` call, so each shard is mapped once per batch, not once per image)."""
+
+    def __init__(self, labeled, generated: GeneratedDataset):
+        self.labeled, self.generated, self.n_labeled = labeled, generated, len(labeled)
+
+    def __len__(self) -> int:
+        return self.n_labeled + len(self.generated)
+
+    def __getitem__(self, i: int):
+        return self.labeled[i] if i < self.n_labeled else self.generated[i - self.n_labeled]
+
+    def __getitems__(self, indices: list[int]):
+        out: list = [None] * len(indices)
+        gen = [(k, i - self.n_labeled) for k, i in enumerate(indices) if i >= self.n_labeled]
+        for k, i in enumerate(indices):
+            if i < self.n_labeled:
+                out[k] = self.labeled[i]
+        if gen:
+            for (k, _), item in zip(gen, self.generated.__getitems__([j for _, j in gen])):
+                out[k] = item
+        return out
+
+
+class GeneratedBatchSampler(MixedBatchSampler):
+    """``MixedBatchSampler`` for generated shards, as DM-Improves-AT samples them: an epoch is one pass over
+    the labeled set, and the generated part is one stream over the whole pool without replacement that
+    continues across epochs (a fresh permutation each time the pool is used up), each rank taking every
+    ``world_size``-th position of it: disjoint across ranks."""
+
+    def __init__(self, n_labeled: int, n_unlabeled: int, **kwargs):
+        super().__init__(n_labeled, n_unlabeled, **kwargs)
+        batch = self.k_lab + self.k_unl
+        self.steps = max(1, -(-n_labeled // (self.world_size * batch)))  # ceil, as DM's num_batches
+
+    def unlabeled_positions(self, step: int) -> np.ndarray:
+        """Indices into the generated pool of this rank's ``step``-th batch of ``self.epoch``."""
+        per_rank = self.n_unlabeled // self.world_size
+        first = (self.epoch * self.steps + step) * self.k_unl
+        g = np.arange(first, first + self.k_unl, dtype=np.int64)
+        cycle, offset = g // per_rank, g % per_rank
+        out = np.empty(len(g), dtype=np.int64)
+        for c in np.unique(cycle):
+            rows = cycle == c
+            key = (self.seed * 1_000_003 + int(c)) * 10_007 + 1
+            out[rows] = permuted(self.n_unlabeled, key, offset[rows] * self.world_size + self.rank)
+        return out
+
+    def batches(self) -> list[list[int]]:
+        lab = self._stream(self.n_labeled, 0, self.steps * self.k_lab)
+        return [lab[s * self.k_lab:(s + 1) * self.k_lab]
+                + (self.n_labeled + self.unlabeled_positions(s)).tolist() for s in range(self.steps)]
+
+
 class MixedTrainLoaderFactory:
     """Drop-in for ``TrainLoaderFactory`` when ``data.unlabeled`` is set: labeled + pseudo-labelled batches."""
 
     def __init__(self, cfg, labeled, *, micro_batch: int, rank: int, world_size: int):
         self.cfg, self.micro_batch = cfg, micro_batch
-        pseudo = load_pseudo_labels(cfg.data.unlabeled, trust_pickle=cfg.data.trust_pickle)
-        unlabeled = ArrayDataset(pseudo.images, pseudo.labels)
-        shape_l, shape_u = tuple(labeled[0][0].shape), tuple(unlabeled[0][0].shape)
+        generated = is_generated(cfg.data.unlabeled)
+        if generated:
+            shards = GeneratedShards.from_spec(cfg.data.unlabeled, max_open=MAX_OPEN_SHARDS)
+            unlabeled = GeneratedDataset(shards)
+            h, w, c = shards.image_shape
+            shape_u = (c, h, w)  # from the headers: nothing is mapped in this (parent) process
+        else:
+            pseudo = load_pseudo_labels(cfg.data.unlabeled, trust_pickle=cfg.data.trust_pickle)
+            unlabeled = ArrayDataset(pseudo.images, pseudo.labels)
+            shape_u = tuple(unlabeled[0][0].shape)
+        shape_l = tuple(labeled[0][0].shape)
         if shape_l != shape_u:
             raise ConfigError(f"data.unlabeled images are {shape_u} but the labeled data gives {shape_l}; "
                               "pseudo-label a pool of the same data set")
@@ -218,12 +309,15 @@ class MixedTrainLoaderFactory:
         for name, n, k in (("labeled", len(labeled), micro_batch - k_unl), ("unlabeled", len(unlabeled), k_unl)):
             if k and n < world_size:
                 raise ConfigError(f"the {name} set has {n} examples, fewer than the {world_size} ranks; add data")
-        self.dataset = ConcatDataset([labeled, unlabeled])
+        self.dataset = MixedDataset(labeled, unlabeled) if generated else ConcatDataset([labeled, unlabeled])
         self.labeled_per_batch, self.unlabeled_per_batch = micro_batch - k_unl, k_unl
-        self.sampler = MixedBatchSampler(len(labeled), len(unlabeled), labeled_per_batch=micro_batch - k_unl,
-                                         unlabeled_per_batch=k_unl, rank=rank, world_size=world_size, seed=cfg.seed)
-        log.info("mixing %d labeled + %d pseudo-labelled examples (%s): %d + %d per micro-batch, %d steps per epoch",
-                 len(labeled), len(unlabeled), cfg.data.unlabeled, micro_batch - k_unl, k_unl, self.sampler.steps)
+        sampler_cls = GeneratedBatchSampler if generated else MixedBatchSampler
+        self.sampler = sampler_cls(len(labeled), len(unlabeled), labeled_per_batch=micro_batch - k_unl,
+                                   unlabeled_per_batch=k_unl, rank=rank, world_size=world_size, seed=cfg.seed)
+        log.info("mixing %d labeled + %d %s examples (%s): %d + %d per micro-batch, %d steps per epoch%s",
+                 len(labeled), len(unlabeled), "generated" if generated else "pseudo-labelled", cfg.data.unlabeled,
+                 micro_batch - k_unl, k_unl, self.sampler.steps,
+                 f" (one pass over the labeled set; {len(shards.infos)} memory-mapped shard(s))" if generated else "")
 
     @property
     def steps_per_epoch(self) -> int:

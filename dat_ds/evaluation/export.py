@@ -3,12 +3,15 @@
 The safetensors file holds the backbone's state dict (no ``backbone.``/``module.`` prefixes, no
 normalisation buffers), so plain timm loads it::
 
-    model = timm.create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    model = timm.create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"],
+                              **({"act": meta["act"]} if meta["act"] != "relu" else {}))  # model.act (SiLU)
     model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
 
 Inputs must then be normalised with ``meta["mean"]``/``meta["std"]`` (dat-ds keeps that inside the model).
-A run trained with a weight EMA exports the averaged weights unless ``weights="raw"``; ``meta["weights"]``
-says which.
+``meta["act"]`` is the run's ``model.act``; ``dat-ds eval --weights`` reads it from the ``.json`` next to the
+weights, so an exported SiLU model is rebuilt with SiLU. A run trained with a weight EMA exports the averaged
+weights unless ``weights="raw"``; ``meta["weights"]`` says which. ``meta["best"]``: the tag is the run's ``best``
+(``train.keep_best``), which export loads unless a tag is given.
 """
 
 from __future__ import annotations
@@ -61,14 +64,14 @@ def export(run: str | Path, out: str | Path, tag: str | None = None, *, force: b
         value = value.detach().cpu()
         tensors[key] = (value.float() if value.is_floating_point() else value).contiguous()
     meta = {
-        "model": loaded.cfg.model.name, "dataset": loaded.cfg.data.name,
+        "model": loaded.cfg.model.name, "act": loaded.cfg.model.act, "dataset": loaded.cfg.data.name,
         "num_classes": spec.num_classes, "in_chans": spec.in_chans, "img_size": spec.img_size,
         "mean": list(spec.mean), "std": list(spec.std), "classes": list(spec.classes),
         "source": loaded.source["tag_dir"], "global_step": states.get("global_step"),
-        "weights": loaded.source["which_weights"],
+        "weights": loaded.source["which_weights"], "best": loaded.source["best"],
         "format": "backbone state dict (no normalisation); normalise inputs with mean/std",
     }
-    atomic_write_bytes(out, save(tensors, metadata={"dat_ds": json.dumps({k: meta[k] for k in ("model", "dataset", "weights")})}))
+    atomic_write_bytes(out, save(tensors, metadata={"dat_ds": json.dumps({k: meta[k] for k in ("model", "act", "dataset", "weights")})}))
     meta_file = meta_path(out)
     atomic_write_json(meta_file, meta)
     log.info("exported %d tensors (%s weights) from %s to %s (+ %s)", len(tensors), meta["weights"], meta["source"],

@@ -3,7 +3,8 @@
 ``dat-ds eval --run``, ``dat-ds pseudo-label --run``, ``dat-ds finetune --encoder`` and ``dat-ds export``
 all come through :func:`load_run`:
 
-1. find the tag (a run folder, its ``checkpoint/`` folder or one tag folder; default the newest complete one);
+1. find the tag (a run folder, its ``checkpoint/`` folder or one tag folder; default the run's ``best`` checkpoint
+   where ``train.keep_best`` kept one, else the newest complete one);
 2. verify it (``checkpoint.verify_tag``: recorded sizes, then the restricted unpickler on every file), so
    nothing loaded here can run code, and read the model states with ``weights_only=True``;
 3. build the model the objective trained: ``create_model`` from the run config, then the objective's
@@ -20,6 +21,7 @@ Every user mistake is a one-line ConfigError.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..core import names
 from ..core.config import DataConfig, RunConfig, config_from_dict
 from ..core.errors import ConfigError
 from ..data import build_dataset
@@ -41,6 +44,8 @@ from ..runtime.ema import STATE_KEY as EMA_KEY, assemble
 log = logging.getLogger(__name__)
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: each rank writes its own; rank 0's
+TAG_CHOICE = {"given": "", "latest": ": the newest complete checkpoint",
+              "best": ": the run's best checkpoint by validation robust accuracy (train.keep_best); --tag picks another"}
 WEIGHTS = ("auto", "ema", "raw")  # which weights of a run: the EMA where there is one, else the raw ones
 
 
@@ -55,7 +60,9 @@ class LoadedModel:
 
 
 def resolve_checkpoint(run: str | Path, tag: str | None = None) -> tuple[Path, Path, str]:
-    """``run`` may be a run folder, its checkpoint/ folder or one tag folder -> (run_dir, root, tag)."""
+    """``run`` may be a run folder, its checkpoint/ folder or one tag folder -> (run_dir, root, tag).
+
+    Without ``tag``: the run's ``best`` checkpoint where ``train.keep_best`` kept one, else the newest complete one."""
     p = Path(run)
     if not p.exists():
         raise ConfigError(f"--run {str(p)!r} does not exist; give a run folder such as runs/demo")
@@ -63,7 +70,7 @@ def resolve_checkpoint(run: str | Path, tag: str | None = None) -> tuple[Path, P
         root, found = p.parent, p.name
     else:
         root = p / "checkpoint" if (p / "checkpoint").is_dir() else p
-        found = tag or checkpoint.find_resume_tag(root)
+        found = tag or checkpoint.best_tag(root) or checkpoint.find_resume_tag(root)
     if found is None or not (root / found).is_dir():
         what = f"tag {tag!r}" if tag else "complete checkpoint"
         raise ConfigError(f"{str(p)!r} is not a run folder with a {what} (looked in {str(root)!r}); "
@@ -144,13 +151,17 @@ def _ema_state(root: Path, tag: str, states: dict[str, Any], stage: int) -> dict
 
 
 def load_run(run: str | Path, tag: str | None = None, weights: str = "auto") -> LoadedModel:
-    """The model of run folder ``run`` at checkpoint ``tag`` (default: the newest complete one).
+    """The model of run folder ``run`` at checkpoint ``tag`` (default: ``best`` where the run kept one
+    (``train.keep_best``), else the newest complete one; ``source["tag_choice"]`` says which).
 
     ``weights``: ``ema`` (the weight EMA; a ConfigError if the run has none), ``raw`` (the trained
     weights), or ``auto`` (the EMA where the checkpoint has one). ``source["which_weights"]`` says which."""
     if weights not in WEIGHTS:
         raise ConfigError(f"weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
-    run_dir, root, tag = resolve_checkpoint(run, tag)
+    run_dir, root, found = resolve_checkpoint(run, tag)
+    is_best = found == checkpoint.best_tag(root)
+    choice = "given" if tag is not None else "best" if is_best else "latest"
+    tag = found
     states = _read_states(root, tag)
     cfg = _run_config(run_dir, states)
     spec = _data_spec(cfg, states)
@@ -181,9 +192,9 @@ def load_run(run: str | Path, tag: str | None = None, weights: str = "auto") -> 
     which = "ema" if ema_state is not None else "raw"
     source = {"kind": "run", "run_dir": str(run_dir), "tag": tag, "tag_dir": str(root / tag), "zero_stage": stage,
               "global_step": states.get("global_step"), "model": cfg.model.name, "objective": cfg.objective.name,
-              "data": cfg.data.name, "which_weights": which}
-    log.info("loaded %s (tag %s, ZeRO-%d, global step %s, %s weights)", run_dir, tag, stage, states.get("global_step"),
-             "EMA" if which == "ema" else "raw")
+              "data": cfg.data.name, "which_weights": which, "tag_choice": choice, "best": is_best}
+    log.info("loaded %s (tag %s%s, ZeRO-%d, global step %s, %s weights)", run_dir, tag, TAG_CHOICE[choice], stage,
+             states.get("global_step"), "EMA" if which == "ema" else "raw")
     return LoadedModel(model=model, data_cfg=cfg.data, source=source, cfg=cfg, spec=spec, client_state=client_state)
 
 
@@ -197,13 +208,32 @@ def load_classifier(run: str | Path, tag: str | None = None, weights: str = "aut
     return loaded
 
 
+def exported_act(path: str | Path, model_name: str) -> str:
+    """The ``model.act`` that ``dat-ds export`` recorded in the ``.json`` next to ``path`` for ``model_name``;
+    "relu" (as built) when there is none or it describes another model."""
+    meta_file = Path(path).with_suffix(".json")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return "relu"
+    if not isinstance(meta, dict) or meta.get("model") != model_name:
+        return "relu"
+    act = meta.get("act", "relu")
+    if act not in names.ACTIVATIONS:
+        raise ConfigError(f"{str(meta_file)!r} has act={act!r}; allowed: {', '.join(names.ACTIVATIONS)}")
+    return act
+
+
 def load_weights(path: str | Path, model_name: str, data_name: str, data_root: str | None = None) -> LoadedModel:
-    """A timm/torch state dict or a safetensors file for backbone ``model_name`` on data set ``data_name``."""
+    """A timm/torch state dict or a safetensors file for backbone ``model_name`` on data set ``data_name``.
+
+    The activation comes from the ``model.json`` ``dat-ds export`` wrote next to the file (``exported_act``)."""
     if not Path(path).is_file():
         raise ConfigError(f"--weights {str(path)!r} not found; give a local .safetensors or .pt file")
     data_cfg = DataConfig(name=data_name, root=data_root)
     _, spec = build_dataset(data_cfg, "test")
-    model = create_model(model_name, spec, str(path))
+    act = exported_act(path, model_name)
+    model = create_model(model_name, spec, str(path), act=act)
     model.eval()
-    source = {"kind": "weights", "weights": str(path), "model": model_name, "data": data_name}
+    source = {"kind": "weights", "weights": str(path), "model": model_name, "data": data_name, "act": act}
     return LoadedModel(model=model, data_cfg=data_cfg, source=source, spec=spec)

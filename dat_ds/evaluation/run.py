@@ -145,6 +145,73 @@ def plot_curves(report: dict[str, Any], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+ROBUSTBENCH_JSON = "robustbench.json"
+_RB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}  # RobustBench's names; ImageNet comes as imagefolder/hf
+
+
+def read_subset(path: str, n: int) -> list[int]:
+    """``--subset-file``: distinct test-set indices in [0, n), whitespace or comma separated."""
+    text = Path(path).read_text().replace(",", " ").split()
+    try:
+        idx = [int(t) for t in text]
+    except ValueError:
+        raise ConfigError(f"--subset-file {path!r} holds something other than integer indices") from None
+    if not idx:
+        raise ConfigError(f"--subset-file {path!r} is empty")
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"--subset-file {path!r} has index {bad[0]} outside the test set's [0, {n - 1}]")
+    if len(set(idx)) != len(idx):
+        raise ConfigError(f"--subset-file {path!r} lists an index twice; RobustBench's list has distinct indices")
+    return idx
+
+
+def check_deterministic(model: torch.nn.Module, dataset, n: int = 32) -> None:
+    """RobustBench scores deterministic models only: two eval-mode forward passes on one batch must agree
+    bit for bit (a randomised defence fails here, in one line)."""
+    from ..attacks import eval_mode
+
+    x = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(dist.device())
+    with eval_mode(model), torch.no_grad():
+        first, second = model(x), model(x)
+    if not torch.equal(first, second):
+        diff = float((first - second).abs().max())
+        raise ConfigError(f"the model is not deterministic (two forward passes on the same batch differ by up to "
+                          f"{diff:.3g}); --protocol robustbench scores deterministic models only, randomised "
+                          "defences are out of scope")
+
+
+def _eps_text(eps: float) -> str | float:
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else eps
+
+
+def robustbench_entry(report: dict[str, Any], loaded: LoadedModel, args: argparse.Namespace, n_test: int,
+                      subset: list[int] | None) -> dict[str, Any]:
+    """RobustBench's ``model_info`` fields (``robustbench.utils.ModelInfo``; accuracies as percent strings
+    with two decimals, as its ``update_json`` writes them), plus how this score was obtained."""
+    row = report["results"][0]
+    cfg, source = loaded.cfg, loaded.source
+    name = args.entry_name or (Path(source["run_dir"]).name if source.get("run_dir") else Path(source["weights"]).stem)
+    arch = source.get("model")
+    if cfg is not None and cfg.model.act != "relu":
+        arch = f"{arch} ({cfg.model.act})"
+    shortened = args.max_examples is not None and report["count"] < (len(subset) if subset else n_test)
+    return {
+        "link": None, "name": name, "authors": None,
+        "additional_data": bool(cfg.data.unlabeled) if cfg is not None else None,
+        "number_forward_passes": 1, "dataset": _RB_DATASETS.get(loaded.data_cfg.name, loaded.data_cfg.name),
+        "venue": None, "architecture": arch, "eps": _eps_text(row["eps"]),
+        "clean_acc": f"{100 * report['clean_acc']:.2f}", "reported": None,
+        "autoattack_acc": f"{100 * row['robust_acc']:.2f}", "footnote": None,
+        "threat_model": {"linf": "Linf", "l2": "L2"}[row["norm"]],  # RobustBench's folder: model_info/<dataset>/<threat>/
+        "protocol": "robustbench", "attack": row["label"], "n_examples": report["count"],
+        "test_set_size": n_test, "subset_file": args.subset_file,
+        "subset": report["count"] if shortened else None,  # set: NOT a RobustBench score (--max-examples)
+        "deterministic": True, "which_weights": source.get("which_weights"),
+    }
+
+
 def load_model(args: argparse.Namespace) -> LoadedModel:
     if args.run is not None:
         return load_classifier(args.run, args.tag, args.weights or "auto")  # --weights: ema | raw with --run
@@ -157,6 +224,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ``args`` come from ``dat_ds.launch.args.add_eval_args`` and were checked by ``launch.validate``.
     """
     dist.setup_logging()
+    robustbench = getattr(args, "protocol", None) == "robustbench"
+    if robustbench:
+        args.attacks = "autoattack"  # check_protocol allows nothing else
     attack_options(args)  # an argument an attack does not take fails here, before any model loads
     dist.init_distributed()
     if args.threads:
@@ -170,6 +240,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         loaded.data_cfg = replace(loaded.data_cfg, name=args.data, root=args.data_root or loaded.data_cfg.root)
     test_set, spec = build_dataset(loaded.data_cfg, "test")
     model = loaded.model.to(dist.device())
+    n_test, subset = len(test_set), None
+    if robustbench:
+        if args.subset_file:
+            from torch.utils.data import Subset
+
+            subset = read_subset(args.subset_file, n_test)
+            test_set = Subset(test_set, subset)
+        elif loaded.data_cfg.name in ("imagefolder", "hf"):
+            log.warning("RobustBench scores ImageNet on a fixed 5,000-image validation subset; pass its index list "
+                        "with --subset-file (it is not shipped), or this is not the leaderboard's protocol")
+        check_deterministic(model, test_set)
     if args.eps is not None:
         eps_list = parse_eps(args.eps)
     elif loaded.cfg is not None:
@@ -210,6 +291,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                  if s.eps == plan.eps and s.attack not in ("square", "fgsm", "fgsm_rs")}
         checks = sanity.run_checks(summary, plan, curves, white)
     report = build_report(result, all_specs, loaded.source, args, checks, seconds)
+    if robustbench:
+        report["robustbench"] = robustbench_entry(report, loaded, args, n_test, subset)
     if dist.is_main_process():
         out = Path(args.out) if args.out else (Path(loaded.source["run_dir"]) if args.run else Path("eval_out"))
         atomic_write_json(out / EVAL_JSON, report)
@@ -223,5 +306,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for c in checks:
                 (log.info if c.status == "pass" else log.warning)("sanity %s: %s: %s", c.status.upper(), c.check, c.detail)
         log.info("wrote %s and %s", out / EVAL_JSON, out / PLOT)
+        if robustbench:
+            entry = report["robustbench"]
+            atomic_write_json(out / ROBUSTBENCH_JSON, entry)
+            log.info("RobustBench entry (%s, %s %s): clean %s%%, AutoAttack %s%% on %d examples; wrote %s",
+                     entry["dataset"], entry["threat_model"], entry["eps"], entry["clean_acc"], entry["autoattack_acc"],
+                     entry["n_examples"], out / ROBUSTBENCH_JSON)
+            if entry["subset"] is not None:
+                log.warning("NOT A ROBUSTBENCH SCORE: --max-examples %d scored only the first %d of %d test examples; "
+                            "RobustBench uses all of them (ImageNet: its fixed 5,000-image list)", args.max_examples,
+                            entry["subset"], len(subset) if subset else n_test)
     dist.barrier()
     return report

@@ -8,6 +8,7 @@ mid-epoch checkpointing runs after them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -65,12 +66,50 @@ class EpochEvaluation:
                      f", {self.spec.label} acc {row['ema_robust_acc']:.4f}" if robust else "")
 
 
+class BestCheckpoint:
+    """``train.keep_best=robust`` (Rice et al. 2020, against robust overfitting): the eval attack (``eval``
+    section) on the trainer's validation split -- training examples held out of training, never the test set --
+    every ``eval.every_epochs`` epochs and after the last. Adds ``val_clean_acc``, ``val_robust_acc`` and
+    ``val_weights`` to the epoch's row, and ``best: true`` when the robust accuracy beats every earlier epoch's
+    (ties keep the earlier one): the trainer then names that epoch's checkpoint ``best``. The weights measured
+    are those eval and export load by default: the weight EMA when the run has one, else the raw weights."""
+
+    def __init__(self, cfg: RunConfig, val_set):
+        if val_set is None:
+            raise ValueError("BestCheckpoint needs the trainer's validation split (train.keep_best)")
+        self.cfg, self.val_set, self.spec = cfg, val_set, eval_spec(cfg)
+
+    def on_step(self, trainer: Trainer, state: TrainState) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
+        cfg, done = self.cfg, state.epoch + 1
+        if not (done == cfg.train.epochs or done % cfg.eval.every_epochs == 0):
+            return
+        module = trainer.engine.module
+        applied = trainer.ema.applied(module) if trainer.ema is not None else contextlib.nullcontext()
+        t_eval = time.perf_counter()
+        with applied:
+            result = evaluate(module, self.val_set, [self.spec], batch_size=cfg.eval.batch_size, seed=cfg.seed,
+                              lockstep=trainer.settings.zero_stage == 3)
+        robust = result.robust_acc(self.spec.label)
+        earlier = [h["val_robust_acc"] for h in state.history if h.get("val_robust_acc") is not None]  # resumes too
+        best = not earlier or robust > max(earlier)
+        row.update(val_clean_acc=result.clean_acc, val_robust_acc=robust,
+                   val_weights="ema" if trainer.ema is not None else "raw", best=best)
+        log.info("epoch %d/%d: validation (%d held-out training examples): clean acc %.4f, %s acc %.4f%s (%.1fs)",
+                 done, cfg.train.epochs, result.count, result.clean_acc, self.spec.label, robust,
+                 " -- best so far, kept as checkpoint 'best'" if best else "", time.perf_counter() - t_eval)
+
+
 def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = False,
                  allow_world_size_change: bool = False) -> dict[str, Any]:
     """Train ``cfg`` on this rank (every rank calls it), evaluating each epoch; returns the run's summary."""
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, allow_world_size_change=allow_world_size_change).setup()
     test_set, _ = build_dataset(cfg.data, "test")
     callbacks: list[Callback] = [EpochEvaluation(cfg, test_set)]
+    if cfg.train.keep_best != "none":
+        callbacks.append(BestCheckpoint(cfg, trainer.val_set))
     if cfg.monitor.every_steps > 0:
         callbacks.append(CatastrophicOverfittingMonitor(cfg, trainer.engine, test_set, ckpt_root=trainer.ckpt_root,
                                                         write=trainer.write))

@@ -13,8 +13,8 @@ from ..core import names
 from ..core.config import parse_eps
 from ..core.errors import ConfigError
 
-__all__ = ["add_eval_args", "add_run_args", "check_eval_args", "check_master_port", "eval_args_parser", "eval_attacks",
-           "parse_eps", "train_args_parser"]
+__all__ = ["add_eval_args", "add_run_args", "check_eval_args", "check_master_port", "check_protocol", "eval_args_parser",
+           "eval_attacks", "parse_eps", "train_args_parser"]
 
 EVAL_ATTACKS = tuple(n for n in names.ATTACKS if n != "none")
 
@@ -50,7 +50,8 @@ def train_args_parser() -> argparse.ArgumentParser:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("what to evaluate (either --run, or --weights with --model and --data)")
     src.add_argument("--run", default=None, help="run folder (runs/<name>), its checkpoint/ folder or one tag folder")
-    src.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
+    src.add_argument("--tag", default=None,
+                     help="checkpoint tag (default: the run's best one when train.keep_best kept one, else the newest)")
     src.add_argument("--weights", default=None, help="timm/torch state dict (.pt/.pth) or .safetensors file; with "
                      "--run: ema or raw, which of the run's weights (default: the weight EMA when the run has one)")
     src.add_argument("--model", default=None, help="model name for --weights (registered or timm)")
@@ -74,6 +75,40 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="torch threads per rank (default: cores / ranks); fix it to compare runs bit for bit")
     p.add_argument("--sanity", action="store_true", help="also run the gradient-masking checks")
     p.add_argument("--out", default=None, help="output folder (default: the run folder, else ./eval_out)")
+    rb = p.add_argument_group("RobustBench protocol")
+    rb.add_argument("--protocol", default=None, choices=list(EVAL_PROTOCOLS),
+                    help="robustbench: standard AutoAttack on the whole test set (or --subset-file), a determinism "
+                    "check, and robustbench.json in RobustBench's model_info fields")
+    rb.add_argument("--subset-file", default=None, help="test-set indices to score (whitespace/comma separated); "
+                    "RobustBench's fixed 5,000-image ImageNet list must be supplied (it is not shipped)")
+    rb.add_argument("--entry-name", default=None, help="the entry's name (default: the run or weights file name)")
+
+
+EVAL_PROTOCOLS = ("robustbench",)
+ROBUSTBENCH_AA = {"aa_steps": 100, "aa_queries": 5000}  # standard AutoAttack (Croce & Hein 2020)
+
+
+def check_protocol(args: argparse.Namespace) -> None:
+    """``--protocol robustbench``: standard AutoAttack only, one eps; sets ``args.attacks``. One-line errors."""
+    if getattr(args, "protocol", None) != "robustbench":
+        for flag in ("subset_file", "entry_name"):
+            if getattr(args, flag, None) is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} belongs to --protocol robustbench; add it or drop the flag")
+        return
+    if args.attacks.replace(" ", "") not in ("pgd", "autoattack"):  # pgd: the flag's default, left alone
+        raise ConfigError(f"--protocol robustbench runs standard AutoAttack only; drop --attacks {args.attacks}")
+    for key, value in ROBUSTBENCH_AA.items():
+        if getattr(args, key) != value:
+            raise ConfigError(f"--protocol robustbench uses standard AutoAttack ({value} for --{key.replace('_', '-')}); "
+                              f"drop --{key.replace('_', '-')} {getattr(args, key)}")
+    if args.eps is not None and len(parse_eps(args.eps)) != 1:
+        raise ConfigError(f"--protocol robustbench scores one eps; give one (--eps 8/255), not {args.eps}")
+    if args.subset_file is not None:
+        from pathlib import Path
+
+        if not Path(args.subset_file).is_file():
+            raise ConfigError(f"--subset-file {args.subset_file!r} not found; give a text file of test-set indices")
+    args.attacks = "autoattack"
 
 
 def eval_args_parser() -> argparse.ArgumentParser:
@@ -121,6 +156,7 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-examples={args.max_examples} must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads={args.threads} must be >= 1")
+    check_protocol(args)
     eval_attacks(args.attacks)
     if args.data is not None:
         names.check("data set", args.data)

@@ -195,6 +195,23 @@ def check_reuse(cfg, world: int) -> None:
     check_reuse_budget(len(train), world, tuple(train[0][0].shape), cfg.attack.reuse_max_bytes)
 
 
+def check_generated(spec_path: str, spec) -> None:
+    """Generated-data shards: headers, shapes and dtypes (uncompressed, uint8 images, integer labels of one
+    length), image size against the data set, label ranges; pixels are never read."""
+    from ..data.generated import label_range, read_shard_infos
+
+    for info in read_shard_infos(spec_path):
+        where = f"generated-data shard {str(info.path)!r}"
+        h, w, c = info.image_shape
+        if c != spec.in_chans or (spec.img_size and (h, w) != (spec.img_size, spec.img_size)):
+            raise ConfigError(f"{where} holds {h}x{w}x{c} images but the labeled data set is "
+                              f"{spec.img_size}x{spec.img_size}x{spec.in_chans}; generate data of the same size")
+        low, high = label_range(info)
+        if low < 0 or high >= spec.num_classes:
+            raise ConfigError(f"{where} has label {low if low < 0 else high} outside [0, {spec.num_classes - 1}]; "
+                              "fix the shard or the data set's class count")
+
+
 def check_unlabeled(cfg, spec) -> None:
     """The pseudo-labelled pool: readable without pickle (unless trusted), finite in-range labels."""
     if not cfg.data.unlabeled:
@@ -204,6 +221,11 @@ def check_unlabeled(cfg, spec) -> None:
     import numpy as np
 
     path = Path(cfg.data.unlabeled)
+    from ..data.generated import is_generated
+
+    if is_generated(cfg.data.unlabeled):
+        check_generated(cfg.data.unlabeled, spec)
+        return
     if path.suffix == ".npz" and path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import names, resources
-from ..core.config import RunConfig, build_config
+from ..core.config import RunConfig, build_config, check_engine
 from ..core.errors import ConfigError
 
 __all__ = ["check_model_name", "check_run_dir", "config_from_args", "dry_run_report", "eval_inputs", "named_flags",
@@ -96,6 +96,7 @@ def train_inputs(args: argparse.Namespace, world: int, *, needs_unlabeled_object
                           f"({', '.join(names.UNLABELED_OBJECTIVES)}), the config has {cfg.objective.name!r}; "
                           f"set objective.name=acl or use `dat-ds train`")
     settings = ds_config.prepare(cfg.deepspeed_config, world)
+    check_engine(cfg, settings.zero_stage)
     if not getattr(args, "dry_run", False):
         check_run_dir(cfg, args.resume, args.overwrite)
     return cfg, settings

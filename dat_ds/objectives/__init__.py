@@ -5,7 +5,13 @@ from .base import OBJECTIVES, Objective, ObjectiveContext, ObjectiveOutput
 
 
 def build_objective(cfg) -> Objective:
-    return OBJECTIVES.get(cfg.objective.name)(cfg)
+    """``cfg.objective``, wrapped in adversarial weight perturbation when ``cfg.awp`` is set."""
+    objective = OBJECTIVES.get(cfg.objective.name)(cfg)
+    if cfg.awp is not None:
+        from .awp import AWP
+
+        objective = AWP(objective, cfg)
+    return objective
 
 
 def prepare_model(cfg, spec, model):

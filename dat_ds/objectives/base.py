@@ -74,6 +74,36 @@ class Objective:
         pass
 
 
+@dataclass
+class AdversarialBatch:
+    """What a :class:`SplitObjective`'s attack made of a batch: everything its loss needs but the weights."""
+
+    x: torch.Tensor  # the clean inputs the loss trains on (two views or CutMix-mixed where the objective does that)
+    y: torch.Tensor  # their labels
+    x_adv: torch.Tensor | None  # the attack's result; None where the objective runs no attack (trades, beta = 0)
+    soft: torch.Tensor | None = None  # soft labels (CutMix), else None
+
+
+class SplitObjective(Objective):
+    """An objective whose step is ``loss(ctx, model, adversarial_batch(ctx, x, y))``.
+
+    The split lets a wrapper take the loss again at other weights without a second attack: AWP
+    (``objectives/awp.py``) evaluates it on the bare module to find its weight perturbation, then through the
+    engine at the perturbed weights. ``model`` is the forward the loss uses (``ctx.model`` when training);
+    everything random or attack-made happens in ``adversarial_batch``.
+    """
+
+    def adversarial_batch(self, ctx: ObjectiveContext, x: torch.Tensor, y: torch.Tensor) -> AdversarialBatch:
+        raise NotImplementedError
+
+    def loss(self, ctx: ObjectiveContext, model: Callable[[torch.Tensor], torch.Tensor],
+             batch: AdversarialBatch) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    def __call__(self, ctx: ObjectiveContext, x: torch.Tensor, y: torch.Tensor) -> ObjectiveOutput:
+        return self.loss(ctx, ctx.model, self.adversarial_batch(ctx, x, y))
+
+
 def supervised_ce(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
                   reduction: str = "mean") -> torch.Tensor:
     """The cross-entropy every supervised objective trains on, with ``objective.label_smoothing``.

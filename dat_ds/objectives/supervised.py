@@ -9,7 +9,7 @@ that any backward through it other than ``engine.backward`` -- ``torch.autograd.
 
 from __future__ import annotations
 
-from .base import OBJECTIVES, Objective, ObjectiveOutput, supervised_ce
+from .base import OBJECTIVES, AdversarialBatch, Objective, ObjectiveOutput, SplitObjective, supervised_ce
 from .fast import grad_align, training_attack
 
 
@@ -25,12 +25,15 @@ def _with_grad_align(ctx, x, y, loss, metrics):
 
 
 @OBJECTIVES.register("madry")
-class Madry(Objective):
+class Madry(SplitObjective):
     """min_theta E max_delta CE(f(x + delta), y) (Madry et al. 2018)."""
 
-    def __call__(self, ctx, x, y):
-        x_adv = training_attack(ctx, x, y)
-        logits = ctx.model(x_adv)
+    def adversarial_batch(self, ctx, x, y):
+        return AdversarialBatch(x=x, y=y, x_adv=training_attack(ctx, x, y))
+
+    def loss(self, ctx, model, batch):
+        x, y = batch.x, batch.y
+        logits = model(batch.x_adv)
         loss = supervised_ce(logits, y, ctx.cfg.objective.label_smoothing)
         metrics = {"loss_adv": loss.detach()}
         loss = _with_grad_align(ctx, x, y, loss, metrics)
@@ -38,18 +41,21 @@ class Madry(Objective):
 
 
 @OBJECTIVES.register("dat")
-class DAT(Objective):
+class DAT(SplitObjective):
     """CE(adv) + lambda * CE(clean) (Zhang et al., UAI 2022); lambda = objective.clean_weight."""
 
-    def __call__(self, ctx, x, y):
+    def adversarial_batch(self, ctx, x, y):
+        return AdversarialBatch(x=x, y=y, x_adv=training_attack(ctx, x, y))
+
+    def loss(self, ctx, model, batch):
+        x, y = batch.x, batch.y
         lam = ctx.cfg.objective.clean_weight
-        x_adv = training_attack(ctx, x, y)
-        logits = ctx.model(x_adv)
+        logits = model(batch.x_adv)
         loss_adv = supervised_ce(logits, y, ctx.cfg.objective.label_smoothing)
         metrics = {"loss_adv": loss_adv.detach()}
         loss = loss_adv
         if lam > 0:
-            loss_clean = supervised_ce(ctx.model(x), y, ctx.cfg.objective.label_smoothing)
+            loss_clean = supervised_ce(model(x), y, ctx.cfg.objective.label_smoothing)
             metrics["loss_clean"] = loss_clean.detach()
             loss = loss_adv + lam * loss_clean
         loss = _with_grad_align(ctx, x, y, loss, metrics)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import eval_mode
-from .base import OBJECTIVES, Objective, ObjectiveOutput, supervised_ce
+from .base import OBJECTIVES, AdversarialBatch, ObjectiveOutput, SplitObjective, supervised_ce
 from .fast import training_attack
 from .mixing import consistency_views, cutmix, js_divergence
 
@@ -45,10 +45,12 @@ def kl_attack(ctx, x: torch.Tensor) -> torch.Tensor:
 
 
 @OBJECTIVES.register("trades")
-class Trades(Objective):
-    """beta = ``objective.beta`` (6 in the paper); beta = 0 is standard training and skips the attack."""
+class Trades(SplitObjective):
+    """beta = ``objective.beta`` (6 in the paper); beta = 0 is standard training and skips the attack.
 
-    def __call__(self, ctx, x, y):
+    The attack runs before the training forwards, as in the authors' ``trades_loss``."""
+
+    def adversarial_batch(self, ctx, x, y):
         beta, consistency = ctx.cfg.objective.beta, ctx.cfg.objective.consistency
         cutmix_cfg = ctx.cfg.objective.cutmix
         if consistency is not None:  # Tack et al.: TRADES on two views of the batch, + lambda * JS between them
@@ -58,16 +60,23 @@ class Trades(Objective):
             with eval_mode(ctx.module), torch.no_grad():
                 num_classes = ctx.module(x[:1]).shape[1]
             x, soft = cutmix(x, y, num_classes, alpha=cutmix_cfg.alpha, prob=cutmix_cfg.prob, generator=ctx.generator)
-        logits_clean = ctx.model(x)
+        x_adv = None
+        if beta > 0:
+            # Under CutMix the attack's KL target is the soft label, as in DM-Improves-AT's trades_loss(use_cutmix).
+            x_adv = kl_attack(ctx, x) if soft is None else training_attack(ctx, x, soft, loss_fn=kl_to_target,
+                                                                           success_fn=None)
+        return AdversarialBatch(x=x, y=y, x_adv=x_adv, soft=soft)
+
+    def loss(self, ctx, model, batch):
+        beta, consistency = ctx.cfg.objective.beta, ctx.cfg.objective.consistency
+        x, y, soft = batch.x, batch.y, batch.soft
+        logits_clean = model(x)
         # The KL term is not smoothed; under CutMix the natural term is the CE to the soft labels.
         loss_clean = supervised_ce(logits_clean, y if soft is None else soft, ctx.cfg.objective.label_smoothing)
         metrics = {"loss_clean": loss_clean.detach()}
         loss, logits = loss_clean, logits_clean
         if beta > 0:
-            # Under CutMix the attack's KL target is the soft label, as in DM-Improves-AT's trades_loss(use_cutmix).
-            x_adv = kl_attack(ctx, x) if soft is None else training_attack(ctx, x, soft, loss_fn=kl_to_target,
-                                                                           success_fn=None)
-            logits = ctx.model(x_adv)
+            logits = model(batch.x_adv)
             loss_kl = kl_clean_adv(logits_clean, logits).mean()
             metrics["loss_kl"] = loss_kl.detach()
             loss = loss + beta * loss_kl

@@ -8,6 +8,8 @@ Layout of ``<run>/checkpoint/``::
                              steps, the quantizer's step counter): DeepSpeed keeps rank 0's optimizer only
     <tag>/complete.json      the commit mark: step, epoch, world size, what the weights fit, file sizes
     latest                   the newest complete tag, replaced atomically after the tag is committed
+    best                     ``train.keep_best``: the tag with the best validation robust accuracy; pruning
+                             (``train.keep_last``) never removes it, eval and export load it by default
 
 A save writes into ``.tmp-<tag>/``; once every rank has written its files, rank 0 adds
 ``complete.json`` and renames the folder to ``<tag>`` (one atomic rename), then updates ``latest``.
@@ -42,6 +44,7 @@ from ..core.io import (atomic_write_bytes, atomic_write_json, atomic_write_text,
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
+BEST = "best"  # pointer file: the tag train.keep_best selected
 TMP_PREFIX = ".tmp-"
 # Config keys whose change makes the saved tensors unusable: checked before DeepSpeed sees the files.
 MUST_MATCH = (("model", "name"), ("data", "name"))
@@ -121,8 +124,10 @@ def checkpoint_meta(config: dict[str, Any] | None, ds: dict[str, Any] | None) ->
 
 
 def save(engine, root: Path, tag: str, *, client_state: dict[str, Any], rank_state: dict[str, Any],
-         keep_last: int, comm: CommunicatingOptimizer | None = None) -> Path:
+         keep_last: int, comm: CommunicatingOptimizer | None = None, best: bool = False) -> Path:
     """Write one checkpoint on every rank; committed by rank 0 with one rename after all ranks wrote.
+
+    ``best``: once committed, the tag is named in ``best`` (written after ``latest``), and kept by pruning.
 
     ``comm`` (``BuiltEngine.comm``): the optimizer that communicates itself; its per-rank state (error
     feedback, 0/1 Adam's local steps, the quantizer's step counter) goes into this rank's own file.
@@ -161,16 +166,16 @@ def save(engine, root: Path, tag: str, *, client_state: dict[str, Any], rank_sta
         mark = {"tag": tag, "global_step": client_state["global_step"], "epoch": client_state["epoch"],
                 "step_in_epoch": client_state.get("step_in_epoch"), "world_size": dist.world_size(),
                 "fits": checkpoint_meta(client_state.get("config"), client_state.get("ds_config"))}
-        writes.run(lambda: _commit(root, tag, mark), size=lambda: 1024)  # complete.json and latest: about 1 KB
+        writes.run(lambda: _commit(root, tag, mark, best), size=lambda: 1024)  # complete.json, latest: about 1 KB
         if writes.error is None:
             _prune(root, keep_last, keep=tag)
     _agree(writes, root, tag)  # the other ranks go on once the commit stands (or all raise)
     return root / tag
 
 
-def _commit(root: Path, tag: str, mark: dict[str, Any]) -> None:
-    """Rank 0: ``complete.json``, the rename (the commit), then ``latest``. If any of it fails the rename
-    is undone, so the committed tags and ``latest`` are what they were before the save."""
+def _commit(root: Path, tag: str, mark: dict[str, Any], best: bool = False) -> None:
+    """Rank 0: ``complete.json``, the rename (the commit), then ``latest`` (and ``best``). If any of it fails the
+    rename is undone, so the committed tags and ``latest`` are what they were before the save."""
     tmp_dir, tag_dir, old = root / (TMP_PREFIX + tag), root / tag, root / f"{TMP_PREFIX}old-{tag}"
     files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
     atomic_write_json(tmp_dir / COMPLETE, {**mark, "files": files})
@@ -183,6 +188,8 @@ def _commit(root: Path, tag: str, mark: dict[str, Any]) -> None:
         renamed = True
         _fsync_dir(root)
         atomic_write_text(root / "latest", tag + "\n")
+        if best:
+            atomic_write_text(root / BEST, tag + "\n")
     except BaseException:
         if renamed:
             os.replace(tag_dir, tmp_dir)
@@ -346,9 +353,19 @@ def complete_tags(root: Path) -> list[tuple[int, str]]:
     return [(step, tag) for step, _, tag in sorted(out)]
 
 
+def best_tag(root: Path) -> str | None:
+    """The tag ``best`` names (``train.keep_best``) if that checkpoint is complete, else None."""
+    try:
+        tag = (Path(root) / BEST).read_text().strip()
+    except OSError:
+        return None
+    return tag if tag and (Path(root) / tag / COMPLETE).is_file() else None
+
+
 def _prune(root: Path, keep_last: int, keep: str) -> None:
+    best = best_tag(root)
     for _, tag in complete_tags(root)[:-keep_last]:
-        if tag != keep:
+        if tag not in (keep, best):
             shutil.rmtree(root / tag, ignore_errors=True)
     for d in root.iterdir():  # folders of saves that crashed before their commit
         if d.is_dir() and d.name.startswith(TMP_PREFIX):

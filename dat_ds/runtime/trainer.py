@@ -15,18 +15,20 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ..core import dist, stop, ui
-from ..core.config import RunConfig
+from ..core.config import RunConfig, check_engine
 from ..core.errors import ConfigError
 from ..core.io import JsonlWriter, atomic_write_json, atomic_write_text
 from ..data import build_dataset
 from ..data.corrupt import corrupt_images
 from ..data.loaders import build_train_loader
+from ..data.split import split_validation
 from ..models import create_model
 from ..objectives import ObjectiveContext, build_objective, prepare_model
 from ..objectives import eps_warmup
@@ -40,6 +42,7 @@ from .signal_stop import SignalStop
 
 log = logging.getLogger("dat_ds.launch.train")
 REUSE_KEY = "perturbations"  # attack.reuse's store in rank_state_<r>.pt
+BEST_ROW_KEY = "best"  # an epoch row with best: true (train.keep_best's callback) makes its checkpoint the run's best
 OVERWRITTEN = ".overwritten-"  # <run>.overwritten-<time>-<pid>: the old run under --overwrite until it is replaced
 
 
@@ -165,6 +168,7 @@ class Trainer:
         threads = dist.set_threads_per_rank()
         cfg, world = self.cfg, dist.world_size()
         self.settings = ds_config.prepare(cfg.deepspeed_config, world)
+        check_engine(cfg, self.settings.zero_stage)  # awp with ZeRO-3
         self.ds_json = {**self.settings.ds_config, "optimizer": self.settings.optimizer}
         # Resolve and vet the checkpoint before anything is built: a mismatch is one line, not a DeepSpeed crash.
         found = checkpoint.resolve_resume(self.resume, self.run_dir) if self.resume is not None else None
@@ -210,6 +214,12 @@ class Trainer:
         train_set, spec = build_dataset(cfg.data, "train")
         self.spec = spec
         self.corrupt = corrupt_images(train_set)  # data.on_corrupt=skip: counted, reported per epoch
+        self.val_set = None  # train.keep_best: the validation split, held out of the training set
+        if cfg.train.keep_best != "none":
+            plain = build_dataset(replace(cfg.data, augment=False), "train")[0] if cfg.data.augment else None
+            train_set, self.val_set = split_validation(train_set, cfg.train.val_examples, cfg.seed, plain)
+            log.info("train.keep_best=%s: %d training examples held out for validation, %d left to train on",
+                     cfg.train.keep_best, len(self.val_set), len(train_set))
         model = prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights, act=cfg.model.act))
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -397,7 +407,7 @@ class Trainer:
 
             log.info("epoch %d/%d: %s", epoch + 1, cfg.train.epochs, describe_comm(self.built.comm))
         state.step_in_epoch = self.steps_per_epoch
-        self.save(end_of_epoch=True)
+        self.save(end_of_epoch=True, best=bool(row.get(BEST_ROW_KEY)))
         state.epoch, state.step_in_epoch = epoch + 1, 0
         return row
 
@@ -411,8 +421,9 @@ class Trainer:
                         f"; e.g. {', '.join(examples)}" if examples else "")
         return total
 
-    def save(self, end_of_epoch: bool) -> Path:
-        """Checkpoint the current state (collective). Never after a non-finite step: the check comes first."""
+    def save(self, end_of_epoch: bool, best: bool = False) -> Path:
+        """Checkpoint the current state (collective). Never after a non-finite step: the check comes first.
+        ``best``: the checkpoint becomes the run's ``best`` (``train.keep_best``; pruning keeps it)."""
         self.watch.check(self.state)
         state = self.state
         client = {**state.to_dict(), "config": self.cfg.to_dict(), "ds_config": self.ds_json,
@@ -426,7 +437,7 @@ class Trainer:
         t_save = time.perf_counter()
         path = checkpoint.save(self.engine, self.ckpt_root, tag, client_state=client,
                                rank_state=self._rank_state(), keep_last=self.cfg.train.keep_last,
-                               comm=self.built.comm)
+                               comm=self.built.comm, best=best)
         self.last_save_seconds, self.last_saved_step = time.perf_counter() - t_save, state.global_step
         if self.overwritten is not None:  # the new run has a complete checkpoint: it replaces the old one now
             aside, self.overwritten = self.overwritten, None
@@ -439,6 +450,11 @@ class Trainer:
         summary = {"stopped": stopped, "name": cfg.name, "run_dir": str(self.run_dir), "world_size": world,
                    "epochs": cfg.train.epochs, "seconds": seconds, "final": history[-1] if history else None,
                    "history": history}
+        best_rows = [h for h in history if h.get(BEST_ROW_KEY)]
+        if cfg.train.keep_best != "none":  # the checkpoint eval and export default to (Rice et al. 2020)
+            summary["best"] = None if not best_rows else {
+                "epoch": best_rows[-1]["epoch"], "tag": checkpoint.tag_for(best_rows[-1]["epoch"] - 1, 0, True),
+                "val_robust_acc": best_rows[-1].get("val_robust_acc"), "val_clean_acc": best_rows[-1].get("val_clean_acc")}
         if dist.is_main_process():
             atomic_write_json(self.run_dir / "summary.json", summary)
             if history:
