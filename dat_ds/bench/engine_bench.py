@@ -53,6 +53,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="with --vs: run-config overrides of the recipe (repeatable)")
     p.add_argument("--rounds", type=int, default=3, help="with --vs: alternating rounds (A, B) in the one launch")
+    p.add_argument("--a-set", dest="a_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --vs: run-config overrides for A only (what dat-ds tune prints, e.g. data.num_workers=1)")
+    p.add_argument("--vs-nproc", type=int, default=None,
+                   help="with --vs: ranks for B when a tuned layout differs (default --nproc); each arm keeps its "
+                        "launch, requests alternate")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,11 +98,13 @@ def check_vs_args(args: argparse.Namespace):
     if args.rounds < 1 or args.steps < 1:
         raise ConfigError(f"--rounds={args.rounds} and --steps={args.steps} must be >= 1")
     recipe = recipe_path(args.recipe)
-    build_config(recipe, list(args.overrides))
+    build_config(recipe, list(args.overrides) + list(args.a_overrides))
     paths = {}
-    for arm, path in (("A", args.deepspeed_config), ("B", args.vs)):
+    for arm, path, world in (("A", args.deepspeed_config, args.nproc), ("B", args.vs, args.vs_nproc or args.nproc)):
+        if world < 1:
+            raise ConfigError(f"--nproc/--vs-nproc={world} must be >= 1")
         resolved = str(ds_config.resolve_path(path))
-        ds_config.prepare(resolved, args.nproc, data=ds_config.load_ds_json(resolved))
+        ds_config.prepare(resolved, world, data=ds_config.load_ds_json(resolved))
         paths[arm] = resolved
     return recipe, paths
 
@@ -113,15 +120,22 @@ def run_vs(args: argparse.Namespace) -> dict[str, Any]:
     recipe, paths = check_vs_args(args)
     jsons = {arm: ds_config.load_ds_json(p) for arm, p in paths.items()}
     runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+    nprocs = {"A": args.nproc, "B": args.vs_nproc or args.nproc}
     with tempfile.TemporaryDirectory(prefix="dat-ds-vs-") as tmp:
-        dummy = Point(micro=1, accum=1, global_batch=args.nproc, ranks=args.nproc)
-        measure = EngineMeasure(recipe=recipe, sets=list(args.overrides), hostfile=None, base_json=jsons["A"],
-                                start=dummy, optimizer_family="adamw", lr_rule="none",
-                                deadline=time.time() + 10**6, rss_cap_mb=None, exchange=Path(tmp))
+        def measurer(nproc: int) -> EngineMeasure:
+            dummy = Point(micro=1, accum=1, global_batch=nproc, ranks=nproc)
+            return EngineMeasure(recipe=recipe, sets=list(args.overrides), hostfile=None, base_json=jsons["A"],
+                                 start=dummy, optimizer_family="adamw", lr_rule="none",
+                                 deadline=time.time() + 10**6, rss_cap_mb=None, exchange=Path(tmp))
+
+        # one launch per world size, both kept: the idle one waits on a file, the rounds alternate
+        measures = {"A": measurer(nprocs["A"])}
+        measures["B"] = measures["A"] if nprocs["B"] == nprocs["A"] else measurer(nprocs["B"])
         try:
             for _ in range(args.rounds):
                 for arm in ("A", "B"):
-                    r = measure.run_json((args.nproc, 0), jsons[arm], [], steps=args.steps or STEPS)
+                    sets = list(args.a_overrides) if arm == "A" else []
+                    r = measures[arm].run_json((nprocs[arm], 0), jsons[arm], sets, steps=args.steps or STEPS)
                     if r.status != "ok":
                         from ..core.errors import ConfigError
 
@@ -129,16 +143,18 @@ def run_vs(args: argparse.Namespace) -> dict[str, Any]:
                                           f"{r.status} {r.message}")
                     runs[arm].append({"samples_per_s": r.samples_per_s, "step_s": r.step_s, "peak_mem_mb": r.peak_mem_mb})
         finally:
-            measure.close()
+            for m in {id(m): m for m in measures.values()}.values():
+                m.close()
     sps = {arm: statistics.median(x["samples_per_s"] for x in rs) for arm, rs in runs.items()}
     ratio = sps["A"] / sps["B"]
-    out = {"recipe": args.recipe, "nproc": args.nproc, "steps_per_round": args.steps, "rounds": args.rounds,
+    out = {"recipe": args.recipe, "nproc": args.nproc, "nproc_B": nprocs["B"], "a_sets": list(args.a_overrides), "steps_per_round": args.steps, "rounds": args.rounds,
            "A": paths["A"], "B": paths["B"], "json_A": jsons["A"], "json_B": jsons["B"], "runs": runs,
            "samples_per_s": sps, "ratio": ratio, "a_not_slower": ratio >= 1.0}
     write_result(args.out, "engine_vs", out)
     save_bar_plot(Path(args.out) / "engine_vs.png", [f"A: {Path(paths['A']).name}", f"B: {Path(paths['B']).name}"],
                   [sps["A"], sps["B"]], ylabel="samples/s", title=f"{args.recipe} on {args.nproc} ranks, alternating")
-    show_table(f"bench engine --vs: {args.recipe}, {args.nproc} ranks, {args.rounds} alternating rounds of "
-               f"{args.steps} steps", ["arm", "samples/s"],
-               [[f"A {paths['A']}", sps["A"]], [f"B {paths['B']}", sps["B"]], ["ratio A / B", ratio]])
+    show_table(f"bench engine --vs: {args.recipe}, {args.rounds} alternating rounds of {args.steps} steps",
+               ["arm", "ranks", "samples/s"],
+               [[f"A {paths['A']}", nprocs["A"], sps["A"]], [f"B {paths['B']}", nprocs["B"], sps["B"]],
+                ["ratio A / B", None, ratio]])
     return out

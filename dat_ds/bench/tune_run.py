@@ -402,6 +402,7 @@ def run(inputs: Inputs) -> dict[str, Any]:
         "best_samples_per_s": outcome.best_sps, "expected_speedup": outcome.speedup,
         "default_is_best": outcome.default_is_best, "stopped_by_budget": outcome.stopped_by_budget,
         "confirm_rounds": [[{"label": p.label(), "samples_per_s": s} for p, s in rnd] for rnd in outcome.confirm_rounds],
+        "confirm": _confirm_line(inputs, outcome.best, out, run_sets),
         "lr_note": note, "run_config_sets": run_sets, "launch": _launch_line(inputs, outcome.best, out, run_sets, cpu),
         "seconds": time.time() - t_start,
     }
@@ -430,6 +431,14 @@ def _run_config_sets(start: Point, best: Point) -> list[str]:
     if best.workers != start.workers:
         sets.append(f"data.num_workers={best.workers}")
     return sets
+
+
+def _confirm_line(inputs: Inputs, best: Point, out: Path, sets: list[str]) -> str:
+    """The side-by-side benchmark of the tuned point (JSON, run-config sets, ranks) against the start."""
+    extra = "".join(f" --a-set {s}" for s in sets)
+    ranks = f" --vs-nproc {inputs.nproc}" if best.ranks != inputs.nproc else ""
+    return (f"dat-ds bench engine --recipe {inputs.recipe_arg} --nproc {best.ranks}{ranks} --deepspeed_config {out} "
+            f"--vs {inputs.ds_path}{extra}" + "".join(f" --set {s}" for s in inputs.sets))
 
 
 def _launch_line(inputs: Inputs, best: Point, out: Path, sets: list[str], cpu: bool) -> str:
@@ -532,10 +541,14 @@ def _say(summary: dict[str, Any], start: Point, note: str | None, inputs: Inputs
         ui.console.print(f"[bold]tuned:[/bold] {summary['best_label']}: expected speedup "
                          f"[bold]{speedup:.2f}x[/bold] over the starting JSON ({summary['best_samples_per_s']:.1f} vs "
                          f"{summary['start_samples_per_s']:.1f} samples/s)")
+    engine_fields = ("micro", "accum", "global_batch", "zero", "precision", "comm")
+    best = Point(**summary["best"])
+    if not summary["default_is_best"] and all(getattr(best, f) == getattr(start, f) for f in engine_fields):
+        ui.console.print("note: the engine settings are the starting JSON's; the gain comes from the run config or "
+                         "the launch (ranks x threads), so use the command line below, not the JSON alone")
     if note:
         ui.console.print(f"note: {note}")
     if summary["stopped_by_budget"]:
         ui.console.print("note: the budget ended the search; run the same command again to continue it (cached)")
     ui.console.print(f"wrote {summary['tuned_json']} (+ .tuning.json, .png); run it with:\n  {summary['launch']}\n"
-                     f"confirm: dat-ds bench engine --recipe {inputs.recipe_name} --nproc {inputs.nproc} "
-                     f"--deepspeed_config {summary['tuned_json']} --vs {inputs.ds_path}")
+                     f"confirm: {summary['confirm']}")

@@ -142,7 +142,8 @@ def save_pseudo_labels(path: str | Path, data: PseudoLabeled) -> Path:
 def load_pseudo_labels(path: str | Path, *, trust_pickle: bool = False) -> PseudoLabeled:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"data.unlabeled file {str(path)!r} not found; create it with `dat-ds pseudo-label`")
+        raise ConfigError(f"data.unlabeled {str(path)!r} not found; give a pseudo-label file (`dat-ds pseudo-label`) "
+                          "or a folder of generated .npz shards ('image' uint8 NHWC, 'label')")
     if path.suffix in PICKLE_SUFFIXES:
         obj = _load_pickle(path, trust_pickle)
         images = obj.get("data", obj.get("images"))
