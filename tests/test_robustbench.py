@@ -118,3 +118,24 @@ def test_robustbench_entry_on_a_trained_model(trained_demo_model, tmp_path, capf
     logged = capfd.readouterr()
     assert "[WARNING] dat_ds.eval: NOT A ROBUSTBENCH SCORE: --max-examples 12 scored only the first 12 of 40" in (
         logged.err + logged.out)
+
+
+def test_entry_of_a_run_with_generated_data_names_its_extra_data_and_architecture():
+    """A run's config fills additional_data / architecture; a full score has no subset and CIFAR's eps reads k/255."""
+    from dat_ds.core.config import build_config
+    from dat_ds.evaluation.loading import LoadedModel
+
+    cfg = build_config(overrides=["data.name=cifar10", "data.unlabeled=gen/", "model.name=wideresnet28_10",
+                                  "model.act=silu", "attack.eps=8/255", "objective.name=trades"])
+    loaded = LoadedModel(model=nn.Identity(), data_cfg=cfg.data, cfg=cfg,
+                         source={"kind": "run", "run_dir": "runs/wrn_dm", "model": "wideresnet28_10",
+                                 "which_weights": "ema"})
+    report = {"count": 10000, "clean_acc": 0.92444, "results": [
+        {"eps": 8 / 255, "norm": "linf", "label": "AutoAttack@0.03137", "robust_acc": 0.6731}]}
+    args = _args("--run", "runs/wrn_dm", "--protocol", "robustbench")
+    entry = eval_run.robustbench_entry(report, loaded, args, n_test=10000, subset=None)
+    assert MODEL_INFO_FIELDS <= entry.keys()
+    assert (entry["name"], entry["dataset"], entry["eps"], entry["threat_model"]) == ("wrn_dm", "cifar10", "8/255", "Linf")
+    assert entry["additional_data"] is True and entry["architecture"] == "wideresnet28_10 (silu)"
+    assert (entry["clean_acc"], entry["autoattack_acc"]) == ("92.44", "67.31")  # percent, two decimals
+    assert entry["subset"] is None and entry["which_weights"] == "ema"
