@@ -28,12 +28,23 @@ def run_cli(*args: str, cwd: Path | str | None = None, timeout: float = 600, env
 # What torch.distributed reads from the environment. In-process tests initialise a world of one, which
 # sets these in this process for the tests after them; a command a test starts must not inherit them (it
 # would reuse that world's rendezvous port and fail with EADDRINUSE).
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+from reliability_utils import DIST_ENV  # noqa: E402
 
 
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def dat_ds_log(caplog):
+    """``caplog`` that also sees the ``dat_ds`` logger, which stops propagating once the CLI set up logging."""
+    import logging
+
+    logger = logging.getLogger("dat_ds")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -10,6 +11,16 @@ import torch
 TINY_DS = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
            "optimizer": {"type": "AdamW", "params": {"lr": 0.002, "weight_decay": 0.0001}},
            "zero_optimization": {"stage": 0}}
+
+
+# What torch.distributed reads from the environment (tests/conftest.py strips the same for run_cli): the
+# in-process world of earlier tests sets them, and a command started with them would reuse its port.
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``dat-ds`` command a test starts itself: a fresh command, not a rank."""
+    return {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, **extra}
 
 
 def write_ds(folder: Path, **changes) -> Path:

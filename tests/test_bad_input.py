@@ -522,7 +522,7 @@ def test_data_set_checks_read_every_label_of_an_array_but_count_classes_only_whe
 
 def _image_folder(t: Path) -> Path:
     """train/{a,b}/ with 16 PNGs each (28x28 RGB), val/{a,b}/ with 8; one training PNG cut in half: it opens
-    (the header is whole) but does not decode. Not the first file, so the start-up check passes it."""
+    (the header is whole) but does not decode. Not the first file: only decoding every image finds it."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -544,9 +544,15 @@ def _folder_args(t: Path, *extra: str) -> list[str]:
                      f"data.root={t / 'folder'}", "--set", "data.image_size=28", *extra, subset=32, epochs=1)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_corrupt_image_aborts_with_its_path_in_one_line(tmp_path, capsys, workers):
-    """data.on_corrupt=abort (default): exit 2 and one line naming the file, also when a DataLoader worker met it."""
+@pytest.mark.parametrize("workers, met", [(0, "at start-up"), (0, "in training"), (2, "in training")])
+def test_corrupt_image_aborts_with_its_path_in_one_line(tmp_path, capsys, monkeypatch, workers, met):
+    """data.on_corrupt=abort (default): exit 2 and one line naming the file. A small split has every image
+    decoded before anything starts; in a large one (here: the limit set to 0) the file is met while
+    training, also in a DataLoader worker, with the same line."""
+    from dat_ds.launch import preflight
+
+    if met == "in training":
+        monkeypatch.setattr(preflight, "DECODE_ALL_UP_TO", 0)
     bad = _image_folder(tmp_path)
     rc = cli.main(["train", *_folder_args(tmp_path, "--set", f"data.num_workers={workers}")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
@@ -556,6 +562,8 @@ def test_corrupt_image_aborts_with_its_path_in_one_line(tmp_path, capsys, worker
         "); replace or remove it, or set data.on_corrupt=skip to train without such files"), err[-1]
     root = tmp_path / "runs" / "folder" / "checkpoint"
     assert not root.exists() or not any(root.iterdir())  # no checkpoint was saved after it
+    if met == "at start-up":
+        assert not (tmp_path / "runs" / "folder").exists()  # refused before the run folder was made
 
 
 def test_corrupt_image_is_skipped_counted_and_reported_once_per_epoch(tmp_path, caplog):

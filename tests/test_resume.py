@@ -16,7 +16,7 @@ import pytest
 
 from dat_ds import cli
 from dat_ds.runtime import checkpoint
-from reliability_utils import assert_identical, model_state, tiny_args, write_ds
+from reliability_utils import assert_identical, command_env, model_state, tiny_args, write_ds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,8 +75,8 @@ def test_crash_mid_epoch_then_resume_auto_is_bit_identical(reference, monkeypatc
     (root / "latest").write_text("step000000005\n")
     with caplog.at_level(logging.WARNING, logger="dat_ds"):
         assert checkpoint.resolve_resume("auto", root.parent) == (root, "step000000004")
-    assert "skipping corrupt checkpoint" in caplog.text and "step000000005" in caplog.text
-    assert "skipping incomplete checkpoint" in caplog.text and ".tmp-step000000006" in caplog.text
+    assert "skipping corrupt checkpoint" in dat_ds_log.text and "step000000005" in dat_ds_log.text
+    assert "skipping incomplete checkpoint" in dat_ds_log.text and ".tmp-step000000006" in dat_ds_log.text
     shutil.rmtree(root / "step000000005")  # a real crash would not leave it behind twice
 
     assert cli.main(["train", *tiny_args(folder / "runs", "crash", ds), "--resume", "auto"]) == 0
@@ -147,7 +147,7 @@ def test_a_checkpoints_model_states_are_weights_the_preflight_accepts(reference)
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dat_ds"):
         assert checkpoint.resolve_resume("auto", tmp_path / "nothing") is None
-    assert "starting from scratch" in caplog.text
+    assert "starting from scratch" in dat_ds_log.text
     with pytest.raises(Exception, match="no complete checkpoint found for --resume"):
         checkpoint.resolve_resume(str(tmp_path / "nothing"), tmp_path / "other")
 
@@ -172,7 +172,7 @@ def test_rng_roundtrip_restores_every_stream():
 
 
 def _launch(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2", *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2", *args], cwd=REPO, env=command_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -230,7 +230,7 @@ def test_sigkill_two_ranks_then_resume_is_bit_identical(tmp_path):
     assert_identical(model_state(runs / "ref" / "checkpoint" / "epoch0001"), model_state(root / "epoch0001"))
 
 
-def test_world_size_change_is_refused_unless_allowed_then_reshards(tmp_path, capsys):
+def test_world_size_change_is_refused_unless_allowed_then_reshards(tmp_path, capsys, dat_ds_log):
     """2 ranks train one epoch; a 1-rank resume is one line without --allow-world-size-change (exit 2, nothing
     written), and with it continues: the epoch checkpoint starts epoch 2 at its beginning, the step counter
     goes on (20 + 40 steps); a mid-epoch checkpoint (step 14 of 20 on 2 ranks: 448 examples) goes on at step 28
@@ -252,17 +252,19 @@ def test_world_size_change_is_refused_unless_allowed_then_reshards(tmp_path, cap
         "or pass --allow-world-size-change (not bit-identical), or start a new run with another --name"]
     assert {str(p): p.stat().st_mtime_ns for p in (runs / "two").rglob("*")} == before
 
+    dat_ds_log.clear()
     assert cli.main(["train", *tiny_args(runs, "two", ds, epochs=2, **common), "--resume", "auto",
                      "--allow-world-size-change"]) == 0
     assert ("world size 2 -> 1: epoch 2 starts at its beginning; per-rank RNG re-seeded; the global step counter "
-            "continues at 20; results will not be bit-identical to an uninterrupted run") in capsys.readouterr().err
+            "continues at 20; results will not be bit-identical to an uninterrupted run") in dat_ds_log.text
     mark = checkpoint.read_complete(root / "epoch0001")
     assert mark["global_step"] == 60 and mark["world_size"] == 1
     epochs = [json.loads(ln) for ln in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
 
+    dat_ds_log.clear()
     assert cli.main(["train", *tiny_args(runs, "mid", ds, epochs=1, **common), "--resume",
                      str(root / "step000000014"), "--allow-world-size-change"]) == 0
     assert ("world size 2 -> 1: data position re-sharded at global example 448 of epoch 1 (step 28 of 40; 0 "
-            "example(s) seen again); per-rank RNG re-seeded") in capsys.readouterr().err
+            "example(s) seen again); per-rank RNG re-seeded") in dat_ds_log.text
     assert checkpoint.read_complete(runs / "mid" / "checkpoint" / "epoch0000")["global_step"] == 14 + 12

@@ -17,7 +17,7 @@ import pytest
 
 from dat_ds.runtime import checkpoint
 from dat_ds.runtime.signal_stop import save_fits
-from reliability_utils import assert_identical, model_state, tiny_args, write_ds
+from reliability_utils import assert_identical, command_env, model_state, tiny_args, write_ds
 from test_resume import REPO, rank_process, wait_for_tag
 
 GONE_WITHIN_S = 30
@@ -29,7 +29,7 @@ def _start(tmp_path, name, *extra):
     ds = write_ds(tmp_path)
     runs = tmp_path / "runs"
     args = tiny_args(runs, name, ds, *extra, subset=640, epochs=EPOCHS, save_every=3)  # 20 steps per epoch on 2 ranks
-    proc = subprocess.Popen([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2", *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2", *args], cwd=REPO, env=command_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     parent = psutil.Process(proc.pid)
     for r in (0, 1):
@@ -185,7 +185,7 @@ def test_sigterm_of_an_in_process_run_names_the_last_checkpoint(tmp_path):
     runs = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "dat_ds.cli", "train",
                              *tiny_args(runs, "one", ds, subset=640, epochs=EPOCHS, save_every=3)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = runs / "one" / "checkpoint"
     wait_for_tag(root, proc)
     proc.send_signal(signal.SIGTERM)

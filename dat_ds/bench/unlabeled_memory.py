@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shape = tuple(int(v) for v in args.shape.split(","))
     if len(shape) != 3 or min(sizes) < 1 or args.steps < 1 or args.shard_size < 1:
         raise ConfigError("bench unlabeled-memory needs --shape H,W,C, sizes >= 1, --steps >= 1, --shard-size >= 1")
+    odd = [n for n in sizes if n % args.shard_size and n != max(sizes)]
+    if odd:  # checked before any shard is written
+        raise ConfigError(f"size {odd[0]} is not a multiple of --shard-size {args.shard_size}")
     need = max(sizes) * int(shape[0] * shape[1] * shape[2])
     tmp_root = Path(args.tmp_dir or tempfile.gettempdir())
     free = shutil.disk_usage(tmp_root).free
@@ -110,8 +113,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         paths = _write_shards(Path(tmp) / "all", max(sizes), args.shard_size, shape)
         log.info("wrote %d images in %d shards (%.2f GB)", max(sizes), len(paths), need / 1e9)
         for n in sizes:
-            if n % args.shard_size and n != max(sizes):
-                raise ConfigError(f"size {n} is not a multiple of --shard-size {args.shard_size}")
             sub = Path(tmp) / f"n{n}"
             sub.mkdir()
             for p in paths[:-(-n // args.shard_size)]:

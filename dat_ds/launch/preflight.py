@@ -103,11 +103,18 @@ def check_labels(labels: torch.Tensor, spec, where: str, *, min_classes: int = 1
                           "needs at least two: check the label file and data.train_subset")
 
 
+# Image files (ImageFolder, HF) are all decoded before any rank starts when a split has at most this many;
+# larger ones are decoded when met (``data.on_corrupt``). In-memory arrays are checked whole anyway.
+DECODE_ALL_UP_TO = 5000
+
+
 def check_dataset(ds, spec, where: str, *, min_classes: int = 1) -> None:
     """Images match the spec's channels and size; labels are finite integers in [0, num_classes).
 
     In-memory sets are checked whole (every label; the image array's dtype and shape), others through
-    their first image and, where the data set lists them without decoding, every label.
+    their first image and, where the data set lists them without decoding, every label; a split of image
+    files with up to ``DECODE_ALL_UP_TO`` images has every image decoded (a corrupt one is one line naming
+    it, unless ``data.on_corrupt=skip`` says to train without it).
     """
     from ..data.embedded import ArrayDataset
 
@@ -119,6 +126,10 @@ def check_dataset(ds, spec, where: str, *, min_classes: int = 1) -> None:
     x, y = ds[0]  # an array has one shape, so its first image stands for all of them
     if isinstance(x, torch.Tensor) and spec.img_size:
         _check_images(x, spec, where)
+    corrupt = getattr(ds, "corrupt", None)  # image files, with data.on_corrupt's bookkeeping
+    if corrupt is not None and corrupt.policy == "abort" and len(ds) <= DECODE_ALL_UP_TO:
+        for i in range(1, len(ds)):
+            ds[i]  # raises CorruptImageError (one line naming the file) for an image that does not decode
     if labels is not None:
         check_labels(labels.reshape(-1), spec, where, min_classes=min_classes)
     elif isinstance(y, (int, float)) or (isinstance(y, torch.Tensor) and y.dim() == 0):  # one label: no class count
