@@ -205,6 +205,14 @@ class Inputs:
     command: tuple[str, ...]
 
 
+def _shown_path(path: str) -> str:
+    """A packaged recipe as ``dat_ds/recipes/<name>``, a user's file as given: no machine's folders in the sidecar."""
+    from pathlib import Path
+
+    p = Path(path).resolve()
+    package = Path(__file__).resolve().parents[1]
+    return str(Path("dat_ds") / p.relative_to(package)) if p.is_relative_to(package) else path
+
 def start_point(inputs: Inputs, cfg, settings, threads: int) -> Point:
     return Point(micro=settings.micro_batch, accum=settings.grad_accum, global_batch=settings.global_batch,
                  zero=settings.zero_stage, precision=settings.precision,
@@ -341,7 +349,7 @@ def run(inputs: Inputs) -> dict[str, Any]:
 
     def save(outcome: tune.Outcome | None = None, measured: list | None = None) -> None:
         record.update({
-            "recipe": inputs.recipe_name, "recipe_path": inputs.recipe, "start_json": inputs.ds_path,
+            "recipe": inputs.recipe_name, "recipe_path": _shown_path(inputs.recipe), "start_json": inputs.ds_path,
             "command": list(inputs.command), "hardware": hardware, "context": key, "cache": cache,
             "nproc": inputs.nproc, "nodes": inputs.nodes, "budget_s": inputs.budget_s,
             "allow_numerics_change": inputs.allow_numerics_change, "allow_batch_change": inputs.allow_batch_change,
