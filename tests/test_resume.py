@@ -75,8 +75,8 @@ def test_crash_mid_epoch_then_resume_auto_is_bit_identical(reference, monkeypatc
     (root / "latest").write_text("step000000005\n")
     with caplog.at_level(logging.WARNING, logger="dat_ds"):
         assert checkpoint.resolve_resume("auto", root.parent) == (root, "step000000004")
-    assert "skipping corrupt checkpoint" in dat_ds_log.text and "step000000005" in dat_ds_log.text
-    assert "skipping incomplete checkpoint" in dat_ds_log.text and ".tmp-step000000006" in dat_ds_log.text
+    assert "skipping corrupt checkpoint" in caplog.text and "step000000005" in caplog.text
+    assert "skipping incomplete checkpoint" in caplog.text and ".tmp-step000000006" in caplog.text
     shutil.rmtree(root / "step000000005")  # a real crash would not leave it behind twice
 
     assert cli.main(["train", *tiny_args(folder / "runs", "crash", ds), "--resume", "auto"]) == 0
@@ -147,7 +147,7 @@ def test_a_checkpoints_model_states_are_weights_the_preflight_accepts(reference)
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dat_ds"):
         assert checkpoint.resolve_resume("auto", tmp_path / "nothing") is None
-    assert "starting from scratch" in dat_ds_log.text
+    assert "starting from scratch" in caplog.text
     with pytest.raises(Exception, match="no complete checkpoint found for --resume"):
         checkpoint.resolve_resume(str(tmp_path / "nothing"), tmp_path / "other")
 

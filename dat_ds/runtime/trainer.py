@@ -168,7 +168,7 @@ class Trainer:
         threads = dist.set_threads_per_rank()
         cfg, world = self.cfg, dist.world_size()
         self.settings = ds_config.prepare(cfg.deepspeed_config, world)
-        check_engine(cfg, self.settings.zero_stage)  # awp with ZeRO-3
+        check_engine(cfg, self.settings.zero_stage, dist.world_size())  # awp with ZeRO-3, NHWC on several ranks
         self.ds_json = {**self.settings.ds_config, "optimizer": self.settings.optimizer}
         # Resolve and vet the checkpoint before anything is built: a mismatch is one line, not a DeepSpeed crash.
         found = checkpoint.resolve_resume(self.resume, self.run_dir) if self.resume is not None else None
