@@ -575,10 +575,6 @@ def validate_awp_and_best(cfg: RunConfig) -> None:
 def check_engine(cfg: RunConfig, zero_stage: int, world: int = 1) -> None:
     """Run-config options that depend on the DeepSpeed JSON and the world size, checked where both are known
     (``launch.validate`` and the trainer)."""
-    if cfg.model.channels_last and world > 1:
-        raise ConfigError("model.channels_last=true cannot start on several ranks: DeepSpeed's start-up broadcast "
-                          "views every weight as bytes, which NHWC weights do not allow; remove model.channels_last "
-                          "(or train on one rank)")
     if cfg.awp is not None and zero_stage == 3:
         raise ConfigError("awp perturbs each layer's whole weight tensor, which ZeRO-3 partitions over the ranks; "
                           "use zero_optimization.stage 0, 1 or 2 with awp, or remove awp")
