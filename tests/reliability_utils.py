@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -57,3 +58,28 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+class Crash(Exception):
+    """Stands in for a node dying right after a checkpoint was committed."""
+
+
+@contextlib.contextmanager
+def crash_after_save(tag: str):
+    """Inside the block ``checkpoint.save`` raises :class:`Crash` right after committing ``tag``; the real
+    save is back on exit."""
+    from dat_ds.runtime import checkpoint
+
+    real_save = checkpoint.save
+
+    def save_then_crash(engine, root, saved_tag, **kw):
+        out = real_save(engine, root, saved_tag, **kw)
+        if saved_tag == tag:
+            raise Crash(saved_tag)
+        return out
+
+    checkpoint.save = save_then_crash
+    try:
+        yield
+    finally:
+        checkpoint.save = real_save

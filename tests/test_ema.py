@@ -22,7 +22,7 @@ from dat_ds.core.config import EMAConfig, build_config
 from dat_ds.core.errors import ConfigError
 from dat_ds.runtime import checkpoint
 from dat_ds.runtime.ema import WeightEMA, assemble, warmup_decay
-from reliability_utils import assert_identical, model_state, tiny_args, write_ds
+from reliability_utils import Crash, assert_identical, crash_after_save, model_state, tiny_args, write_ds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,10 +153,6 @@ def test_state_dict_round_trip_and_zero3_shards_put_together():
 # ----------------------------------------------------------------------------- runs (1 rank, seconds)
 
 
-class Crash(Exception):
-    pass
-
-
 def _ema_of(tag_dir: Path) -> dict:
     states = torch.load(Path(tag_dir) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return states["ema"]
@@ -171,20 +167,8 @@ def ema_runs(tmp_path_factory):
     runs = folder / "runs"
     ema = ("--set", "ema.decay=0.9")
     assert cli.main(["train", *tiny_args(runs, "ref", ds, *ema)]) == 0
-    real_save = checkpoint.save
-
-    def save_then_crash(engine, root, tag, **kw):
-        out = real_save(engine, root, tag, **kw)
-        if tag == "step000000004":
-            raise Crash(tag)
-        return out
-
-    checkpoint.save = save_then_crash
-    try:
-        with pytest.raises(Crash):
-            cli.main(["train", *tiny_args(runs, "crashed", ds, *ema)])
-    finally:
-        checkpoint.save = real_save
+    with crash_after_save("step000000004"), pytest.raises(Crash):
+        cli.main(["train", *tiny_args(runs, "crashed", ds, *ema)])
     assert cli.main(["train", *tiny_args(runs, "crashed", ds, *ema), "--resume", "auto"]) == 0
     assert cli.main(["train", *tiny_args(runs, "plain", ds, epochs=1)]) == 0
     return runs

@@ -18,7 +18,7 @@ from dat_ds.models import create_model
 from dat_ds.objectives import ObjectiveContext, build_objective
 from dat_ds.objectives.fast import grad_align, scheduled_steps, training_attack
 from dat_ds.objectives.reuse import PerturbationStore, check_reuse_budget
-from reliability_utils import assert_identical, model_state, tiny_args, write_ds
+from reliability_utils import Crash, assert_identical, crash_after_save, model_state, tiny_args, write_ds
 
 EPS = 0.05
 
@@ -257,31 +257,16 @@ def _rank_store(tag_dir, rank):
     return torch.load(tag_dir / f"rank_state_{rank}.pt", map_location="cpu", weights_only=True)["perturbations"]
 
 
-class Crash(Exception):
-    """A node dying right after a checkpoint was committed."""
-
-
-def test_reuse_crash_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch):
+def test_reuse_crash_mid_epoch_then_resume_is_bit_identical(tmp_path):
     """1 rank, in process: PGD-1 + reuse + a 1 -> 3 step schedule, killed after the mid-epoch checkpoint of epoch 2
     and resumed: the same weights and stored perturbations as an uninterrupted run."""
-    from dat_ds.runtime import checkpoint
-
     ds = write_ds(tmp_path)
     runs = tmp_path / "runs"
     extra = ("--set", "attack.reuse=true", "--set", "attack.steps_schedule=[1, 3]")
     assert cli.main(["train", *tiny_args(runs, "ref", ds, *extra)]) == 0
-    real_save = checkpoint.save
-
-    def save_then_crash(engine, root, tag, **kw):
-        out = real_save(engine, root, tag, **kw)
-        if tag == "step000000008":  # epoch 2, step 2 of 6: the store holds epoch 1's deltas and 2 new batches
-            raise Crash(tag)
-        return out
-
-    monkeypatch.setattr(checkpoint, "save", save_then_crash)
-    with pytest.raises(Crash):
+    # step 8 = epoch 2, step 2 of 6: the store holds epoch 1's deltas and 2 new batches
+    with crash_after_save("step000000008"), pytest.raises(Crash):
         cli.main(["train", *tiny_args(runs, "crash", ds, *extra)])
-    monkeypatch.setattr(checkpoint, "save", real_save)
     assert cli.main(["train", *tiny_args(runs, "crash", ds, *extra), "--resume", "auto"]) == 0
     a, b = runs / "ref" / "checkpoint" / "epoch0001", runs / "crash" / "checkpoint" / "epoch0001"
     assert_identical(model_state(a), model_state(b))

@@ -16,13 +16,9 @@ import pytest
 
 from dat_ds import cli
 from dat_ds.runtime import checkpoint
-from reliability_utils import assert_identical, command_env, model_state, tiny_args, write_ds
+from reliability_utils import Crash, assert_identical, command_env, crash_after_save, model_state, tiny_args, write_ds
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Crash(Exception):
-    """Stands in for a node dying right after a checkpoint was committed."""
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +42,10 @@ def test_tags_and_commit_marks(reference):
     assert mark["step_in_epoch"] == 4 and mark["epoch"] == 0
 
 
-def test_crash_mid_epoch_then_resume_auto_is_bit_identical(reference, monkeypatch, caplog):
+def test_crash_mid_epoch_then_resume_auto_is_bit_identical(reference, caplog):
     folder, ds = reference
-    real_save = checkpoint.save
-
-    def save_then_crash(engine, root, tag, **kw):
-        out = real_save(engine, root, tag, **kw)
-        if tag == "step000000004":
-            raise Crash(tag)
-        return out
-
-    monkeypatch.setattr(checkpoint, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with crash_after_save("step000000004"), pytest.raises(Crash):
         cli.main(["train", *tiny_args(folder / "runs", "crash", ds)])
-    monkeypatch.setattr(checkpoint, "save", real_save)
     root = folder / "runs" / "crash" / "checkpoint"
     assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000004"]
 
