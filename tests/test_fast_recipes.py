@@ -210,6 +210,42 @@ def test_summarize_report_refuses_a_weakened_autoattack():
     assert (out["autoattack_acc"], out["pgd50x5_acc"], out["sanity_pass"]) == (0.7, 0.7, False)  # no checks: no pass
 
 
+def test_reuse_takes_only_a_finished_run_of_the_same_config(tmp_path, bench_args):
+    """--reuse (finishing an interrupted bench): a run folder counts only with this argv's config, all epochs."""
+    argv = ttr.train_argv("nfgsm", ttr.METHODS["nfgsm"], bench_args, tmp_path)
+    run = tmp_path / "nfgsm"
+    assert not ttr.finished_run(run, argv, bench_args.epochs)  # nothing there
+    cfg = build_config(ttr.DEMO_RECIPE, argv[argv.index("--overwrite") + 1:][1::2],
+                       flags={"name": "nfgsm", "output_dir": str(tmp_path), "train": {"epochs": bench_args.epochs}})
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / "summary.json").write_text(json.dumps({"history": [{"epoch": e} for e in range(1, 7)]}))
+    assert ttr.finished_run(run, argv, 6)
+    assert not ttr.finished_run(run, argv, 7)  # stopped early
+    other = ttr.train_argv("nfgsm", ttr.METHODS["nfgsm"], argparse.Namespace(**{**vars(bench_args), "eps": 0.2}),
+                           tmp_path)
+    assert not ttr.finished_run(run, other, 6)  # another eps: another run
+
+
+def test_reuse_takes_only_an_evaluation_of_the_same_attacks_on_the_same_images(tmp_path, bench_args):
+    aa = {"attack": "autoattack", "label": "AutoAttack@0.1", "eps": 0.1, "steps": None, "restarts": 1, "extra": {},
+          "robust_acc": 0.6, "seconds": 1.0}
+    pgd = {"attack": "pgd", "label": "PGD-50x5@0.1", "eps": 0.1, "steps": 50, "restarts": 5, "extra": {},
+           "robust_acc": 0.62, "seconds": 1.0}
+    check = {"name": "pgd_steps", "status": "pass"}
+    path = tmp_path / "eval.json"
+    assert ttr.finished_eval(path, 6, "epoch0005", bench_args) is None
+    report = {"results": [aa, pgd], "count": bench_args.eval_examples, "clean_acc": 0.8, "sanity": [check],
+              "seconds": 9.0}
+    path.write_text(json.dumps(report))
+    done = ttr.finished_eval(path, 6, "epoch0005", bench_args)
+    assert (done["autoattack_acc"], done["pgd50x5_acc"], done["sanity_pass"]) == (0.6, 0.62, True)
+    for changed in ({"count": 500}, {"sanity": []}, {"results": [aa]},
+                    {"results": [{**aa, "label": "AutoAttack-n_queries20@0.1", "extra": {"n_queries": 20}}, pgd]}):
+        path.write_text(json.dumps({**report, **changed}))
+        assert ttr.finished_eval(path, 6, "epoch0005", bench_args) is None, changed
+
+
 def test_methods_always_include_the_reference_and_refuse_unknown_names():
     assert ttr.selected_methods("nfgsm,pgd10,nfgsm") == ["pgd10", "nfgsm"]
     assert set(ttr.METHODS) == {"pgd10", "pgd5", "fgsm_rs", "nfgsm", "free", "atta_pgd2", "nfgsm_onecycle"}

@@ -1,4 +1,5 @@
-"""``dat-ds bench network``: two namespaces behind a shaped link, the speedup arithmetic, the fast packers.
+"""``dat-ds bench network``: two namespaces behind a shaped link, the speedup arithmetic, the fast packers;
+``dat-ds bench simulate``: its cost model (pure functions), the recipe scenarios, the crossover table.
 
 The namespace tests need root and iproute2 and skip with the reason otherwise; every namespace they make
 is deleted by the test itself (and by conftest's session finalizer if a test was killed).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +19,8 @@ import torch
 
 from dat_ds.bench import netns
 from dat_ds.bench import network
+from dat_ds.bench import simulate
+from dat_ds.bench.simulate import FP32, Method
 from dat_ds.comm.compressors import pack_bits, unpack_bits, unpack_signs
 from dat_ds.core.errors import ConfigError
 
@@ -166,3 +170,130 @@ def test_bench_network_end_to_end_writes_results_and_leaves_no_namespace(cli, tm
     assert (tmp_path / "network.png").stat().st_size > 5000
     # the benchmark's process is gone, and so are its namespaces (only live owners' may exist)
     assert all(netns._alive(int(n.split("-")[1])) for n in netns.namespaces())
+
+
+# ---------------------------------------------------------------------------- bench simulate
+
+NETWORK_JSON = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "results", "network.json")
+
+
+def _predict(method, **kw):
+    args = {"numel": 1 << 20, "world": 8, "compute_ms": 100.0, "overlap_window_ms": 20.0, "bytes_per_s": 1.25e9,
+            "latency_s": 10e-6, "codec_bytes_per_s": 6e11, "bucket_bytes": 25e6, "samples_per_step": 2048}
+    return simulate.predict(method, **{**args, **kw})
+
+
+def test_the_ring_model_at_two_ranks_is_the_measured_payload_over_the_bandwidth():
+    with open(NETWORK_JSON) as f:
+        network = json.load(f)
+    methods = {m.label: m for m in simulate.recipe_methods()}
+    unshaped = [r for r in network["results"] if r["bandwidth_mbit"] is None]
+    assert unshaped
+    bandwidth = 12.5e6  # bytes/s: 100 Mbit/s
+    for r in unshaped:
+        assert simulate.comm_ms(methods[FP32], r["numel"], 2, bandwidth, 0.0) == pytest.approx(
+            1000 * r["bytes_per_step_fp32"] / bandwidth)
+    # the ring's volume grows to 2 (N - 1) / N of the tensor, plus 2 (N - 1) latency-bound hops
+    assert simulate.comm_ms(methods[FP32], 1000, 4, 1e6, 1e-3) == pytest.approx(1000 * (1.5 * 4000 / 1e6 + 6e-3))
+    # the compressed all-reduce's bytes are the compressors' arithmetic: exactly what bench network counted
+    checks = simulate.check_bytes(network, methods)
+    assert {c["optimizer"] for c in checks} >= {"fp32 all-reduce", "1-bit Adam", "DAT 8-bit"}
+    assert all(c["model_bytes"] == c["measured_bytes"] for c in checks)
+    # and the validation predicts each shaped-link step from the unshaped one
+    base, validation = simulate.calibrate(network)
+    assert validation and all(abs(v["error_pct"]) < 100 for v in validation)
+
+
+def test_efficiency_is_one_with_infinite_bandwidth_and_no_latency():
+    for world in (2, 64, 1024):
+        p = _predict(Method(FP32), world=world, bytes_per_s=math.inf, latency_s=0.0)
+        assert p["comm_ms"] == 0.0 and p["efficiency"] == 1.0 and p["step_ms"] == 100.0
+        assert p["samples_per_s"] == pytest.approx(2048 / 0.1)
+        onebit = _predict(Method("1-bit", 1), world=world, bytes_per_s=math.inf, latency_s=0.0, codec_bytes_per_s=math.inf)
+        assert onebit["efficiency"] == 1.0
+    assert _predict(Method(FP32), world=1)["efficiency"] == 1.0  # one rank talks to nobody
+    slow = _predict(Method(FP32), bytes_per_s=1.25e8)
+    assert 0 < slow["efficiency"] < _predict(Method(FP32))["efficiency"] < 1
+
+
+@pytest.mark.parametrize("window", [0.0, 5.0, 50.0, 1e6])
+@pytest.mark.parametrize("gbit", [1, 10, 400])
+@pytest.mark.parametrize("bucket", [0.0, 1e6, 25e6, 1e12])
+def test_overlap_never_makes_a_step_slower(window, gbit, bucket):
+    kw = {"overlap_window_ms": window, "bytes_per_s": gbit * 1e9 / 8, "bucket_bytes": bucket}
+    serial, overlapped = _predict(Method(FP32), **kw), _predict(Method("fp32 ov", overlap=True), **kw)
+    assert overlapped["comm_ms"] == serial["comm_ms"]
+    assert overlapped["step_ms"] <= serial["step_ms"] and overlapped["efficiency"] >= serial["efficiency"]
+    # the last bucket is ready only when backward ends: that much is never hidden
+    assert overlapped["exposed_comm_ms"] >= serial["comm_ms"] * min(1.0, bucket / (4 * (1 << 20))) - 1e-12
+    assert overlapped["exposed_comm_ms"] >= serial["comm_ms"] - window - 1e-12
+
+
+def test_crossover_is_the_world_size_from_which_it_keeps_paying():
+    assert simulate.crossover({2: 0.8, 4: 0.95, 8: 1.02, 16: 1.1, 32: 1.3}) == 8
+    assert simulate.crossover({2: 1.2, 4: 0.9, 8: 1.1, 16: 1.2}) == 8  # pays at 2, not at 4: from 8 on
+    assert simulate.crossover({2: 0.5, 4: 0.9}) is None
+    assert simulate.crossover({2: 1.5, 4: 1.5}) == 2
+    assert simulate.crossover({2: 1.05, 4: 1.15}, threshold=1.1) == 4
+
+
+def test_a_codec_that_costs_what_the_wire_saves_at_n_6_7_pays_off_from_8_ranks():
+    # no padding (numel a multiple of 1024 ranks x 256), no latency: 1-bit saves 2 (N-1)/N * numel * (4 - 9/64)
+    # bytes of wire per step and costs 86 numel bytes of codec. Pick the codec's speed so that it pays once
+    # 2 (N-1)/N >= 1.7, i.e. from N = 6.67: among powers of two, from 8.
+    numel, bandwidth = 1 << 20, 1.25e9
+    codec_speed = 86 * bandwidth / (1.7 * (4 - 9 / 64))
+    speedups = {}
+    for world in (2, 4, 8, 16, 32, 1024):
+        kw = {"numel": numel, "world": world, "latency_s": 0.0, "bytes_per_s": bandwidth, "codec_bytes_per_s": codec_speed}
+        speedups[world] = _predict(Method(FP32), **kw)["step_ms"] / _predict(Method("1-bit", 1), **kw)["step_ms"]
+    assert speedups[4] < 1 < speedups[8]
+    assert simulate.crossover(speedups) == 8
+
+
+def test_the_recipe_scenarios_come_from_the_shipped_files_and_say_what_is_assumed():
+    cifar = simulate.load_scenario("cifar10_prn18_dat_pgd", None, 256)
+    imagenet = simulate.load_scenario("imagenet_r50_dat_pgd", None, 256)
+    assert (cifar.global_batch, cifar.attack_steps, cifar.clean_pass, cifar.assumption) == (2048, 10, True, True)
+    assert (imagenet.global_batch, imagenet.attack_steps, imagenet.model) == (2048, 4, "resnet50")
+    assert "Fast AT" in cifar.compute_source and 0 < cifar.overlap_share < imagenet.overlap_share < 0.5
+    measured = simulate.load_scenario("cifar10_prn18_dat_pgd", 512.0, 256)
+    assert measured.ms_per_image == 2.0 and not measured.assumption and "measured" in measured.compute_source
+    with pytest.raises(ConfigError, match="knows the recipes"):
+        simulate.load_scenario("demo", None, 256)
+    with pytest.raises(ConfigError, match="RECIPE=MS"):
+        simulate._parse_compute("cifar10_prn18_dat_pgd=fast")
+    labels = [m.label for m in simulate.recipe_methods()]
+    assert labels[:2] == [FP32, "fp32, overlapped"] and "0/1 Adam" in labels
+
+
+def test_parameter_counts_are_those_of_the_models():
+    import timm
+
+    import dat_ds.models  # noqa: F401 - registers preactresnet18 with timm
+
+    for params, model in ((simulate.preactresnet18_params(10), timm.create_model("preactresnet18", num_classes=10)),
+                          (simulate.resnet50_params(1000), timm.create_model("resnet50", num_classes=1000))):
+        assert params == sum(p.numel() for p in model.parameters())
+
+
+def test_bench_simulate_writes_predictions_plots_and_a_crossover_table(tmp_path):
+    p = argparse.ArgumentParser()
+    p.add_argument("--out")
+    simulate.add_args(p)
+    args = p.parse_args(["--out", str(tmp_path), "--network", NETWORK_JSON, "--ranks", "2,8,1024", "--links", "1,400",
+                         "--compute-ms", "imagenet_r50_dat_pgd=1000"])
+    result = simulate.run(args)
+    saved = json.loads((tmp_path / "simulate.json").read_text())
+    assert saved["crossover"] == result["crossover"] and saved["max_abs_error_pct"] is not None
+    rows = saved["predictions"]
+    assert {r["scaling"] for r in rows} == {"strong", "weak"} and {r["world_size"] for r in rows} == {2, 8, 1024}
+    assert all(r["samples_per_s"] > 0 and 0 < r["efficiency"] <= 1 for r in rows)
+    r50 = next(s for s in saved["recipes"] if s["recipe"] == "imagenet_r50_dat_pgd")
+    assert not r50["assumption"] and r50["ms_per_image"] == pytest.approx(1000 / 256)
+    # on a 1 Gbit/s link 1-bit communication pays off against the shipped fp32 all-reduce from N = 2
+    onebit = [c for c in saved["crossover"] if c["optimizer"] == "1-bit Adam / LAMB" and c["baseline"] == FP32
+              and c["link_gbit"] == 1.0]
+    assert onebit and all(c["pays_off_from_world_size"] == 2 for c in onebit)
+    for name in ("cifar10_prn18_dat_pgd", "imagenet_r50_dat_pgd"):
+        assert (tmp_path / f"simulate_{name}.png").stat().st_size > 5000

@@ -138,8 +138,31 @@ def train_argv(name: str, method: Method, args: argparse.Namespace, runs: Path) 
 
 def train_method(name: str, method: Method, args: argparse.Namespace, runs: Path) -> list[dict[str, Any]]:
     """Train one method with ``dat-ds train``'s ranks; its per-epoch curve (monitor time taken out)."""
-    launch("dat_ds.launch.train", train_argv(name, method, args, runs), nproc=args.nproc)  # RankFailure on failure
+    argv = train_argv(name, method, args, runs)
+    if args.reuse and finished_run(runs / name, argv, args.epochs):
+        log.info("%s: reusing the finished run in %s (--reuse; its training times are that run's)", name, runs / name)
+    else:
+        launch("dat_ds.launch.train", argv, nproc=args.nproc)  # RankFailure on failure
     return read_curve(runs / name)
+
+
+def finished_run(run_dir: Path, argv: list[str], epochs: int) -> bool:
+    """``run_dir`` holds a run of exactly the config ``argv`` builds, trained for all ``epochs``.
+
+    The saved config is read back through the defaults, so a key added to the config since that run (at its
+    default) does not make the run look different."""
+    import yaml
+
+    from ..core.config import config_from_dict
+    from ..launch.args import train_args_parser
+    from ..launch.validate import config_from_args
+
+    summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary.is_file() and saved.is_file()):
+        return False
+    wanted = config_from_args(train_args_parser().parse_args(argv))
+    history = json.loads(summary.read_text()).get("history", [])
+    return config_from_dict(yaml.safe_load(saved.read_text())) == wanted and len(history) == epochs
 
 
 def read_curve(run_dir: Path) -> list[dict[str, Any]]:
@@ -169,6 +192,9 @@ def score_checkpoint(run_dir: Path, epoch: int, args: argparse.Namespace) -> dic
 
     tag = tag_for(epoch - 1, 0, end_of_epoch=True)
     out = run_dir / f"eval-{tag}"
+    if args.reuse and (done := finished_eval(out / "eval.json", epoch, tag, args)) is not None:
+        log.info("%s epoch %d: reusing %s (--reuse)", run_dir.name, epoch, out / "eval.json")
+        return done
     # Without --quick-eval no --aa-steps/--aa-queries: AutoAttack runs with its reference settings
     # (100 iterations, 5,000 queries), and summarize_report checks that eval.json says so.
     argv = ["--run", str(run_dir), "--tag", tag, "--attacks", "autoattack,pgd", "--steps", str(PGD_STEPS),
@@ -177,6 +203,19 @@ def score_checkpoint(run_dir: Path, epoch: int, args: argparse.Namespace) -> dic
     launch("dat_ds.launch.evaluate", argv, nproc=args.nproc)
     report = json.loads((out / "eval.json").read_text())
     return summarize_report(report, epoch, tag, standard=not args.quick_eval)
+
+
+def finished_eval(path: Path, epoch: int, tag: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The summary of an earlier ``eval.json`` with this bench's attacks on the same images, else None."""
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    if report.get("count") != args.eval_examples or not report.get("sanity"):
+        return None
+    try:
+        return summarize_report(report, epoch, tag, standard=not args.quick_eval)
+    except (RuntimeError, StopIteration, KeyError):  # another AutoAttack, no PGD-50 x 5 row: not this bench's
+        return None
 
 
 def summarize_report(report: dict[str, Any], epoch: int, tag: str, *, standard: bool = True) -> dict[str, Any]:
@@ -228,6 +267,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}; "
                    f"{REFERENCE} (the reference) is always included")
     p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --runs-dir: reuse the finished runs (same config, all epochs) and evaluations (same "
+                        "attacks, same images) found there, e.g. to finish an interrupted benchmark; reused training "
+                        "times are those of the earlier run")
     p.add_argument("--quick-eval", action="store_true",
                    help="smoke tests only: AutoAttack with 2 iterations / 20 queries (not standard; goal never met)")
 
@@ -243,7 +286,11 @@ def selected_methods(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ..core.errors import ConfigError
+
     names = selected_methods(args.methods)
+    if args.reuse and not args.runs_dir:
+        raise ConfigError("--reuse needs --runs-dir (the folder holding the earlier runs)")
     tmp = None if args.runs_dir else tempfile.mkdtemp(prefix="dat-ds-ttr-")
     runs = Path(args.runs_dir or tmp)
     try:

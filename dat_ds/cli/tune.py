@@ -10,16 +10,15 @@ import argparse
 import os
 from pathlib import Path
 
+from ..launch.args import add_config_args
 from . import command
 
 
 def _tune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", "--config", dest="config", required=True,
-                   help="recipe YAML or a shipped recipe's name: its own training step is what is timed")
-    p.add_argument("--deepspeed_config", "--ds-config", dest="deepspeed_config", default=None,
-                   help="the JSON to start from (default: the recipe's); every speedup is stated against it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a run-config key of the recipe, as for train (repeatable)")
+    add_config_args(p, required=True,
+                    recipe_help="recipe YAML or a shipped recipe's name: its own training step is what is timed",
+                    ds_help="the JSON to start from (default: the recipe's); every speedup is stated against it",
+                    set_help="override a run-config key of the recipe, as for train (repeatable)")
     p.add_argument("--nproc", type=int, required=True, help="ranks per node the JSON is tuned for")
     p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for several nodes (a shared folder is needed)")
     p.add_argument("--budget", default="10m", help="wall time for the whole tune, e.g. 10m, 90s, 1h (default 10m)")

@@ -13,19 +13,24 @@ from ..core import names
 from ..core.config import parse_eps
 from ..core.errors import ConfigError
 
-__all__ = ["add_eval_args", "add_run_args", "check_eval_args", "check_master_port", "check_protocol", "eval_args_parser",
+__all__ = ["add_config_args", "add_eval_args", "add_run_args", "check_eval_args", "check_master_port", "check_protocol", "eval_args_parser",
            "eval_attacks", "parse_eps", "train_args_parser"]
 
 EVAL_ATTACKS = tuple(n for n in names.ATTACKS if n != "none")
 
 
+def add_config_args(parser: argparse.ArgumentParser, *, required: bool = False,
+                    recipe_help: str = "recipe YAML or a shipped recipe's name (`dat-ds recipes` lists them)",
+                    ds_help: str = "DeepSpeed JSON or a shipped one's name, e.g. zero2_fp32; overrides the recipe's",
+                    set_help: str = "override a config key, e.g. --set attack.eps=0.1 (repeatable)") -> None:
+    """The recipe, the DeepSpeed JSON and the ``--set`` overrides: every command that builds a run config."""
+    parser.add_argument("--config", "--recipe", dest="config", default=None, required=required, help=recipe_help)
+    parser.add_argument("--deepspeed_config", "--ds-config", dest="deepspeed_config", default=None, help=ds_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "--recipe", dest="config", default=None,
-                        help="recipe YAML or a shipped recipe's name (`dat-ds recipes` lists them)")
-    parser.add_argument("--deepspeed_config", "--ds-config", dest="deepspeed_config", default=None,
-                        help="DeepSpeed JSON or a shipped one's name, e.g. zero2_fp32; overrides the recipe's")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set attack.eps=0.1 (repeatable)")
+    add_config_args(parser)
     parser.add_argument("--name", default=None, help="run name: outputs go to <output_dir>/<name>/")
     parser.add_argument("--epochs", type=int, default=None, help="shortcut for --set train.epochs=N")
     parser.add_argument("--output-dir", default=None, help="shortcut for --set output_dir=DIR")

@@ -24,32 +24,18 @@ def _with_grad_align(ctx, x, y, loss, metrics):
     return loss + lam * penalty
 
 
-@OBJECTIVES.register("madry")
-class Madry(SplitObjective):
-    """min_theta E max_delta CE(f(x + delta), y) (Madry et al. 2018)."""
+class _AdversarialCE(SplitObjective):
+    """CE(f(x + delta), y) + lambda * CE(f(x), y): Madry's objective is lambda = 0, DAT's any lambda."""
+
+    def clean_weight(self, ctx) -> float:
+        raise NotImplementedError
 
     def adversarial_batch(self, ctx, x, y):
         return AdversarialBatch(x=x, y=y, x_adv=training_attack(ctx, x, y))
 
     def loss(self, ctx, model, batch):
         x, y = batch.x, batch.y
-        logits = model(batch.x_adv)
-        loss = supervised_ce(logits, y, ctx.cfg.objective.label_smoothing)
-        metrics = {"loss_adv": loss.detach()}
-        loss = _with_grad_align(ctx, x, y, loss, metrics)
-        return ObjectiveOutput(loss=loss, logits=logits, metrics=metrics)
-
-
-@OBJECTIVES.register("dat")
-class DAT(SplitObjective):
-    """CE(adv) + lambda * CE(clean) (Zhang et al., UAI 2022); lambda = objective.clean_weight."""
-
-    def adversarial_batch(self, ctx, x, y):
-        return AdversarialBatch(x=x, y=y, x_adv=training_attack(ctx, x, y))
-
-    def loss(self, ctx, model, batch):
-        x, y = batch.x, batch.y
-        lam = ctx.cfg.objective.clean_weight
+        lam = self.clean_weight(ctx)
         logits = model(batch.x_adv)
         loss_adv = supervised_ce(logits, y, ctx.cfg.objective.label_smoothing)
         metrics = {"loss_adv": loss_adv.detach()}
@@ -60,6 +46,22 @@ class DAT(SplitObjective):
             loss = loss_adv + lam * loss_clean
         loss = _with_grad_align(ctx, x, y, loss, metrics)
         return ObjectiveOutput(loss=loss, logits=logits, metrics=metrics)
+
+
+@OBJECTIVES.register("madry")
+class Madry(_AdversarialCE):
+    """min_theta E max_delta CE(f(x + delta), y) (Madry et al. 2018)."""
+
+    def clean_weight(self, ctx) -> float:
+        return 0.0
+
+
+@OBJECTIVES.register("dat")
+class DAT(_AdversarialCE):
+    """CE(adv) + lambda * CE(clean) (Zhang et al., UAI 2022); lambda = objective.clean_weight."""
+
+    def clean_weight(self, ctx) -> float:
+        return ctx.cfg.objective.clean_weight
 
 
 @OBJECTIVES.register("clean")
