@@ -52,6 +52,8 @@ def test_round_trip_through_yaml(tmp_path):
     ("attack.eps=1/0", "config key 'attack.eps' must be a number, got '1/0'"),
     ("monitor.gap=1.5", "monitor.gap=1.5 must be in [0, 1] (a difference of accuracies)"),
     ("optim.gamma=0", "optim.gamma=0.0 must be > 0 (the LR is multiplied by it)"),
+    ("dist.timeout_s=0.5", "dist.timeout_s=0.5 must be in [1, 86400] seconds: how long a collective waits for a peer"),
+    ("dist.timeout_s=abc", "config key 'dist.timeout_s' must be a number, got 'abc'"),
     ("output_dir=''", "output_dir is empty; give a folder for the runs, e.g. --output-dir runs"),
     ("noequals", "bad override 'noequals'; expected KEY=VALUE, e.g. --set attack.eps=0.1"),
 ])

@@ -77,6 +77,23 @@ def test_a_user_error_one_rank_met_is_named_not_its_echo(tmp_path):
         "ranks were stopped")
 
 
+def test_a_lost_peer_is_reported_by_its_line_on_its_node(tmp_path, monkeypatch):
+    """One node's ranks of a multi-node run report here (first_rank); the rank's own line is used as it is,
+    but a rank that raised stays the cause when it reported on the same node."""
+    from dat_ds.core.errors import EXIT_PEER_LOST, PeerLostError
+
+    line = ("rank 0 (node 0, 10.231.20.1) lost contact after training step 4 (epoch 1): no reply within 15 s "
+            "(gloo; dist.timeout_s); last checkpoint: runs/x/checkpoint/step000000004; resume with --resume auto")
+    monkeypatch.setenv(status.STATUS_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    status.write_rank_status(EXIT_PEER_LOST, PeerLostError(line))
+    record = json.loads((tmp_path / "rank1.json").read_text())
+    assert record["comm"] is True and record["line"] == line
+    assert status.failed_rank_line(str(tmp_path), 1, EXIT_PEER_LOST, first_rank=1) == line
+    _status(tmp_path, 2, 1, "ValueError: boom", t=record["time"] + 1)
+    assert status.failed_rank_line(str(tmp_path), 2, 1, first_rank=1).startswith("rank 2 failed (exit code 1: ValueError")
+
+
 def test_config_errors_are_not_reported_twice(tmp_path):
     _status(tmp_path, 0, 2, "ConfigError: bad")
     _status(tmp_path, 1, 2, "ConfigError: bad")

@@ -12,70 +12,89 @@ with a shared hostfile of two hosts with one slot each. Two variants:
 
 Either way this exercises the real runner -> launch -> rank path and a 2-process gloo world whose ranks
 were started by different launchers. No namespace outlives the test (and ``conftest`` removes any this
-session left at its end).
+session left at its end). A third test takes node 1's end of the link down mid-run: both nodes end within
+the collective timeout, each with one line naming the peer it lost and the last checkpoint, which is intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# One node: the launcher call a scheduler would make on that machine (verbose, so DeepSpeed's launcher
-# prints the world it started).
+# One node: the launcher call a scheduler would make on that machine, under the one run entry (which
+# prints a failure as one `error:` line and exits with its code, as `dat-ds` does).
 NODE_SCRIPT = """
 import json, sys
+from dat_ds.launch.entry import run_entry
 from dat_ds.launch.launcher import NodeLaunch, launch
 a = json.loads(sys.argv[1])
-sys.exit(launch("dat_ds.launch.train", a["argv"], nproc=1, hostfile=a["hostfile"], master_port=a["port"],
-                env=a["env"], node=NodeLaunch(a["node_rank"], a["master_addr"], tuple(a["prefix"]))))
+sys.exit(run_entry(lambda: launch("dat_ds.launch.train", a["argv"], nproc=1, hostfile=a["hostfile"],
+                                  master_port=a["port"], env=a["env"],
+                                  node=NodeLaunch(a["node_rank"], a["master_addr"], tuple(a["prefix"])))))
 """
+
+
+def _start_nodes(tmp_path: Path, run_args: list[str], link, env_extra: dict[str, str]) -> list[tuple]:
+    """Node 0 and node 1 of one run (each its own launcher; inside ``link``'s namespaces unless None);
+    returns ``(process, log file)`` pairs, output in ``tmp_path/node<i>.log``."""
+    from dat_ds.core.dist import free_port
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONUNBUFFERED="1", **env_extra)
+    procs = []
+    for node_rank in (0, 1):
+        spec = {"argv": run_args, "hostfile": str(hostfile), "port": port, "node_rank": node_rank,
+                "master_addr": link.addrs[0] if link else "127.0.0.1",
+                "prefix": list(link.exec_prefix(node_rank)) if link else [],
+                "env": {"GLOO_SOCKET_IFNAME": link.ifnames[node_rank]} if link else {}}
+        log = open(tmp_path / f"node{node_rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, "-c", NODE_SCRIPT, json.dumps(spec)], cwd=tmp_path, env=env,
+                                       stdout=log, stderr=subprocess.STDOUT), log))
+    return procs
+
+
+def _stop_nodes(procs: list[tuple]) -> None:
+    for p, log in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        log.close()
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("network", ["localhost", "netns"])
 def test_two_node_launch_trains_one_short_epoch(tmp_path, network):
     from dat_ds.bench import netns
-    from dat_ds.core.dist import free_port
 
     if network == "netns" and (reason := netns.unavailable()) is not None:
         pytest.skip(f"two nodes in network namespaces: {reason}")
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = free_port()
     run_args = ["--config", str(REPO / "recipes" / "demo.yaml"), "--name", "two-nodes", "--output-dir", str(tmp_path / "runs"),
                 "--set", "model.name=tiny_cnn", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=3",
                 "--set", "attack.steps=1", "--set", "eval.max_examples=64", "--set", "eval.steps=2",
                 "--set", "eval.batch_size=32"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONUNBUFFERED="1", DAT_DS_VERBOSE="1")
     link = netns.NetnsLink() if network == "netns" else None
     procs = []
     try:
         if link is not None:
             link.open()
-        for node_rank in (0, 1):
-            spec = {"argv": run_args, "hostfile": str(hostfile), "port": port, "node_rank": node_rank,
-                    "master_addr": link.addrs[0] if link else "127.0.0.1",
-                    "prefix": list(link.exec_prefix(node_rank)) if link else [],
-                    "env": {"GLOO_SOCKET_IFNAME": link.ifnames[node_rank]} if link else {}}
-            log = open(tmp_path / f"node{node_rank}.log", "w")
-            procs.append((subprocess.Popen([sys.executable, "-c", NODE_SCRIPT, json.dumps(spec)], cwd=tmp_path, env=env,
-                                           stdout=log, stderr=subprocess.STDOUT), log))
+        # verbose, so DeepSpeed's launcher prints the world it started
+        procs = _start_nodes(tmp_path, run_args, link, {"DAT_DS_VERBOSE": "1"})
         codes = [p.wait(timeout=600) for p, _ in procs]
         sent = [link.tx_bytes(i) for i in (0, 1)] if link else []
     finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
+        _stop_nodes(procs)
         if link is not None:
             link.close()
     if link is not None:
@@ -96,6 +115,88 @@ def test_two_node_launch_trains_one_short_epoch(tmp_path, network):
     assert final["train_loss"] > 0 and 0.0 <= final["robust_acc"] <= final["clean_acc"] <= 1.0
     steps = [json.loads(line) for line in (tmp_path / "runs" / "two-nodes" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "epoch" for r in steps)
+
+
+LINK_TIMEOUT_S = 15  # dist.timeout_s of the link-loss run: how long a collective waits for the lost peer
+LINE = re.compile(r"error: rank (\d) \(node (\d), ([0-9.]+)\) lost contact after training step (\d+) \(epoch \d+\): "
+                  r"no reply within 15 s \(gloo; dist.timeout_s\)(, and the master's store at [0-9.]+:\d+ does not answer "
+                  r"either)?; last checkpoint: (\S+); resume with --resume auto")
+
+
+@pytest.mark.slow  # two nodes' start-up, then the timeout: 100-140 s on the shared 2-core machine
+@pytest.mark.dist
+def test_a_node_that_loses_its_link_ends_both_nodes_with_one_line(tmp_path):
+    """Node 1's end of the veth goes down after the first checkpoint (no FIN, no RST: a pulled cable). Each
+    node's collective waits dist.timeout_s, the ranks still in contact check in at the store, and each node
+    ends with exit code 4 and one line naming the peer it lost; the last checkpoint is intact."""
+    from dat_ds.bench import netns
+    from dat_ds.core.errors import EXIT_PEER_LOST
+    from dat_ds.runtime import checkpoint
+    from reliability_utils import model_state, snapshot
+
+    if (reason := netns.unavailable()) is not None:
+        pytest.skip(f"two nodes in network namespaces: {reason}")
+    runs = tmp_path / "runs"
+    root = runs / "lost" / "checkpoint"
+    run_args = ["--config", str(REPO / "recipes" / "demo.yaml"), "--name", "lost", "--output-dir", str(runs),
+                "--set", "model.name=tiny_cnn", "--set", "train.epochs=5", "--set", "train.save_every_steps=2",
+                "--set", "train.keep_last=100", "--set", "attack.steps=1", "--set", "eval.max_examples=16",
+                "--set", "eval.steps=1", "--set", "eval.batch_size=16", "--set", f"dist.timeout_s={LINK_TIMEOUT_S}"]
+    procs = []
+    with netns.NetnsLink() as link:
+        try:
+            procs = _start_nodes(tmp_path, run_args, link, {"DAT_DS_THREADS_PER_RANK": "1"})
+            deadline = time.monotonic() + 300  # two ranks' start-up on a shared 2-core machine
+            while not checkpoint.complete_tags(root):
+                assert time.monotonic() < deadline, "no checkpoint within 300 s"
+                assert all(p.poll() is None for p, _ in procs), "a node ended before its first checkpoint"
+                time.sleep(0.05)
+            first = checkpoint.complete_tags(root)[0][1]
+            before = snapshot(root / first)
+            link.set_link(1, up=False)
+            t_down = time.monotonic()
+            assert not link.link_up(1)
+            codes = [p.wait(timeout=LINK_TIMEOUT_S + 60) for p, _ in procs]
+            elapsed = time.monotonic() - t_down
+        finally:
+            _stop_nodes(procs)
+    assert not netns.owned_by(os.getpid()), "the test's namespaces were not deleted"
+    logs = {i: (tmp_path / f"node{i}.log").read_text() for i in (0, 1)}
+    shown = f"\nnode0:\n{logs[0][-3000:]}\nnode1:\n{logs[1][-3000:]}"
+    assert codes == [EXIT_PEER_LOST, EXIT_PEER_LOST], f"exit codes {codes}{shown}"
+    assert LINK_TIMEOUT_S - 2 < elapsed < LINK_TIMEOUT_S + 25, f"{elapsed:.1f}s from link down to both ended{shown}"
+    steps = set()
+    for node, peer in ((0, 1), (1, 0)):  # each node names the other: the one it can no longer reach
+        errors = [ln for ln in logs[node].splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1, f"node {node}: {errors}{shown}"
+        m = LINE.fullmatch(errors[0])
+        assert m, errors[0]
+        assert (int(m[1]), int(m[2]), m[3]) == (peer, peer, link.addrs[peer]), errors[0]
+        assert bool(m[5]) == (node == 1)  # node 1 cannot reach the store on node 0 either; node 0 still can
+        steps.add(int(m[4]))
+        named = Path(m[6])
+        assert named.parent == root and named.name in {t for _, t in checkpoint.complete_tags(root)}
+        checkpoint.verify_tag(root, named.name)  # sizes as committed, and every .pt opens
+        assert model_state(named)  # the weights load
+    assert len(steps) == 1  # both were in the same step's collective
+    assert snapshot(root / first) == before  # the first checkpoint was not touched by the failure
+    assert named.name == checkpoint.complete_tags(root)[-1][1]  # the newest committed one is named
+
+
+def test_only_a_collective_that_lost_its_peer_starts_the_check_in():
+    """The check-in waits for the other ranks, so an error of this rank alone must not start it: it would
+    blame peers that are only waiting for this one."""
+    from dat_ds.core import dist
+
+    assert dist.Peer(1, 1, "10.231.20.2").describe() == "rank 1 (node 1, 10.231.20.2)"
+    assert dist.Peer(3, None, "gpu-7").describe() == "rank 3 (gpu-7)"
+    gloo_timeout = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] "
+                                "Timed out waiting 15000ms for recv operation to complete")
+    assert dist._is_lost_peer_error(gloo_timeout)
+    assert dist._is_lost_peer_error(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
+    assert not dist._is_lost_peer_error(RuntimeError("DataLoader worker (pid 7) timed out after 5 seconds"))
+    assert not dist._is_lost_peer_error(RuntimeError("gloo: tensors must be contiguous"))
+    assert dist.lost_contact(gloo_timeout, during="after training step 1 (epoch 1)") is None  # no peers to lose
 
 
 def test_a_node_launch_needs_a_hostfile_and_a_shared_port():

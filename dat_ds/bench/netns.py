@@ -167,9 +167,17 @@ class NetnsLink:
                                check=True, capture_output=True, text=True, timeout=_CMD_TIMEOUT_S)
         self.rate_mbit = rate_mbit
 
-    def set_up(self, up: bool) -> None:
-        """Bring node 1's end of the link up or down (a peer that loses its network)."""
-        _ip("-n", self.names[1], "link", "set", self.ifnames[1], "up" if up else "down")
+    def set_link(self, node: int, up: bool) -> None:
+        """Bring node ``node``'s end of the link up or down: that node loses its network (its peer's end loses
+        the carrier too), without a packet of goodbye -- what a pulled cable or a dead switch port does."""
+        _ip("-n", self.names[node], "link", "set", self.ifnames[node], "up" if up else "down")
+
+    def link_up(self, node: int) -> bool:
+        """Whether node ``node``'s end of the link is administratively up."""
+        import json
+
+        out = _ip("-n", self.names[node], "-j", "link", "show", self.ifnames[node]).stdout
+        return "UP" in json.loads(out)[0]["flags"]
 
     def tx_bytes(self, node: int) -> int:
         """Bytes node ``node`` has sent over the link so far (the veth end's counter)."""

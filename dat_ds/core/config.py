@@ -160,6 +160,16 @@ class AWPConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    """How the ranks talk to each other (the backend itself comes from DeepSpeed's accelerator)."""
+
+    # Seconds a collective may wait for a peer before it fails: a peer whose link went down, or that died or
+    # hung, ends the run with one line after this long. Must exceed the longest legitimate wait (rank 0 writing
+    # a checkpoint, a rank's first step compiling kernels; 10 min, NCCL's own default): lower it for small models.
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -173,6 +183,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     ema: EMAConfig | None = None  # weight EMA, evaluated and exported next to the raw weights; None: off
     awp: AWPConfig | None = None  # adversarial weight perturbation around madry/dat/trades; None: off
 
@@ -485,6 +496,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.optim.schedule == "onecycle" and cfg.optim.warmup_epochs > 0:
         raise ConfigError(f"optim.schedule=onecycle ramps the LR up itself (to optim.onecycle_peak); remove "
                           f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} or set it to 0")
+    if not 1.0 <= cfg.dist.timeout_s <= 86400.0:
+        raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s:g} must be in [1, 86400] seconds: how long a "
+                          "collective waits for a peer before the run stops (default 120)")
     if cfg.ema is not None:
         if not 0.0 < cfg.ema.decay < 1.0:
             raise ConfigError(f"ema.decay={cfg.ema.decay:g} must be in (0, 1), e.g. 0.995 (or ema: null for no EMA)")

@@ -4,13 +4,22 @@ Device and backend always come from DeepSpeed's accelerator (CUDA+NCCL on GPUs, 
 same code runs on both. Rank 0 logs and writes files; metrics are reduced before they are logged.
 Importing this module imports no torch (the CLI logs through it before deciding it needs torch): the
 rank helpers read torch.distributed only once something else has imported it.
+
+Every collective waits at most ``timeout_s`` (the run config's ``dist.timeout_s``) for its peers. When one
+fails because a peer stopped answering, ``lost_contact`` tells which: each rank still in contact checks in
+at the rendezvous store (on the master's node) and waits a few seconds for the others; those that never
+come are the lost ones, named by rank, node and address (gathered once at start-up). A rank that cannot
+reach the store itself names the master.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .ports import free_port
@@ -18,6 +27,7 @@ from .ports import free_port
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
 _LOG_FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
 # Loggers of libraries that talk at INFO on every rank during start-up; quiet unless --verbose.
 _CHATTY = ("DeepSpeed", "torch.distributed")
@@ -101,8 +111,59 @@ def _skip_cpu_shm_op(acc) -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-def init_distributed(timeout_s: float = 120.0) -> None:
-    """Initialise torch.distributed through DeepSpeed, also for a single process without a launcher."""
+DEFAULT_TIMEOUT_S = 600.0  # the run config's dist.timeout_s (NCCL's own default); gloo's 30 min hides a dead link
+_CHECKIN_KEY = "dat_ds/lost_contact/alive/"  # + rank: "I am still here" after a failed collective
+# Messages of a collective that failed because a peer stopped answering or went away (gloo, NCCL, the store).
+_LOST_HINTS = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe",
+               "no route to host", "network is unreachable", "read error", "write error")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where a rank runs: what ``lost_contact`` says about a rank that stopped answering."""
+
+    rank: int
+    node: int | None  # the launcher's node rank (DeepSpeed: CROSS_RANK, torchrun: GROUP_RANK)
+    addr: str  # this rank's address on the route to the master
+
+    def describe(self) -> str:
+        where = ", ".join([*([f"node {self.node}"] if self.node is not None else []), self.addr])
+        return f"rank {self.rank} ({where})"
+
+
+@dataclass
+class _World:
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    peers: tuple[Peer, ...] = ()  # every rank's Peer, by rank (empty in a world of one)
+
+
+_world = _World()  # set once by init_distributed: this process belongs to one world
+
+
+def _node_rank() -> int | None:
+    for key in ("CROSS_RANK", "GROUP_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return None
+
+
+def _address_towards(host: str, port: int) -> str:
+    """This machine's address on the route to ``host`` (connecting a UDP socket sends nothing)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.connect(addr)
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostname()
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Initialise torch.distributed through DeepSpeed, also for a single process without a launcher.
+
+    ``timeout_s``: how long any collective waits for its peers (``dist.timeout_s``). In a world of several
+    ranks, every rank's node and address are gathered once, for ``lost_contact``.
+    """
     import datetime
 
     import deepspeed
@@ -118,10 +179,110 @@ def init_distributed(timeout_s: float = 120.0) -> None:
     if acc.device_name() != "cpu":
         acc.set_device(local_rank())
     _skip_cpu_shm_op(acc)
-    deepspeed.init_distributed(
-        dist_backend=acc.communication_backend_name(),
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # DeepSpeed builds its own groups (a clone of the world, the data-parallel groups: the gradient all-reduce)
+    # with new_group(ranks), which takes torch's default timeout (30 min for gloo), not the world's: without
+    # this a dead link would stall training for half an hour. One world per process, so the default is ours.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if distributed_c10d.default_pg_nccl_timeout is not None:
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timeout)
+    _world.timeout_s = timeout_s
+    if world_size() > 1:
+        me = Peer(rank(), _node_rank(), _address_towards(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])))
+        _world.peers = tuple(all_gather_object(me))
+
+
+def lost_contact(error: BaseException, during: str) -> str | None:
+    """After a collective raised ``error``: ``"rank R (node N, ADDR) lost contact <during>: <cause>"`` naming
+    the peers that stopped answering, or None when ``error`` is not that (or every rank is still there).
+
+    Every rank that saw its collective fail calls this: it checks in at the rendezvous store and waits up to
+    a quarter of the timeout (3-10 s) for the other ranks to do the same; the lost ones never come. A rank
+    that cannot reach the store (its own link is down) names the master instead. Bounded: at most that wait.
+    """
+    world = world_size() if _world.peers else 0
+    if world <= 1 or not _is_lost_peer_error(error):
+        return None
+    wait_s = min(10.0, max(3.0, _world.timeout_s / 4))
+    me, host, port = rank(), os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0") or 0)
+    seen = _check_in(me, world, host, port, wait_s)
+    cause = _short_cause(error)
+    if seen is None:  # the store is on the master's node: that is the peer this rank lost
+        if me == 0:
+            return None  # the store lives in this very process: something else is wrong
+        lost = [0]
+        cause += f", and the master's store at {host}:{port} does not answer either"
+    else:
+        lost = [r for r in range(world) if r not in seen]
+        if not lost:
+            return None
+    named = [_world.peers[r].describe() for r in lost[:3]]
+    who = ", ".join(named) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+    return f"{who} lost contact {during}: {cause}"
+
+
+def _is_lost_peer_error(error: BaseException) -> bool:
+    """A collective (or the store) that timed out or lost its connection; not any error that mentions a timeout."""
+    low = str(error).lower()
+    tdist = sys.modules.get("torch.distributed")
+    distributed = (isinstance(error, getattr(tdist, "DistError", ())) if tdist is not None else False) or any(
+        m in low for m in ("gloo", "nccl", "tcpstore", "process group"))
+    return distributed and any(h in low for h in _LOST_HINTS)
+
+
+def _check_in(me: int, world: int, host: str, port: int, wait_s: float) -> set[int] | None:
+    """Ranks that checked in at the store within ``wait_s`` (this one included); None: the store is unreachable."""
+    import datetime
+
+    import torch.distributed as tdist
+
+    deadline = time.monotonic() + wait_s
+    if not _reachable(host, port, deadline):  # first in Python: torch's failed connect logs a C++ stack trace
+        log.debug("lost contact: the store at %s:%d is unreachable", host, port)
+        return None
+    try:
+        store = tdist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=wait_s),
+                               wait_for_workers=False)
+        store.set(f"{_CHECKIN_KEY}{me}", "1")
+    except Exception as e:  # noqa: BLE001 - any failure to reach the store means the same here
+        log.debug("lost contact: the store at %s:%d is unreachable: %s", host, port, e)
+        return None
+    seen = {me}
+    while len(seen) < world and time.monotonic() < deadline:
+        try:
+            seen |= {r for r in range(world) if r not in seen and store.check([f"{_CHECKIN_KEY}{r}"])}
+        except Exception:  # noqa: BLE001 - the store went away meanwhile: what we saw is what we know
+            break
+        time.sleep(0.2)
+    return seen
+
+
+def _reachable(host: str, port: int, deadline: float) -> bool:
+    """Whether a TCP connection to ``host:port`` opens before ``deadline`` (retried: the store may be busy)."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=min(left, 2.0)):
+                return True
+        except OSError:
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+
+
+def _short_cause(error: BaseException) -> str:
+    text = str(error).strip()
+    low = text.lower()
+    backend = accelerator().communication_backend_name()
+    if "timed out" in low or "timeout" in low:
+        return f"no reply within {_world.timeout_s:g} s ({backend}; dist.timeout_s)"
+    if "closed by peer" in low or "reset by peer" in low or "broken pipe" in low:
+        return f"its connection closed ({backend}): its process ended or its node went down"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
 
 
 def barrier() -> None:

@@ -4,7 +4,9 @@ Anything the user can fix (a config typo, a missing file, a bad value) raises ``
 message that names the problem and the fix: printed as one line, exit code 2. A non-finite loss under
 ``train.nan_policy=abort`` raises ``NonFiniteLossError``: exit code 3. A full disk (ENOSPC, or a quota)
 while writing a checkpoint or a run file raises ``DiskFullError``: the user fixes it by freeing space, so it
-is a ``ConfigError`` (one line, exit code 2) and the run entry needs no case of its own. Programming errors
+is a ``ConfigError`` (one line, exit code 2) and the run entry needs no case of its own. A collective that
+failed because a peer stopped answering (its link went down, its node died or hung) raises ``PeerLostError``,
+whose message is the one line naming that peer and the last checkpoint: exit code 4. Programming errors
 keep their traceback (exit code 1). Nothing here imports torch.
 """
 
@@ -22,8 +24,15 @@ class NonFiniteLossError(RuntimeError):
     """A non-finite loss or gradient under ``train.nan_policy=abort``; the last checkpoint is the last good state."""
 
 
+class PeerLostError(RuntimeError):
+    """A rank stopped answering within the collective timeout (``dist.timeout_s``); the message is the whole line
+    (who, where in the run, why, the last checkpoint). Raised by every rank that noticed, after the check-in
+    that tells the ranks still in contact from the lost ones (``core.dist.lost_contact``)."""
+
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a programming error or a crash: the traceback is printed
 EXIT_USER_ERROR = 2  # ConfigError, DiskFullError
 EXIT_NAN_ABORT = 3  # NonFiniteLossError
+EXIT_PEER_LOST = 4  # PeerLostError: fix the network (or the node), then --resume auto
 EXIT_INTERRUPTED = 130

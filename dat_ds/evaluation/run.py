@@ -43,6 +43,9 @@ _SPEC_FIELDS = ("steps", "restarts", "loss")
 _SANITY_FLAGS = ("steps", "square_queries")  # what the --sanity plan takes from the command line
 
 
+# How long the gather of the ranks' results waits for the slowest rank (every collective of dat-ds eval).
+EVAL_TIMEOUT_S = 6 * 3600.0
+
 def _neutral(dest: str) -> Any:
     """The value of a flag that sets nothing: eval's PGD steps, no restarts, CE, or the attack's own default."""
     if dest == "steps":
@@ -228,7 +231,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if robustbench:
         args.attacks = "autoattack"  # check_protocol allows nothing else
     attack_options(args)  # an argument an attack does not take fails here, before any model loads
-    dist.init_distributed()
+    # Each rank attacks its own batches and the results meet once, at the end: the wait there is the ranks'
+    # imbalance, which for AutoAttack (its cost follows how many points stay robust) can be many minutes.
+    dist.init_distributed(timeout_s=EVAL_TIMEOUT_S)
     if args.threads:
         torch.set_num_threads(args.threads)
     else:

@@ -1,9 +1,11 @@
 """The one launcher: every multi-rank command starts its ranks through ``launch()``.
 
 ``launch(module, argv, nproc=N)`` runs ``python -m <module> <argv>`` on N ranks per node through the
-DeepSpeed launcher (``--hostfile`` for several nodes), the same way users start DeepSpeed programs. On
-one node it gives the ranks a folder for their exit reports and, when the run fails, raises
-``RankFailure`` with one line naming the rank that failed first. Nothing here imports torch.
+DeepSpeed launcher (``--hostfile`` for several nodes), the same way users start DeepSpeed programs. Where
+every rank it starts is local (one node, or one node's ranks of a multi-node run: ``NodeLaunch``) it gives
+them a folder for their exit reports and, when the run fails, raises ``RankFailure`` with one line naming the
+rank that failed first -- for a rank that lost contact with a peer, the line naming that peer, its node and
+address, and the last checkpoint (exit code 4, ``core.dist.lost_contact``). Nothing here imports torch.
 
 Signals: the launcher starts in its own session, so a terminal's Ctrl-C reaches this process only.
 SIGTERM/SIGINT here are forwarded to the launcher's whole process group (the DeepSpeed launcher and
@@ -28,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import ConfigError
+from ..core.errors import EXIT_PEER_LOST, ConfigError
 from ..core.ports import free_port
 from ..core.stop import GRACE_ENV
 from .status import CLI_PID_ENV, STATUS_ENV, failed_rank_line
@@ -137,20 +139,25 @@ def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = N
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     child_env[GRACE_ENV] = str(STOP_GRACE_S)  # train.save_on_signal: a final save must fit before the SIGKILL
-    if hostfile:  # remote ranks cannot write into a local folder: the launcher's exit code is all we get
-        if node is not None:  # this node's ranks are local: they end when this process does
-            child_env[CLI_PID_ENV] = str(os.getpid())
+    generic = "a rank failed (launcher exit code {rc}); see the output above"
+    if hostfile and node is None:  # remote ranks cannot write into a local folder: the launcher's exit code is all
         rc = _run(cmd, child_env, checkpoint_root=checkpoint_root, all_local=False)
+        if rc == EXIT_PEER_LOST:  # every rank that lost a peer printed its line (no report folder to read)
+            raise _Quiet(rc)
         if rc != 0:
-            raise RankFailure(f"a rank failed (launcher exit code {rc}); see the output above", rc)
+            raise RankFailure(generic.format(rc=rc), rc)
         return rc
-    # The launcher stops every rank when one exits non-zero; the ranks' exit reports name the culprit.
+    # The launcher stops every local rank when one exits non-zero; the ranks' exit reports name the culprit.
+    # A node's ranks of a multi-node run are numbered node_rank * nproc + local rank (nproc on every node).
+    first_rank = node.node_rank * nproc if node is not None else 0
     with tempfile.TemporaryDirectory(prefix="dat-ds-ranks-") as status_dir:
         child_env[STATUS_ENV] = status_dir
         child_env[CLI_PID_ENV] = str(os.getpid())  # local ranks only: a remote host has its own PIDs
-        rc = _run(cmd, child_env, checkpoint_root=checkpoint_root, all_local=True)
+        rc = _run(cmd, child_env, checkpoint_root=checkpoint_root, all_local=node is None)
         if rc != 0:
-            line = failed_rank_line(status_dir, nproc, rc)
+            line = failed_rank_line(status_dir, nproc, rc, first_rank=first_rank)
+            if line is None and first_rank != 0:  # rank 0 printed the user error, on another node
+                line = generic.format(rc=rc)
             # None: every rank reported the same user error (code 2/3), which rank 0 printed already.
             raise RankFailure(line, rc) if line is not None else _Quiet(rc)
     return rc

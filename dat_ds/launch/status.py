@@ -3,7 +3,8 @@
 ``launch()`` sets ``DAT_DS_STATUS_DIR`` for the ranks it starts; every rank leaves ``rank<R>.json`` there
 when it exits (normally, by exception, or by SIGTERM from the launcher). A rank that left nothing died
 hard (SIGKILL, OOM killer, segfault). ``failed_rank_line`` turns the reports into one line naming the
-rank that failed first. ``watch_cli`` ends a rank whose ``dat-ds`` command is gone (``DAT_DS_CLI_PID``).
+rank that failed first; a rank that lost contact with a peer (``PeerLostError``) left that whole line, and it
+is used as it is. ``watch_cli`` ends a rank whose ``dat-ds`` command is gone (``DAT_DS_CLI_PID``).
 Nothing here imports torch.
 """
 
@@ -15,6 +16,8 @@ import os
 import signal
 import threading
 import time
+
+from ..core.errors import PeerLostError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ def write_rank_status(code: int, error: BaseException | str | None = None) -> No
         comm, text = False, error
     r = _rank()
     record = {"rank": r, "code": code, "error": text, "comm": comm, "time": time.time()}
+    if isinstance(error, PeerLostError):  # the cause is elsewhere (a peer, the network): an echo with a full line
+        record.update(comm=True, line=str(error))
     try:
         path = os.path.join(folder, f"rank{r}.json")
         with open(path + ".tmp", "w") as f:
@@ -117,16 +122,19 @@ def watch_cli() -> threading.Thread | None:
     return thread
 
 
-def failed_rank_line(folder: str, nproc: int, launcher_rc: int) -> str | None:
-    """One line naming the rank that failed first, or None when every rank reported a user error (code 2)."""
+def failed_rank_line(folder: str, nproc: int, launcher_rc: int, first_rank: int = 0) -> str | None:
+    """One line naming the rank that failed first, or None when every rank reported a user error (code 2).
+
+    ``first_rank``: the global rank of the first of the ``nproc`` ranks that reported here (one node's ranks)."""
+    ranks = range(first_rank, first_rank + nproc)
     records = {}
-    for r in range(nproc):
+    for r in ranks:
         try:
             with open(os.path.join(folder, f"rank{r}.json")) as f:
                 records[r] = json.load(f)
         except (OSError, ValueError):
             pass
-    silent = [r for r in range(nproc) if r not in records]
+    silent = [r for r in ranks if r not in records]
     if not silent and all(rec["code"] in (2, 3) for rec in records.values()):
         return None  # a config/data error or a NaN abort that every rank agreed on: rank 0 printed its line
     if silent:
@@ -145,6 +153,9 @@ def failed_rank_line(folder: str, nproc: int, launcher_rc: int) -> str | None:
         failed = [rec for rec in records.values() if rec["code"] != 0]
     if not failed:
         return None
-    failed.sort(key=lambda rec: (rec.get("comm", False), rec["time"]))  # the cause, not its echo in a collective
+    # The cause, not its echo in a collective; among echoes, one that names the peer it lost.
+    failed.sort(key=lambda rec: (rec.get("comm", False), "line" not in rec, rec["time"]))
     rec = failed[0]
+    if rec.get("line"):
+        return rec["line"]
     return f"rank {rec['rank']} failed (exit code {rec['code']}: {rec['error']}); the other ranks were stopped"

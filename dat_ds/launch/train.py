@@ -63,6 +63,7 @@ def main(args: argparse.Namespace, base: dict[str, Any] | None = None, *, world:
     preflight(cfg, args.resume, world, allow_world_size_change=allow)  # bad data, models, checkpoints: one line before any output is written
     from ..evaluation.training import run_training
 
+    dist.init_distributed(timeout_s=cfg.dist.timeout_s)  # before lock_run's collective: every one has the timeout
     lock = lock_run(cfg.run_dir)
     in_process = not os.environ.get(STATUS_ENV) and dist.world_size() == 1  # no launch(): nobody else says it
     try:

@@ -23,7 +23,7 @@ import torch
 
 from ..core import dist, stop, ui
 from ..core.config import RunConfig, check_engine
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, PeerLostError
 from ..core.io import JsonlWriter, atomic_write_json, atomic_write_text
 from ..data import build_dataset
 from ..data.corrupt import corrupt_images
@@ -103,6 +103,26 @@ def check_world_size(root: Path, tag: str, world: int, allow_change: bool = Fals
     return saved
 
 
+def weights_channels_last(module: torch.nn.Module, settings: ds_config.EngineSettings) -> bool:
+    """``model.channels_last``: put the 4-D weights in NHWC after ``deepspeed.initialize``, where that is safe.
+
+    Not before: DeepSpeed's start-up broadcast views every parameter as bytes (``p.data.view(torch.uint8)``),
+    which needs a unit last stride that NHWC weights lack, so several ranks would fail at start-up.
+    Only with ZeRO 0 and fp32 weights (``fp32`` or ``bf16-autocast``): there the optimizer holds the module's
+    own parameters and ``Module.to`` swaps their ``.data`` in place. ZeRO 1-3 and DeepSpeed's bf16/fp16
+    keep the weights as views of flat buffers; re-laying them out would cut the views loose, so the weights
+    stay NCHW there and only the inputs go NHWC (the loop does that): convolutions take the channels-last
+    path when either operand is channels-last. Returns whether the weights were converted.
+    """
+    if settings.zero_stage == 0 and settings.precision in ("fp32", "bf16-autocast"):
+        module.to(memory_format=torch.channels_last)
+        log.info("model.channels_last: weights and inputs in NHWC")
+        return True
+    log.info("model.channels_last: inputs in NHWC; the weights stay NCHW (ZeRO-%d / %s keep them in flat buffers)",
+             settings.zero_stage, settings.precision)
+    return False
+
+
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     """Training loss and, where the rows have them, clean and robust test accuracy per epoch."""
     import matplotlib
@@ -164,7 +184,7 @@ class Trainer:
         Nothing is written (or, with ``--overwrite``, moved aside) before everything else has been built:
         a start that fails on a setting only the engine checks leaves the file system as it was.
         """
-        dist.init_distributed()
+        dist.init_distributed(timeout_s=self.cfg.dist.timeout_s)
         threads = dist.set_threads_per_rank()
         cfg, world = self.cfg, dist.world_size()
         self.settings = ds_config.prepare(cfg.deepspeed_config, world)
@@ -221,8 +241,6 @@ class Trainer:
             log.info("train.keep_best=%s: %d training examples held out for validation, %d left to train on",
                      cfg.train.keep_best, len(self.val_set), len(train_set))
         model = prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights, act=cfg.model.act))
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         self.loaders = build_train_loader(cfg, train_set, micro_batch=s.micro_batch, rank=rank, world_size=world)
         steps = self.loaders.steps_per_epoch
         if cfg.train.max_steps_per_epoch is not None:
@@ -235,6 +253,8 @@ class Trainer:
         self.objective = build_objective(cfg)  # before the engine: its replays count in the LR schedule
         self.built = build_engine(cfg, s, model, steps, replays=self.objective.replays)
         self.engine = self.built.engine
+        if cfg.model.channels_last:
+            weights_channels_last(self.engine.module, s)
         if self.built.lr_scale != 1.0:
             log.info("LR scaled x%.3g (%s rule, global batch %d / base %d)", self.built.lr_scale,
                      cfg.optim.lr_scaling, s.global_batch, cfg.optim.base_batch_size)
@@ -347,8 +367,13 @@ class Trainer:
             stop.defer()
         try:
             summary = self._fit()
-        except BaseException:
-            self._settle()
+        except BaseException as e:
+            try:
+                lost = self.lost_contact(e)  # first: the ranks still in contact check in with each other now
+            finally:
+                self._settle()
+            if lost is not None:
+                raise lost from e
             raise
         finally:
             stop.defer(False)
@@ -356,6 +381,17 @@ class Trainer:
             aside, self.overwritten = self.overwritten, None
             shutil.rmtree(aside, ignore_errors=True)
         return summary
+
+    def lost_contact(self, error: BaseException) -> PeerLostError | None:
+        """A collective failed because a peer stopped answering: the one line naming it and the last checkpoint."""
+        state = self.state
+        who = dist.lost_contact(error, during=f"after training step {state.global_step} (epoch {state.epoch + 1})")
+        if who is None:
+            return None
+        tags = checkpoint.complete_tags(self.ckpt_root)  # committed ones; a save the failure cut short is not
+        last = (f"last checkpoint: {self.ckpt_root / tags[-1][1]}; resume with --resume auto" if tags
+                else "no checkpoint yet; run the command again to start over")
+        return PeerLostError(f"{who}; {last}")
 
     def _fit(self) -> dict[str, Any]:
         t_run = time.perf_counter()
