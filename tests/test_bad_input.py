@@ -135,7 +135,9 @@ CASES = [
     ("micro-batch-zero", lambda t: ["--ds-config", str(ds_file(t, train_micro_batch_size_per_gpu=0))],
      "DeepSpeed config train_micro_batch_size_per_gpu=0 must be a positive integer"),
     ("zero-with-onebit", lambda t: ["--ds-config", str(ds_file(t, optimizer={"type": "OneBitAdam", "params": {"lr": 0.001}}, zero_optimization={"stage": 2}))],
-     "optimizer 'OneBitAdam' does its own compressed communication and cannot run with ZeRO stage 2; use zero_optimization.stage 0"),
+     "optimizer 'OneBitAdam' does its own compressed communication and cannot run with ZeRO stage 2 (ZeRO reduce-scatters "
+     "flat gradient buckets inside its own optimizer, with no communication hook to put a compressed all-reduce in its "
+     "place); use zero_optimization.stage 0"),
     ("ds-unknown-key", lambda t: ["--ds-config", str(ds_file(t, train_micro_batch_size=16))],
      "unknown key 'train_micro_batch_size' in DeepSpeed config '{tmp}/bad_ds.json'; check the spelling against the DeepSpeed config docs"),
     ("ds-unknown-zero-key", lambda t: ["--ds-config", str(ds_file(t, zero_optimization={"stage": 0, "overlap_com": True}))],

@@ -159,9 +159,9 @@ def _ds(tmp_path, **changes):
 
 @pytest.mark.parametrize("changes,match", [
     ({"zero_optimization": {"stage": 2}}, "cannot run with ZeRO stage 2"),
-    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps to 1"),
-    ({"bf16": {"enabled": True}}, "disable bf16"),
-    ({"fp16": {"enabled": True}}, "disable fp16"),
+    ({"bf16": {"enabled": True}}, "cannot run with bf16: DeepSpeed's bf16/fp16 engine"),
+    ({"fp16": {"enabled": True}}, "cannot run with fp16: DeepSpeed's bf16/fp16 engine"),
+    ({"torch_autocast": {"enabled": True, "dtype": "float16"}}, "cannot run with torch_autocast float16"),
     ({"gradient_compression": {"type": "dat_quantizer", "bits": 8}}, "already compresses"),
 ])
 def test_impossible_combinations_fail_at_start_up(tmp_path, changes, match):

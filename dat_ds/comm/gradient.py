@@ -2,12 +2,14 @@
 
 Enabled by a top-level ``"gradient_compression"`` section in the DeepSpeed JSON, e.g.
 ``{"type": "dat_quantizer", "bits": 8}``: ``dat_ds.runtime.ds_config`` strips it before
-``deepspeed.initialize`` (and allows it with ZeRO 0, fp32, no accumulation only), and
-``dat_ds.runtime.build`` wraps the optimizer in :class:`QuantizedAllReduceOptimizer`, hands the wrapper
-to DeepSpeed as its client optimizer and switches DeepSpeed's own gradient all-reduce off. Each
-``step()`` then first averages every rank's local gradient through the compressed all-reduce with the
-unbiased b-bit quantizer (no error feedback needed) and then steps the wrapped optimizer, so every rank
-steps with the same unbiased estimate of the mean gradient.
+``deepspeed.initialize`` (and allows it with ZeRO 0 and fp32 weights only: fp32 or ``torch_autocast``
+bf16), and ``dat_ds.runtime.build`` wraps the optimizer in :class:`QuantizedAllReduceOptimizer`, hands
+the wrapper to DeepSpeed as its client optimizer and switches DeepSpeed's own gradient all-reduce off.
+Each ``step()`` then first averages every rank's local gradient through the compressed all-reduce with
+the unbiased b-bit quantizer (no error feedback needed) and then steps the wrapped optimizer, so every
+rank steps with the same unbiased estimate of the mean gradient. DeepSpeed calls ``step()`` only at the
+gradient accumulation boundary, with the micro-batches' gradients summed locally (each loss scaled by
+1/accum): one quantized all-reduce per optimizer step, whatever ``gradient_accumulation_steps`` is.
 
 ``gradient_clipping`` in the JSON (DeepSpeed clips before ``step()``) therefore bounds each rank's
 local gradient; their average is bounded by the same norm.

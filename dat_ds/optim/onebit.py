@@ -6,7 +6,12 @@ JSON parameters as DeepSpeed 0.18, keep the maths here and leave the transport t
 
 They average gradients themselves: the trainer switches DeepSpeed's gradient all-reduce off
 (``engine.enable_backward_allreduce = False``) for every optimizer registered with
-``compresses=True``; ``param.grad`` is the *local* gradient when ``step()`` runs.
+``compresses=True``; ``param.grad`` is the *local* gradient when ``step()`` runs. With
+``gradient_accumulation_steps`` > 1 DeepSpeed divides each micro-batch's loss by the accumulation
+count, lets the gradients add up in ``param.grad`` and calls ``step()`` only at the accumulation
+boundary: ``param.grad`` is then this rank's mean over its micro-batches, each step communicates
+once, and every counter here (``freeze_step``, ``var_freeze_step``, local steps, ``compressed_steps``,
+the byte meter) counts optimizer steps, as :class:`dat_ds.optim.schedule.StepPlan` does.
 
 * ``OneBitAdam`` (Tang et al., ICML 2021): Adam with an fp32 gradient all-reduce for ``freeze_step``
   steps, then the variance is frozen and only the momentum is communicated, 1 bit per element.

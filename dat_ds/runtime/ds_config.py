@@ -83,6 +83,17 @@ SECTION_TYPES: dict[str, dict[str, str]] = {
 }
 NULLABLE = frozenset({"zero_optimization.offload_param", "zero_optimization.offload_optimizer"})
 
+# Why a setup that communicates itself (a compressing optimizer, gradient_compression) cannot run with
+# some engine settings; each goes into that setting's one-line error. Checked in DeepSpeed 0.19's code
+# (runtime/engine.py, runtime/zero/stage_1_and_2.py); docs/compression.md, "Beyond DeepSpeed's limits".
+ZERO_OWNS_REDUCTION = ("ZeRO reduce-scatters flat gradient buckets inside its own optimizer, with no communication "
+                       "hook to put a compressed all-reduce in its place")
+ENGINE_16BIT_WRAPS = ("DeepSpeed's bf16/fp16 engine keeps 16-bit weights and gradients, flat with ZeRO, and steps "
+                      "its own optimizer wrapper, holding fp32 master copies, around the client optimizer")
+USE_AUTOCAST = 'for bf16 use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} (fp32 weights, bf16 compute)'
+GRADSCALER_SKIPS = ("its GradScaler skips the optimizer step when this rank's local gradient overflows, so the "
+                    "ranks would disagree on entering the all-reduce and hang")
+
 
 def _type_ok(value: Any, kind: str) -> bool:
     if kind == OBJECT:
@@ -236,7 +247,9 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
     if bf16 and fp16:
         raise ConfigError("DeepSpeed config enables both bf16 and fp16; enable one")
     autocast = data.get("torch_autocast", {})
-    autocast_bf16 = autocast.get("enabled", False) and autocast.get("dtype", "bfloat16").endswith("bfloat16")
+    autocast_dtype = autocast.get("dtype", "bfloat16")  # DeepSpeed's DtypeEnum spellings
+    autocast_bf16 = autocast.get("enabled", False) and autocast_dtype in ("bfloat16", "torch.bfloat16", "bf16")
+    autocast_fp16 = autocast.get("enabled", False) and autocast_dtype in ("float16", "torch.float16", "fp16", "half")
     if autocast_bf16 and (bf16 or fp16):
         raise ConfigError("DeepSpeed config enables torch_autocast together with bf16/fp16; choose one precision mode")
     precision = "bf16" if bf16 else "fp16" if fp16 else "bf16-autocast" if autocast_bf16 else "fp32"
@@ -248,15 +261,21 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
     if optimizer is None:
         raise ConfigError(f'DeepSpeed config {str(path)!r} has no "optimizer" section; add e.g. {{"type": "AdamW", "params": {{"lr": 1e-3}}}}')
     optimizer_name, entry = check_optimizer_params(optimizer)
+    # Gradient accumulation is fine for every compressing setup: DeepSpeed calls the client optimizer's
+    # step() only at the accumulation boundary, and with its backward all-reduce off (runtime/build.py)
+    # the micro-batches' gradients (each loss scaled by 1/accum) add up locally in param.grad, so ours
+    # communicates once per optimizer step. What stays refused is what hides the gradients from us:
     if entry.compresses and stage > 0:
         raise ConfigError(
-            f"optimizer {optimizer['type']!r} does its own compressed communication and cannot run with ZeRO stage {stage}; "
-            "use zero_optimization.stage 0"
+            f"optimizer {optimizer['type']!r} does its own compressed communication and cannot run with ZeRO stage {stage} "
+            f"({ZERO_OWNS_REDUCTION}); use zero_optimization.stage 0"
         )
-    if entry.compresses and accum > 1:
-        raise ConfigError(
-            f"optimizer {optimizer['type']!r} communicates at every micro-step; set gradient_accumulation_steps to 1"
-        )
+    if entry.compresses and precision in ("bf16", "fp16"):
+        raise ConfigError(f"optimizer {optimizer['type']!r} keeps its own fp32 state and cannot run with {precision}: "
+                          f"{ENGINE_16BIT_WRAPS}; {USE_AUTOCAST}")
+    if entry.compresses and autocast_fp16:
+        raise ConfigError(f"optimizer {optimizer['type']!r} cannot run with torch_autocast float16: {GRADSCALER_SKIPS}; "
+                          'use "dtype": "bfloat16"')
     if optimizer_name in ("lamb", "lars") and (stage > 0 or precision in ("bf16", "fp16")):
         # ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers hand the optimizer one flat tensor per parameter
         # group, so LAMB/LARS would compute one trust ratio for the whole model instead of one per layer.
@@ -264,21 +283,26 @@ def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = Non
             f"optimizer {optimizer['type']!r} needs per-layer tensors but ZeRO stage {stage} / {precision} flattens them; "
             'use zero_optimization.stage 0 with "torch_autocast": {"enabled": true, "dtype": "bfloat16"} for bf16'
         )
-    if entry.compresses and precision not in ("fp32", "bf16-autocast"):
-        raise ConfigError(
-            f"optimizer {optimizer['type']!r} keeps its own fp32 state and needs the fp32 engine; disable {precision}"
-        )
     gradient_compression = data.pop("gradient_compression", None)
     if gradient_compression is not None:
         from ..comm.spec import check_gradient_compression
 
         gradient_compression = check_gradient_compression(gradient_compression)
-        conflict = ("optimizer " + repr(optimizer["type"]) + " already compresses its own communication" if entry.compresses
-                    else f"ZeRO stage {stage}" if stage > 0 else f"gradient_accumulation_steps={accum}" if accum > 1
-                    else precision if precision != "fp32" else None)
+        fix = "drop gradient_compression"
+        if entry.compresses:
+            conflict = f"optimizer {optimizer['type']!r}, which already compresses its own communication"
+            fix = "use a plain optimizer such as AdamW, or " + fix
+        elif stage > 0:
+            conflict, fix = f"ZeRO stage {stage} ({ZERO_OWNS_REDUCTION})", "use zero_optimization.stage 0, or " + fix
+        elif precision in ("bf16", "fp16"):
+            conflict, fix = f"{precision} ({ENGINE_16BIT_WRAPS})", USE_AUTOCAST + ", or " + fix
+        elif autocast_fp16:
+            conflict, fix = f"torch_autocast float16 ({GRADSCALER_SKIPS})", 'use "dtype": "bfloat16", or ' + fix
+        else:
+            conflict = None
         if conflict:
             raise ConfigError(f"gradient_compression replaces DeepSpeed's gradient all-reduce and cannot run with "
-                              f"{conflict}; use a plain optimizer, ZeRO 0, no accumulation and fp32, or drop it")
+                              f"{conflict}; {fix}")
     if "scheduler" in data:
         check_scheduler(data["scheduler"])
     clip = data.get("gradient_clipping", 0)  # check_types: a finite number
