@@ -568,6 +568,24 @@ def test_corrupt_image_aborts_with_its_path_in_one_line(tmp_path, capsys, monkey
         assert not (tmp_path / "runs" / "folder").exists()  # refused before the run folder was made
 
 
+def test_ranks_on_the_host_whose_preflight_decoded_the_images_do_not_decode_them_again(tmp_path, monkeypatch):
+    """`dat-ds train` decodes a small split once and tells its ranks on this host (DECODED_ENV = hostname)."""
+    import socket
+
+    from dat_ds.core.config import DataConfig
+    from dat_ds.data import build_dataset
+    from dat_ds.data.corrupt import CorruptImageError
+    from dat_ds.launch import preflight
+
+    _image_folder(tmp_path)
+    ds, spec = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "folder"), image_size=28), "train")
+    monkeypatch.setenv(preflight.DECODED_ENV, "another-host")  # a hostfile's other node: decodes its own copy
+    with pytest.raises(CorruptImageError, match="05.png"):
+        preflight.check_dataset(ds, spec, "training data")
+    monkeypatch.setenv(preflight.DECODED_ENV, socket.gethostname())
+    preflight.check_dataset(ds, spec, "training data")  # decoded by the command already: not again
+
+
 def test_corrupt_image_is_skipped_counted_and_reported_once_per_epoch(tmp_path, caplog):
     bad = _image_folder(tmp_path)
     with caplog.at_level(logging.INFO, logger="dat_ds"):

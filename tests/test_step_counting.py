@@ -97,3 +97,38 @@ def test_free_at_warmup_and_milestones_fire_at_the_epochs_written(tmp_path):
     assert [r["lr"] for r in steps] == pytest.approx([want(b) for b in range(1, BATCHES * EPOCHS + 1)], rel=1e-6)
     # Concretely: ramping for the first 4 batches, full LR through epoch 1, x0.1 from batch 8, x0.01 from 12.
     assert [round(r["lr"] / LR, 6) for r in steps[2:13]] == [0.8125, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01]
+
+
+def _accum_cfg(tmp_path, *overrides):
+    return build_config(REPO / "dat_ds" / "recipes" / "demo.yaml", [
+        f"output_dir={tmp_path / 'runs'}", "name=accum", f"deepspeed_config={write_ds(tmp_path, gradient_accumulation_steps=2)}",
+        "model.name=tiny_cnn", "attack.steps=1", f"data.train_subset={MICRO * 5}", "train.epochs=2", "train.log_every=1",
+        "train.keep_last=1", "eval.max_examples=16", "eval.steps=1", *overrides])
+
+
+def test_accumulation_epochs_end_on_an_optimizer_step(tmp_path, dat_ds_log):
+    """5 batches an epoch, 2 per optimizer step: 4 are trained, so no checkpoint falls between two steps."""
+    import logging
+
+    from dat_ds.optim.schedule import accumulation_unit
+    from dat_ds.runtime.trainer import Trainer
+
+    assert [accumulation_unit(a, r) for a, r in ((1, 1), (2, 1), (4, 2), (2, 4), (3, 2))] == [1, 2, 2, 1, 3]
+    dat_ds_log.set_level(logging.INFO, logger="dat_ds")
+    cfg = _accum_cfg(tmp_path, "train.save_every_steps=2")
+    Trainer(cfg).fit()
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 9))
+    assert [r["optimizer_steps"] for r in records if r["kind"] == "epoch"] == [2, 4]
+    assert "gradient_accumulation_steps=2: 4 of the epoch's 5 batches are trained" in dat_ds_log.text
+
+
+def test_a_save_between_two_accumulated_steps_is_refused_before_anything_is_written(tmp_path):
+    from dat_ds.core.errors import ConfigError
+    from dat_ds.runtime.trainer import Trainer
+
+    cfg = _accum_cfg(tmp_path, "train.save_every_steps=3")
+    with pytest.raises(ConfigError, match=r"train.save_every_steps=3 would save between two optimizer steps "
+                                          r"\(gradient_accumulation_steps=2: one every 2 batch\(es\)\).*multiple of 2"):
+        Trainer(cfg).fit()
+    assert not cfg.run_dir.exists()

@@ -61,7 +61,9 @@ def _train(args: argparse.Namespace, argv: list[str], *, needs_unlabeled_objecti
     from ..launch import runlock
 
     runlock.check_free(cfg.run_dir)  # a live run on this folder: refused before any rank starts
-    from ..launch.preflight import preflight
+    import socket
+
+    from ..launch.preflight import DECODED_ENV, preflight
 
     preflight(cfg, args.resume, world, nproc=None if args.hostfile else args.nproc,  # not ours to count: a hostfile's nodes
               allow_world_size_change=args.allow_world_size_change)
@@ -71,7 +73,8 @@ def _train(args: argparse.Namespace, argv: list[str], *, needs_unlabeled_objecti
     started = time.time()
     try:
         return launch("dat_ds.launch.train", forwarded, nproc=args.nproc, hostfile=args.hostfile,
-                      master_port=args.master_port, checkpoint_root=cfg.run_dir / "checkpoint")
+                      master_port=args.master_port, checkpoint_root=cfg.run_dir / "checkpoint",
+                      env={DECODED_ENV: socket.gethostname()})  # this preflight decoded the images: ranks here skip it
     except BaseException:  # a rank failed or the run was interrupted; on one node every rank is gone now
         if not args.hostfile:  # rank 0 owns the lock; if it died without cleaning up, clean up after it
             dead = runlock.clear_dead(cfg.run_dir, started)

@@ -325,12 +325,17 @@ def launch_env() -> dict[str, str]:
     """Environment for the ranks ``launch()`` starts: quiet unless ``--verbose``.
 
     The accelerator DeepSpeed chose in this process is handed down (``DS_ACCELERATOR``), so the
-    launcher and every rank skip the detection and its notice; with --verbose nothing is set.
+    launcher and every rank skip the detection and its notice; torch's C++ log shows errors only
+    (``TORCH_CPP_LOG_LEVEL``: c10d's socket notices, e.g. "the hostname of the client socket cannot be
+    retrieved" between two network namespaces). With --verbose, or where the user set them, nothing is set.
     """
-    if verbose() or "DS_ACCELERATOR" in os.environ:
+    if verbose():
         return {}
-    acc = accelerator()
-    return {"DS_ACCELERATOR": str(getattr(acc, "_name", None) or acc.device_name())}
+    env = {} if "TORCH_CPP_LOG_LEVEL" in os.environ else {"TORCH_CPP_LOG_LEVEL": "ERROR"}
+    if "DS_ACCELERATOR" not in os.environ:
+        acc = accelerator()
+        env["DS_ACCELERATOR"] = str(getattr(acc, "_name", None) or acc.device_name())
+    return env
 
 
 class _RankZeroFilter(logging.Filter):

@@ -8,6 +8,7 @@ run folder is written, so a bad data file or checkpoint leaves no partial output
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -106,6 +107,17 @@ def check_labels(labels: torch.Tensor, spec, where: str, *, min_classes: int = 1
 # Image files (ImageFolder, HF) are all decoded before any rank starts when a split has at most this many;
 # larger ones are decoded when met (``data.on_corrupt``). In-memory arrays are checked whole anyway.
 DECODE_ALL_UP_TO = 5000
+# Set by `dat-ds train` for the ranks it starts, to this host's name, once its own preflight decoded every
+# image: ranks on the same host skip that pass (N ranks would decode the same files N more times). Ranks on
+# other hosts (a hostfile; their data is their own copy) and ranks a user's own `deepspeed` command started
+# decode them themselves.
+DECODED_ENV = "DAT_DS_IMAGES_DECODED_ON"
+
+
+def images_decoded_here() -> bool:
+    import socket
+
+    return os.environ.get(DECODED_ENV) == socket.gethostname()
 
 
 def check_dataset(ds, spec, where: str, *, min_classes: int = 1) -> None:
@@ -127,7 +139,7 @@ def check_dataset(ds, spec, where: str, *, min_classes: int = 1) -> None:
     if isinstance(x, torch.Tensor) and spec.img_size:
         _check_images(x, spec, where)
     corrupt = getattr(ds, "corrupt", None)  # image files, with data.on_corrupt's bookkeeping
-    if corrupt is not None and corrupt.policy == "abort" and len(ds) <= DECODE_ALL_UP_TO:
+    if corrupt is not None and corrupt.policy == "abort" and len(ds) <= DECODE_ALL_UP_TO and not images_decoded_here():
         for i in range(1, len(ds)):
             ds[i]  # raises CorruptImageError (one line naming the file) for an image that does not decode
     if labels is not None:

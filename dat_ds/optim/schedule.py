@@ -27,6 +27,14 @@ def lr_scale(cfg: OptimConfig, global_batch: int) -> float:
     return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
 
 
+def accumulation_unit(grad_accum: int, replays: int = 1) -> int:
+    """Batches from one accumulation boundary to the next: checkpoints and epoch ends must fall on one.
+
+    DeepSpeed saves neither a half-summed gradient nor its micro-step count, so a checkpoint between two
+    optimizer steps resumes with the partial sum lost and the boundaries shifted."""
+    return grad_accum // math.gcd(grad_accum, replays)
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """How many OPTIMIZER steps a run takes: what LR schedules, warm-up and compression plans count.

@@ -187,7 +187,7 @@ def _skip_non_finite(loss_bad: torch.Tensor, grad_bad: torch.Tensor, state: Trai
 
 def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, metrics=None,
                     on_step: Callable[[TrainState], None] | None = None, progress=None, comm=None,
-                    watch: NonFiniteWatch | None = None) -> dict[str, float]:
+                    watch: NonFiniteWatch | None = None, max_steps: int | None = None) -> dict[str, float]:
     """Train one (possibly resumed) epoch; returns rank-reduced loss/accuracy and timing.
 
     ``metrics(record)`` gets a step record every ``train.log_every`` steps; ``on_step(state)`` runs after
@@ -201,7 +201,7 @@ def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, m
     window = DeviceMeter(device)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "samples": 0.0}
     t_start = t_window = time.perf_counter()
-    max_steps = cfg.train.max_steps_per_epoch
+    max_steps = cfg.train.max_steps_per_epoch if max_steps is None else max_steps  # the trainer's whole optimizer steps
     engine.train()
 
     def flush() -> dict[str, Any]:

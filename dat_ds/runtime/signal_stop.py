@@ -54,7 +54,9 @@ class SignalStop:
                 self.group = tdist.new_group(backend="gloo")
 
     def on_step(self, trainer: Trainer, state: TrainState) -> None:
-        if state.step_in_epoch < trainer.steps_per_epoch:  # the epoch's last step: checked after its end
+        # the epoch's last step: checked after its end; under gradient accumulation only on optimizer steps,
+        # where a final checkpoint resumes exactly (the stop waits at most the accumulation's other batches)
+        if state.step_in_epoch < trainer.steps_per_epoch and state.global_step % trainer.accumulation_unit == 0:
             self.check(trainer)
 
     def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:

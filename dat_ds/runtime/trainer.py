@@ -34,6 +34,7 @@ from ..objectives import ObjectiveContext, build_objective, prepare_model
 from ..objectives import eps_warmup
 from ..objectives.reuse import PerturbationStore, check_reuse_budget
 from . import checkpoint, ds_config
+from ..optim.schedule import accumulation_unit
 from .build import build_engine
 from .callbacks import Callback, Checkpointing, StopTraining
 from .ema import STATE_KEY as EMA_KEY, WeightEMA
@@ -248,9 +249,24 @@ class Trainer:
         if steps == 0:
             raise ConfigError(f"the training set ({len(train_set)} examples) is smaller than one global batch "
                               f"({s.global_batch}); lower train_micro_batch_size_per_gpu")
-        self.steps_per_epoch = steps
-        self.perturbations = self._perturbation_store(train_set, world) if cfg.attack.reuse else None
         self.objective = build_objective(cfg)  # before the engine: its replays count in the LR schedule
+        unit = accumulation_unit(s.grad_accum, self.objective.replays)
+        if steps % unit and steps > unit:
+            log.info("gradient_accumulation_steps=%d: %d of the epoch's %d batches are trained, so every epoch "
+                     "ends on an optimizer step (a checkpoint between two would not resume exactly)",
+                     s.grad_accum, steps - steps % unit, steps)
+            steps -= steps % unit
+        if steps < unit:
+            raise ConfigError(f"the training set ({len(train_set)} examples) is smaller than one optimizer step "
+                              f"({unit} batches of {s.micro_batch * world}); lower train_micro_batch_size_per_gpu "
+                              "or gradient_accumulation_steps")
+        if cfg.train.save_every_steps % unit:
+            raise ConfigError(f"train.save_every_steps={cfg.train.save_every_steps} would save between two optimizer "
+                              f"steps (gradient_accumulation_steps={s.grad_accum}: one every {unit} batch(es)), which "
+                              f"DeepSpeed cannot resume exactly; use a multiple of {unit}")
+        self.steps_per_epoch = steps
+        self.accumulation_unit = unit
+        self.perturbations = self._perturbation_store(train_set, world) if cfg.attack.reuse else None
         self.built = build_engine(cfg, s, model, steps, replays=self.objective.replays)
         self.engine = self.built.engine
         if cfg.model.channels_last:
@@ -418,7 +434,8 @@ class Trainer:
         remaining = (self.steps_per_epoch - state.step_in_epoch) * self.settings.micro_batch * dist.world_size()
         with ui.progress_bar(remaining, f"epoch {state.epoch + 1}/{cfg.train.epochs}") as advance:
             return train_one_epoch(self.engine, self.objective, self.ctx, loader, state, cfg=cfg, metrics=self.write,
-                                   on_step=self._on_step, progress=advance, comm=self.built.comm, watch=self.watch)
+                                   on_step=self._on_step, progress=advance, comm=self.built.comm, watch=self.watch,
+                                   max_steps=self.steps_per_epoch)
 
     def _on_step(self, state: TrainState) -> None:
         for cb in self.callbacks:
