@@ -61,6 +61,7 @@ def test_bench_step_writes_json(tmp_path):
     assert (tmp_path / "step.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # ~1 min: two 2-rank bench workers
 def test_engine_and_ddp_workers_do_the_same_work():
     kw = dict(steps=2, micro=8, model="tiny_cnn", attack_steps=1)
     ds = launch_worker("deepspeed", 1, **kw)

@@ -317,9 +317,9 @@ RESUME = {"zero_one_adam": {"var_freeze_step": 2, "var_update_scaler": 1, "local
           "onebit_adam": {"freeze_step": 2}, "onebit_lamb": {"freeze_step": 2}, "dat_8bit": {}}
 
 
+@pytest.mark.slow  # 2-3 min each; the default suite resumes every setup bit-identically in test_compression_limits.py
 @pytest.mark.dist
-@pytest.mark.parametrize("name", [n if n == "zero_one_adam" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in RESUME])
+@pytest.mark.parametrize("name", list(RESUME))
 def test_compressed_run_resumes_bit_identical_on_every_rank(cli, tmp_path, name):
     """2 ranks: 1 epoch, then --resume auto to 2 epochs == 2 epochs uninterrupted, bit for bit.
 

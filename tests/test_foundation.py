@@ -52,9 +52,13 @@ def _launcher(*args: str, tmp: Path) -> "subprocess.CompletedProcess":  # noqa: 
 
 
 def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
+    # channels_last as well: it used to fail on several ranks (DeepSpeed's start-up broadcast views every
+    # weight as bytes, which NHWC weights refuse); tests/test_channels_last.py has the unit tests
     proc = _launcher("--config", "recipes/demo.yaml", "--deepspeed_config", "ds_configs/zero0_fp32.json",
-                     "--epochs", "1", "--output-dir", str(tmp_path), "--name", "two", *SMALL, tmp=tmp_path)
+                     "--epochs", "1", "--output-dir", str(tmp_path), "--name", "two", *SMALL,
+                     "--set", "model.channels_last=true", tmp=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "model.channels_last: weights and inputs in NHWC" in proc.stdout + proc.stderr
     run = tmp_path / "two"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
@@ -75,6 +79,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return state["module"]
 
 
+@pytest.mark.slow  # ~1 min; the default suite's exact-resume tests are in test_resume.py and test_signals.py
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     # A schedule that depends on the total epoch count would differ between a 1-epoch and a 2-epoch
     # command, so this test keeps the LR constant; mid-epoch kill-and-resume is tested in test_resume.py.

@@ -186,7 +186,7 @@ def _two_rank_train(tmp_path, name, *extra):
 
 # 2-rank runs are ~30 s each on 2 cores: free (per-rank state gathered into the checkpoint) runs by
 # default, acl runs in tests/test_ssl.py through `dat-ds pretrain`; the others are marked slow.
-_DEFAULT_TWO_RANK = {"free"}
+_DEFAULT_TWO_RANK: set[str] = set()  # all slow (~45 s each); tests/test_step_counting.py runs Free-AT in-process
 
 
 @pytest.mark.dist

@@ -89,6 +89,7 @@ def test_linear_probe_freezes_the_encoder_only_for_slf_and_alf(embedded_test_ten
     assert not probe.encoder.training and probe.fc.training
 
 
+@pytest.mark.slow  # ~45 s of 2-rank runs; the in-process tests above cover both objectives
 @pytest.mark.dist
 def test_pretrain_on_two_ranks_then_finetune(tmp_path):
     proc = run_cli("pretrain", "--nproc", "2", "--config", "recipes/acl_pretrain_embedded.yaml", "--epochs", "1",
