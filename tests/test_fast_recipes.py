@@ -7,6 +7,7 @@ tiny size (slow: it starts ``dat-ds train`` and ``dat-ds eval`` ranks several ti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -222,6 +223,8 @@ def test_reuse_takes_only_a_finished_run_of_the_same_config(tmp_path, bench_args
     (run / "summary.json").write_text(json.dumps({"history": [{"epoch": e} for e in range(1, 7)]}))
     assert ttr.finished_run(run, argv, 6)
     assert not ttr.finished_run(run, argv, 7)  # stopped early
+    (run / "config.yaml").write_text(dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, timeout_s=120.0)).to_yaml())
+    assert ttr.finished_run(run, argv, 6)  # how long a collective waits for a dead peer: not a different run
     other = ttr.train_argv("nfgsm", ttr.METHODS["nfgsm"], argparse.Namespace(**{**vars(bench_args), "eps": 0.2}),
                            tmp_path)
     assert not ttr.finished_run(run, other, 6)  # another eps: another run

@@ -32,7 +32,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,8 @@ def finished_run(run_dir: Path, argv: list[str], epochs: int) -> bool:
     """``run_dir`` holds a run of exactly the config ``argv`` builds, trained for all ``epochs``.
 
     The saved config is read back through the defaults, so a key added to the config since that run (at its
-    default) does not make the run look different."""
+    default) does not make the run look different; ``dist`` (how long a collective waits for a dead peer)
+    changes nothing a healthy run computes or how fast, and is not compared."""
     import yaml
 
     from ..core.config import config_from_dict
@@ -162,7 +163,8 @@ def finished_run(run_dir: Path, argv: list[str], epochs: int) -> bool:
         return False
     wanted = config_from_args(train_args_parser().parse_args(argv))
     history = json.loads(summary.read_text()).get("history", [])
-    return config_from_dict(yaml.safe_load(saved.read_text())) == wanted and len(history) == epochs
+    saved_cfg = config_from_dict(yaml.safe_load(saved.read_text()))
+    return replace(saved_cfg, dist=wanted.dist) == wanted and len(history) == epochs
 
 
 def read_curve(run_dir: Path) -> list[dict[str, Any]]:
