@@ -311,3 +311,26 @@ def test_zero3_two_ranks_interrupted_and_resumed_gives_a_bit_identical_sharded_e
     last = [r for r in rows if r["kind"] == "epoch"][-1]
     assert evaluate(ema.model, test_set, [], batch_size=16, seed=0, max_examples=16).clean_acc == last["ema_clean_acc"]
     assert evaluate(raw.model, test_set, [], batch_size=16, seed=0, max_examples=16).clean_acc == last["clean_acc"]
+
+
+def test_a_monitor_rollback_takes_the_checkpoints_ema_back_too(tmp_path, dat_ds_log):
+    """The overfitting monitor's rollback reloads weights and optimizer; the EMA must follow, or it would keep
+    averaging the weights the rollback discarded."""
+    from dat_ds.runtime.ema import STATE_KEY
+    from dat_ds.runtime.trainer import Trainer
+
+    cfg = EMAConfig(decay=0.9, warmup=False, every=1)
+    model = _tiny_bn_model()
+    saved = WeightEMA(model, cfg)  # the EMA at the checkpoint
+    _train_step(model, seed=1)
+    live = WeightEMA(model, cfg)  # ... and after the steps the rollback discards
+    for _ in range(3):
+        _train_step(model, seed=2)
+        live.update(model)
+    trainer = SimpleNamespace(ema=live, engine=SimpleNamespace(module=model), cfg=SimpleNamespace(ema=cfg))
+    Trainer.reload_ema(trainer, tmp_path, "step000000010", {STATE_KEY: saved.state_dict()})
+    for name, value in saved.shadow.items():
+        assert torch.equal(trainer.ema.shadow[name], value)
+    assert trainer.ema.updates == saved.updates == 0
+    Trainer.reload_ema(trainer, tmp_path, "step000000010", {})  # a checkpoint of a run without ema
+    assert trainer.ema is not live and "has no weight EMA; the EMA starts again" in dat_ds_log.text

@@ -159,8 +159,11 @@ def test_rollback_reloads_last_good_checkpoint(fgsm_training_run, test_set, tmp_
     mon = CatastrophicOverfittingMonitor(_cfg("monitor.every_steps=1", "monitor.policy=rollback"), engine, test_set,
                                          ckpt_root=root, write=records.append)
     mon.last_ok_step = 20  # the last measurement that was not overfit
-    mon.on_step(None, TrainState(global_step=41))
+    reloaded = []
+    trainer = SimpleNamespace(reload_ema=lambda root_, tag, client: reloaded.append((root_, tag, client)))
+    mon.on_step(trainer, TrainState(global_step=41))
     assert engine.loaded == ["step000000010"]
+    assert reloaded == [(root, "step000000010", {})]  # the weight EMA goes back with the weights
     assert records[-1] == {"kind": "monitor_rollback", "step": 41, "tag": "step000000010", "rollbacks": 1}
     for step in range(42, 42 + monitor_mod.MAX_ROLLBACKS - 1):
         mon.on_step(None, TrainState(global_step=step))

@@ -115,9 +115,9 @@ class CatastrophicOverfittingMonitor:
         if self.policy == "stop":
             raise StopTraining(f"{message}. Use a smaller step size, FGSM with random start (fgsm_rs), or PGD")
         if self.policy == "rollback":
-            self._rollback(step, message)
+            self._rollback(step, message, trainer)
 
-    def _rollback(self, step: int, message: str) -> None:
+    def _rollback(self, step: int, message: str, trainer=None) -> None:
         if self.rollbacks >= MAX_ROLLBACKS:
             raise StopTraining(f"{message}; it came back after {self.rollbacks} rollbacks, so training stops. "
                                "Lower attack.step_size or switch to PGD")
@@ -126,9 +126,11 @@ class CatastrophicOverfittingMonitor:
             raise StopTraining(f"{message}; policy 'rollback' found no complete checkpoint saved before step "
                                f"{self.last_ok_step if self.last_ok_step is not None else step} in {self.ckpt_root}, "
                                "so training stops. Set train.save_every_steps to keep recent checkpoints")
-        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_module_strict=True)
+        load_path, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_module_strict=True)
         if load_path is None:
             raise StopTraining(f"{message}; rolling back to {self.ckpt_root / tag} failed, so training stops")
+        if trainer is not None:  # the weight EMA goes back too: it would keep averaging the discarded weights
+            trainer.reload_ema(self.ckpt_root, tag, client)
         self.rollbacks += 1
         log.warning("rolled back the model and optimizer to checkpoint %s (rollback %d of at most %d)",
                     tag, self.rollbacks, MAX_ROLLBACKS)

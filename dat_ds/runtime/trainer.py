@@ -315,6 +315,21 @@ class Trainer:
             self.ema.load_state_dict(rank_state[EMA_KEY])
             self._ema_restored = True
 
+    def reload_ema(self, root: Path, tag: str, client: dict[str, Any] | None) -> None:
+        """The weight EMA saved in checkpoint ``tag`` (after the overfitting monitor's rollback reloaded its weights)."""
+        if self.ema is None:
+            return
+        if self.ema.sharded:  # ZeRO-3: this rank's shards live in its rank-state file
+            rank_file = Path(root) / tag / f"rank_state_{dist.rank()}.pt"
+            state = torch.load(rank_file, map_location="cpu", weights_only=True).get(EMA_KEY)
+        else:
+            state = (client or {}).get(EMA_KEY)
+        if state is not None:
+            self.ema.load_state_dict(state)
+        else:
+            self.ema = WeightEMA(self.engine.module, self.cfg.ema)
+            log.warning("checkpoint %s has no weight EMA; the EMA starts again from its weights", tag)
+
     def _restore(self, root: Path, tag: str) -> None:
         resharded = self.saved_world is not None
         self._ema_restored = False
