@@ -187,3 +187,19 @@ def test_a_single_large_shard_hands_its_pages_back(tmp_path, monkeypatch):
         images, labels = shards.read(batch)
         assert _decode(images).tolist() == batch.tolist() and labels.tolist() == (batch % 10).tolist()
     assert shards.stats.opened == 1 and shards.stats.released == 10 * 5
+
+
+def test_data_loader_workers_read_the_same_mixed_batches(tmp_path):
+    """data.num_workers > 0: each worker maps its own shards (the reader pickles without its maps) and the
+    batches are exactly those of the in-process loader."""
+    folder = _write_shards(tmp_path / "gen", [300, 200, 500])
+    batches = {}
+    for workers in (0, 2):
+        cfg = build_config(overrides=["data.train_subset=128", f"data.unlabeled={folder}", "data.unsup_fraction=0.7",
+                                      f"data.num_workers={workers}"])
+        labeled, _ = build_dataset(cfg.data, "train")
+        factory = build_train_loader(cfg, labeled, micro_batch=20, rank=0, world_size=2)
+        batches[workers] = list(factory.loader(epoch=1))
+    assert len(batches[2]) == len(batches[0]) == -(-128 // 40)
+    for (x0, y0), (x2, y2) in zip(batches[0], batches[2]):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
