@@ -328,6 +328,7 @@ def test_a_monitor_rollback_takes_the_checkpoints_ema_back_too(tmp_path, dat_ds_
         _train_step(model, seed=2)
         live.update(model)
     trainer = SimpleNamespace(ema=live, engine=SimpleNamespace(module=model), cfg=SimpleNamespace(ema=cfg))
+    trainer._restore_ema = lambda *a: Trainer._restore_ema(trainer, *a)  # the one EMA restore, shared with resume
     Trainer.reload_ema(trainer, tmp_path, "step000000010", {STATE_KEY: saved.state_dict()})
     for name, value in saved.shadow.items():
         assert torch.equal(trainer.ema.shadow[name], value)

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..comm.spec import fp32_allreduce_bytes, padded_numel, payload_bytes
 from .common import show_table
 
 FP32 = "fp32 all-reduce"  # bench network's label too: calibration rows are matched on it
@@ -92,21 +93,15 @@ class Method:
     overlap: bool = False     # buckets all-reduced during the training backward (DDP), not after it
 
 
-def padded_numel(numel: int, world: int, block: int) -> int:
-    """``comm.allreduce.padded_numel`` without torch: the length that splits into ``world`` whole-block chunks."""
-    unit = world * block
-    return -(-numel // unit) * unit
-
-
 def wire_bytes(method: Method, numel: int, world: int) -> float:
     """Bytes one rank sends per step (averaged over a 0/1 Adam sync period), as ``comm/backend.py`` counts them."""
     if world <= 1:
         return 0.0
     if method.bits == 32:
-        sent = 2 * (world - 1) / world * 4 * numel
+        sent = fp32_allreduce_bytes(numel, world)
     else:
         m = padded_numel(numel, world, method.block) // world
-        sent = 2 * (world - 1) * (m * method.bits // 8 + 4 * (m // method.block))  # all-to-all + all-gather rows
+        sent = 2 * (world - 1) * payload_bytes(m, method.bits, method.block)  # all-to-all + all-gather rows
     return sent / method.sync_every
 
 

@@ -13,8 +13,8 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "compressed_allreduce": "allreduce", "error_buffers": "allreduce", "padded_numel": "allreduce",
-    "BACKEND_NAMES": "backend", "ByteMeter": "backend", "TorchBackend": "backend", "fp32_allreduce_bytes": "backend",
+    "compressed_allreduce": "allreduce", "error_buffers": "allreduce", "padded_numel": "spec",
+    "BACKEND_NAMES": "backend", "ByteMeter": "backend", "TorchBackend": "backend", "fp32_allreduce_bytes": "spec",
     "COMPRESSORS": "compressors", "Compressor": "compressors", "SignCompressor": "compressors",
     "StochasticQuantizer": "compressors", "build_compressor": "compressors", "pack_bits": "compressors",
     "unpack_bits": "compressors",

@@ -15,12 +15,7 @@ import torch
 
 from .backend import TorchBackend
 from .compressors import Compressor
-
-
-def padded_numel(numel: int, world: int, block: int) -> int:
-    """Smallest length >= numel that splits into ``world`` chunks of whole blocks."""
-    unit = world * block
-    return -(-numel // unit) * unit
+from .spec import padded_numel
 
 
 def error_buffers(numel: int, world: int, block: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

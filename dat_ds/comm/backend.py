@@ -19,15 +19,11 @@ import torch
 import torch.distributed as tdist
 
 from ..core.errors import ConfigError
+from .spec import fp32_allreduce_bytes
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("nccl", "mpi", "gloo", "torch")
-
-
-def fp32_allreduce_bytes(numel: int, world: int) -> int:
-    """Bytes one rank sends in a ring all-reduce of ``numel`` fp32 values."""
-    return 0 if world <= 1 else (2 * (world - 1) * 4 * numel) // world
 
 
 @dataclass

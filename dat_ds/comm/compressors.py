@@ -23,11 +23,10 @@ import torch
 
 from ..core.errors import ConfigError
 from ..core.registry import Registry
-from .spec import DEFAULT_BITS, DEFAULT_BLOCK, check_block, check_quantizer
+from .spec import DEFAULT_BITS, DEFAULT_BLOCK, check_block, check_quantizer, payload_bytes
 
 COMPRESSORS: Registry[type] = Registry("compressor")
 
-_SCALE_BYTES = 4  # one fp32 scale per block
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -96,7 +95,7 @@ class Compressor:
             raise ValueError(f"row length {m} is not a multiple of the block size {self.block}")
 
     def payload_bytes(self, m: int) -> int:
-        return m * self.bits // 8 + _SCALE_BYTES * (m // self.block)
+        return payload_bytes(m, self.bits, self.block)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -2,7 +2,9 @@
 
 ``dat_ds.runtime.ds_config`` validates the DeepSpeed JSON's ``"gradient_compression"`` section with
 :func:`check_gradient_compression` before any rank starts, and the compressors in ``compressors.py``
-check their own ``bits``/``block`` with the same functions, so each rule exists once.
+check their own ``bits``/``block`` with the same functions, so each rule exists once. The wire
+arithmetic (padding, payload and ring bytes) is here too, so ``bench simulate`` counts bytes without torch
+exactly as the transport does.
 """
 
 from __future__ import annotations
@@ -17,6 +19,23 @@ QUANTIZER_BITS = (2, 4, 8)  # codes pack whole into bytes: 4, 2 or 1 per byte
 BLOCK_MULTIPLE = 8  # a block of codes/signs must fill whole bytes
 DEFAULT_BITS = 8
 DEFAULT_BLOCK = 256  # elements per fp32 scale
+SCALE_BYTES = 4  # one fp32 scale per block
+
+
+def padded_numel(numel: int, world: int, block: int) -> int:
+    """Smallest length >= numel that splits into ``world`` chunks of whole blocks."""
+    unit = world * block
+    return -(-numel // unit) * unit
+
+
+def payload_bytes(m: int, bits: int, block: int) -> int:
+    """Bytes of one compressed row of ``m`` elements: ``bits`` per element plus one fp32 scale per block."""
+    return m * bits // 8 + SCALE_BYTES * (m // block)
+
+
+def fp32_allreduce_bytes(numel: int, world: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``numel`` fp32 values."""
+    return 0 if world <= 1 else (2 * (world - 1) * 4 * numel) // world
 
 
 def check_block(name: str, block: Any) -> int:

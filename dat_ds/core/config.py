@@ -498,7 +498,7 @@ def validate(cfg: RunConfig) -> None:
                           f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} or set it to 0")
     if not 1.0 <= cfg.dist.timeout_s <= 86400.0:
         raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s:g} must be in [1, 86400] seconds: how long a "
-                          "collective waits for a peer before the run stops (default 120)")
+                          f"collective waits for a peer before the run stops (default {DistConfig.timeout_s:g})")
     if cfg.ema is not None:
         if not 0.0 < cfg.ema.decay < 1.0:
             raise ConfigError(f"ema.decay={cfg.ema.decay:g} must be in (0, 1), e.g. 0.995 (or ema: null for no EMA)")
@@ -586,9 +586,9 @@ def validate_awp_and_best(cfg: RunConfig) -> None:
                               f"validation split of train.val_examples={t.val_examples}; lower train.val_examples")
 
 
-def check_engine(cfg: RunConfig, zero_stage: int, world: int = 1) -> None:
-    """Run-config options that depend on the DeepSpeed JSON and the world size, checked where both are known
-    (``launch.validate`` and the trainer)."""
+def check_engine(cfg: RunConfig, zero_stage: int) -> None:
+    """Run-config options that depend on the DeepSpeed JSON, checked where both are known (``launch.validate``
+    and the trainer)."""
     if cfg.awp is not None and zero_stage == 3:
         raise ConfigError("awp perturbs each layer's whole weight tensor, which ZeRO-3 partitions over the ranks; "
                           "use zero_optimization.stage 0, 1 or 2 with awp, or remove awp")

@@ -46,6 +46,7 @@ _SANITY_FLAGS = ("steps", "square_queries")  # what the --sanity plan takes from
 # How long the gather of the ranks' results waits for the slowest rank (every collective of dat-ds eval).
 EVAL_TIMEOUT_S = 6 * 3600.0
 
+
 def _neutral(dest: str) -> Any:
     """The value of a flag that sets nothing: eval's PGD steps, no restarts, CE, or the attack's own default."""
     if dest == "steps":

@@ -96,7 +96,7 @@ def train_inputs(args: argparse.Namespace, world: int, *, needs_unlabeled_object
                           f"({', '.join(names.UNLABELED_OBJECTIVES)}), the config has {cfg.objective.name!r}; "
                           f"set objective.name=acl or use `dat-ds train`")
     settings = ds_config.prepare(cfg.deepspeed_config, world)
-    check_engine(cfg, settings.zero_stage, world)
+    check_engine(cfg, settings.zero_stage)
     if not getattr(args, "dry_run", False):
         check_run_dir(cfg, args.resume, args.overwrite)
     return cfg, settings

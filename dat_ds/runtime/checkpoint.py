@@ -531,6 +531,12 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
     )
 
 
+def read_rank_state(root: Path, tag: str) -> dict[str, Any] | None:
+    """This rank's ``rank_state_<r>.pt`` of ``tag``, or None when the checkpoint has none for this rank."""
+    rank_file = Path(root) / tag / f"rank_state_{dist.rank()}.pt"
+    return torch.load(rank_file, map_location="cpu", weights_only=True) if rank_file.is_file() else None
+
+
 def load(engine, root: Path, tag: str, generator: torch.Generator | None,
          comm: CommunicatingOptimizer | None = None,
          on_rank_state: Callable[[dict[str, Any]], None] | None = None, rank_state: bool = True) -> dict[str, Any]:
@@ -553,11 +559,10 @@ def load(engine, root: Path, tag: str, generator: torch.Generator | None,
                           "resume with the model and data set it was saved with") from None
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {root / tag}; it is incomplete or from another setup")
-    rank_file = Path(root) / tag / f"rank_state_{dist.rank()}.pt"
     if not rank_state:
         return client_state
-    if rank_file.is_file():
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    rank_state = read_rank_state(root, tag)
+    if rank_state is not None:
         restore_rng(rank_state, generator)
         if on_rank_state is not None:
             on_rank_state(rank_state)

@@ -175,7 +175,7 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.signal_stop: SignalStop | None = None
         self.ema: WeightEMA | None = None  # the weight EMA (cfg.ema), built with the engine
-        self._ema_restored = False  # the resumed checkpoint held the EMA
+        self._rank_ema: dict[str, Any] | None = None  # ZeRO-3: this rank's EMA shards from the checkpoint's rank state
 
     # ------------------------------------------------------------------ setup
 
@@ -189,7 +189,7 @@ class Trainer:
         threads = dist.set_threads_per_rank()
         cfg, world = self.cfg, dist.world_size()
         self.settings = ds_config.prepare(cfg.deepspeed_config, world)
-        check_engine(cfg, self.settings.zero_stage, dist.world_size())  # awp with ZeRO-3, NHWC on several ranks
+        check_engine(cfg, self.settings.zero_stage)  # awp with ZeRO-3
         self.ds_json = {**self.settings.ds_config, "optimizer": self.settings.optimizer}
         # Resolve and vet the checkpoint before anything is built: a mismatch is one line, not a DeepSpeed crash.
         found = checkpoint.resolve_resume(self.resume, self.run_dir) if self.resume is not None else None
@@ -311,28 +311,28 @@ class Trainer:
             self.perturbations.load_state_dict(rank_state[REUSE_KEY])
         elif self.perturbations is not None:
             log.warning("the checkpoint has no stored perturbations; attack.reuse starts from random starts")
-        if self.ema is not None and self.ema.sharded and EMA_KEY in rank_state:
-            self.ema.load_state_dict(rank_state[EMA_KEY])
-            self._ema_restored = True
+        self._rank_ema = rank_state.get(EMA_KEY)
 
-    def reload_ema(self, root: Path, tag: str, client: dict[str, Any] | None) -> None:
-        """The weight EMA saved in checkpoint ``tag`` (after the overfitting monitor's rollback reloaded its weights)."""
+    def _restore_ema(self, tag: str, client: dict[str, Any] | None, rank_ema: dict[str, Any] | None) -> None:
+        """The weight EMA checkpoint ``tag`` holds: in its client state, or (ZeRO-3 shards) in this rank's rank
+        state; a checkpoint without one (a run without ema) restarts the EMA from the restored weights."""
         if self.ema is None:
             return
-        if self.ema.sharded:  # ZeRO-3: this rank's shards live in its rank-state file
-            rank_file = Path(root) / tag / f"rank_state_{dist.rank()}.pt"
-            state = torch.load(rank_file, map_location="cpu", weights_only=True).get(EMA_KEY)
-        else:
-            state = (client or {}).get(EMA_KEY)
+        state = rank_ema if self.ema.sharded else (client or {}).get(EMA_KEY)
         if state is not None:
             self.ema.load_state_dict(state)
         else:
             self.ema = WeightEMA(self.engine.module, self.cfg.ema)
             log.warning("checkpoint %s has no weight EMA; the EMA starts again from its weights", tag)
 
+    def reload_ema(self, root: Path, tag: str, client: dict[str, Any] | None) -> None:
+        """The weight EMA saved in checkpoint ``tag`` (after the overfitting monitor's rollback reloaded its weights)."""
+        rank_state = checkpoint.read_rank_state(root, tag) if self.ema is not None and self.ema.sharded else None
+        self._restore_ema(tag, client, (rank_state or {}).get(EMA_KEY))
+
     def _restore(self, root: Path, tag: str) -> None:
         resharded = self.saved_world is not None
-        self._ema_restored = False
+        self._rank_ema = None
         client = checkpoint.load(self.engine, root, tag, self.generator, comm=self.built.comm,
                                  on_rank_state=self._load_rank_state, rank_state=not resharded)
         state = TrainState(epoch=client["epoch"], step_in_epoch=client["step_in_epoch"],
@@ -340,12 +340,7 @@ class Trainer:
                            history=client.get("history", []))
         if client.get("objective_state"):
             self.objective.load_state_dict(client["objective_state"])
-        if self.ema is not None and not self.ema.sharded and client.get(EMA_KEY):
-            self.ema.load_state_dict(client[EMA_KEY])
-            self._ema_restored = True
-        if self.ema is not None and not self._ema_restored:  # a checkpoint of a run without ema
-            self.ema = WeightEMA(self.engine.module, self.cfg.ema)
-            log.warning("the checkpoint has no weight EMA; the EMA starts from the restored weights")
+        self._restore_ema(tag, client, self._rank_ema)
         if resharded:
             self._reshard(state, client, closed=tag.startswith("epoch"))
         elif state.step_in_epoch >= self.steps_per_epoch:  # the checkpoint closed its epoch
