@@ -132,11 +132,23 @@ def _curve(points):
 def test_next_epoch_to_score_skips_epochs_below_the_target_and_stops_at_the_first_pass():
     curve = _curve([(10, 0.40), (20, 0.62), (30, 0.66), (40, 0.70)])
     target = 0.60
-    assert ttr.next_epoch_to_score(curve, {4: 0.65}, target) == 2  # epoch 1's PGD-20 0.40 < target: AA cannot pass
-    assert ttr.next_epoch_to_score(curve, {4: 0.65, 2: 0.59}, target) == 3  # epoch 2 failed under AA
-    assert ttr.next_epoch_to_score(curve, {4: 0.65, 2: 0.59, 3: 0.61}, target) is None  # found: epoch 3
-    assert ttr.next_epoch_to_score(curve, {4: 0.65, 2: 0.61}, target) is None
+    # the final epoch's AutoAttack 0.69 is 1 pp under its PGD-20: epoch 1 (0.40 - 0.01) cannot pass, epoch 2 may
+    assert ttr.next_epoch_to_score(curve, {4: 0.69}, target) == 2
+    assert ttr.next_epoch_to_score(curve, {4: 0.69, 2: 0.59}, target) == 3  # epoch 2 failed under AA
+    assert ttr.next_epoch_to_score(curve, {4: 0.69, 2: 0.59, 3: 0.61}, target) is None  # found: epoch 3
+    assert ttr.next_epoch_to_score(curve, {4: 0.69, 2: 0.61}, target) is None
     assert ttr.next_epoch_to_score(_curve([(10, 0.5), (20, 0.55)]), {2: 0.5}, target) is None  # never reaches it
+
+
+def test_next_epoch_to_score_predicts_autoattack_from_the_smallest_gap_seen():
+    """An earlier epoch is scored only if its PGD-20 minus the method's smallest PGD-20 - AA gap reaches the target."""
+    curve = _curve([(10, 0.62), (20, 0.64), (30, 0.66), (40, 0.68)])
+    target = 0.60
+    assert ttr.next_epoch_to_score(curve, {4: 0.63}, target) == 3  # gap 0.05: epochs 1 and 2 predicted below
+    assert ttr.next_epoch_to_score(curve, {4: 0.63, 3: 0.59}, target) is None  # gap stays 0.05 (min of 0.05, 0.07)
+    assert ttr.next_epoch_to_score(curve, {4: 0.67}, target) == 1  # gap 0.01: every epoch may pass
+    # AutoAttack above PGD-20 (reported as aa_above_pgd20) never lowers the bar below PGD-20 itself
+    assert ttr.next_epoch_to_score(_curve([(10, 0.59), (20, 0.61)]), {2: 0.62}, target) is None
 
 
 def test_judge_ratios_come_from_autoattack_scored_epochs_only():
@@ -237,16 +249,56 @@ def test_reuse_takes_only_an_evaluation_of_the_same_attacks_on_the_same_images(t
            "robust_acc": 0.62, "seconds": 1.0}
     check = {"name": "pgd_steps", "status": "pass"}
     path = tmp_path / "eval.json"
-    assert ttr.finished_eval(path, 6, "epoch0005", bench_args) is None
+    assert ttr.reusable_eval(path, bench_args) is None
     report = {"results": [aa, pgd], "count": bench_args.eval_examples, "clean_acc": 0.8, "sanity": [check],
               "seconds": 9.0}
     path.write_text(json.dumps(report))
-    done = ttr.finished_eval(path, 6, "epoch0005", bench_args)
+    done = ttr.summarize_report(ttr.reusable_eval(path, bench_args), 6, "epoch0005")
     assert (done["autoattack_acc"], done["pgd50x5_acc"], done["sanity_pass"]) == (0.6, 0.62, True)
     for changed in ({"count": 500}, {"sanity": []}, {"results": [aa]},
                     {"results": [{**aa, "label": "AutoAttack-n_queries20@0.1", "extra": {"n_queries": 20}}, pgd]}):
         path.write_text(json.dumps({**report, **changed}))
-        assert ttr.finished_eval(path, 6, "epoch0005", bench_args) is None, changed
+        assert ttr.reusable_eval(path, bench_args) is None, changed
+    # the archive under --out (what a retrained run on a fresh machine can reuse): only for the same weights
+    kept = tmp_path / "kept.json"
+    assert ttr.archived_eval(kept, "ab" * 32, bench_args) is None
+    kept.write_text(json.dumps({"method": "nfgsm", "tag": "epoch0005", "weights_sha256": "ab" * 32, "eval": report}))
+    assert ttr.archived_eval(kept, "ab" * 32, bench_args) == report
+    assert ttr.archived_eval(kept, "cd" * 32, bench_args) is None  # other weights: evaluate again
+    kept.write_text(json.dumps({"weights_sha256": "ab" * 32, "eval": {**report, "count": 500}}))
+    assert ttr.archived_eval(kept, "ab" * 32, bench_args) is None  # same weights, other images
+
+
+def test_weights_sha256_tells_bit_identical_weights_apart(tmp_path):
+    """The archive's key: equal for the same weights, different after one bit of one weight changes."""
+    import torch
+
+    from dat_ds.data import build_dataset
+    from dat_ds.evaluation.loading import MODEL_STATES, trained_model
+    from dat_ds.runtime.checkpoint import COMPLETE
+
+    run = tmp_path / "run"
+    cfg = build_config(ttr.DEMO_RECIPE, ["train.epochs=1"], flags={"name": "run", "output_dir": str(tmp_path)})
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    model = trained_model(cfg, build_dataset(cfg.data, "test")[1])
+    tag_dir = run / "checkpoint" / "epoch0000"
+    tag_dir.mkdir(parents=True)
+
+    def save(state):  # a checkpoint as dat-ds commits one: the model states, then complete.json with their size
+        torch.save({"module": state, "global_step": 1}, tag_dir / MODEL_STATES)
+        size = (tag_dir / MODEL_STATES).stat().st_size
+        (tag_dir / COMPLETE).write_text(json.dumps({"global_step": 1, "files": {MODEL_STATES: size}}))
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    save(state)
+    first = ttr.weights_sha256(run, "epoch0000")
+    assert first == ttr.weights_sha256(run, "epoch0000") and len(first) == 64
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    flat = state[key].view(-1)
+    flat[0] = torch.nextafter(flat[0], flat[0] + 1)  # one ulp
+    save(state)
+    assert ttr.weights_sha256(run, "epoch0000") != first
 
 
 def test_methods_always_include_the_reference_and_refuse_unknown_names():
@@ -303,3 +355,6 @@ def test_bench_time_to_robust_end_to_end_tiny(tmp_path):
     assert data["judgement"]["target_autoattack"] == pytest.approx(ref["final_autoattack"] - 0.01)
     assert (tmp_path / "out" / "time_to_robust.png").stat().st_size > 1000
     assert (tmp_path / "runs" / "nfgsm" / "checkpoint" / "epoch0000").is_dir()  # keep_last kept every epoch
+    kept = json.loads((tmp_path / "out" / ttr.ARCHIVE / "nfgsm" / "eval-epoch0001.json").read_text())
+    assert kept["weights_sha256"] == ttr.weights_sha256(tmp_path / "runs" / "nfgsm", "epoch0001")
+    assert kept["eval"]["count"] == 32 and kept["tag"] == "epoch0001"  # every scored eval.json, kept under --out
