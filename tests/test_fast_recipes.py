@@ -89,7 +89,14 @@ def test_demo_fast_is_a_method_the_bench_measures():
         as_benched = build_config(RECIPES / "demo.yaml", list(method.overrides))
         if (as_benched.attack, as_benched.objective, as_benched.optim) == (fast.attack, fast.objective, fast.optim):
             matches.append(name)
-    assert matches == ["nfgsm_onecycle"]  # the current guess; the measurement decides
+    assert matches == ["nfgsm_onecycle"]  # measured: fastest to train, AutoAttack = the DAT-PGD-5 demo's
+
+
+def test_dat_ds_demo_trains_the_fast_demo():
+    from dat_ds.cli import DEMO_RECIPE
+    from dat_ds.launch.validate import recipe_path
+
+    assert Path(recipe_path(DEMO_RECIPE)).resolve() == (RECIPES / "demo_fast.yaml").resolve()
 
 
 @pytest.mark.parametrize("name, anchor", [
