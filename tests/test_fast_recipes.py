@@ -235,7 +235,7 @@ def test_reuse_takes_only_a_finished_run_of_the_same_config(tmp_path, bench_args
     argv = ttr.train_argv("nfgsm", ttr.METHODS["nfgsm"], bench_args, tmp_path)
     run = tmp_path / "nfgsm"
     assert not ttr.finished_run(run, argv, bench_args.epochs)  # nothing there
-    cfg = build_config(ttr.DEMO_RECIPE, argv[argv.index("--overwrite") + 1:][1::2],
+    cfg = build_config(ttr.BASE_RECIPE, argv[argv.index("--overwrite") + 1:][1::2],
                        flags={"name": "nfgsm", "output_dir": str(tmp_path), "train": {"epochs": bench_args.epochs}})
     run.mkdir()
     (run / "config.yaml").write_text(cfg.to_yaml())
@@ -285,7 +285,7 @@ def test_weights_sha256_tells_bit_identical_weights_apart(tmp_path):
     from dat_ds.runtime.checkpoint import COMPLETE
 
     run = tmp_path / "run"
-    cfg = build_config(ttr.DEMO_RECIPE, ["train.epochs=1"], flags={"name": "run", "output_dir": str(tmp_path)})
+    cfg = build_config(ttr.BASE_RECIPE, ["train.epochs=1"], flags={"name": "run", "output_dir": str(tmp_path)})
     run.mkdir()
     (run / "config.yaml").write_text(cfg.to_yaml())
     model = trained_model(cfg, build_dataset(cfg.data, "test")[1])
@@ -321,7 +321,7 @@ def test_every_bench_method_passes_the_start_up_validation_for_two_ranks(name, t
 
     argv = ttr.train_argv(name, ttr.METHODS[name], bench_args, tmp_path)
     assert dat_cli.main(["train", *argv, "--nproc", "2", "--dry-run"]) == 0
-    cfg = build_config(ttr.DEMO_RECIPE, argv[argv.index("--overwrite") + 1:][1::2])
+    cfg = build_config(ttr.BASE_RECIPE, argv[argv.index("--overwrite") + 1:][1::2])
     assert cfg.train.keep_last == bench_args.epochs and cfg.monitor.every_steps == 40 and cfg.eval.every_epochs == 1
 
 

@@ -41,7 +41,7 @@ from . import write_result
 from .common import show_table
 
 log = logging.getLogger(__name__)
-DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+BASE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"  # the DAT-PGD-5 demo; each method overrides it
 REFERENCE = "pgd10"
 MARGIN = 0.01  # the target is the reference's final AutoAttack accuracy minus 1 pp
 GOAL_RATIO = 0.5
@@ -139,7 +139,7 @@ def train_argv(name: str, method: Method, args: argparse.Namespace, runs: Path) 
             "eval.every_epochs=1", f"eval.max_examples={args.eval_examples}", f"train.keep_last={args.epochs}",
             "train.save_every_steps=0", f"monitor.every_steps={args.monitor_every}", "monitor.policy=warn",
             *([f"data.train_subset={args.train_examples}"] if args.train_examples else []), *method.overrides]
-    return ["--config", str(DEMO_RECIPE), "--name", name, "--output-dir", str(runs), "--epochs", str(args.epochs),
+    return ["--config", str(BASE_RECIPE), "--name", name, "--output-dir", str(runs), "--epochs", str(args.epochs),
             "--overwrite", *(a for s in sets for a in ("--set", s))]
 
 
