@@ -40,6 +40,8 @@ _BENCHES: dict[str, tuple[str, str]] = {
 }
 _BENCHES["unlabeled-memory"] = ("unlabeled_memory", "resident memory of generated-data mixing (memory-mapped .npz shards) "
                                                    "from 100k to 1M generated images")
+_BENCHES["ablations"] = ("ablations", "what EMA, AWP, label smoothing, CutMix, consistency each add to TRADES, one at a "
+                                     "time, paired over seeds (APGD-CE + APGD-DLR worst case)")
 BENCH_HELP: dict[str, str] = {name: help_ for name, (_, help_) in _BENCHES.items()}
 
 

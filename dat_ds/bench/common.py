@@ -1,10 +1,13 @@
-"""Shared benchmark plumbing: interleaved timing, pass counting, plots, table output (torch imported lazily)."""
+"""Shared benchmark plumbing: interleaved timing, pass counting, plots, table output, finished-run checks (torch imported lazily)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from dataclasses import replace
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
@@ -80,3 +83,24 @@ def show_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from ..core import ui
 
     ui.show(ui.table(title, columns, rows))
+
+
+def finished_run(run_dir: Path, argv: list[str], epochs: int) -> bool:
+    """``run_dir`` holds a run of exactly the config ``argv`` builds, trained for all ``epochs``.
+
+    The saved config is read back through the defaults, so a key added to the config since that run (at its
+    default) does not make the run look different; ``dist`` (how long a collective waits for a dead peer)
+    changes nothing a healthy run computes or how fast, and is not compared."""
+    import yaml
+
+    from ..core.config import config_from_dict
+    from ..launch.args import train_args_parser
+    from ..launch.validate import config_from_args
+
+    summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary.is_file() and saved.is_file()):
+        return False
+    wanted = config_from_args(train_args_parser().parse_args(argv))
+    history = json.loads(summary.read_text()).get("history", [])
+    saved_cfg = config_from_dict(yaml.safe_load(saved.read_text()))
+    return replace(saved_cfg, dist=wanted.dist) == wanted and len(history) == epochs

@@ -32,13 +32,13 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..launch.launcher import launch
 from . import write_result
-from .common import show_table
+from .common import finished_run, show_table
 
 log = logging.getLogger(__name__)
 BASE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"  # the DAT-PGD-5 demo; each method overrides it
@@ -151,27 +151,6 @@ def train_method(name: str, method: Method, args: argparse.Namespace, runs: Path
     else:
         launch("dat_ds.launch.train", argv, nproc=args.nproc)  # RankFailure on failure
     return read_curve(runs / name)
-
-
-def finished_run(run_dir: Path, argv: list[str], epochs: int) -> bool:
-    """``run_dir`` holds a run of exactly the config ``argv`` builds, trained for all ``epochs``.
-
-    The saved config is read back through the defaults, so a key added to the config since that run (at its
-    default) does not make the run look different; ``dist`` (how long a collective waits for a dead peer)
-    changes nothing a healthy run computes or how fast, and is not compared."""
-    import yaml
-
-    from ..core.config import config_from_dict
-    from ..launch.args import train_args_parser
-    from ..launch.validate import config_from_args
-
-    summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
-    if not (summary.is_file() and saved.is_file()):
-        return False
-    wanted = config_from_args(train_args_parser().parse_args(argv))
-    history = json.loads(summary.read_text()).get("history", [])
-    saved_cfg = config_from_dict(yaml.safe_load(saved.read_text()))
-    return replace(saved_cfg, dist=wanted.dist) == wanted and len(history) == epochs
 
 
 def read_curve(run_dir: Path) -> list[dict[str, Any]]:
