@@ -111,13 +111,15 @@ def test_every_variant_passes_the_start_up_validation_for_two_ranks(tmp_path, be
 
 
 def test_reuse_takes_only_an_evaluation_with_the_same_attacks_iterations_and_images(tmp_path, bench_args):
-    row = {"attack": "apgd-ce", "steps": 100}
+    row = {"attack": "apgd-ce", "steps": None, "restarts": 1, "extra": {}}  # as dat-ds eval writes it: 100 iterations
     report = {"count": bench_args.eval_examples, "results": [row, {**row, "attack": "apgd-dlr"}]}
     path = tmp_path / "eval.json"
     assert ab.usable_eval(path, bench_args) is None
     path.write_text(json.dumps(report))
     assert ab.usable_eval(path, bench_args) == report
-    for changed in ({"count": 500}, {"results": [row]}, {"results": [row, {"attack": "apgd-dlr", "steps": 10}]}):
+    fewer = {**row, "attack": "apgd-dlr", "extra": {"apgd_steps": 10}}
+    for changed in ({"count": 500}, {"results": [row]}, {"results": [row, fewer]},
+                    {"results": [row, {**row, "attack": "apgd-dlr", "restarts": 3}]}):
         path.write_text(json.dumps({**report, **changed}))
         assert ab.usable_eval(path, bench_args) is None, changed
 

@@ -152,9 +152,16 @@ def train_argv(variant: str, seed: int, args: argparse.Namespace, runs: Path) ->
 
 
 def eval_argv(run_dir: Path, args: argparse.Namespace) -> list[str]:
-    return ["--run", str(run_dir), "--attacks", ",".join(ATTACKS), "--apgd-steps", str(args.apgd_steps),
+    return ["--run", str(run_dir), "--attacks", ",".join(ATTACKS), "--apgd-steps", str(apgd_steps(args)),
             "--max-examples", str(args.eval_examples), "--batch-size", str(args.eval_batch_size),
             "--out", str(run_dir / EVAL_FOLDER)]
+
+
+def apgd_steps(args: argparse.Namespace) -> int:
+    """The APGD iterations this bench runs: ``--apgd-steps``, else the attacks' own default."""
+    from ..attacks import attack_parameters
+
+    return args.apgd_steps if args.apgd_steps is not None else attack_parameters(ATTACKS[0])["apgd_steps"]
 
 
 def usable_eval(path: Path, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -163,8 +170,11 @@ def usable_eval(path: Path, args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     report = json.loads(path.read_text())
     rows = {r["attack"]: r for r in report.get("results", [])}
+    default = apgd_steps(argparse.Namespace(apgd_steps=None))
+    # eval.json names a setting in a row's "extra" only where it is not the attack's default
     ok = report.get("count") == args.eval_examples and all(
-        a in rows and rows[a].get("steps") == args.apgd_steps for a in ATTACKS)
+        a in rows and rows[a].get("restarts", 1) == 1
+        and rows[a].get("extra", {}).get("apgd_steps", default) == apgd_steps(args) for a in ATTACKS)
     return report if ok else None
 
 
@@ -199,7 +209,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--eval-examples", type=int, default=1000, help="first N test images, for PGD-20 and APGD")
     p.add_argument("--eval-batch-size", type=int, default=500)
-    p.add_argument("--apgd-steps", type=int, default=100, help="APGD-CE / APGD-DLR iterations (reference 100)")
+    p.add_argument("--apgd-steps", type=int, default=None,
+                   help="APGD-CE / APGD-DLR iterations (default: the attacks' own, 100 as in AutoAttack)")
     p.add_argument("--train-examples", type=int, default=None,
                    help="train on the first N training images (data.train_subset; default: all 10,000)")
     p.add_argument("--nproc", type=int, default=2)
@@ -248,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     summary = summarize(scores)
-    attack = (f"per-image worst case of APGD-CE and APGD-DLR ({args.apgd_steps} iterations each; AutoAttack's "
+    attack = (f"per-image worst case of APGD-CE and APGD-DLR ({apgd_steps(args)} iterations each; AutoAttack's "
               "gradient attacks, not AutoAttack)")
     out = {"eps": args.eps, "epochs": args.epochs, "nproc": args.nproc, "seeds": seeds,
            "eval_examples": args.eval_examples, "train_examples": args.train_examples or "all",
