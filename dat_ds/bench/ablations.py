@@ -34,7 +34,7 @@ from typing import Any
 
 from ..launch.launcher import launch
 from . import write_result
-from .common import finished_run, save_bar_plot, show_table
+from .common import finished_run, save_bar_plot, selected_names, show_table
 
 log = logging.getLogger(__name__)
 BASE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
@@ -220,13 +220,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def selected(text: str, known: dict[str, Any], what: str) -> list[str]:
-    from ..core.errors import ConfigError
-
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in known]
-    if unknown:
-        raise ConfigError(f"unknown {what} {unknown[0]!r} for --variants; choose from {', '.join(known)}")
-    return [BASELINE] + [m for m in dict.fromkeys(names) if m != BASELINE]
+    return selected_names(text, known, BASELINE, what=what, flag="--variants")
 
 
 def parse_seeds(text: str) -> list[int]:

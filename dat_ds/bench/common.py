@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import replace
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -104,3 +104,15 @@ def finished_run(run_dir: Path, argv: list[str], epochs: int) -> bool:
     history = json.loads(summary.read_text()).get("history", [])
     saved_cfg = config_from_dict(yaml.safe_load(saved.read_text()))
     return replace(saved_cfg, dist=wanted.dist) == wanted and len(history) == epochs
+
+
+def selected_names(text: str, known: Any, first: str, *, what: str, flag: str) -> list[str]:
+    """The comma list ``text`` of names from ``known``, without repeats, ``first`` always first (a one-line
+    ConfigError names the first unknown one, the ``flag`` it came from and the choices)."""
+    from ..core.errors import ConfigError
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        raise ConfigError(f"unknown {what} {unknown[0]!r} for {flag}; choose from {', '.join(known)}")
+    return [first] + [m for m in dict.fromkeys(names) if m != first]

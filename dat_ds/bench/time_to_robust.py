@@ -38,7 +38,7 @@ from typing import Any
 
 from ..launch.launcher import launch
 from . import write_result
-from .common import finished_run, show_table
+from .common import finished_run, selected_names, show_table
 
 log = logging.getLogger(__name__)
 BASE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"  # the DAT-PGD-5 demo; each method overrides it
@@ -319,13 +319,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def selected_methods(text: str) -> list[str]:
-    from ..core.errors import ConfigError
-
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method {unknown[0]!r} for --methods; choose from {', '.join(METHODS)}")
-    return [REFERENCE] + [m for m in dict.fromkeys(names) if m != REFERENCE]
+    return selected_names(text, METHODS, REFERENCE, what="method", flag="--methods")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
