@@ -95,7 +95,8 @@ def read_idx(path: Path) -> np.ndarray:
     offset = 4 + 4 * ndim
     if len(raw) - offset != count:
         raise ConfigError(f"IDX file {str(path)!r} is truncated or corrupt ({len(raw) - offset} bytes, want {count})")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+    # A bytearray, not the bytes object: the array must be writable, since torch.from_numpy shares its memory.
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=offset).reshape(dims)
 
 
 @DATASETS.register("fashion-mnist-full")
