@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dat_ds.bench import step
-from dat_ds.bench.common import count_passes, interleaved_timing
+from dat_ds.bench.common import count_passes, interleaved_timing, runs_folder
+from dat_ds.core.errors import ConfigError
 from dat_ds.bench.engine_bench import launch_worker
 
 
@@ -104,7 +105,6 @@ def test_every_bench_resolves_and_no_bench_module_imports_torch():
 
 def test_unknown_bench_is_a_config_error():
     from dat_ds.bench import get_bench
-    from dat_ds.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown benchmark 'nope'.*startup"):
         get_bench("nope")
@@ -211,3 +211,17 @@ def test_bench_startup_writes_ratios(tmp_path):
         r = data["commands"][name]
         assert r["ratio_to_import_torch"] > 0 and r["rounds"] == 1
     assert data["commands"]["--help"]["exit_code"] == 0 and data["commands"]["config error"]["exit_code"] == 2
+
+
+def test_runs_folder_keeps_runs_dir_and_removes_its_temporary_folder_even_on_failure(tmp_path):
+    with pytest.raises(ConfigError, match="--reuse needs --runs-dir"):
+        with runs_folder(None, True, "dat-ds-test-"):
+            pass
+    with runs_folder(str(tmp_path / "kept"), True, "dat-ds-test-") as runs:
+        runs.mkdir()
+    assert runs.is_dir()
+    with pytest.raises(KeyboardInterrupt):
+        with runs_folder(None, False, "dat-ds-test-") as tmp:
+            (tmp / "run").mkdir()
+            raise KeyboardInterrupt
+    assert tmp.name.startswith("dat-ds-test-") and not tmp.exists()

@@ -25,16 +25,14 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..launch.launcher import launch
 from . import write_result
-from .common import finished_run, save_bar_plot, selected_names, show_table
+from .common import finished_run, runs_folder, save_bar_plot, selected_names, show_table
 
 log = logging.getLogger(__name__)
 BASE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
@@ -107,10 +105,15 @@ def worst_case(report: dict[str, Any], attacks: tuple[str, ...] = ATTACKS) -> di
     missing = [a for a in attacks if a not in rows]
     if missing:
         raise RuntimeError(f"eval.json has no {missing[0]} row (rows: {', '.join(rows)})")
-    bits = [rows[a]["correct"] for a in attacks]
-    if len({len(b) for b in bits}) != 1 or len(bits[0]) != report["count"]:
+    from ..evaluation.run import correct_under_all
+
+    try:
+        correct = correct_under_all([rows[a] for a in attacks])
+    except ValueError as e:
+        raise RuntimeError(str(e)) from None
+    if len(correct) != report["count"]:
         raise RuntimeError("eval.json's rows scored different images")
-    robust = sum(all(b[i] == "1" for b in bits) for i in range(report["count"])) / report["count"]
+    robust = sum(correct) / report["count"]
     return {"clean_acc": report["clean_acc"], "robust_acc": robust, "count": report["count"],
             "per_attack": {rows[a]["label"]: rows[a]["robust_acc"] for a in attacks}}
 
@@ -236,22 +239,13 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..core.errors import ConfigError
-
     variants, seeds = selected(args.variants, VARIANTS, "variant"), parse_seeds(args.seeds)
-    if args.reuse and not args.runs_dir:
-        raise ConfigError("--reuse needs --runs-dir (the folder holding the earlier runs)")
-    tmp = None if args.runs_dir else tempfile.mkdtemp(prefix="dat-ds-ablations-")
-    runs = Path(args.runs_dir or tmp)
-    try:
+    with runs_folder(args.runs_dir, args.reuse, "dat-ds-ablations-") as runs:
         # seed by seed, so an interrupted bench has whole seeds for every variant
         scores: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in variants}
         for seed in seeds:
             for v in variants:
                 scores[v][seed] = train_and_score(v, seed, args, runs)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     summary = summarize(scores)
     attack = (f"per-image worst case of APGD-CE and APGD-DLR ({apgd_steps(args)} iterations each; AutoAttack's "
               "gradient attacks, not AutoAttack)")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -45,6 +47,23 @@ class PassCounter:
 
     def _on_backward(self, grad):
         self.backward += 1
+
+
+@contextmanager
+def runs_folder(runs_dir: str | None, reuse: bool, prefix: str) -> Iterator[Path]:
+    """The folder a bench trains its runs in: ``--runs-dir`` (kept), else a temporary one removed afterwards."""
+    from ..core.errors import ConfigError
+
+    if reuse and not runs_dir:
+        raise ConfigError("--reuse needs --runs-dir (the folder holding the earlier runs)")
+    if runs_dir:
+        yield Path(runs_dir)
+        return
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

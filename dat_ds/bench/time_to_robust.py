@@ -30,15 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..launch.launcher import launch
 from . import write_result
-from .common import finished_run, selected_names, show_table
+from .common import finished_run, runs_folder, selected_names, show_table
 
 log = logging.getLogger(__name__)
 BASE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"  # the DAT-PGD-5 demo; each method overrides it
@@ -323,22 +321,13 @@ def selected_methods(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..core.errors import ConfigError
-
     names = selected_methods(args.methods)
-    if args.reuse and not args.runs_dir:
-        raise ConfigError("--reuse needs --runs-dir (the folder holding the earlier runs)")
-    tmp = None if args.runs_dir else tempfile.mkdtemp(prefix="dat-ds-ttr-")
-    runs = Path(args.runs_dir or tmp)
-    try:
+    with runs_folder(args.runs_dir, args.reuse, "dat-ds-ttr-") as runs:
         curves = {name: train_method(name, METHODS[name], args, runs) for name in names}
         scores = {REFERENCE: score_method(REFERENCE, curves[REFERENCE], None, runs / REFERENCE, args)}
         target = scores[REFERENCE][curves[REFERENCE][-1]["epoch"]]["autoattack_acc"] - MARGIN
         for name in names[1:]:
             scores[name] = score_method(name, curves[name], target, runs / name, args)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     out = build_result(curves, scores, args)
     write_result(args.out, "time_to_robust", out)
     plot(curves, scores, out["judgement"]["target_autoattack"], Path(args.out) / "time_to_robust.png")

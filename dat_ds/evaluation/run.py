@@ -103,6 +103,14 @@ def _bits(t: torch.Tensor) -> str:
     return "".join("1" if v else "0" for v in t.tolist())
 
 
+def correct_under_all(rows: list[dict[str, Any]]) -> list[bool]:
+    """Per image: correct under every one of ``rows`` (eval.json result rows, as ``_bits`` wrote their ``correct``)."""
+    bits = [r["correct"] for r in rows]
+    if len({len(b) for b in bits}) != 1:
+        raise ValueError("eval.json's rows scored different images")
+    return [all(b[i] == "1" for b in bits) for i in range(len(bits[0]))]
+
+
 def _sha(t: torch.Tensor) -> str:
     return hashlib.sha256(_bits(t).encode()).hexdigest()
 
