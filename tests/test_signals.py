@@ -198,3 +198,40 @@ def test_sigterm_of_an_in_process_run_names_the_last_checkpoint(tmp_path):
     assert not runlock.lock_path(runs / "one").exists()
     assert not list(root.glob(checkpoint.TMP_PREFIX + "*"))
     _assert_stopped_early(root)
+
+
+@pytest.mark.parametrize("when", ["after the rename", "writing latest"])
+def test_a_signal_during_a_commit_stops_after_it_and_keeps_the_checkpoint(tmp_path, monkeypatch, when):
+    """A SIGTERM that lands between the commit's rename and ``latest`` (seen as a CI flake: the run had
+    written the checkpoint, the signal undid the rename) now waits for the commit, then stops the run."""
+    from dat_ds.core import stop
+
+    root = tmp_path / "checkpoint"
+    (root / (checkpoint.TMP_PREFIX + "step0003")).mkdir(parents=True)
+    (root / (checkpoint.TMP_PREFIX + "step0003") / "model.pt").write_bytes(b"weights")
+    target = "_fsync_dir" if when == "after the rename" else "atomic_write_text"
+    real = getattr(checkpoint, target)
+
+    def signalled(*a, **kw):
+        signal.raise_signal(signal.SIGTERM)  # its handler runs as soon as this C call returns, i.e. here
+        return real(*a, **kw)
+
+    def handler(signum, frame):  # launch.train's in-process handler, no trainer deferring signals
+        if stop.deferred() and stop.received() is None:
+            stop.record(signum)
+            return
+        raise stop.Stopped(signum)
+
+    monkeypatch.setattr(checkpoint, target, signalled)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        stop.reset()
+        with pytest.raises(stop.Stopped):
+            checkpoint._commit(root, "step0003", {"global_step": 3})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop.reset()
+    assert (root / "latest").read_text() == "step0003\n"
+    assert checkpoint.complete_tags(root) == [(3, "step0003")]
+    assert (root / "step0003" / "model.pt").read_bytes() == b"weights"
+    assert not list(root.glob(checkpoint.TMP_PREFIX + "*"))

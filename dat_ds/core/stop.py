@@ -11,7 +11,10 @@ the grace period (:func:`grace_s`, the time the launcher waits before it SIGKILL
 from __future__ import annotations
 
 import os
+import signal
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 GRACE_ENV = "DAT_DS_STOP_GRACE_S"  # set by launch() for its ranks: seconds between its SIGTERM and its SIGKILL
 DEFAULT_GRACE_S = 20.0  # launch.launcher.STOP_GRACE_S; a run in the dat-ds process assumes the same of its scheduler
@@ -64,3 +67,22 @@ def grace_s() -> float:
         return float(os.environ.get(GRACE_ENV, DEFAULT_GRACE_S))
     except ValueError:
         return DEFAULT_GRACE_S
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """A section a signal must not cut in two (a checkpoint's commit: its rename and ``latest``).
+
+    The handlers only record a signal that comes meanwhile; at the end it is raised again, so the handler
+    does then what it would have done (unless a trainer defers signals anyway: it has the signal recorded).
+    """
+    global _deferred, _received
+    outer_deferred, outer_received = _deferred, _received
+    _deferred = True
+    try:
+        yield
+    finally:
+        _deferred = outer_deferred
+        if not outer_deferred and outer_received is None and _received is not None:
+            signum, _received = _received[0], None
+            signal.raise_signal(signum)

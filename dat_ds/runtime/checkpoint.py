@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..comm.protocol import CommunicatingOptimizer
-from ..core import dist
+from ..core import dist, stop
 from ..core.errors import ConfigError, DiskFullError
 from ..core.io import (atomic_write_bytes, atomic_write_json, atomic_write_text, free_bytes, is_disk_full, megabytes,
                        os_error_in)
@@ -180,23 +180,26 @@ def _commit(root: Path, tag: str, mark: dict[str, Any], best: bool = False) -> N
     files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
     atomic_write_json(tmp_dir / COMPLETE, {**mark, "files": files})
     moved_old = renamed = False
-    try:
-        if tag_dir.exists():  # the same tag again (e.g. re-run after resuming an older one)
-            os.replace(tag_dir, old)
-            moved_old = True
-        os.replace(tmp_dir, tag_dir)  # the commit
-        renamed = True
-        _fsync_dir(root)
-        atomic_write_text(root / "latest", tag + "\n")
-        if best:
-            atomic_write_text(root / BEST, tag + "\n")
-    except BaseException:
-        if renamed:
-            os.replace(tag_dir, tmp_dir)
-        if moved_old:
-            os.replace(old, tag_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    # A signal waits for the end (stop.held): one that came after the rename would otherwise undo a commit
+    # that was complete, and a run stopped there would lose the checkpoint it had just written.
+    with stop.held():
+        try:
+            if tag_dir.exists():  # the same tag again (e.g. re-run after resuming an older one)
+                os.replace(tag_dir, old)
+                moved_old = True
+            os.replace(tmp_dir, tag_dir)  # the commit
+            renamed = True
+            _fsync_dir(root)
+            atomic_write_text(root / "latest", tag + "\n")
+            if best:
+                atomic_write_text(root / BEST, tag + "\n")
+        except BaseException:
+            if renamed:
+                os.replace(tag_dir, tmp_dir)
+            if moved_old:
+                os.replace(old, tag_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class _RankWrites:
