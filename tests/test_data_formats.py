@@ -283,19 +283,16 @@ def test_imagefolder_val_missing_a_class_keeps_train_numbering(fixture_root, tmp
 
 def test_fashion_mnist_idx_files_load_writable_without_warnings(tmp_path):
     """IDX files are decoded into writable memory: torch shares it, and warns (once, loudly) about read-only arrays."""
-    import gzip
     import warnings
+
+    from test_bad_input import idx_root
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), rng.integers(0, 10, 16).astype(np.uint8)
-    for prefix in ("train", "t10k"):
-        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
-            header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-            with gzip.open(tmp_path / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
-                f.write(header + array.tobytes())
+    root = idx_root(tmp_path, images, labels)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ds, spec = DATASETS.get("fashion-mnist-full")(DataConfig(name="fashion-mnist-full", root=str(tmp_path)), "train")
+        ds, spec = DATASETS.get("fashion-mnist-full")(DataConfig(name="fashion-mnist-full", root=str(root)), "train")
     x, y = ds[3]
     assert spec.img_size == 28 and x.shape == (1, 28, 28) and int(y) == int(labels[3])
     assert torch.equal(x, torch.from_numpy(images[3].astype(np.float32) / 255)[None])

@@ -205,6 +205,7 @@ def test_a_signal_during_a_commit_stops_after_it_and_keeps_the_checkpoint(tmp_pa
     """A SIGTERM that lands between the commit's rename and ``latest`` (seen as a CI flake: the run had
     written the checkpoint, the signal undid the rename) now waits for the commit, then stops the run."""
     from dat_ds.core import stop
+    from dat_ds.launch.train import _stop_on_signals
 
     root = tmp_path / "checkpoint"
     (root / (checkpoint.TMP_PREFIX + "step0003")).mkdir(parents=True)
@@ -216,21 +217,10 @@ def test_a_signal_during_a_commit_stops_after_it_and_keeps_the_checkpoint(tmp_pa
         signal.raise_signal(signal.SIGTERM)  # its handler runs as soon as this C call returns, i.e. here
         return real(*a, **kw)
 
-    def handler(signum, frame):  # launch.train's in-process handler, no trainer deferring signals
-        if stop.deferred() and stop.received() is None:
-            stop.record(signum)
-            return
-        raise stop.Stopped(signum)
-
     monkeypatch.setattr(checkpoint, target, signalled)
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        stop.reset()
+    with _stop_on_signals(in_process=True):  # launch.train's in-process handlers; no trainer deferring signals
         with pytest.raises(stop.Stopped):
             checkpoint._commit(root, "step0003", {"global_step": 3})
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        stop.reset()
     assert (root / "latest").read_text() == "step0003\n"
     assert checkpoint.complete_tags(root) == [(3, "step0003")]
     assert (root / "step0003" / "model.pt").read_bytes() == b"weights"

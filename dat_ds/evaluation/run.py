@@ -103,12 +103,13 @@ def _bits(t: torch.Tensor) -> str:
     return "".join("1" if v else "0" for v in t.tolist())
 
 
-def correct_under_all(rows: list[dict[str, Any]]) -> list[bool]:
-    """Per image: correct under every one of ``rows`` (eval.json result rows, as ``_bits`` wrote their ``correct``)."""
+def correct_under_all(rows: list[dict[str, Any]], count: int) -> list[bool]:
+    """Per image: correct under every one of ``rows`` (eval.json result rows, as ``_bits`` wrote their
+    ``correct``), each of which must have scored the report's ``count`` images."""
     bits = [r["correct"] for r in rows]
-    if len({len(b) for b in bits}) != 1:
+    if any(len(b) != count for b in bits):
         raise ValueError("eval.json's rows scored different images")
-    return [all(b[i] == "1" for b in bits) for i in range(len(bits[0]))]
+    return [all(b[i] == "1" for b in bits) for i in range(count)]
 
 
 def _sha(t: torch.Tensor) -> str:
