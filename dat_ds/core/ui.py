@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -13,18 +15,54 @@ from rich.table import Table
 from . import dist
 
 console = Console(stderr=False, highlight=False)
+log = logging.getLogger(__name__)
+PROGRESS_LOG_EVERY_S = 60.0  # without a terminal (a batch job's log file): one progress line a minute at most
 
 
 @contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yields ``advance(n)``; draws only on rank 0 and only when attached to a terminal."""
-    if not (enabled and dist.is_main_process() and sys.stdout.isatty()):
+def progress_bar(total: int, description: str, enabled: bool = True,
+                 log_every_s: float = PROGRESS_LOG_EVERY_S) -> Iterator[Callable[[int], None]]:
+    """Yields ``advance(n)``; on rank 0 only. On a terminal it draws a bar; otherwise (output to a file, as
+    under a batch scheduler) it logs ``description: done/total (pct), elapsed, ~left`` at most every
+    ``log_every_s`` seconds, so a long epoch or evaluation is never silent."""
+    if not (enabled and dist.is_main_process()):
         yield lambda n: None
+        return
+    if not sys.stdout.isatty():
+        yield _progress_logger(total, description, log_every_s)
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def _progress_logger(total: int, description: str, every_s: float) -> Callable[[int], None]:
+    start = time.monotonic()
+    state = {"done": 0, "last": start}
+
+    def advance(n: int) -> None:
+        state["done"] += n
+        now = time.monotonic()
+        done = min(state["done"], total)
+        if now - state["last"] < every_s or done >= total or total <= 0:
+            return  # the end is the caller's own line (epoch summary, result table)
+        state["last"] = now
+        elapsed = now - start
+        left = elapsed * (total - done) / done if done else float("nan")
+        log.info("%s: %d/%d (%.0f %%), %s elapsed, ~%s left", description, done, total, 100 * done / total,
+                 clock(elapsed), clock(left))
+
+    return advance
+
+
+def clock(seconds: float) -> str:
+    """``1:02:03`` / ``2:03`` for a duration in seconds (``?`` when unknown)."""
+    if seconds != seconds:
+        return "?"
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
