@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 
@@ -38,3 +39,15 @@ def test_progress_lines_are_rate_limited_and_off_when_disabled(monkeypatch, capl
 def test_clock_formats_durations():
     assert [ui.clock(s) for s in (0, 59.6, 61, 3600, 3725, float("nan"))] == \
         ["0:00", "1:00", "1:01", "1:00:00", "1:02:05", "?"]
+
+
+def test_tables_in_a_log_file_are_not_cut_to_80_columns(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = io.StringIO()  # not a terminal, as a batch job's log file
+    columns = ["variant", "clean", "robust", "PGD-20", "robust vs baseline", "95 % interval", "verdict", "train s"]
+    row = ["label_smoothing", 0.8087, 0.6327, 0.6553, "+0.0033 ± 0.0015", "[-0.0031, +0.0098]", "no clear effect", 103.7]
+    ui.make_console(out).print(ui.table("bench ablations", columns, [row]))
+    text = out.getvalue()
+    assert "…" not in text
+    for cell in ("robust vs baseline", "[-0.0031, +0.0098]", "no clear effect", "label_smoothing"):
+        assert cell in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -14,7 +15,19 @@ from rich.table import Table
 
 from . import dist
 
-console = Console(stderr=False, highlight=False)
+WIDTH_WITHOUT_TERMINAL = 200
+
+
+def make_console(file=None) -> Console:
+    """rich draws 80 columns when not writing to a terminal, which cuts a log file's tables to ``baseli…``;
+    there (unless ``COLUMNS`` says otherwise) it gets room for a table's natural width."""
+    target = file if file is not None else sys.stdout
+    terminal = getattr(target, "isatty", lambda: False)()
+    width = None if terminal or os.environ.get("COLUMNS") else WIDTH_WITHOUT_TERMINAL
+    return Console(file=file, stderr=False, highlight=False, width=width)
+
+
+console = make_console()
 log = logging.getLogger(__name__)
 PROGRESS_LOG_EVERY_S = 60.0  # without a terminal (a batch job's log file): one progress line a minute at most
 
