@@ -51,3 +51,11 @@ def test_tables_in_a_log_file_are_not_cut_to_80_columns(monkeypatch):
     assert "…" not in text
     for cell in ("robust vs baseline", "[-0.0031, +0.0098]", "no clear effect", "label_smoothing"):
         assert cell in text
+
+
+def test_long_lines_in_a_log_file_are_not_broken(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = io.StringIO()
+    line = "wrote " + "/very/long/path" * 30 + ".safetensors (tiny_cnn, 10 classes, ema weights, from a checkpoint)"
+    ui.make_console(out).print(line)
+    assert out.getvalue() == line + "\n"

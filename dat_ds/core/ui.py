@@ -19,12 +19,14 @@ WIDTH_WITHOUT_TERMINAL = 200
 
 
 def make_console(file=None) -> Console:
-    """rich draws 80 columns when not writing to a terminal, which cuts a log file's tables to ``baseli…``;
-    there (unless ``COLUMNS`` says otherwise) it gets room for a table's natural width."""
+    """rich draws 80 columns when not writing to a terminal, which cuts a log file's tables to ``baseli…``
+    and breaks long lines (paths) anywhere. There (unless ``COLUMNS`` says otherwise) tables get room for their
+    natural width and printed lines are never wrapped, so a log file stays greppable."""
     target = file if file is not None else sys.stdout
     terminal = getattr(target, "isatty", lambda: False)()
-    width = None if terminal or os.environ.get("COLUMNS") else WIDTH_WITHOUT_TERMINAL
-    return Console(file=file, stderr=False, highlight=False, width=width)
+    if terminal or os.environ.get("COLUMNS"):
+        return Console(file=file, stderr=False, highlight=False)
+    return Console(file=file, stderr=False, highlight=False, width=WIDTH_WITHOUT_TERMINAL, soft_wrap=True)
 
 
 console = make_console()
