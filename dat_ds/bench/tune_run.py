@@ -479,7 +479,7 @@ class _progress:
         def update(done: int, planned: int, label: str | None) -> None:
             left = max(0.0, self.budget.left())
             self.bar.update(self.task, completed=done, total=max(planned, done, 1),
-                            description=f"budget left {int(left // 60)}:{int(left % 60):02d}"
+                            description=f"budget left {ui.clock(left)}"
                             + (f"  last: {label}" if label else ""))
 
         return update

@@ -60,7 +60,7 @@ def _progress_logger(total: int, description: str, every_s: float) -> Callable[[
         state["done"] += n
         now = time.monotonic()
         done = min(state["done"], total)
-        if now - state["last"] < every_s or done >= total or total <= 0:
+        if now - state["last"] < every_s or done >= total:
             return  # the end is the caller's own line (epoch summary, result table)
         state["last"] = now
         elapsed = now - start
