@@ -10,19 +10,27 @@ fails because a peer stopped answering, ``lost_contact`` tells which: each rank 
 at the rendezvous store (on the master's node) and waits a few seconds for the others; those that never
 come are the lost ones, named by rank, node and address (gathered once at start-up). A rank that cannot
 reach the store itself names the master.
+
+Every way people start ranks forms one world: torchrun and the DeepSpeed launcher export torch's variables
+(``RANK`` ...) themselves; ``srun`` and ``mpirun``/``mpiexec`` export their own, which ``cluster_env`` maps
+to torch's (``adopt_cluster_env`` exports them, before anything reads the rank).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import time
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import DistConfig
+from .errors import ConfigError
 from .ports import free_port
 
 if TYPE_CHECKING:
@@ -79,7 +87,13 @@ def device() -> torch.device:
 
     acc = accelerator()
     name = acc.device_name()
-    return torch.device(name if name == "cpu" else f"{name}:{local_rank()}")
+    return torch.device(name if name == "cpu" else f"{name}:{_device_index(acc)}")
+
+
+def _device_index(acc) -> int:
+    """This rank's device among those it sees: where each rank sees only its own GPU (SLURM's
+    --gpus-per-task, CUDA_VISIBLE_DEVICES set per task) that is device 0, whatever its local rank."""
+    return local_rank() % max(1, acc.device_count())
 
 
 def set_threads_per_rank() -> int:
@@ -159,6 +173,203 @@ def _address_towards(host: str, port: int) -> str:
         return socket.gethostname()
 
 
+# The world srun or mpirun/mpiexec started, from their own variables. torchrun and the DeepSpeed launcher
+# export torch's (RANK ...) themselves; these launchers do not, and without this every process they start
+# would train alone as a world of one.
+
+_PORT_BASE, _PORT_SPAN = 20000, 12000  # derived rendezvous ports: unprivileged, below Linux's ephemeral 32768+
+# Variables every rank of one MPI job shares, on every node: Open MPI 4 exports all of the first three, Open MPI 5
+# and PMIx-based MPICH the first; under a scheduler, its job id.
+_MPI_JOB_KEYS = ("PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "OMPI_MCA_orte_hnp_uri", "SLURM_JOB_ID", "PBS_JOBID")
+_SET_BY_SRUN = ("SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST")  # not in a batch script's own environment
+_SLURM_NODELISTS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")  # the step's first: rank 0's
+
+
+@dataclass(frozen=True)
+class ClusterEnv:
+    """The world a scheduler or MPI launcher started, as torch.distributed's variables (``variables()``)."""
+
+    launcher: str  # "SLURM", "Open MPI", "MPICH/Intel MPI": said once in the log
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+    def variables(self) -> dict[str, str]:
+        local = str(self.local_world_size)
+        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
+                "LOCAL_WORLD_SIZE": local, "LOCAL_SIZE": local,  # torchrun's name, DeepSpeed's name
+                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+    def describe(self) -> str:
+        return (f"{self.launcher}: rank {self.rank} of {self.world_size}, local {self.local_rank} of "
+                f"{self.local_world_size}, master {self.master_addr}:{self.master_port}")
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """What a launcher's variables say about this process, and what its rendezvous can be derived from."""
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    job_key: str | None  # the same on every rank of this job, and on no other job's: the port is derived from it
+    master_host: str | None = None  # rank 0's host, where the launcher names it (SLURM's node list)
+
+
+def cluster_env(environ: Mapping[str, str]) -> ClusterEnv | None:
+    """The world ``srun``, Open MPI's ``mpirun`` or MPICH/Intel MPI's ``mpiexec`` started, from ``environ``.
+
+    None where ``RANK`` is set (torchrun, the DeepSpeed launcher: left as they are), where none of these
+    launchers started this process, or where it started one rank (a world of one, as without a launcher).
+    The user's ``MASTER_ADDR``/``MASTER_PORT`` win over derived ones. ConfigError where no rendezvous can be
+    derived (MPI on several nodes without ``MASTER_ADDR``).
+    """
+    if "RANK" in environ:
+        return None
+    # MPI first: an mpirun inside a SLURM allocation hands every rank the batch shell's SLURM variables.
+    for recognise in (_open_mpi_ranks, _hydra_ranks, _slurm_ranks, _bare_pmi_ranks):
+        ranks = recognise(environ)
+        if ranks is not None:
+            break
+    else:
+        return None
+    if ranks.world_size == 1:
+        return None
+    if not (0 <= ranks.rank < ranks.world_size and 0 <= ranks.local_rank < ranks.local_world_size):
+        raise ConfigError(f"{ranks.launcher}'s variables are inconsistent (rank {ranks.rank} of {ranks.world_size}, "
+                          f"local {ranks.local_rank} of {ranks.local_world_size}): start the ranks with srun or mpirun")
+    addr, port = _rendezvous(ranks, environ)
+    return ClusterEnv(ranks.launcher, ranks.rank, ranks.world_size, ranks.local_rank, ranks.local_world_size,
+                      addr, port)
+
+
+def adopt_cluster_env() -> ClusterEnv | None:
+    """Export the world srun/mpirun started (``cluster_env``) as torch's variables; call it before anything
+    reads the rank or the world size. Once per process: after it, ``RANK`` is set and it does nothing."""
+    found = cluster_env(os.environ)
+    if found is not None:
+        os.environ.update(found.variables())
+        log.info("%s", found.describe())  # after the update: the rank-0 filter reads RANK
+    return found
+
+
+def _open_mpi_ranks(environ: Mapping[str, str]) -> _Ranks | None:
+    if "OMPI_COMM_WORLD_RANK" not in environ:
+        return None
+    return _Ranks("Open MPI", _int(environ, "OMPI_COMM_WORLD_RANK"), _int(environ, "OMPI_COMM_WORLD_SIZE"),
+                  _int(environ, "OMPI_COMM_WORLD_LOCAL_RANK"), _int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE"),
+                  _mpi_job_key(environ))
+
+
+def _hydra_ranks(environ: Mapping[str, str]) -> _Ranks | None:
+    """MPICH and Intel MPI's mpiexec (Hydra: MPI_LOCAL*), or Cray's PALS (PMI_LOCAL_*)."""
+    if "PMI_RANK" not in environ or not any(k in environ for k in ("MPI_LOCALRANKID", "PMI_LOCAL_RANK")):
+        return None
+    return _Ranks("MPICH/Intel MPI", _int(environ, "PMI_RANK"), _int(environ, "PMI_SIZE"),
+                  _int(environ, "MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
+                  _int(environ, "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"), _mpi_job_key(environ))
+
+
+def _slurm_ranks(environ: Mapping[str, str]) -> _Ranks | None:
+    """srun's tasks. A batch script's own shell has SLURM_PROCID=0 too, but no step: it stays a world of one."""
+    if "SLURM_PROCID" not in environ or not any(k in environ for k in _SET_BY_SRUN):
+        return None
+    world = _int(environ, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+    nodes = next((environ[k] for k in _SLURM_NODELISTS if environ.get(k)), "")
+    job = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
+    # Two steps of one job may run at once (two sruns on a node): each gets its own port.
+    key = f"slurm:{job}.{environ.get('SLURM_STEP_ID', '')}" if job else None
+    return _Ranks("SLURM", _int(environ, "SLURM_PROCID"), world, _int(environ, "SLURM_LOCALID"),
+                  _slurm_tasks_on_node(environ, world), key, first_host(nodes) if nodes else None)
+
+
+def _bare_pmi_ranks(environ: Mapping[str, str]) -> _Ranks | None:
+    """A PMI launcher that says nothing about nodes: the local rank (the GPU) cannot be told, so say what to do."""
+    if "PMI_RANK" in environ and (_opt_int(environ, "PMI_SIZE") or 1) > 1:
+        raise ConfigError("PMI_RANK/PMI_SIZE are set but not which ranks share a node (MPI_LOCALRANKID or "
+                          "PMI_LOCAL_RANK): export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT to each "
+                          "rank, or start the ranks with srun or torchrun")
+    return None
+
+
+def _slurm_tasks_on_node(environ: Mapping[str, str], world: int) -> int:
+    """This node's tasks of the step: SLURM's per-node counts ("8(x2)", "4,2") at this node's index."""
+    counts = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if counts:
+        per_node = tasks_per_node(counts)
+        return per_node[min(_opt_int(environ, "SLURM_NODEID") or 0, len(per_node) - 1)]
+    if (per := _opt_int(environ, "SLURM_NTASKS_PER_NODE")) is not None:
+        return per
+    nodes = _opt_int(environ, "SLURM_STEP_NUM_NODES", "SLURM_NNODES") or 1
+    return -(-world // nodes)
+
+
+def tasks_per_node(counts: str) -> list[int]:
+    """SLURM's compressed task counts, one per node: "8(x2)" -> [8, 8], "2(x3),1" -> [2, 2, 2, 1]."""
+    out: list[int] = []
+    for part in counts.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m is None:
+            raise ConfigError(f"cannot read SLURM's tasks per node {counts!r}: export LOCAL_WORLD_SIZE for each rank")
+        out += [int(m[1])] * int(m[2] or 1)
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: "gpu[01-04,07],login1" -> "gpu01", "r[2-3]-n[08,10]" -> "r2-n08"."""
+    first = re.match(r"(?:[^,\[\s]|\[[^\]]*\])+", nodelist.strip())  # up to the first comma outside brackets
+    if first is None:
+        raise ConfigError(f"cannot read SLURM's node list {nodelist!r}: export MASTER_ADDR=<rank 0's host>")
+    # A bracket's first entry, zero padding kept: "[01-04,07]" -> "01".
+    return re.sub(r"\[([^\]]*)\]", lambda m: m[1].split(",")[0].split("-")[0].strip(), first[0])
+
+
+def _rendezvous(ranks: _Ranks, environ: Mapping[str, str]) -> tuple[str, int]:
+    """MASTER_ADDR and MASTER_PORT: the user's where set, else derived alike on every rank."""
+    addr = environ.get("MASTER_ADDR") or ranks.master_host
+    if not addr and ranks.local_world_size == ranks.world_size:
+        addr = "127.0.0.1"  # every rank is on this node
+    if not addr:
+        raise ConfigError(f"{ranks.launcher} started {ranks.world_size} ranks on several nodes, but MASTER_ADDR is not "
+                          "set: export MASTER_ADDR=<rank 0's host> and MASTER_PORT=<a free port> to every rank "
+                          "(mpirun -x NAME, mpiexec -genv NAME VALUE)")
+    if environ.get("MASTER_PORT"):
+        return addr, _int(environ, "MASTER_PORT")
+    if ranks.job_key is None:
+        raise ConfigError(f"{ranks.launcher} started {ranks.world_size} ranks, but no variable names their job: "
+                          "export MASTER_PORT=<a free port> to every rank")
+    return addr, _PORT_BASE + zlib.crc32(ranks.job_key.encode()) % _PORT_SPAN  # crc32: hash() differs per process
+
+
+def _mpi_job_key(environ: Mapping[str, str]) -> str | None:
+    return next((f"{k}={environ[k]}" for k in _MPI_JOB_KEYS if environ.get(k)), None)
+
+
+def _opt_int(environ: Mapping[str, str], *keys: str) -> int | None:
+    """The first of ``keys`` that is set, as an int; None if none is."""
+    for key in keys:
+        value = environ.get(key, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} is not a whole number: unset it or set it right") from None
+    return None
+
+
+def _int(environ: Mapping[str, str], *keys: str) -> int:
+    value = _opt_int(environ, *keys)
+    if value is None:
+        raise ConfigError(f"{keys[0]} is not set, but the launcher's other variables are: start the ranks with "
+                          "srun, mpirun or torchrun, or export it")
+    return value
+
+
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Initialise torch.distributed through DeepSpeed, also for a single process without a launcher.
 
@@ -172,13 +383,14 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
 
     if tdist.is_initialized():
         return
+    adopt_cluster_env()  # before DeepSpeed's own discovery: it would need mpi4py, and knows no SLURM
     if "RANK" not in os.environ:  # plain `python -m dat_ds.train` or in-process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     acc = accelerator()
     if acc.device_name() != "cpu":
-        acc.set_device(local_rank())
+        acc.set_device(_device_index(acc))
     _skip_cpu_shm_op(acc)
     timeout = datetime.timedelta(seconds=timeout_s)
     # DeepSpeed builds its own groups (a clone of the world, the data-parallel groups: the gradient all-reduce)

@@ -7,6 +7,9 @@ them a folder for their exit reports and, when the run fails, raises ``RankFailu
 rank that failed first -- for a rank that lost contact with a peer, the line naming that peer, its node and
 address, and the last checkpoint (exit code 4, ``core.dist.lost_contact``). Nothing here imports torch.
 
+Devices: on GPUs the ranks use the devices this process may use, as the user or the scheduler set them
+(CUDA_VISIBLE_DEVICES=4,5: GPUs 4 and 5, not DeepSpeed's 0 and 1): ``device_flags``.
+
 Signals: the launcher starts in its own session, so a terminal's Ctrl-C reaches this process only.
 SIGTERM/SIGINT here are forwarded to the launcher's whole process group (the DeepSpeed launcher and
 every rank), every process of the run is waited for with a bound (then SIGKILLed), and ``Interrupted``
@@ -27,8 +30,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..core.errors import EXIT_PEER_LOST, ConfigError
 from ..core.ports import free_port
@@ -122,19 +127,13 @@ def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = N
     world_size_of(nproc, hostfile)
     if node is not None and (not hostfile or master_port is None):
         raise ConfigError("a per-node launch needs a hostfile and a master port that every node shares")
-    cmd = [*(node.prefix if node else ()), sys.executable, "-m", "deepspeed.launcher.runner",
-           "--master_port", str(master_port or free_port())]
-    if hostfile:
-        cmd += ["--hostfile", hostfile]
-    if node is not None:
-        cmd += ["--no_ssh", "--node_rank", str(node.node_rank), "--master_addr", node.master_addr]
-    if os.environ.get("DAT_DS_VERBOSE", "") in ("", "0"):  # the launcher's INFO lines only with --verbose
-        cmd += ["--log_level", "error"]
-    cmd += ["--num_gpus", str(nproc), "--module", module, *argv]
-    log.debug("launching: %s", " ".join(cmd[1:]))
-    from ..core import dist  # the accelerator's name for the ranks (imports DeepSpeed: heavy, so only here)
+    from ..core import dist  # the accelerator (imports DeepSpeed: heavy, so only here)
 
-    child_env = dict(os.environ)
+    runner = runner_command(module, argv, nproc=nproc, master_port=master_port or free_port(), hostfile=hostfile,
+                            node=node, acc=dist.accelerator(), environ=os.environ)
+    cmd = list(runner.argv)
+    log.debug("launching: %s", " ".join(cmd[1:]))
+    child_env = {k: v for k, v in os.environ.items() if k not in runner.unset}
     child_env.update(dist.launch_env())
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
@@ -161,6 +160,85 @@ def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = N
             # None: every rank reported the same user error (code 2/3), which rank 0 printed already.
             raise RankFailure(line, rc) if line is not None else _Quiet(rc)
     return rc
+
+
+class Accelerator(Protocol):
+    """What the launch command asks of DeepSpeed's accelerator (``get_accelerator()``; a fake in tests)."""
+
+    def device_name(self) -> str: ...
+
+    def device_count(self) -> int: ...
+
+    def visible_devices_envs(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class RunnerCommand:
+    """The DeepSpeed runner's command line, and the variables it must not inherit."""
+
+    argv: tuple[str, ...]
+    unset: tuple[str, ...] = ()
+
+
+def runner_command(module: str, argv: list[str], *, nproc: int, master_port: int, hostfile: str | None = None,
+                   node: NodeLaunch | None = None, acc: Accelerator, environ: Mapping[str, str]) -> RunnerCommand:
+    """The command ``launch()`` runs (``deepspeed.launcher.runner``), built without starting anything."""
+    devices, unset = device_flags(acc, environ, nproc, hostfile=hostfile, all_local=node is not None or not hostfile)
+    cmd = [*(node.prefix if node else ()), sys.executable, "-m", "deepspeed.launcher.runner",
+           "--master_port", str(master_port)]
+    if hostfile:
+        cmd += ["--hostfile", hostfile]
+    if node is not None:
+        cmd += ["--no_ssh", "--node_rank", str(node.node_rank), "--master_addr", node.master_addr]
+    if environ.get("DAT_DS_VERBOSE", "") in ("", "0"):  # the launcher's INFO lines only with --verbose
+        cmd += ["--log_level", "error"]
+    cmd += [*devices, "--module", module, *argv]
+    return RunnerCommand(tuple(cmd), unset)
+
+
+def device_flags(acc: Accelerator, environ: Mapping[str, str], nproc: int, *, hostfile: str | None,
+                 all_local: bool) -> tuple[list[str], tuple[str, ...]]:
+    """The runner's flags that pick this node's devices, and the variables the runner must not see.
+
+    DeepSpeed's runner honours the visible-devices variable (CUDA_VISIBLE_DEVICES) only without a hostfile and
+    without --include/--exclude/--num_gpus/--num_nodes, and then starts a rank on every visible device; given
+    --num_gpus N it deletes the variable, and launch.py sets it to 0..N-1 for the ranks: someone else's GPUs
+    where the user (or SLURM) gave this job others. So the first N visible devices are named with
+    ``--include localhost:IDS``, which the runner checks against the machine's devices, and the variable is
+    not passed on (the runner would only say that it ignores it). The CPU accelerator has no devices to pick;
+    an ssh launch's remote hosts have their own (``all_local`` False): both keep --num_gpus.
+    """
+    if acc.device_name() == "cpu" or not all_local:
+        return ["--num_gpus", str(nproc)], ()
+    name = acc.visible_devices_envs()[0]
+    kind = f"{acc.device_name()} device(s)"
+    if name not in environ:
+        count = acc.device_count()
+        if nproc > count:
+            raise ConfigError(f"--nproc={nproc} but this node has {count} {kind}: lower --nproc to {count}")
+        return ["--num_gpus", str(nproc)], ()
+    ids = _visible_ids(name, environ[name])
+    if nproc > len(ids):
+        raise ConfigError(f"--nproc={nproc} but {name}={environ[name]!r} makes {len(ids)} {kind} visible: lower "
+                          f"--nproc to {len(ids)} or make more devices visible")
+    chosen = ids[:nproc]
+    if not hostfile:
+        return ["--include", "localhost:" + ",".join(map(str, chosen))], (name,)
+    if chosen != list(range(nproc)):  # the runner takes a hostfile's slots as device numbers 0..slots-1
+        raise ConfigError(f"{name}={environ[name]!r} cannot be honoured with --hostfile (DeepSpeed numbers every "
+                          "node's devices from 0): start the ranks with srun, mpirun or torchrun "
+                          "(README: On a cluster)")
+    return ["--num_gpus", str(nproc)], ()
+
+
+def _visible_ids(name: str, value: str) -> list[int]:
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    for e in entries:
+        if not e.isdigit():  # a UUID (GPU-..., MIG-...): DeepSpeed's --include takes device numbers only
+            raise ConfigError(f"{name}={value!r} names device {e!r} by other than its number, which DeepSpeed's "
+                              f"launcher cannot select: list device numbers ({name}=4,5) or start the ranks with "
+                              "torchrun or srun")
+    return [int(e) for e in entries]
 
 
 def _run(cmd: list[str], env: dict[str, str], *, checkpoint_root: str | Path | None, all_local: bool) -> int:

@@ -41,7 +41,9 @@ def main(args: argparse.Namespace, base: dict[str, Any] | None = None, *, world:
     ``world`` is the world size to validate for; None means this process's (a rank's) world size.
     """
     dist.setup_logging()
-    world = world or dist.world_size()
+    # srun/mpirun's ranks (`srun dat-ds train` too): their world, before anything reads the rank or the world size
+    cluster = dist.adopt_cluster_env()
+    world = cluster.world_size if cluster else world or dist.world_size()
     cfg, settings = train_inputs(args, world, base=base)
     if args.dry_run:  # validate for the requested world size; nothing heavy, no process is started
         check_model_name(cfg.model.name)
