@@ -120,7 +120,7 @@ def test_evaluate_shards_like_any_world_size(trained_demo_model, monkeypatch):
     monkeypatch.setattr(dist, "all_gather_object", lambda p: payloads.append(p) or [p])
     for rank in (0, 1):
         monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
-        evaluate(trained_demo_model, ds, specs, batch_size=16, max_examples=72, lockstep=True)
+        evaluate(trained_demo_model, ds, specs, batch_size=16, max_examples=72)
     idx = torch.cat([p[0] for p in payloads])
     assert sorted(idx.tolist()) == list(range(72)) and len(payloads[1][0]) == 32  # rank 1: batches 1, 3
     order = torch.argsort(idx)

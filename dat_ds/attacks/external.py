@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .core import eval_mode
+from .precision import AttackPrecision
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,11 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def _run(make_attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> torch.Tensor:
+    """``make_attack(seed)`` gets the model as torchattacks must see it: fp32 logits (it reads losses with
+    ``.numpy()``, which has no bf16) and, for fp16 weights, scaled input gradients (``AttackPrecision``)."""
     if x.numel() == 0:
         return x.clone()
+    model = model if isinstance(model, AttackPrecision) else AttackPrecision(model)
     seed = _seed_from(generator)
     devices = [x.device] if x.device.type == "cuda" else []
     # FAB calls .backward(), which would add into parameter .grad: freeze the parameters meanwhile.
@@ -64,7 +68,7 @@ def _run(make_attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, genera
             p.requires_grad_(False)
         with eval_mode(model), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            attack = make_attack(seed)
+            attack = make_attack(model, seed)
             x_adv = attack(x.detach(), y.detach())
     finally:
         for p in params:
@@ -137,7 +141,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     """
     classes = n_classes or _num_classes(model, x)
 
-    def make(seed: int):
+    def make(model: nn.Module, seed: int):
         attacks = standard_autoattack(model, eps=eps, norm=norm, n_classes=classes, aa_steps=aa_steps,
                                       n_queries=n_queries, seed=seed)
         return _worst_case_of(attacks, model, eps, norm)
@@ -149,7 +153,7 @@ def _apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str, eps:
           restarts: int, generator: torch.Generator | None) -> torch.Tensor:
     import torchattacks
 
-    def make(seed: int):
+    def make(model: nn.Module, seed: int):
         return torchattacks.APGD(model, norm=_ta_norm(norm), eps=eps, steps=apgd_steps, n_restarts=restarts,
                                  seed=seed, loss=loss)
 
@@ -178,7 +182,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, no
     """
     import torchattacks
 
-    def make(seed: int):
+    def make(model: nn.Module, seed: int):
         return torchattacks.Square(model, norm=_ta_norm(norm), eps=eps, n_queries=n_queries, n_restarts=1,
                                    seed=seed, loss="margin")
 

@@ -8,8 +8,12 @@ Checks, each recorded as ok / failed (with the error) / skipped (with why) in ``
 * **ds_configs**: every ``ds_configs/*.json`` that fits one rank trains the demo for two optimizer steps
   with an end-of-run PGD evaluation (``dat_ds.launch.train.main``, what ``dat-ds train`` runs on one
   rank), which covers bf16 and ZeRO-3;
-* **attacks in bf16**: every registered attack on a bf16 PreActResNet-18 returns bf16 images in
-  [0, 1] within the eps-ball;
+* **attacks in bf16 / fp16**: every registered attack on a bf16 (fp16) PreActResNet-18, called through
+  ``attacks.attack_view`` as the trainer calls it, returns 16-bit images in [0, 1] within the eps-ball;
+* **fp16 training**: ZeRO-1 with DeepSpeed's dynamic fp16 loss scaling from 2^16 (the first steps overflow on
+  purpose and are skipped), an in-training AutoAttack evaluation on the fp16 weights;
+* **ZeRO-3 AutoAttack**: ZeRO-3 bf16 training with an in-training AutoAttack evaluation (weights gathered once,
+  ``runtime.replica``: ranks may attack different amounts);
 * **AutoAttack eval**: ``dat-ds eval --attacks autoattack --max-examples 200`` on the zero0 run
   (``dat_ds.launch.evaluate.main``, what ``dat-ds eval`` runs on one rank);
 * **SSL**: pretrain (ACL, two steps), finetune (ALF) from it, pseudo-label with the zero0 run as teacher.
@@ -151,20 +155,20 @@ def ds_config_check(path: Path, out_dir: Path) -> Callable[[], dict[str, Any]]:
     return check
 
 
-def attacks_bf16(images: int) -> dict[str, Any]:
+def attacks_16bit(images: int, dtype_name: str) -> dict[str, Any]:
     import torch
 
-    from ..attacks import ATTACKS
+    from ..attacks import ATTACKS, attack_view
     from ..attacks.registry import attack_parameters
     from ..core import dist
     from ..data.base import DataSpec
     from ..models import create_model
 
-    device, eps = dist.device(), 8 / 255
+    device, eps, dtype = dist.device(), 8 / 255, getattr(torch, dtype_name)
     torch.manual_seed(0)
-    model = create_model("preactresnet18", DataSpec(3, 10, 32, (0.5,) * 3, (0.5,) * 3)).to(device, torch.bfloat16).eval()
+    model = attack_view(create_model("preactresnet18", DataSpec(3, 10, 32, (0.5,) * 3, (0.5,) * 3)).to(device, dtype).eval())
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.rand(images, 3, 32, 32, device=device, generator=g).to(torch.bfloat16)
+    x = torch.rand(images, 3, 32, 32, device=device, generator=g).to(dtype)
     y = torch.randint(0, 10, (images,), device=device, generator=g)
     out, bad = {}, []
     for name in ATTACKS.names():
@@ -177,7 +181,7 @@ def attacks_bf16(images: int) -> dict[str, Any]:
             x_adv = ATTACKS.get(name)(model, x, y, eps=eps, generator=torch.Generator(device=device).manual_seed(1),
                                       **kwargs)
             delta = (x_adv.float() - x.float()).abs().max().item()
-            ok = (x_adv.dtype == torch.bfloat16 and x_adv.shape == x.shape and bool(torch.isfinite(x_adv).all())
+            ok = (x_adv.dtype == dtype and x_adv.shape == x.shape and bool(torch.isfinite(x_adv).all())
                   and x_adv.min().item() >= 0 and x_adv.max().item() <= 1 and delta <= eps + BF16_SPACING)
             with torch.no_grad():
                 acc = (model(x_adv).argmax(1) == y).float().mean().item()
@@ -188,8 +192,28 @@ def attacks_bf16(images: int) -> dict[str, Any]:
         if not out[name]["ok"]:
             bad.append(name)
     if bad:
-        raise RuntimeError(f"attacks failing in bf16: {', '.join(bad)}; details: {json.dumps(out)[:1500]}")
+        raise RuntimeError(f"attacks failing in {dtype_name}: {', '.join(bad)}; details: {json.dumps(out)[:1500]}")
     return {"eps": eps, "images": images, "attacks": out}
+
+
+FP16_ZERO1 = {"train_micro_batch_size_per_gpu": 64, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.002, "weight_decay": 0.0001}},
+              "fp16": {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2},
+              "zero_optimization": {"stage": 1}}
+AUTOATTACK_IN_TRAINING = ["eval.attack=autoattack", "eval.steps=10", "eval.max_examples=64"]
+
+
+def train_with_autoattack(name: str, ds: dict[str, Any] | str, out_dir: Path, optimizer_steps: int) -> dict[str, Any]:
+    """A short run whose end-of-run evaluation is AutoAttack (on the fp16 weights, or ZeRO-3's gathered ones)."""
+    path = ds if isinstance(ds, str) else str(out_dir / f"{name}.json")
+    if not isinstance(ds, str):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(ds))
+    info = train_short(name, DEMO, out_dir, AUTOATTACK_IN_TRAINING, optimizer_steps=optimizer_steps, ds_config=path)
+    rows = [json.loads(line) for line in (Path(info["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("kind") == "step"]
+    return {**info, "overflow_steps": steps[-1].get("overflow_steps") if steps else None,
+            "loss_scale": steps[-1].get("loss_scale") if steps else None}
 
 
 def autoattack_eval(run_dir: str, examples: int, out_dir: Path) -> dict[str, Any]:
@@ -247,7 +271,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         checks.run("speed", lambda: speed(args.bench_steps, args.bench_micro, args.bench_repeats))
         for path in sorted((REPO / "ds_configs").glob("*.json")):
             checks.run(f"ds_config {path.stem}", ds_config_check(path, runs))
-        checks.run("attacks bf16", lambda: attacks_bf16(args.attack_images))
+        checks.run("attacks bf16", lambda: attacks_16bit(args.attack_images, "bfloat16"))
+        checks.run("attacks fp16", lambda: attacks_16bit(args.attack_images, "float16"))
+        checks.run("train fp16 + autoattack", lambda: train_with_autoattack("fp16", FP16_ZERO1, runs, 8))
+        checks.run("train zero3 + autoattack", lambda: train_with_autoattack(
+            "zero3_aa", str(REPO / "ds_configs" / "zero3_bf16.json"), runs, 2))
         teacher = str(runs / "zero0_fp32")
         if checks.results.get("ds_config zero0_fp32", {}).get("status") == "ok":
             checks.run("eval autoattack", lambda: autoattack_eval(teacher, args.eval_examples, Path(tmp) / "eval"))
@@ -292,5 +320,6 @@ def _detail(r: dict[str, Any]) -> str:
         return r["error"][:120]
     if r["status"] == "skipped":
         return r["why"][:120]
-    keys = ("precision", "zero_stage", "train_loss", "robust_acc", "dat_ds_over_plain", "images", "examples")
+    keys = ("precision", "zero_stage", "train_loss", "robust_acc", "overflow_steps", "loss_scale", "dat_ds_over_plain",
+            "images", "examples")
     return ", ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys if k in r)

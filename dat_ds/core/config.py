@@ -118,6 +118,8 @@ class TrainConfig:
     save_on_signal: bool = False  # SIGTERM/SIGINT: end the step, write a final checkpoint if it fits the grace period
     keep_best: str = "none"  # none | robust: keep the checkpoint with the best PGD accuracy on a validation split
     val_examples: int = 1000  # keep_best=robust: training examples held out (seeded) as that validation split
+    tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls/convolutions (Ampere+; 10-bit mantissa, fp32 range)
+    deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning: bit-exact resumes, at a speed cost
 
 
 @dataclass(frozen=True)

@@ -66,21 +66,19 @@ def _rank_loader(dataset, batches: list[tuple[int, int]], mine: list[int], batch
     """This rank's batches, in order, from a DataLoader over its Subset of the test set.
 
     Every global batch but the last is full, and the last one (if short) comes last on its rank, so
-    batching the concatenated indices by ``batch_size`` gives back exactly the batches ``mine`` names
-    (a padding entry ``-1`` repeats batch 0).
+    batching the concatenated indices by ``batch_size`` gives back exactly the batches ``mine`` names.
     """
-    indices = [i for b in mine for i in range(*batches[b if b >= 0 else 0])]
+    indices = [i for b in mine for i in range(*batches[b])]
     return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                       pin_memory=device.type != "cpu")
 
 
 def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: int = 256, seed: int = 0,
-             max_examples: int | None = None, lockstep: bool = False,
-             on_batch: Callable[[int], None] | None = None) -> EvalResult:
+             max_examples: int | None = None, on_batch: Callable[[int], None] | None = None) -> EvalResult:
     """Clean + robust accuracy of ``model`` on ``dataset``, sharded over ranks, gathered everywhere.
 
-    ``lockstep`` makes every rank run the same number of forward passes (ZeRO-3 gathers parameters
-    collectively in each one), padding short ranks with a discarded batch.
+    Ranks make different numbers of forwards (attacks stop early or skip examples, the last batch is short):
+    ``model`` must run no collective in its forward -- under ZeRO-3, ``Trainer.eval_module()``'s gathered copy.
     """
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
@@ -89,10 +87,7 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
     n = len(dataset) if max_examples is None else min(max_examples, len(dataset))
     batches = _batches(n, batch_size)
     world, rank = dist.world_size(), dist.rank()
-    rounds = -(-len(batches) // world)
     mine: list[int] = list(range(rank, len(batches), world))
-    if lockstep:
-        mine += [-1] * (rounds - len(mine))
     # Results stay on the device until the end: no host sync per batch except the attack timer's.
     sync = dist.accelerator().synchronize if device.type != "cpu" else (lambda: None)
     local_idx, local_clean = [], []
@@ -101,14 +96,14 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
     loader = _rank_loader(dataset, batches, mine, batch_size, device)
     with eval_mode(model):
         for b, (x, y) in zip(mine, loader):
-            lo, hi = batches[b if b >= 0 else 0]
+            lo, hi = batches[b]
             x = x.to(device, non_blocking=True)
             y = torch.as_tensor(y).to(device, non_blocking=True).long()
             with torch.no_grad():
                 clean = model(x).argmax(1) == y
             robust = {}
             for spec in specs:
-                g = batch_generator(seed, max(b, 0), device)
+                g = batch_generator(seed, b, device)
                 sync()
                 t0 = time.perf_counter()
                 x_adv = spec.run(model, x, y, g)
@@ -116,8 +111,6 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
                     robust[spec.label] = (model(x_adv).argmax(1) == y) & clean
                 sync()
                 seconds[spec.label] += time.perf_counter() - t0
-            if b < 0:
-                continue
             local_idx.append(torch.arange(lo, hi))
             local_clean.append(clean)
             for label, r in robust.items():

@@ -38,9 +38,12 @@ PGD_STEPS = 10
 
 class CatastrophicOverfittingMonitor:
     def __init__(self, cfg, engine, test_set, *, ckpt_root: str | Path | None,
-                 write: Callable[[dict[str, Any]], None] | None = None):
+                 write: Callable[[dict[str, Any]], None] | None = None, module: torch.nn.Module | None = None):
+        """``module``: what the attacks run on, in the training precision (``Trainer.attack_module``); the
+        engine's module when None. ``engine`` loads the checkpoint a rollback goes back to."""
         self.cfg = cfg
         self.engine = engine
+        self._module = module
         self.every = cfg.monitor.every_steps
         self.gap = cfg.monitor.gap
         self.policy = cfg.monitor.policy
@@ -65,7 +68,7 @@ class CatastrophicOverfittingMonitor:
 
     @property
     def module(self) -> torch.nn.Module:
-        return getattr(self.engine, "module", self.engine)
+        return self._module if self._module is not None else getattr(self.engine, "module", self.engine)
 
     def measure(self, step: int) -> tuple[float, float, float]:
         """(clean, FGSM, PGD-10) accuracy on the held-out batch, identical on every rank."""

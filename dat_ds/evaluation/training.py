@@ -47,9 +47,8 @@ class EpochEvaluation:
         specs = [self.spec] if robust else []
 
         def accuracies(prefix: str) -> None:
-            result = evaluate(trainer.engine.module, self.test_set, specs, batch_size=cfg.eval.batch_size,
-                              seed=cfg.seed, max_examples=cfg.eval.max_examples,
-                              lockstep=trainer.settings.zero_stage == 3)
+            result = evaluate(trainer.eval_module(), self.test_set, specs, batch_size=cfg.eval.batch_size,
+                              seed=cfg.seed, max_examples=cfg.eval.max_examples)
             row.update({f"{prefix}clean_acc": result.clean_acc,
                         f"{prefix}robust_acc": result.robust_acc(self.spec.label) if robust else None})
             row["eval_count"] = result.count
@@ -90,8 +89,8 @@ class BestCheckpoint:
         applied = trainer.ema.applied(module) if trainer.ema is not None else contextlib.nullcontext()
         t_eval = time.perf_counter()
         with applied:
-            result = evaluate(module, self.val_set, [self.spec], batch_size=cfg.eval.batch_size, seed=cfg.seed,
-                              lockstep=trainer.settings.zero_stage == 3)
+            result = evaluate(trainer.eval_module(), self.val_set, [self.spec], batch_size=cfg.eval.batch_size,
+                              seed=cfg.seed)
         robust = result.robust_acc(self.spec.label)
         earlier = [h["val_robust_acc"] for h in state.history if h.get("val_robust_acc") is not None]  # resumes too
         best = not earlier or robust > max(earlier)
@@ -112,5 +111,5 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
         callbacks.append(BestCheckpoint(cfg, trainer.val_set))
     if cfg.monitor.every_steps > 0:
         callbacks.append(CatastrophicOverfittingMonitor(cfg, trainer.engine, test_set, ckpt_root=trainer.ckpt_root,
-                                                        write=trainer.write))
+                                                        write=trainer.write, module=trainer.attack_module))
     return trainer.fit(callbacks)

@@ -14,6 +14,13 @@ them: the last checkpoint is the last good state.
 
 Under ``train.nan_policy=skip`` every rank must agree, within the step, whether to take it: each step
 then costs one all-reduce of the (loss, gradient) flags and one host sync.
+
+fp16 weights (DeepSpeed's ``"fp16"`` section): dynamic loss scaling makes inf gradients on purpose, and
+DeepSpeed's optimizer detects them (agreed over ranks), skips the step and lowers the scale. Those
+gradients are its business, not divergence: the watch then checks the loss only, every step goes to
+``engine.step()``, and a step DeepSpeed skipped is counted (``TrainState.overflow_steps``) and logged with
+the new scale (DeepSpeed's own check already synced the host, so reading it costs nothing). Gradients that
+overflow at the minimum scale are divergence: ``NonFiniteLossError``.
 """
 
 from __future__ import annotations
@@ -39,11 +46,12 @@ class TrainState:
     step_in_epoch: int = 0  # batches of this epoch already trained
     global_step: int = 0  # batches trained in total
     skipped_steps: int = 0  # non-finite steps skipped under nan_policy=skip
+    overflow_steps: int = 0  # fp16: steps DeepSpeed's loss scaling skipped (gradient overflow)
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
 
     def to_dict(self) -> dict[str, Any]:
         return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, global_step=self.global_step,
-                    skipped_steps=self.skipped_steps, history=self.history)
+                    skipped_steps=self.skipped_steps, overflow_steps=self.overflow_steps, history=self.history)
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -185,6 +193,35 @@ def _skip_non_finite(loss_bad: torch.Tensor, grad_bad: torch.Tensor, state: Trai
     return True
 
 
+def _min_loss_scale(engine) -> float | None:
+    """The floor of DeepSpeed's dynamic fp16 loss scale (its ``fp16.min_loss_scale``); None for a static scale."""
+    if not engine.dynamic_loss_scale():
+        return None
+    return float((engine.dynamic_loss_scale_args() or {}).get("min_scale", 1.0))  # loss_scaler.MIN_LOSS_SCALE
+
+
+def _fp16_step(engine, state: TrainState, floor: float | None) -> None:
+    """``engine.step()`` under fp16 loss scaling: count and log a step DeepSpeed skipped for overflow; an overflow
+    at the dynamic scale's floor is divergence (ZeRO's scaler raises there; the ZeRO-0 one would skip forever)."""
+    boundary = engine.is_gradient_accumulation_boundary()  # before step(), which advances the micro-step count
+    scale = engine.optimizer.loss_scale
+    diverged = NonFiniteLossError(
+        f"fp16 gradients overflow even at the minimum loss scale ({scale:g}) at global step {state.global_step + 1}: "
+        "training diverged; lower the LR, or use bf16 where the accelerator has it")
+    try:
+        engine.step()
+    except Exception as e:  # DeepSpeed's DynamicLossScaler raises a bare Exception at its minimum scale
+        if "loss scale already at minimum" not in str(e):
+            raise
+        raise diverged from e
+    if boundary and not engine.was_step_applied():
+        if floor is not None and scale <= floor:
+            raise diverged
+        state.overflow_steps += 1
+        log.info("fp16: step %d overflowed and DeepSpeed skipped it; loss scale now %g (%d overflow "
+                 "step(s) so far)", state.global_step + 1, engine.optimizer.loss_scale, state.overflow_steps)
+
+
 def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, metrics=None,
                     on_step: Callable[[TrainState], None] | None = None, progress=None, comm=None,
                     watch: NonFiniteWatch | None = None, max_steps: int | None = None) -> dict[str, float]:
@@ -198,6 +235,9 @@ def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, m
     device = dist.device()
     watch = watch if watch is not None else NonFiniteWatch(device)
     skip = cfg.train.nan_policy == "skip"
+    fp16 = engine.fp16_enabled()  # DeepSpeed's loss scaling owns non-finite gradients (module docstring)
+    floor = _min_loss_scale(engine) if fp16 else None
+    finite = torch.zeros((), dtype=torch.bool, device=device)
     window = DeviceMeter(device)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "samples": 0.0}
     t_start = t_window = time.perf_counter()
@@ -223,14 +263,17 @@ def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, m
             out = objective(ctx, x, y)
             engine.backward(out.loss)
             loss_bad = ~torch.isfinite(out.loss.detach())
-            grad_bad = _grads_non_finite(engine, device)  # e.g. inf gradients from a finite loss
+            grad_bad = finite if fp16 else _grads_non_finite(engine, device)  # e.g. inf gradients, finite loss
             if skip:
                 if _skip_non_finite(loss_bad, grad_bad, state, engine):
                     continue
             else:
                 watch.record(loss_bad, grad_bad, state.global_step + 1)
             objective.after_backward()
-            engine.step()
+            if fp16:
+                _fp16_step(engine, state, floor)
+            else:
+                engine.step()
             window.update(out, y, x.shape[0])
         window.samples += x.shape[0]
         window.steps += 1
@@ -246,6 +289,8 @@ def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, m
                       "loss": stats["loss_sum"] / count, "train_acc": stats["correct"] / count,
                       "lr": engine.get_lr()[0], "samples_per_s": stats["count"] / max(now - t_window, 1e-9),
                       "skipped_steps": state.skipped_steps, **stats["metrics"]}
+            if fp16:
+                record.update(overflow_steps=state.overflow_steps, loss_scale=engine.optimizer.loss_scale)
             if comm is not None:  # BuiltEngine.comm: the compressing optimizer reports bytes sent and its stage
                 record.update({f"comm_{k}": v for k, v in comm.comm_stats().items()})
             if metrics is not None:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..attacks import attack_view
 from ..core import dist, stop, ui
 from ..core.config import RunConfig, check_engine
 from ..core.errors import ConfigError, PeerLostError
@@ -33,9 +34,10 @@ from ..models import create_model
 from ..objectives import ObjectiveContext, build_objective, prepare_model
 from ..objectives import eps_warmup
 from ..objectives.reuse import PerturbationStore, check_reuse_budget
-from . import checkpoint, ds_config
+from . import backends, checkpoint, ds_config
 from ..optim.schedule import accumulation_unit
 from .build import build_engine
+from .replica import GatheredCopy
 from .callbacks import Callback, Checkpointing, StopTraining
 from .ema import STATE_KEY as EMA_KEY, WeightEMA
 from .loop import NonFiniteWatch, TrainState, train_one_epoch
@@ -185,6 +187,7 @@ class Trainer:
         Nothing is written (or, with ``--overwrite``, moved aside) before everything else has been built:
         a start that fails on a setting only the engine checks leaves the file system as it was.
         """
+        backend_line = backends.configure(self.cfg.train, dist.accelerator().device_name())  # before any kernel
         dist.init_distributed(timeout_s=self.cfg.dist.timeout_s)
         threads = dist.set_threads_per_rank()
         cfg, world = self.cfg, dist.world_size()
@@ -201,6 +204,8 @@ class Trainer:
                  "ZeRO-%d, %s", cfg.name, world, dist.accelerator().device_name(),
                  dist.accelerator().communication_backend_name(), threads, s.global_batch, s.micro_batch,
                  s.grad_accum, world, s.zero_stage, s.precision)
+        if backend_line is not None:
+            log.info("%s", backend_line)
         self._build()
         if found is not None:
             self._restore(*found)
@@ -241,7 +246,7 @@ class Trainer:
             train_set, self.val_set = split_validation(train_set, cfg.train.val_examples, cfg.seed, plain)
             log.info("train.keep_best=%s: %d training examples held out for validation, %d left to train on",
                      cfg.train.keep_best, len(self.val_set), len(train_set))
-        model = prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights, act=cfg.model.act))
+        model = self._make_model(cfg.model.weights)
         self.loaders = build_train_loader(cfg, train_set, micro_batch=s.micro_batch, rank=rank, world_size=world)
         steps = self.loaders.steps_per_epoch
         if cfg.train.max_steps_per_epoch is not None:
@@ -276,12 +281,9 @@ class Trainer:
                      cfg.optim.lr_scaling, s.global_batch, cfg.optim.base_batch_size)
         self.generator = torch.Generator(device=dist.device()).manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1))
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout etc. differ per rank from here on
-        attack_module = self.engine.module
-        if s.precision == "bf16-autocast":  # attacks run in the same precision as the training forward
-            from ..models.wrapper import AutocastModule
-
-            attack_module = AutocastModule(self.engine.module, dist.accelerator().device_name())
-        self.ctx = ObjectiveContext(model=self.engine, module=attack_module, cfg=cfg, generator=self.generator,
+        self.attack_module = self._in_training_precision(self.engine.module)
+        self._gathered = GatheredCopy(self._eval_copy) if s.zero_stage == 3 else None
+        self.ctx = ObjectiveContext(model=self.engine, module=self.attack_module, cfg=cfg, generator=self.generator,
                                     total_steps=cfg.train.epochs * steps, perturbations=self.perturbations,
                                     steps_per_epoch=steps)
         if cfg.attack.eps_warmup_epochs > 0:
@@ -289,6 +291,33 @@ class Trainer:
         self.watch = NonFiniteWatch(dist.device())
         if cfg.ema is not None:  # after the engine: under ZeRO-3 it averages this rank's partitions
             self.ema = WeightEMA(self.engine.module, cfg.ema)
+
+    def _make_model(self, weights: str | None) -> torch.nn.Module:
+        cfg = self.cfg
+        return prepare_model(cfg, self.spec, create_model(cfg.model.name, self.spec, weights, act=cfg.model.act))
+
+    def _eval_copy(self) -> torch.nn.Module:
+        """ZeRO-3 evaluation's module (``GatheredCopy``): the architecture again, its weights come from the engine."""
+        model = self._make_model(None)
+        return model.to(memory_format=torch.channels_last) if self.cfg.model.channels_last else model
+
+    def _in_training_precision(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` as attacks and evaluation call it: in the training forward's precision (bf16 autocast), with
+        fp32 logits and fp16 input gradients that do not underflow (``attacks.attack_view``)."""
+        if self.settings.precision == "bf16-autocast":
+            from ..models.wrapper import AutocastModule
+
+            return AutocastModule(module, dist.accelerator().device_name())
+        return attack_view(module)
+
+    def eval_module(self) -> torch.nn.Module:
+        """What evaluation runs (every rank calls it; collective under ZeRO-3): the module in the training precision,
+        and under ZeRO-3 a copy of the full weights gathered once, so that attacks which make a data-dependent
+        number of forwards cannot desynchronise ZeRO-3's per-forward all-gathers (``runtime.replica``). Call it
+        inside ``ema.applied`` to evaluate the EMA weights."""
+        if self._gathered is None:
+            return self.attack_module
+        return self._in_training_precision(self._gathered.refresh(self.engine.module))
 
     def _perturbation_store(self, train_set, world: int) -> PerturbationStore:
         """``attack.reuse``: this rank's store, after the budget check (before the engine is built)."""
@@ -337,6 +366,7 @@ class Trainer:
                                  on_rank_state=self._load_rank_state, rank_state=not resharded)
         state = TrainState(epoch=client["epoch"], step_in_epoch=client["step_in_epoch"],
                            global_step=client["global_step"], skipped_steps=client.get("skipped_steps", 0),
+                           overflow_steps=client.get("overflow_steps", 0),
                            history=client.get("history", []))
         if client.get("objective_state"):
             self.objective.load_state_dict(client["objective_state"])
