@@ -3,8 +3,9 @@
 A host sync is anything that makes the host wait for the accelerator (``.item()``, ``float(t)``,
 ``.tolist()``, ``.cpu()``, ``bool(t)``, ...); a collective is any ``torch.distributed`` call. Both are
 counted when they are called from dat-ds code (the caller's file lies under ``dat_ds/``), per training
-step, on a real 1-rank DeepSpeed engine built in this process by the trainer. On a CPU-only machine no
-call really waits, so the count is what stands for the wait it would be on a GPU.
+step, on a real 1-rank DeepSpeed engine built in this process by the trainer, and per ``optimizer.step()``
+for every registered optimizer. On a CPU-only machine no call really waits, so the count is what stands
+for the wait it would be on a GPU.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import torch.distributed
 import dat_ds
 from dat_ds.core.config import build_config
 from dat_ds.objectives import OBJECTIVES
+from dat_ds.optim import OPTIMIZERS, build_optimizer, param_groups
 from dat_ds.runtime.loop import TrainState, train_one_epoch
 from dat_ds.runtime.trainer import Trainer
 from reliability_utils import write_ds
 
 PKG = Path(dat_ds.__file__).resolve().parent
-SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+# __format__: f"{t:.3g}" on a tensor calls .item() inside torch, where the caller is no longer dat-ds code
+SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__")
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "barrier", "gather",
                "scatter")
@@ -99,8 +102,8 @@ def test_the_counter_sees_a_sync_made_from_dat_ds_code(monkeypatch):
     t = torch.ones(())
     float(t), t.item()  # from this test file: not counted
     assert counter.total == 0
-    exec(compile("float(t); t.tolist(); bool(t)", str(PKG / "probe.py"), "exec"), {"t": t})
-    assert counter.calls == Counter({"__float__": 1, "tolist": 1, "__bool__": 1})
+    exec(compile("float(t); t.tolist(); bool(t); f'{t:.3g}'", str(PKG / "probe.py"), "exec"), {"t": t})
+    assert counter.calls == Counter({"__float__": 1, "tolist": 1, "__bool__": 1, "__format__": 1})
 
 
 @pytest.mark.parametrize("objective", [n for n in OBJECTIVES.names() if not n.startswith("test_")])
@@ -150,3 +153,55 @@ def test_trainer_steps_between_log_steps_make_no_host_sync(tmp_path, monkeypatch
     for step, calls in seen.items():
         if step % LOG_EVERY:
             assert not calls, f"step {step} synced: {calls}"
+
+
+# ----------------------------------------------------------------------------- optimizer.step()
+
+# The 1-bit optimizers leave their fp32 warm-up after step 2 of OPTIMIZER_STEPS, so the compressed stage
+# (1-bit Adam, 1-bit LAMB) or the frozen-variance stage with local steps (0/1 Adam) is counted too.
+FAST_STAGES = {"onebitadam": {"freeze_step": 2}, "onebitlamb": {"freeze_step": 2},
+               "zerooneadam": {"var_freeze_step": 2, "var_update_scaler": 1, "local_step_scaler": 2,
+                               "local_step_clipper": 4}}
+OPTIMIZER_STEPS = 7
+ONCE_PER_RUN = 1  # 1-bit LAMB, at the freeze: one transfer of the per-layer scales and the coefficients it logs
+
+
+def _optimizer_cases():
+    """Every registered optimizer; a compressing one both as it runs on one rank (the uncompressed
+    algorithm) and with its compressed maths (as on several ranks, ``compress_single_rank``)."""
+    for name in OPTIMIZERS.names():
+        if OPTIMIZERS.get(name).compresses:
+            yield pytest.param(name, False, id=f"{name}-world1")
+            yield pytest.param(name, True, id=f"{name}-compressed")
+        else:
+            yield pytest.param(name, False, id=name)
+
+
+def _syncs_per_optimizer_step(name: str, compressed: bool, layers: int, counter: SyncCounter) -> list[int]:
+    """Host syncs and collectives from dat-ds code in each ``optimizer.step()`` on ``2 * layers`` tensors."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(layers)])
+    section = {"type": name, "params": {"lr": 0.01, **FAST_STAGES.get(name, {})}}
+    opt = build_optimizer(section, param_groups(model, 1e-4), compress_single_rank=compressed)
+    x, counts = torch.randn(16, 8), []
+    for _ in range(OPTIMIZER_STEPS):
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        before = counter.total
+        opt.step()
+        counts.append(counter.total - before)
+    if compressed:  # the counted steps reached the 1-bit stage (and 0/1 Adam's local steps)
+        stats = opt.comm_stats()
+        assert stats["stage"] == "compressed" and (name != "zerooneadam" or stats["local_steps"] > 0), stats
+    return counts
+
+
+@pytest.mark.parametrize("name,compressed", list(_optimizer_cases()))
+def test_optimizer_step_host_syncs_do_not_grow_with_the_parameter_tensors(monkeypatch, name, compressed):
+    """A sync per parameter tensor is a few hundred stalls per step on ResNet-50: the optimizer's per-tensor
+    maths stays on the device, whatever the stage (warm-up, freeze, compressed or local steps)."""
+    counter = SyncCounter(monkeypatch)
+    few = _syncs_per_optimizer_step(name, compressed, 2, counter)
+    many = _syncs_per_optimizer_step(name, compressed, 8, counter)
+    assert few == many, f"{name}: syncs per step with 4 tensors {few}, with 16 tensors {many}: {counter.where[:6]}"
+    assert max(few) <= 1 and sum(few) <= ONCE_PER_RUN, f"{name}: syncs per step {few}: {counter.where[:6]}"

@@ -495,10 +495,43 @@ class ZeroOneAdam(CompressedOptimizer):
         return True
 
 
+def _clamp(x: torch.Tensor, low, high) -> torch.Tensor:
+    """``min(max(x, low), high)`` element-wise, as Python evaluates it, on the device.
+
+    ``torch.clamp`` agrees except where a *bound* is NaN (it returns NaN, Python returns x); the bounds here
+    may be tensors (1-bit LAMB's factor band around the previous factor).
+    """
+    x = torch.where(low > x, low, x)
+    return torch.where(high < x, high, x)
+
+
+def _stack_scalars(values: list, device: torch.device) -> torch.Tensor:
+    """Per-tensor scalars as one float64 vector on ``device``: 0-d device tensors, or the Python floats a
+    checkpoint holds (filled on the device: no host-to-device copy, which would wait for the stream)."""
+    return torch.stack([v if isinstance(v, torch.Tensor) else torch.full((), v, dtype=torch.float64, device=device)
+                        for v in values])
+
+
+def _add_scaled_(p: torch.Tensor, update: torch.Tensor, alpha64: torch.Tensor, alpha32: torch.Tensor) -> None:
+    """``p.add_(update.to(p.dtype), alpha=a)`` for an ``a`` that stays on the device (0-d, in float64 and
+    float32): ``addcmul_`` by ``a`` in p's compute precision rounds as ``add_`` with a Python ``a`` does, bit
+    for bit for float32 and float64 parameters."""
+    if p.dtype == torch.float64:
+        p.addcmul_(update.to(p.dtype), alpha64)
+    elif p.dtype == torch.float32:
+        p.addcmul_(update, alpha32)
+    else:  # fp16/bf16: a 0-d float32 factor would be rounded to p's dtype first; compute in float32
+        p.copy_(p.float().addcmul_(update.to(p.dtype).float(), alpha32))
+
+
 class OneBitLamb(CompressedOptimizer):
     label = "1-bit LAMB"
     scheme = "1-bit compressed momentum"
     uncompressed = "LAMB"
+
+    # Per-tensor scalars kept on the device between steps (0-d float64 tensors): reading them on the host
+    # would stall a GPU once per tensor per step. A checkpoint holds them as Python floats (state_dict).
+    DEVICE_SCALARS = ("lamb_coeff_freeze", "last_factor")
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  freeze_step: int = 100000, max_coeff: float = 10.0, min_coeff: float = 0.01,
@@ -521,28 +554,55 @@ class OneBitLamb(CompressedOptimizer):
     def warmup_steps(self) -> int:
         return self.freeze_step
 
-    def _trust_ratio(self, group, p, update) -> float:
-        w, u = p.detach().float().norm().item(), update.norm().item()
-        ratio = w / u if w > 0 and u > 0 else 1.0
-        return min(max(ratio, group["min_coeff"]), group["max_coeff"])
+    def _by_group(self, params: list) -> list[tuple[dict, slice]]:
+        """Each non-empty group with its slice of ``params`` (``_params()`` lists them group by group)."""
+        out, start = [], 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            if n:
+                out.append((group, slice(start, start + n)))
+            start += n
+        assert start == len(params)
+        return out
+
+    @staticmethod
+    def _trust_ratios(group, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``||w|| / ||update||`` per tensor in float64 (1 where either norm is 0, or NaN), clamped to
+        [min_coeff, max_coeff]."""
+        w, u = w.double(), u.double()  # float32 norms, their ratio in float64 (as Python floats were)
+        return _clamp(torch.where((w > 0) & (u > 0), w / u, 1.0), group["min_coeff"], group["max_coeff"])
 
     @torch.no_grad()
     def step(self, closure=None):
         loss, t, params = self._begin_step(closure)
         if t <= self.freeze_step or self.skips_compression:  # LAMB (fp32 gradient average); track the trust ratios
+            updates, w_norms, u_norms = [], [], []  # the updates wait (one fp32 copy) for their group's ratios
             for (group, p), g in zip(params, self._averaged_grads()):
-                st = self.state[p]
                 b1, b2 = group["betas"]
-                m, v = _adam_moments(st, p)
+                m, v = _adam_moments(self.state[p], p)
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 update = (m / (1 - b1 ** t)) / (v / (1 - b2 ** t)).sqrt().add_(group["eps"])
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])
-                coeff = self._trust_ratio(group, p, update)
-                prev = st.get("lamb_coeff_freeze")
-                st["lamb_coeff_freeze"] = coeff if prev is None else group["coeff_beta"] * prev + (1 - group["coeff_beta"]) * coeff
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * coeff)
+                updates.append(update)
+                w_norms.append(p.detach().float().norm())
+                u_norms.append(update.norm())
+            # The trust ratios of a group as one vector: a handful of kernels, no host sync.
+            for group, part in self._by_group(params):
+                coeffs = self._trust_ratios(group, torch.stack(w_norms[part]), torch.stack(u_norms[part]))
+                prevs = [self.state[p].get("lamb_coeff_freeze") for _, p in params[part]]
+                emas = coeffs.unbind()
+                if any(prev is not None for prev in prevs):
+                    beta = group["coeff_beta"]
+                    prev = _stack_scalars([c if x is None else x for c, x in zip(emas, prevs)], coeffs.device)
+                    ema = prev * beta + coeffs * (1 - beta)  # two products, then the sum: no fused multiply-add
+                    emas = [c if x is None else e for c, e, x in zip(emas, ema.unbind(), prevs)]
+                alphas = coeffs * -group["lr"]
+                for (_, p), update, ema, a64, a32 in zip(params[part], updates[part], emas, alphas.unbind(),
+                                                         alphas.float().unbind()):
+                    self.state[p]["lamb_coeff_freeze"] = ema
+                    _add_scaled_(p, update, a64, a32)
             return loss
         if "scaling_coeff" not in self.state[params[0][1]]:
             self._freeze(params)
@@ -558,6 +618,7 @@ class OneBitLamb(CompressedOptimizer):
             # per layer so that one 1-bit scale fits every layer.
             preconditioned.append(m / denoms[-1] * st["scaling_coeff"])
         averaged = self._compressed_average(preconditioned)
+        variance_ratios = []
         for (group, p), m_prev, avg, denom, bc2 in zip(params, previous, averaged, denoms, bc2s):
             st = self.state[p]
             b1, b2 = group["betas"]
@@ -566,21 +627,35 @@ class OneBitLamb(CompressedOptimizer):
             grad_estimate = (m - b1 * m_prev) / (1 - b1)
             fresh = st["exp_avg_sq_fresh"]
             fresh.mul_(b2).addcmul_(grad_estimate, grad_estimate, value=1 - b2)
-            update = m / (1 - b1 ** t) / denom
-            if group["weight_decay"]:
-                update.add_(p, alpha=group["weight_decay"])
+            variance_ratios.append((denom / frozen_denom(fresh, bc2, group["eps"])).max())
+        del previous, preconditioned, averaged
+        device = variance_ratios[0].device
+        for group, part in self._by_group(params):
             # How far the frozen variance is from a fresh estimate, bounded in size and in change per step.
-            factor = (denom / frozen_denom(fresh, bc2, group["eps"])).max().item()
-            factor = min(max(factor, group["factor_min"]), group["factor_max"])
-            last = st["last_factor"]
-            factor = min(max(factor, last * (1 - group["factor_threshold"])), last * (1 + group["factor_threshold"]))
-            st["last_factor"] = factor
-            p.add_(update.to(p.dtype), alpha=-group["lr"] * st["lamb_coeff_freeze"] * factor)
+            factor = _clamp(torch.stack(variance_ratios[part]).double(), group["factor_min"], group["factor_max"])
+            last = _stack_scalars([self.state[p]["last_factor"] for _, p in params[part]], device)
+            threshold = group["factor_threshold"]
+            factor = _clamp(factor, last * (1 - threshold), last * (1 + threshold))
+            coeffs = _stack_scalars([self.state[p]["lamb_coeff_freeze"] for _, p in params[part]], device)
+            alphas = coeffs * -group["lr"] * factor
+            for (_, p), denom, f, a64, a32 in zip(params[part], denoms[part], factor.unbind(), alphas.unbind(),
+                                                  alphas.float().unbind()):
+                st = self.state[p]
+                b1 = group["betas"][0]
+                update = st["exp_avg"] / (1 - b1 ** t) / denom
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                st["last_factor"] = f
+                _add_scaled_(p, update, a64, a32)
         return loss
 
     def _freeze(self, params) -> None:
-        """Freeze variances and trust ratios; fix each layer's momentum rescaling for the 1-bit stage."""
-        rms = []
+        """Freeze variances and trust ratios; fix each layer's momentum rescaling for the 1-bit stage.
+
+        The rescaling is host data from here on (a Python float per tensor, as in the checkpoint): it takes
+        one transfer, once per run, which also brings the coefficients this logs.
+        """
+        norms, numels = [], []
         for group, p in params:
             st = self.state[p]
             m, v = _adam_moments(st, p)
@@ -589,13 +664,29 @@ class OneBitLamb(CompressedOptimizer):
             st["last_factor"] = 1.0
             bc2 = 1 - group["betas"][1] ** self.freeze_step if self.freeze_step else 1.0
             u = m / frozen_denom(v, bc2, group["eps"])
-            rms.append(u.norm().item() / math.sqrt(max(1, u.numel())))
+            norms.append(u.norm().double())
+            numels.append(u.numel())
+        shown = [self.state[p]["lamb_coeff_freeze"] for _, p in params[:6]]
+        host = torch.cat([torch.stack(norms), _stack_scalars(shown, norms[0].device)]).tolist()
+        rms = [norm / math.sqrt(max(1, numel)) for norm, numel in zip(host, numels)]
         positive = [r for r in rms if r > 0]
         united = sum(positive) / len(positive) if positive else 1.0
         for (group, p), r in zip(params, rms):
             self.state[p]["scaling_coeff"] = united / r if r > 0 else 1.0
         log.info("%s: variance and trust ratios frozen at step %d (coefficients %s)", self.label, self.global_step,
-                 ", ".join(f"{self.state[p]['lamb_coeff_freeze']:.3g}" for _, p in params[:6]))
+                 ", ".join(f"{c:.3g}" for c in host[len(norms):]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The device scalars as Python floats, as checkpoints always held them: one transfer per save."""
+        sd = super().state_dict()
+        where = [(index, key) for index, st in sd["state"].items() for key in self.DEVICE_SCALARS
+                 if isinstance(st.get(key), torch.Tensor)]
+        if where:
+            values = torch.stack([sd["state"][index][key] for index, key in where]).tolist()
+            sd["state"] = {index: dict(st) for index, st in sd["state"].items()}  # self.state keeps its tensors
+            for (index, key), value in zip(where, values):
+                sd["state"][index][key] = value
+        return sd
 
     def _extra_state(self):
         return {"freeze_step": self.freeze_step}
