@@ -96,8 +96,8 @@ def trained_demo_model(embedded_test_tensors):
 @pytest.fixture(scope="session", autouse=True)
 def _no_network_namespace_left_behind():
     """No ``datds-*`` network namespace or link that this session (or a process it started) made outlives
-    it: the two-node test and ``bench network`` create them (``dat_ds.bench.netns``)."""
+    it: the two-node test and ``bench network`` create them (``benchmarks.netns``)."""
     yield
-    from dat_ds.bench import netns  # torch-free
+    from benchmarks import netns  # torch-free
 
     netns.remove_leftovers(also_owner=os.getpid())

@@ -13,7 +13,7 @@ import statistics
 
 import pytest
 
-from dat_ds.bench import ablations as ab
+from benchmarks import ablations as ab
 from dat_ds.core.config import build_config
 from dat_ds.core.errors import ConfigError
 
@@ -127,7 +127,7 @@ def test_reuse_takes_only_an_evaluation_with_the_same_attacks_iterations_and_ima
 @pytest.mark.slow
 def test_bench_ablations_end_to_end_tiny(tmp_path):
     """Two variants x two seeds, one epoch of 256 images, one rank, APGD with 5 iterations on 32 images."""
-    from dat_ds.bench import get_bench
+    from benchmarks import get_bench
 
     bench = get_bench("ablations")
     p = argparse.ArgumentParser()

@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 
-from dat_ds.bench import step
-from dat_ds.bench.common import count_passes, interleaved_timing, runs_folder
+from benchmarks import step
+from benchmarks.common import count_passes, interleaved_timing, runs_folder
+from benchmarks.engine import launch_worker
 from dat_ds.core.errors import ConfigError
-from dat_ds.bench.engine_bench import launch_worker
 
 
 def test_step_arms_do_the_same_passes():
@@ -82,21 +82,23 @@ def test_every_bench_resolves_and_no_bench_module_imports_torch():
     import subprocess
     import sys
 
-    from dat_ds.bench import BENCH_HELP, get_bench
+    from benchmarks import get_bench
+    from dat_ds.cli.bench import BENCH_HELP
 
     assert {"step", "engine", "scaling", "time-to-robust", "comm", "eval", "startup", "gpu-smoke"} <= set(BENCH_HELP)
     for name in BENCH_HELP:
         b = get_bench(name)
         assert callable(b.add_args) and callable(b.run) and b.help == BENCH_HELP[name]
     code = ("import sys, argparse\n"
-            "from dat_ds.bench import BENCH_HELP, get_bench\n"
+            "from benchmarks import get_bench\n"
             "from dat_ds.cli import bench as cli_bench\n"
+            "from dat_ds.cli.bench import BENCH_HELP\n"
             "for name in BENCH_HELP:\n"
             "    get_bench(name).add_args(argparse.ArgumentParser())\n"
             "p = argparse.ArgumentParser(); cli_bench._bench_args(p)\n"
             "a = p.parse_args(['startup', '--rounds', '2'])\n"
             "assert a.bench == 'startup' and a.rounds == 2 and a.out == 'bench', a\n"
-            "import dat_ds.bench.worker\n"
+            "import benchmarks.worker, benchmarks.comm, benchmarks.network\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -104,32 +106,34 @@ def test_every_bench_resolves_and_no_bench_module_imports_torch():
 
 
 def test_unknown_bench_is_a_config_error():
-    from dat_ds.bench import get_bench
+    from benchmarks import get_bench
 
     with pytest.raises(ConfigError, match="unknown benchmark 'nope'.*startup"):
         get_bench("nope")
 
 
 def test_only_the_launcher_starts_ranks():
-    """One launcher: no module but launch/launcher.py builds a DeepSpeed command line or spawns ranks."""
+    """One launcher: no module but launch/launcher.py builds a DeepSpeed command line or spawns ranks, in the
+    package or in the benchmarks beside it."""
     from pathlib import Path
 
-    pkg = Path(__file__).resolve().parents[1] / "dat_ds"
+    root = Path(__file__).resolve().parents[1]
     # startup times the `dat-ds` command itself; unlabeled_memory measures one fresh single process's
     # memory per pool size (no rank, no process group), which a launched rank would blur with its own
-    allowed = {"launch/launcher.py", "bench/startup.py", "bench/unlabeled_memory.py"}
+    allowed = {"dat_ds/launch/launcher.py", "benchmarks/startup.py", "benchmarks/unlabeled_memory.py"}
     offenders = []
-    for path in pkg.rglob("*.py"):
-        rel = path.relative_to(pkg).as_posix()
+    for path in [*(root / "dat_ds").rglob("*.py"), *(root / "benchmarks").rglob("*.py")]:
+        rel = path.relative_to(root).as_posix()
         text = path.read_text()
-        for needle in ("deepspeed.launcher", "torch.multiprocessing", "mp.spawn", '"-m", "dat_ds'):
+        for needle in ("deepspeed.launcher", "torch.multiprocessing", "mp.spawn", '"-m", "dat_ds',
+                       '"-m", "benchmarks'):
             if needle in text and rel not in allowed:
                 offenders.append(f"{rel}: {needle}")
     assert not offenders, offenders
 
 
 def test_gpu_smoke_refuses_without_cuda_in_one_line(tmp_path):
-    from dat_ds.bench import get_bench
+    from benchmarks import get_bench
     from dat_ds.core import dist
     from dat_ds.core.errors import ConfigError
 
@@ -150,7 +154,7 @@ def test_gpu_smoke_refusal_exits_2_with_one_error_line():
     import sys
 
     code = ("import sys\n"
-            "from dat_ds.bench import get_bench\n"
+            "from benchmarks import get_bench\n"
             "from dat_ds.launch.entry import run_entry\n"
             "import argparse\n"
             "p = argparse.ArgumentParser(); b = get_bench('gpu-smoke'); b.add_args(p)\n"
@@ -165,7 +169,7 @@ def test_gpu_smoke_refusal_exits_2_with_one_error_line():
 def test_startup_time_command_keeps_exit_code_and_last_line():
     import sys
 
-    from dat_ds.bench import startup
+    from benchmarks import startup
 
     r = startup.time_command([sys.executable, "-c", "import sys; sys.stderr.write('error: bad eps\\n'); sys.exit(2)"], 60)
     assert r["exit_code"] == 2 and r["last_line"] == "error: bad eps" and r["seconds"] > 0
@@ -176,7 +180,7 @@ def test_startup_time_command_keeps_exit_code_and_last_line():
 
 
 def test_synthetic_worker_data_is_seeded_and_shaped():
-    from dat_ds.bench.worker import synthetic_data
+    from benchmarks.worker import synthetic_data
 
     (a, spec), (b, _) = synthetic_data("3x32", 8), synthetic_data("3x32", 8)
     assert (spec.in_chans, spec.img_size, spec.num_classes) == (3, 32, 10) and len(a) == 8
@@ -185,7 +189,7 @@ def test_synthetic_worker_data_is_seeded_and_shaped():
 
 def run_bench(name: str, argv: list[str]) -> None:
     """``dat-ds bench NAME ARGV`` in this process, through the same lookup and parser the CLI uses."""
-    from dat_ds.bench import get_bench
+    from benchmarks import get_bench
 
     p = argparse.ArgumentParser()
     bench = get_bench(name)

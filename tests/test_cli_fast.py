@@ -46,7 +46,8 @@ def fast_cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["demo", "--help"],
                                   ["pretrain", "--help"], ["finetune", "--help"], ["pseudo-label", "--help"],
-                                  ["export", "--help"], ["bench", "--help"], ["tune", "--help"]], ids=" ".join)
+                                  ["export", "--help"], ["bench", "--help"], ["bench", "step", "--help"],
+                                  ["bench", "engine", "--help"], ["tune", "--help"]], ids=" ".join)
 def test_help_imports_no_torch(tmp_path, argv):
     proc = fast_cli(tmp_path, *argv)
     assert proc.returncode == 0, proc.stderr
@@ -161,3 +162,70 @@ def test_input_error_is_one_line_without_torch_or_ranks(tmp_path, case_id, argv,
     assert proc.stderr.splitlines() == ["error: " + expected], proc.stderr
     assert proc.stdout == ""
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+# ----------------------------------------------------------------------------- the benchmarks are not in the wheel
+
+NOT_IN_WHEEL = ("error: dat-ds bench runs from a checkout of the repository: the benchmarks live in its benchmarks/ "
+                "folder, outside the wheel (git clone ...; uv run dat-ds bench step)")
+
+
+def wheel_python(tmp_path: Path, code: str, *argv: str) -> subprocess.CompletedProcess:
+    """``python -c CODE ARGV`` as after a wheel install: ``dat_ds`` importable, the checkout (and its
+    ``benchmarks``) not on the path."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    if not (site / "dat_ds").exists():
+        (site / "dat_ds").symlink_to(REPO / "dat_ds", target_is_directory=True)
+    unpath = (f"import os, sys\nsys.path[:] = [{str(site)!r}] + [p for p in sys.path "
+              f"if os.path.realpath(p or '.') != {str(REPO.resolve())!r}]\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DAT_DS_VERBOSE")}
+    return subprocess.run([sys.executable, "-c", unpath + code, *argv], cwd=site, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def wheel_cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    """``dat-ds ARGV`` from the wheel, heavy imports and process starts forbidden as in ``fast_cli``."""
+    return wheel_python(tmp_path, GUARD, *argv)
+
+
+@pytest.mark.parametrize("argv", [["bench", "step"], ["bench", "step", "--help"], ["bench", "engine", "--steps", "3"]],
+                         ids=" ".join)
+def test_bench_without_a_checkout_is_one_line_and_exit_2(tmp_path, argv):
+    proc = wheel_cli(tmp_path, *argv)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [NOT_IN_WHEEL] and proc.stdout == ""
+
+
+def test_without_a_checkout_the_rest_of_the_cli_is_whole(tmp_path):
+    """The wheel's ``dat-ds`` still lists the benchmarks and runs every other command's fast path."""
+    where = wheel_python(tmp_path, "import dat_ds, importlib.util as u; print(dat_ds.__file__, u.find_spec('benchmarks'))")
+    assert where.returncode == 0 and where.stdout.split()[-1] == "None", where.stdout + where.stderr
+    listing = wheel_cli(tmp_path, "bench", "--help")
+    assert listing.returncode == 0 and "time-to-robust" in listing.stdout, listing.stderr
+    assert wheel_cli(tmp_path, "tune", "--help").returncode == 0
+    dry = wheel_cli(tmp_path, "train", "--recipe", "demo", "--dry-run")
+    assert dry.returncode == 0 and '"world_size": 1' in dry.stderr, dry.stderr[-2000:]
+
+
+def test_the_wheel_ships_the_package_only():
+    """hatch builds the wheel from ``dat_ds`` alone (``uv build`` is slow: its config is read instead); the
+    harnesses are beside it and nothing in it imports them but the CLI's lazy ``bench`` dispatch
+    (``tests/test_layers.py`` checks every import)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    wheel = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert wheel["packages"] == ["dat_ds"] and not wheel.get("include") and not wheel.get("force-include")
+    assert (REPO / "benchmarks" / "__init__.py").is_file() and not (REPO / "dat_ds" / "bench").exists()
+    assert [p for p in (REPO / "dat_ds").rglob("*.py") if "import benchmarks" in p.read_text()] == \
+        [REPO / "dat_ds" / "cli" / "bench.py"]
+
+
+def test_every_listed_benchmark_has_its_harness():
+    """``dat-ds bench NAME`` is ``benchmarks/<NAME with - as _>.py``: the CLI's static list and the folder agree."""
+    from dat_ds.cli.bench import BENCH_HELP
+
+    harnesses = {p.stem for p in (REPO / "benchmarks").glob("*.py")} - {"__init__"}
+    assert {n.replace("-", "_") for n in BENCH_HELP} <= harnesses

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dat_ds.bench import time_to_robust as ttr
+from benchmarks import time_to_robust as ttr
 from dat_ds.core.config import OptimConfig, build_config
 from dat_ds.core.errors import ConfigError
 
@@ -334,7 +334,7 @@ def test_bench_time_to_robust_end_to_end_tiny(tmp_path):
 
     Standard AutoAttack costs minutes per batch of 256 on this CPU whatever the batch holds (Square's 5,000
     queries run one after another), which is what the real measurement pays."""
-    from dat_ds.bench import get_bench
+    from benchmarks import get_bench
 
     bench = get_bench("time-to-robust")
     p = argparse.ArgumentParser()

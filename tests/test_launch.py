@@ -7,7 +7,7 @@ with a shared hostfile of two hosts with one slot each. Two variants:
 
 * ``localhost``: both nodes in this machine's network, master address 127.0.0.1;
 * ``netns``: each node inside its own network namespace, joined by a veth pair with the addresses
-  10.231.<id>.1 / .2 (``dat_ds.bench.netns``): two hosts that can reach each other only over that
+  10.231.<id>.1 / .2 (``benchmarks.netns``): two hosts that can reach each other only over that
   link, gloo bound to it. Needs root and iproute2; skipped with the reason otherwise.
 
 Either way this exercises the real runner -> launch -> rank path and a 2-process gloo world whose ranks
@@ -76,7 +76,7 @@ def _stop_nodes(procs: list[tuple]) -> None:
 @pytest.mark.dist
 @pytest.mark.parametrize("network", ["localhost", "netns"])
 def test_two_node_launch_trains_one_short_epoch(tmp_path, network):
-    from dat_ds.bench import netns
+    from benchmarks import netns
 
     if network == "netns" and (reason := netns.unavailable()) is not None:
         pytest.skip(f"two nodes in network namespaces: {reason}")
@@ -129,7 +129,7 @@ def test_a_node_that_loses_its_link_ends_both_nodes_with_one_line(tmp_path):
     """Node 1's end of the veth goes down after the first checkpoint (no FIN, no RST: a pulled cable). Each
     node's collective waits dist.timeout_s, the ranks still in contact check in at the store, and each node
     ends with exit code 4 and one line naming the peer it lost; the last checkpoint is intact."""
-    from dat_ds.bench import netns
+    from benchmarks import netns
     from dat_ds.core.errors import EXIT_PEER_LOST
     from dat_ds.runtime import checkpoint
     from reliability_utils import model_state, snapshot

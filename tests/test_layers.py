@@ -1,8 +1,10 @@
-"""The house has layers and every import points down (STYLE.md): this test is the guard.
+"""The house has layers and every import points down (README, "## Layout"): this test is the guard.
 
 Every module of ``dat_ds`` is parsed (imports inside functions count too: a lazy import is still a
 dependency) and each import is checked against the layer table below. Peers in one layer may import
-each other, but the packages must not form a cycle.
+each other, but the packages must not form a cycle. The benchmark harnesses (``benchmarks/``, beside the
+package and outside the wheel) sit above all of it: they may import anything of ``dat_ds``, and ``dat_ds``
+imports them nowhere but in the CLI's lazy ``bench`` dispatch.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[1] / "dat_ds"
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "dat_ds"
+BENCHMARKS = ROOT / "benchmarks"
 
 # unit -> layer; a unit may import units of a lower or equal layer (no cycles among equals).
 LAYERS = {
@@ -21,10 +25,12 @@ LAYERS = {
     "objectives": 2,
     "runtime": 3,
     "evaluation": 4,
-    "launch": 5,
-    "bench": 6,
+    "tune": 5,
+    "launch": 6,
     "cli": 7, "train": 7,
 }
+# The one module of dat_ds that may import ``benchmarks`` (lazily, when a benchmark is chosen).
+BENCHMARKS_DISPATCH = "dat_ds/cli/bench.py"
 
 
 def _module_name(path: Path) -> tuple[str, bool]:
@@ -126,3 +132,36 @@ def test_no_cycles_between_units():
 def test_the_parser_sees_relative_and_lazy_imports(src, expected):
     """The guard itself: relative imports, imports inside functions and absolute ones are all found."""
     assert imports_of(src, "dat_ds.runtime.probe") == expected
+
+
+def _absolute_imports(source: str) -> list[tuple[int, str]]:
+    """(line, top-level name) of every absolute import, lazy ones included."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.append((node.lineno, node.module.split(".")[0]))
+    return out
+
+
+def test_the_package_imports_benchmarks_only_in_the_bench_dispatch():
+    """``benchmarks/`` is not in the wheel: a ``dat_ds`` module that imported it would break an installed ``dat-ds``."""
+    found = [f"{path.relative_to(ROOT).as_posix()}:{line}" for path in sorted(PKG.rglob("*.py"))
+             for line, top in _absolute_imports(path.read_text()) if top == "benchmarks"]
+    assert found and all(f.startswith(BENCHMARKS_DISPATCH + ":") for f in found), \
+        f"only {BENCHMARKS_DISPATCH} may import benchmarks (lazily): {found}"
+    dispatch = ast.parse((ROOT / BENCHMARKS_DISPATCH).read_text())
+    top_level = [n for n in dispatch.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [n for n in top_level if "benchmarks" in ast.unparse(n)], "the bench dispatch imports benchmarks lazily"
+
+
+def test_benchmarks_sit_beside_the_package_and_import_it_absolutely():
+    """Harnesses live in ``benchmarks/`` (a package of its own), none in ``dat_ds``; they reach the package by
+    its name (``from dat_ds...``), never by a relative import that would climb out of ``benchmarks``."""
+    assert (BENCHMARKS / "__init__.py").is_file()
+    assert not (PKG / "bench").exists(), "benchmark harnesses live in benchmarks/, outside the wheel"
+    climbing = [f"{path.relative_to(ROOT).as_posix()}:{node.lineno}" for path in sorted(BENCHMARKS.rglob("*.py"))
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.level > 1]
+    assert not climbing, climbing

@@ -17,10 +17,8 @@ import sys
 import pytest
 import torch
 
-from dat_ds.bench import netns
-from dat_ds.bench import network
-from dat_ds.bench import simulate
-from dat_ds.bench.simulate import FP32, Method
+from benchmarks import netns, network, simulate
+from benchmarks.simulate import FP32, Method
 from dat_ds.comm.compressors import pack_bits, unpack_bits, unpack_signs
 from dat_ds.core.errors import ConfigError
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from dat_ds.bench import tune
-from dat_ds.bench.tune import OK, OOM, PRUNED, Budget, Point, Result, Space, point_ds_json
 from dat_ds.core.errors import ConfigError
 from dat_ds.runtime import ds_config
+from dat_ds.tune import search as tune
+from dat_ds.tune.search import OK, OOM, PRUNED, Budget, Point, Result, Space, point_ds_json
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"train_micro_batch_size_per_gpu": 64, "gradient_accumulation_steps": 1,
@@ -195,7 +195,7 @@ def test_budget_parsing():
 
 
 def test_the_search_module_is_torch_free():
-    code = "import sys, dat_ds.bench.tune, dat_ds.cli.tune; sys.exit('torch' in sys.modules)"
+    code = "import sys, dat_ds.tune.search, dat_ds.tune.run, dat_ds.cli.tune; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

@@ -1,14 +1,67 @@
-"""``dat-ds bench <name>``: built from ``dat_ds.bench.BENCH_HELP``; a benchmark's module is imported only
-when that benchmark is chosen (its options are added as its sub-parser starts parsing), so
-``dat-ds bench --help`` and ``dat-ds bench <name> --help`` import no torch.
+"""``dat-ds bench <name>``: the benchmark harnesses of a checkout's ``benchmarks/`` folder (outside the wheel).
+
+The names and their help are static data here, so ``dat-ds bench --help`` lists them anywhere and imports
+no torch. The ``benchmarks`` package is imported only when a benchmark is chosen (its options are added as
+its sub-parser starts parsing): the one import of ``benchmarks`` in ``dat_ds``. Installed from a wheel, it
+is not there: ``dat-ds bench <name>`` then says so in one line and exits with code 2, as a config error does.
+A benchmark called ``name`` is the module ``benchmarks/<name with - as _>.py`` (``benchmarks.get_bench``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from types import ModuleType
 
-from ..bench import BENCH_HELP, get_bench
+from ..core.errors import EXIT_USER_ERROR
 from . import command
+
+BENCH_HELP: dict[str, str] = {
+    "step": "PGD-k AT step cost / clean step: input-gradient attack vs naive loop",
+    "engine": "samples/s: DeepSpeed-engine trainer vs a plain DDP loop, same AT work; "
+              "--deepspeed_config A --vs B: two JSONs side by side",
+    "scaling": "weak and strong scaling 1 -> N ranks (samples/s)",
+    "time-to-robust": "training time of PGD-5, FGSM-RS, N-FGSM, Free-AT, ATTA, N-FGSM + one-cycle "
+                      "to PGD-10 AT's AutoAttack accuracy (-1 pp)",
+    "comm": "bytes and time per step: fp32 all-reduce vs DAT 8-bit, 1-bit Adam, 0/1 Adam, 1-bit LAMB",
+    "network": "two nodes (network namespaces) behind a shaped link: step time and time to a loss, "
+               "fp32 all-reduce vs DAT 8-bit, 1-bit Adam, 0/1 Adam, 1-bit LAMB",
+    "simulate": "alpha-beta cost model calibrated and checked on bench network: step time and scaling "
+                "efficiency for N ranks on 1-400 Gbit/s links",
+    "eval": "PGD-20 evaluation throughput on 1 vs N ranks",
+    "startup": "wall time of dat-ds --help, a config error, an eval error and the demo's first step, "
+               "each vs `import torch`",
+    "gpu-smoke": "one CUDA device: every one-rank ds_config, bf16, ZeRO-3, attacks, AutoAttack eval, "
+                 "SSL commands, dat-ds vs plain PyTorch samples/s",
+    "unlabeled-memory": "resident memory of generated-data mixing (memory-mapped .npz shards) "
+                        "from 100k to 1M generated images",
+    "ablations": "what EMA, AWP, label smoothing, CutMix, consistency each add to TRADES, one at a "
+                 "time, paired over seeds (APGD-CE + APGD-DLR worst case)",
+}
+
+NOT_IN_WHEEL = ("dat-ds bench runs from a checkout of the repository: the benchmarks live in its benchmarks/ "
+                "folder, outside the wheel (git clone ...; uv run dat-ds bench step)")
+
+
+def benchmarks_package() -> ModuleType | None:
+    """The checkout's ``benchmarks`` package, or None where there is none (dat-ds installed from a wheel)."""
+    try:
+        import benchmarks
+    except ModuleNotFoundError as e:
+        if e.name != "benchmarks":  # a harness's own missing import is a bug to see, not "no checkout"
+            raise
+        return None
+    return benchmarks if hasattr(benchmarks, "get_bench") else None  # someone else's package of that name
+
+
+def _harness(name: str):
+    """``benchmarks.get_bench(name)``; without a checkout, the one line and exit code 2."""
+    package = benchmarks_package()
+    if package is None:
+        sys.stderr.write(f"error: {NOT_IN_WHEEL}\n")
+        sys.stderr.flush()
+        sys.exit(EXIT_USER_ERROR)
+    return package.get_bench(name)
 
 
 class _BenchParser(argparse.ArgumentParser):
@@ -21,7 +74,7 @@ class _BenchParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         if not self._loaded:
             self._loaded = True
-            get_bench(self._bench).add_args(self)
+            _harness(self._bench).add_args(self)
         return super().parse_known_args(args, namespace)
 
 
@@ -32,9 +85,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
-    get_bench(args.bench).run(args)
+    _harness(args.bench).run(args)
     return 0
 
 
-command("bench", "benchmarks: step cost, engine overhead, scaling, communication, time to robustness, eval, "
-        "start-up, GPU smoke test")((_bench_args, _bench))
+command("bench", "benchmarks (from a checkout: benchmarks/ is not in the wheel): step cost, engine overhead, "
+        "scaling, communication, time to robustness, eval, start-up, GPU smoke test")((_bench_args, _bench))

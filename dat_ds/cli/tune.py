@@ -36,13 +36,13 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_inputs(args: argparse.Namespace, argv: list[str]):
-    """The torch-free validation pass of ``tune``; returns ``tune_run.Inputs``."""
+    """The torch-free validation pass of ``tune``; returns ``tune.run.Inputs``."""
     from ..core.config import build_config
     from ..core.errors import ConfigError
     from ..launch.launcher import hostfile_nodes, world_size_of
     from ..launch.validate import recipe_path
     from ..runtime import ds_config
-    from ..bench.tune import parse_budget
+    from ..tune.search import parse_budget
 
     world = world_size_of(args.nproc, args.hostfile)
     budget = parse_budget(args.budget)
@@ -66,7 +66,7 @@ def check_inputs(args: argparse.Namespace, argv: list[str]):
         raise ConfigError(f"output path {str(target)!r} lies under the file {str(probe)!r}; choose another --out")
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"output folder {str(probe)!r} is not writable; choose another --out")
-    from ..bench.tune_run import Inputs
+    from ..tune.run import Inputs
 
     return Inputs(recipe=recipe, recipe_name=Path(recipe).stem if recipe else "default",
                   recipe_arg=args.config, sets=tuple(args.overrides),
@@ -78,9 +78,10 @@ def check_inputs(args: argparse.Namespace, argv: list[str]):
 
 def _tune(args: argparse.Namespace, argv: list[str]) -> int:
     inputs = check_inputs(args, argv)
-    from ..bench.tune_run import run
+    from ..launch.tune import start_ranks
+    from ..tune.run import run
 
-    run(inputs)
+    run(inputs, start_ranks)
     return 0
 
 

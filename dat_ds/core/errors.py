@@ -30,6 +30,16 @@ class PeerLostError(RuntimeError):
     that tells the ranks still in contact from the lost ones (``core.dist.lost_contact``)."""
 
 
+class Interrupted(Exception):
+    """The user stopped a launched run (or a tune) with a signal; every process of it is gone. Printed as one
+    line; raised by ``launch.launcher`` and by ``tune.run``, which sits below it."""
+
+    def __init__(self, signum: int, line: str):
+        super().__init__(line)
+        self.signum = signum
+        self.code = 128 + signum  # what a shell reports for a process the signal ended: 143 TERM, 130 INT
+
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a programming error or a crash: the traceback is printed
 EXIT_USER_ERROR = 2  # ConfigError, DiskFullError

@@ -146,3 +146,24 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def save_bar_plot(path, labels: list[str], values: list[float], *, ylabel: str, title: str,
+                  hline: float | None = None, hline_label: str | None = None) -> None:
+    """A bar chart with each value written on its bar (and a dashed reference line), saved with ``save_figure``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(labels) + 2), 3.6))
+    bars = ax.bar(labels, values, color="#4472c4")
+    for b, v in zip(bars, values):
+        ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    if hline is not None:
+        ax.axhline(hline, color="#c00000", ls="--", label=hline_label)
+        ax.legend()
+    ax.set(ylabel=ylabel, title=title)
+    plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
+    fig.tight_layout()
+    save_figure(fig, path)

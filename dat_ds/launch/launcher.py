@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ..core.errors import EXIT_PEER_LOST, ConfigError
+from ..core.errors import EXIT_PEER_LOST, ConfigError, Interrupted
 from ..core.ports import free_port
 from ..core.stop import GRACE_ENV
 from .status import CLI_PID_ENV, STATUS_ENV, failed_rank_line
@@ -53,15 +53,6 @@ class RankFailure(Exception):
     def __init__(self, line: str, code: int):
         super().__init__(line)
         self.code = code
-
-
-class Interrupted(Exception):
-    """The user stopped a launched run with a signal; every process of it is gone. Printed as one line."""
-
-    def __init__(self, signum: int, line: str):
-        super().__init__(line)
-        self.signum = signum
-        self.code = 128 + signum  # what a shell reports for a process the signal ended: 143 TERM, 130 INT
 
 
 def add_launch_args(p: argparse.ArgumentParser, default_nproc: int = 1) -> None:

@@ -3,7 +3,7 @@
 Checks, each recorded as ok / failed (with the error) / skipped (with why) in ``bench/gpu_smoke.json``:
 
 * **speed**: samples/s of DAT-PGD-10 on PreActResNet-18 at 32x32 (random CIFAR-sized images), the
-  DeepSpeed-engine trainer vs a plain PyTorch loop doing the same work (``dat_ds.bench.worker``, both
+  DeepSpeed-engine trainer vs a plain PyTorch loop doing the same work (``benchmarks.worker``, both
   arms started by ``launch()``, one rank);
 * **ds_configs**: every ``ds_configs/*.json`` that fits one rank trains the demo for two optimizer steps
   with an end-of-run PGD evaluation (``dat_ds.launch.train.main``, what ``dat-ds train`` runs on one
@@ -33,12 +33,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import write_result
+from . import CHECKOUT, write_result
 from .common import show_table
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = CHECKOUT
 DEMO = REPO / "recipes" / "demo.yaml"
 ACL = REPO / "recipes" / "acl_pretrain_embedded.yaml"
 # Short runs: two optimizer steps, a step record each, a small end-of-run evaluation.
@@ -50,8 +50,8 @@ BF16_SPACING = 2.0 ** -7  # bf16 spacing just below 1.0: the rounding an image i
 
 
 def require_cuda() -> None:
-    from ..core import dist
-    from ..core.errors import ConfigError
+    from dat_ds.core import dist
+    from dat_ds.core.errors import ConfigError
 
     name = dist.accelerator().device_name()
     if name != "cuda":
@@ -101,7 +101,7 @@ class Skip(Exception):
 def speed(steps: int, micro: int, repeats: int) -> dict[str, Any]:
     import statistics
 
-    from .engine_bench import launch_worker
+    from .engine import launch_worker
 
     kw = dict(steps=steps, micro=micro, model="preactresnet18", attack_steps=10,
               extra=["--synthetic", "3x32", "--deepspeed_config", str(REPO / "ds_configs" / "zero0_fp32.json")])
@@ -119,10 +119,10 @@ def speed(steps: int, micro: int, repeats: int) -> dict[str, Any]:
 def train_short(name: str, recipe: Path, out_dir: Path, extra: list[str], optimizer_steps: int = 2,
                 ds_config: str | None = None) -> dict[str, Any]:
     """A short ``dat-ds train`` on this process's one rank; returns its summary's final row."""
-    from ..core.config import build_config
-    from ..launch import train
-    from ..launch.args import train_args_parser
-    from ..runtime import ds_config as dsc
+    from dat_ds.core.config import build_config
+    from dat_ds.launch import train
+    from dat_ds.launch.args import train_args_parser
+    from dat_ds.runtime import ds_config as dsc
 
     path = ds_config
     accum = dsc.prepare(path or build_config(str(recipe), []).deepspeed_config, 1).grad_accum
@@ -142,8 +142,8 @@ def train_short(name: str, recipe: Path, out_dir: Path, extra: list[str], optimi
 
 def ds_config_check(path: Path, out_dir: Path) -> Callable[[], dict[str, Any]]:
     def check() -> dict[str, Any]:
-        from ..core.errors import ConfigError
-        from ..runtime import ds_config
+        from dat_ds.core.errors import ConfigError
+        from dat_ds.runtime import ds_config
 
         try:
             settings = ds_config.prepare(str(path), 1)
@@ -158,11 +158,11 @@ def ds_config_check(path: Path, out_dir: Path) -> Callable[[], dict[str, Any]]:
 def attacks_16bit(images: int, dtype_name: str) -> dict[str, Any]:
     import torch
 
-    from ..attacks import ATTACKS, attack_view
-    from ..attacks.registry import attack_parameters
-    from ..core import dist
-    from ..data.base import DataSpec
-    from ..models import create_model
+    from dat_ds.attacks import ATTACKS, attack_view
+    from dat_ds.attacks.registry import attack_parameters
+    from dat_ds.core import dist
+    from dat_ds.data.base import DataSpec
+    from dat_ds.models import create_model
 
     device, eps, dtype = dist.device(), 8 / 255, getattr(torch, dtype_name)
     torch.manual_seed(0)
@@ -218,8 +218,8 @@ def train_with_autoattack(name: str, ds: dict[str, Any] | str, out_dir: Path, op
 
 def autoattack_eval(run_dir: str, examples: int, out_dir: Path) -> dict[str, Any]:
     """``dat-ds eval --run RUN --attacks autoattack --max-examples N`` on this one rank."""
-    from ..launch import evaluate
-    from ..launch.args import eval_args_parser
+    from dat_ds.launch import evaluate
+    from dat_ds.launch.args import eval_args_parser
 
     args = eval_args_parser().parse_args(["--run", run_dir, "--attacks", "autoattack", "--max-examples",
                                           str(examples), "--out", str(out_dir)])
@@ -231,7 +231,7 @@ def autoattack_eval(run_dir: str, examples: int, out_dir: Path) -> dict[str, Any
 
 
 def finetune_alf(encoder_run: str, examples: int) -> dict[str, Any]:
-    from ..evaluation.finetune import FinetuneSettings, encoder_from_run, finetune
+    from dat_ds.evaluation.finetune import FinetuneSettings, encoder_from_run, finetune
 
     cfg, encoder, spec = encoder_from_run(encoder_run)
     settings = FinetuneSettings(mode="alf", epochs=1, train_subset=512, eval_examples=examples, attack_steps=2,
@@ -241,8 +241,8 @@ def finetune_alf(encoder_run: str, examples: int) -> dict[str, Any]:
 
 
 def pseudo_label_pool(teacher_run: str, out: Path) -> dict[str, Any]:
-    from ..evaluation.loading import load_run
-    from ..evaluation.pseudo_label import pseudo_label
+    from dat_ds.evaluation.loading import load_run
+    from dat_ds.evaluation.pseudo_label import pseudo_label
 
     loaded = load_run(teacher_run)  # the one run loader; pseudo_label moves the model to the accelerator
     data = pseudo_label(loaded.model, "embedded:train[1000:]", out, teacher=f"run:{teacher_run}")
@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         checks.results.setdefault(name, {"status": "skipped", "why": "the run it needs failed"})
     results = checks.results
     configs = {k: v for k, v in results.items() if k.startswith("ds_config ")}
-    from ..core import dist
+    from dat_ds.core import dist
 
     out = {"device": dist.accelerator().device_name(), "device_name": _device_name(),
            "seconds": time.perf_counter() - t0, "checks": results,

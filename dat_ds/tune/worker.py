@@ -1,12 +1,12 @@
 """The measuring ranks of ``dat-ds tune`` and ``dat-ds bench engine --vs``: one launch, many points.
 
-Started through ``launch("dat_ds.bench.tune_worker", argv)`` (the one launcher, as ``train``). The ranks
+Started through the one launcher as ``train`` is (``launch.tune``, the rank entry, runs ``main``). The ranks
 import torch and DeepSpeed once and then serve requests: the caller writes ``req-<n>.json`` into
 ``--exchange``; rank 0 reads it and hands it to the other ranks; every rank builds the recipe's run with
 that request's DeepSpeed JSON through ``runtime.Trainer`` (data, model, objective, attack and engine
 exactly as ``dat-ds train`` builds them), trains ``warmup + steps`` optimizer steps of its first epoch
 without evaluation, and rank 0 writes ``res-<n>.json``: each timed step's time (the slowest rank's,
-with the device synchronised, as ``bench/worker.py`` times steps), samples/s = global batch / median.
+with the device synchronised, as ``benchmarks/worker.py`` times steps), samples/s = global batch / median.
 
 After ``probe`` timed steps the ranks agree (one ``all_gather``) whether to go on: a point over the memory
 cap, slower than ``prune_below`` or past the deadline stops there. A rank that runs out of device memory
@@ -26,8 +26,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from ..launch.entry import run_entry
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05
@@ -108,10 +106,9 @@ def measure(req: dict[str, Any], args: argparse.Namespace, exchange: Path) -> di
 
     from ..core import dist
     from ..core.config import build_config
+    from ..runtime import ds_config
     from ..runtime.callbacks import StopTraining
     from ..runtime.trainer import Trainer
-
-    from ..runtime import ds_config
 
     t0 = time.perf_counter()
     n = req["n"]
@@ -165,10 +162,10 @@ def measure(req: dict[str, Any], args: argparse.Namespace, exchange: Path) -> di
 
 
 def main(args: argparse.Namespace) -> int:
+    import warnings
+
     from ..core import dist
     from ..core.io import atomic_write_json
-
-    import warnings
 
     dist.setup_logging(logging.WARNING)  # one line per point is the caller's job
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's use of deprecated torch calls, per point
@@ -192,7 +189,3 @@ def main(args: argparse.Namespace) -> int:
             atomic_write_json(exchange / f"res-{n}.json", result)
         dist.barrier()
         n += 1
-
-
-if __name__ == "__main__":
-    sys.exit(run_entry(lambda: main(get_args_parser().parse_args())))

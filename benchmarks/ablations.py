@@ -30,12 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..launch.launcher import launch
+from dat_ds.core import resources
+from dat_ds.core.io import save_bar_plot
+from dat_ds.launch.launcher import launch
+
 from . import write_result
-from .common import finished_run, runs_folder, save_bar_plot, selected_names, show_table
+from .common import finished_run, runs_folder, selected_names, show_table
 
 log = logging.getLogger(__name__)
-BASE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+BASE_RECIPE = resources.packaged(resources.RECIPES, "demo")
 BASELINE = "trades"
 ATTACKS = ("apgd-ce", "apgd-dlr")  # scored together: per-image worst case
 EVAL_FOLDER = "eval-ablation"
@@ -105,7 +108,7 @@ def worst_case(report: dict[str, Any], attacks: tuple[str, ...] = ATTACKS) -> di
     missing = [a for a in attacks if a not in rows]
     if missing:
         raise RuntimeError(f"eval.json has no {missing[0]} row (rows: {', '.join(rows)})")
-    from ..evaluation.run import correct_under_all
+    from dat_ds.evaluation.run import correct_under_all
 
     try:
         robust = sum(correct_under_all([rows[a] for a in attacks], report["count"])) / report["count"]
@@ -159,7 +162,7 @@ def eval_argv(run_dir: Path, args: argparse.Namespace) -> list[str]:
 
 def apgd_steps(args: argparse.Namespace) -> int:
     """The APGD iterations this bench runs: ``--apgd-steps``, else the attacks' own default."""
-    from ..attacks import attack_parameters
+    from dat_ds.attacks import attack_parameters
 
     return args.apgd_steps if args.apgd_steps is not None else attack_parameters(ATTACKS[0])["apgd_steps"]
 
@@ -224,7 +227,7 @@ def selected(text: str, known: dict[str, Any], what: str) -> list[str]:
 
 
 def parse_seeds(text: str) -> list[int]:
-    from ..core.errors import ConfigError
+    from dat_ds.core.errors import ConfigError
 
     try:
         seeds = list(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))

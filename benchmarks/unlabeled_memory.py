@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -63,9 +64,9 @@ def _child(spec: str, shape: tuple[int, int, int], steps: int, micro_batch: int,
     import numpy as np
     import torch
 
-    from ..core.config import build_config
-    from ..data.embedded import ArrayDataset
-    from ..data.loaders import build_train_loader
+    from dat_ds.core.config import build_config
+    from dat_ds.data.embedded import ArrayDataset
+    from dat_ds.data.loaders import build_train_loader
 
     h, w, c = shape
     labeled = ArrayDataset(np.zeros((4096, h, w, c), np.uint8), np.zeros(4096, np.int64))  # same for every size
@@ -91,8 +92,9 @@ def _child(spec: str, shape: tuple[int, int, int], steps: int, micro_batch: int,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..core.errors import ConfigError
-    from . import write_result
+    from dat_ds.core.errors import ConfigError
+
+    from . import checkout_env, write_result
     from .common import show_table
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -117,9 +119,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sub.mkdir()
             for p in paths[:-(-n // args.shard_size)]:
                 (sub / p.name).symlink_to(p)
-            cmd = [sys.executable, "-m", "dat_ds.bench.unlabeled_memory", str(sub), args.shape, str(args.steps),
+            cmd = [sys.executable, "-m", "benchmarks.unlabeled_memory", str(sub), args.shape, str(args.steps),
                    str(args.micro_batch), str(args.unsup_fraction)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                                  env={**os.environ, **checkout_env()})
             if proc.returncode != 0:
                 raise RuntimeError(f"measurement for {n} images failed:\n{proc.stderr[-3000:]}")
             r = json.loads(proc.stdout.strip().splitlines()[-1])

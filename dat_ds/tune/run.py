@@ -1,9 +1,7 @@
-"""``dat-ds tune``: the search of ``tune.py`` with real measurements, and what it writes.
+"""``dat-ds tune``: the search (``search.py``) with real measurements (``measure.py``), and what it writes.
 
-``EngineMeasure`` is the ``measure(point)`` of the search: it keeps one launch of
-``dat_ds.bench.tune_worker`` per layout (ranks x threads) alive and sends it one request per point, so
-torch and DeepSpeed are imported once per layout, not once per point. A point that kills its ranks (out
-of memory) is recorded and the next point gets new ranks.
+``run(inputs, start_ranks)``: plan (the starting point, the space, the output paths), search under the
+budget with every result saved as it comes, write the best JSON, then the table and the plot.
 
 Outputs: the tuned DeepSpeed JSON (plain: ``dat-ds train`` and the ``deepspeed`` launcher take it as is),
 ``<json>.tuning.json`` beside it (every measured point, the hardware, versions, the command; also the
@@ -20,165 +18,25 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, Interrupted
 from ..core.io import atomic_write_json
-from ..launch.launcher import Interrupted, RankFailure, launch
-from . import tune
-from .tune import OK, Point, Result
+from . import search
+from .measure import EngineMeasure, StartRanks
+from .search import OK, Point, Result
+
+if TYPE_CHECKING:
+    from ..core.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-WARMUP, STEPS, PROBE = 2, 5, 2  # optimizer steps per point: warm-up, timed (median), agreement after PROBE
 # Of the budget, the search may start points until (1 - RESERVE) of it has passed and must have its
 # results by the budget's end (the ranks stop a point that runs late); the last RESERVE_S seconds and the
 # 10 % over are for stopping the ranks, the files, the table and the plot.
 RESERVE, RESERVE_S = 0.05, 8.0
-
-
-# ----------------------------------------------------------------------------- the measuring ranks
-
-
-class Server:
-    """One launch of the measuring ranks for one layout; ``request()`` sends a point, waits for its result."""
-
-    def __init__(self, exchange: Path, *, recipe: str | None, sets: list[str], ranks: int, threads: int,
-                 hostfile: str | None):
-        self.dir = Path(tempfile.mkdtemp(prefix=f"layout-{ranks}x{threads}-", dir=exchange))
-        self.n = 0
-        self.failure: str | None = None
-        self.done = threading.Event()
-        argv = ["--exchange", str(self.dir)] + (["--recipe", recipe] if recipe else [])
-        for s in sets:
-            argv += ["--set", s]
-        env = {"DAT_DS_THREADS_PER_RANK": str(threads)} if threads else None
-        import psutil
-
-        before = {c.pid for c in psutil.Process().children()}
-
-        def run() -> None:
-            try:
-                launch("dat_ds.bench.tune_worker", argv, nproc=ranks, hostfile=hostfile, env=env)
-            except RankFailure as e:
-                self.failure = str(e) or f"the ranks exited with code {e.code}"
-            except Exception as e:  # noqa: BLE001 -- reported with the point that was running
-                self.failure = f"{type(e).__name__}: {e}"
-            finally:
-                self.done.set()
-
-        self.thread = threading.Thread(target=run, name=f"tune-ranks-{ranks}x{threads}", daemon=True)
-        self.thread.start()
-        self.launcher_pid: int | None = None
-        for _ in range(50):  # the DeepSpeed launcher this launch started: its process group is the whole run
-            new = [c.pid for c in psutil.Process().children() if c.pid not in before]
-            if new:
-                self.launcher_pid = new[0]
-                break
-            time.sleep(0.02)
-
-    def request(self, req: dict[str, Any], *, wait_until: float) -> dict[str, Any]:
-        n = self.n
-        self.n += 1
-        atomic_write_json(self.dir / f"req-{n}.json", req)
-        res = self.dir / f"res-{n}.json"
-        while not res.exists():
-            if self.done.is_set():
-                fails = sorted(self.dir.glob(f"fail-{n}-*.json"))
-                if fails:
-                    return json.loads(fails[0].read_text())
-                return {"status": "error", "message": self.failure or "the ranks exited"}
-            if time.time() > wait_until:
-                self.kill()
-                return {"status": "error", "message": "no result before the budget's end; the ranks were stopped"}
-            time.sleep(0.05)
-        return json.loads(res.read_text())
-
-    def kill(self) -> None:
-        import signal
-
-        if self.launcher_pid is not None and not self.done.is_set():
-            try:
-                os.killpg(self.launcher_pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        self.done.wait(30)
-
-    def close(self, wait: bool = True) -> None:
-        """Tell the ranks to exit; ``wait=False`` at the very end: they go within a second, and also when
-        this process is gone (``launch.status.watch_cli``)."""
-        if not self.done.is_set():
-            atomic_write_json(self.dir / f"req-{self.n}.json", {"op": "quit"})
-            if wait and not self.done.wait(30):
-                self.kill()
-
-
-class EngineMeasure:
-    """``measure(point, prune_below) -> Result`` on real ranks; one live launch at a time."""
-
-    def __init__(self, *, recipe: str | None, sets: list[str], hostfile: str | None, base_json: dict[str, Any],
-                 start: Point, optimizer_family: str, lr_rule: str, deadline: float, rss_cap_mb: float | None,
-                 exchange: Path, hard_end: float | None = None, warmup: int = WARMUP, steps: int = STEPS, probe: int = PROBE):
-        self.recipe, self.sets, self.hostfile = recipe, sets, hostfile
-        self.base, self.start, self.family, self.lr_rule = base_json, start, optimizer_family, lr_rule
-        self.deadline, self.rss_cap_mb, self.exchange = deadline, rss_cap_mb, exchange
-        self.hard_end = hard_end if hard_end is not None else deadline + 60  # then the ranks are stopped
-        self.warmup, self.steps, self.probe = warmup, steps, probe
-        self.server: Server | None = None
-        self.layout: tuple[int, int] | None = None
-
-    def ds_json(self, p: Point) -> dict[str, Any]:
-        return tune.point_ds_json(self.base, self.start, p, optimizer_family=self.family, lr_rule=self.lr_rule)
-
-    def _server(self, layout: tuple[int, int]) -> Server:
-        if self.server is not None and (self.layout != layout or self.server.done.is_set()):
-            self.server.close()
-            self.server = None
-        if self.server is None:
-            self.server = Server(self.exchange, recipe=self.recipe, sets=self.sets, ranks=layout[0], threads=layout[1],
-                                 hostfile=self.hostfile)
-            self.layout = layout
-        return self.server
-
-    def run_json(self, layout: tuple[int, int], ds: dict[str, Any], sets: list[str], *, steps: int,
-                 prune_below: float | None = None) -> Result:
-        t0 = time.time()
-        fresh = self.server is None or self.layout != layout or self.server.done.is_set()
-        server = self._server(layout)
-        measured = json.loads(json.dumps(ds))
-        params = measured.get("optimizer", {}).get("params", {})
-        for k in ("freeze_step", "var_freeze_step"):  # time the compressed stage, not the warm-up one
-            if k in params:
-                params[k] = self.warmup
-        digest = hashlib.sha1(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:12]
-        path = server.dir / f"point-{digest}.json"
-        atomic_write_json(path, measured)
-        req = {"op": "measure", "ds_config": str(path), "sets": sets, "warmup": self.warmup, "steps": steps,
-               "probe": min(self.probe, steps), "prune_below": prune_below, "rss_cap_mb": self.rss_cap_mb,
-               "deadline": self.deadline}
-        out = server.request(req, wait_until=self.hard_end)
-        total = time.time() - t0
-        own = out.get("wall_s", total)  # the ranks' own time for the point; the rest was their start
-        return Result(status=out.get("status", "error"), samples_per_s=out.get("samples_per_s"),
-                      step_s=out.get("step_s", []), wall_s=own, peak_mem_mb=out.get("peak_mem_mb"),
-                      message=out.get("message", ""), startup_s=max(0.0, total - own) if fresh else 0.0)
-
-    def __call__(self, p: Point, prune_below: float | None) -> Result:
-        sets = [f"model.channels_last={str(p.channels_last).lower()}", f"data.num_workers={p.workers}"]
-        return self.run_json(p.layout, self.ds_json(p), sets, steps=self.steps, prune_below=prune_below)
-
-    def close(self, wait: bool = True) -> None:
-        if self.server is not None:
-            self.server.close(wait)
-            self.last, self.server = self.server, None
-
-    def wait_closed(self, timeout: float) -> None:
-        last = getattr(self, "last", None)
-        if last is not None:
-            last.done.wait(timeout)
 
 
 # ----------------------------------------------------------------------------- the space
@@ -216,13 +74,13 @@ def _shown_path(path: str) -> str:
 def start_point(inputs: Inputs, cfg, settings, threads: int) -> Point:
     return Point(micro=settings.micro_batch, accum=settings.grad_accum, global_batch=settings.global_batch,
                  zero=settings.zero_stage, precision=settings.precision,
-                 comm=tune.json_comm({**settings.ds_config, "optimizer": settings.optimizer,
+                 comm=search.json_comm({**settings.ds_config, "optimizer": settings.optimizer,
                                       "gradient_compression": settings.gradient_compression}, settings.compresses),
                  channels_last=cfg.model.channels_last, workers=cfg.data.num_workers, ranks=inputs.nproc,
                  threads=threads)
 
 
-def build_space(inputs: Inputs, start: Point, *, cpu: bool, cores: int, family: str) -> tune.Space:
+def build_space(inputs: Inputs, start: Point, *, cpu: bool, cores: int, family: str) -> search.Space:
     n = inputs.nproc
     layouts = [start.layout]
     if cpu and not inputs.hostfile:  # ranks x threads within this machine's cores
@@ -234,15 +92,15 @@ def build_space(inputs: Inputs, start: Point, *, cpu: bool, cores: int, family: 
         world = n * inputs.nodes
         batches += [b for b in (start.global_batch // 2, start.global_batch * 2, start.global_batch * 4)
                     if b >= world and b % world == 0 and b != start.global_batch]
-    micro = tune.powers_of_two(max(batches) // world_min, also=[start.micro])
+    micro = search.powers_of_two(max(batches) // world_min, also=[start.micro])
     precisions = [start.precision]
     comms = [start.comm]
     if inputs.allow_numerics_change:
         precisions += [p for p in ("fp32", "bf16") if p != start.precision]
         if n * inputs.nodes > 1:  # nothing to communicate on one rank
-            comms += [c for c in ("none", "dat8", *tune.ONEBIT_FAMILY.get(family, ())) if c != start.comm]
+            comms += [c for c in ("none", "dat8", *search.ONEBIT_FAMILY.get(family, ())) if c != start.comm]
     workers = [start.workers] + [w for w in (0, 1, 2) if w != start.workers and (not cpu or w < cores)]
-    return tune.Space(micro=micro, zero=[start.zero] + [z for z in range(4) if z != start.zero],
+    return search.Space(micro=micro, zero=[start.zero] + [z for z in range(4) if z != start.zero],
                       precision=precisions, comm=comms, channels_last=[start.channels_last, not start.channels_last],
                       workers=workers, layout=layouts, global_batch=batches if len(batches) > 1 else (),
                       nodes=inputs.nodes)
@@ -253,7 +111,7 @@ def validator(inputs: Inputs, start: Point, family: str, lr_rule: str) -> Callab
     from ..runtime import ds_config
 
     def validate(p: Point) -> str | None:
-        d = tune.point_ds_json(inputs.base_json, start, p, optimizer_family=family, lr_rule=lr_rule)
+        d = search.point_ds_json(inputs.base_json, start, p, optimizer_family=family, lr_rule=lr_rule)
         try:
             ds_config.prepare(f"tuned point {p.label()}", p.ranks * inputs.nodes, data=d)
         except ConfigError as e:
@@ -302,15 +160,32 @@ def default_out(recipe_name: str, world: int, hardware: dict[str, Any]) -> Path:
     return Path("ds_configs") / "tuned" / f"{recipe_name}-{world}x{device_tag(hardware)}.json"
 
 
-def run(inputs: Inputs) -> dict[str, Any]:
-    """Measure, search, write the JSON + sidecar + PNG, show the table; returns the sidecar's content."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one tune measures and where it writes: the inputs read against this machine."""
+
+    hardware: dict[str, Any]
+    cfg: RunConfig  # the recipe's, with --set applied
+    start: Point
+    space: search.Space
+    family: str  # the starting JSON's optimizer family
+    lr_rule: str  # the recipe's LR scaling rule, applied to a changed global batch
+    out: Path  # the tuned JSON
+    sidecar: Path  # <out>.tuning.json: every point, and the cache a resume reads
+    key: str  # context_key: a cached point counts only under the same one
+    rss_cap_mb: float | None  # CPU: resident memory per rank over which a point counts as out of memory
+
+    @property
+    def cpu(self) -> bool:
+        return self.hardware["device"] == "cpu"
+
+
+def plan_tune(inputs: Inputs) -> Plan:
+    """The starting point, the space around it and the output paths (imports torch: reads the hardware)."""
     from ..core.config import build_config
     from ..optim.specs import check_optimizer_params
     from ..runtime import ds_config
 
-    t_start = time.time()
-    clock = time.monotonic
-    budget = tune.Budget(inputs.budget_s * (1 - RESERVE) - RESERVE_S, clock)
     hardware = hardware_info()
     cpu = hardware["device"] == "cpu"
     cfg = build_config(inputs.recipe, list(inputs.sets))
@@ -321,114 +196,157 @@ def run(inputs: Inputs) -> dict[str, Any]:
     start = start_point(inputs, cfg, settings, default_threads)
     space = build_space(inputs, start, cpu=cpu, cores=hardware["cores"], family=family)
     out = Path(inputs.out) if inputs.out else default_out(inputs.recipe_name, world, hardware)
-    sidecar = out.with_name(out.stem + ".tuning.json")
-    key = context_key(inputs, hardware)
-    cache: dict[str, dict] = {}
-    if sidecar.is_file():
-        try:
-            old = json.loads(sidecar.read_text())
-            if old.get("context") == key:
-                cache = dict(old.get("cache", {}))
-                log.info("resuming: %d measured point(s) from %s", len(cache), sidecar)
-            else:
-                log.info("%s is from another recipe, JSON or machine; measuring from scratch", sidecar)
-        except (OSError, ValueError):
-            log.warning("%s is not readable JSON; measuring from scratch", sidecar)
     rss_cap = inputs.memory_cap_mb
     if rss_cap is None and cpu:  # resident memory per rank; over it a point counts as out of memory
         rss_cap = 0.8 * hardware["memory_mb"] / inputs.nproc
-    lr_rule = cfg.optim.lr_scaling
-    out.parent.mkdir(parents=True, exist_ok=True)
-    exchange = Path(tempfile.mkdtemp(prefix=".tune-", dir=out.parent))
-    # measurements stop at the budget; what follows (files, table, plot) takes a few seconds of the 10 %
-    measure = EngineMeasure(recipe=inputs.recipe, sets=list(inputs.sets), hostfile=inputs.hostfile,
-                            base_json=inputs.base_json, start=start, optimizer_family=family, lr_rule=lr_rule,
-                            deadline=time.time() + inputs.budget_s - RESERVE_S, rss_cap_mb=rss_cap, exchange=exchange,
-                            hard_end=time.time() + inputs.budget_s)
-    record: dict[str, Any] = {}
+    return Plan(hardware=hardware, cfg=cfg, start=start, space=space, family=family, lr_rule=cfg.optim.lr_scaling,
+                out=out, sidecar=out.with_name(out.stem + ".tuning.json"), key=context_key(inputs, hardware),
+                rss_cap_mb=rss_cap)
 
-    def save(outcome: tune.Outcome | None = None, measured: list | None = None) -> None:
-        record.update({
+
+def cached_points(sidecar: Path, key: str) -> dict[str, dict]:
+    """The points an earlier tune of the same context measured (its sidecar's cache), else none."""
+    if not sidecar.is_file():
+        return {}
+    try:
+        old = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        log.warning("%s is not readable JSON; measuring from scratch", sidecar)
+        return {}
+    if old.get("context") != key:
+        log.info("%s is from another recipe, JSON or machine; measuring from scratch", sidecar)
+        return {}
+    cache = dict(old.get("cache", {}))
+    log.info("resuming: %d measured point(s) from %s", len(cache), sidecar)
+    return cache
+
+
+class Sidecar:
+    """``<json>.tuning.json``, rewritten after every point: the inputs, the hardware, every measured point and
+    the cache (the same dict the search fills) an interrupted tune resumes from."""
+
+    def __init__(self, inputs: Inputs, plan: Plan, cache: dict[str, dict]):
+        self.inputs, self.plan, self.cache = inputs, plan, cache
+        self.record: dict[str, Any] = {}
+
+    def save(self, measured: list[tuple[Point, Result, bool]], summary: dict[str, Any] | None = None) -> None:
+        inputs, plan = self.inputs, self.plan
+        self.record.update({
             "recipe": inputs.recipe_name, "recipe_path": _shown_path(inputs.recipe), "start_json": inputs.ds_path,
-            "command": list(inputs.command), "hardware": hardware, "context": key, "cache": cache,
+            "command": list(inputs.command), "hardware": plan.hardware, "context": plan.key, "cache": self.cache,
             "nproc": inputs.nproc, "nodes": inputs.nodes, "budget_s": inputs.budget_s,
             "allow_numerics_change": inputs.allow_numerics_change, "allow_batch_change": inputs.allow_batch_change,
-            "memory_cap_mb": rss_cap, "space": dataclasses.asdict(space),
+            "memory_cap_mb": plan.rss_cap_mb, "space": dataclasses.asdict(plan.space),
             "points": [{"point": dataclasses.asdict(p), "label": p.label(), **r.to_json(),
-                        "cached": c} for p, r, c in (measured or [])],
+                        "cached": c} for p, r, c in measured],
         })
-        atomic_write_json(sidecar, record)
+        if summary is not None:
+            self.record["summary"] = summary
+        atomic_write_json(self.plan.sidecar, self.record)
+
+
+def run(inputs: Inputs, start_ranks: StartRanks) -> dict[str, Any]:
+    """Measure, search, write the JSON + sidecar + PNG, show the table; returns the sidecar's content.
+
+    ``start_ranks`` starts the measuring ranks (``launch.tune.start_ranks``)."""
+    t_start = time.time()
+    budget = search.Budget(inputs.budget_s * (1 - RESERVE) - RESERVE_S, time.monotonic)
+    plan = plan_tune(inputs)
+    sidecar = Sidecar(inputs, plan, cached_points(plan.sidecar, plan.key))
+    plan.out.parent.mkdir(parents=True, exist_ok=True)
+    exchange = Path(tempfile.mkdtemp(prefix=".tune-", dir=plan.out.parent))
+    # measurements stop at the budget; what follows (files, table, plot) takes a few seconds of the 10 %
+    measure = EngineMeasure(start_ranks, recipe=inputs.recipe, sets=list(inputs.sets), hostfile=inputs.hostfile,
+                            base_json=inputs.base_json, start=plan.start, optimizer_family=plan.family,
+                            lr_rule=plan.lr_rule, deadline=time.time() + inputs.budget_s - RESERVE_S,
+                            rss_cap_mb=plan.rss_cap_mb, exchange=exchange, hard_end=time.time() + inputs.budget_s)
+    done, outcome = _search(inputs, plan, measure, budget, sidecar, exchange)
+    summary = _write_tuned_json(inputs, plan, measure, outcome, seconds=time.time() - t_start)
+    sidecar.save(done, summary)
+    measure.wait_closed(5.0)
+    shutil.rmtree(exchange, ignore_errors=True)
+    _plot(plan.out.with_suffix(".png"), done, plan.start, outcome.best)
+    _table(done, plan.start, outcome.best, inputs.recipe_name)
+    _say(summary, plan.start, summary["lr_note"], inputs)
+    return sidecar.record
+
+
+def _search(inputs: Inputs, plan: Plan, measure: EngineMeasure, budget: search.Budget, sidecar: Sidecar,
+            exchange: Path) -> tuple[list[tuple[Point, Result, bool]], search.Outcome]:
+    """The search under a progress bar, each result saved as it comes. Ctrl-C or SIGTERM stops the ranks and
+    raises ``Interrupted`` (the measured points stay cached); a search in which no point ran is a ConfigError."""
+    import signal
 
     done: list[tuple[Point, Result, bool]] = []
-    progress_state = {"planned": tune.planned_points(space)}
+    planned = search.planned_points(plan.space)
     with _progress(budget) as bar:
         def on_result(p: Point, r: Result, cached: bool) -> None:
             done.append((p, r, cached))
-            save(measured=done)
+            sidecar.save(done)
             sps = f"{r.samples_per_s:.1f} samples/s" if r.samples_per_s else r.message[:80]
             log.info("%-40s %-7s %s%s", p.label(), r.status, sps, " (cached)" if cached else "")
-            bar(len(done), progress_state["planned"], p.label())
+            bar(len(done), planned, p.label())
 
         def on_plan(n: int) -> None:
-            progress_state["planned"] = max(n, len(done))
-            bar(len(done), progress_state["planned"], None)
+            nonlocal planned
+            planned = max(n, len(done))
+            bar(len(done), planned, None)
 
-        import signal
-
-        def stop(signum, frame):  # a SIGTERM ends the tune like Ctrl-C: ranks stopped, cache kept
-            raise _Signal(signum)
-
-        previous = signal.signal(signal.SIGTERM, stop)
+        previous = signal.signal(signal.SIGTERM, _raise_signal)  # a SIGTERM ends the tune like Ctrl-C
         try:
-            outcome = tune.search(start, space, measure, budget=budget, cache=cache,
-                                  validate=validator(inputs, start, family, lr_rule), on_result=on_result,
-                                  on_plan=on_plan)
+            outcome = search.search(plan.start, plan.space, measure, budget=budget, cache=sidecar.cache,
+                                    validate=validator(inputs, plan.start, plan.family, plan.lr_rule),
+                                    on_result=on_result, on_plan=on_plan)
         except (KeyboardInterrupt, _Signal) as e:
             measure.close(wait=True)
             shutil.rmtree(exchange, ignore_errors=True)
             signum = e.signum if isinstance(e, _Signal) else signal.SIGINT
-            raise Interrupted(signum, f"interrupted after {len(done)} point(s); they are cached in {sidecar}: run "
-                                      "the same command again to resume") from None
+            raise Interrupted(signum, f"interrupted after {len(done)} point(s); they are cached in {plan.sidecar}: "
+                                      "run the same command again to resume") from None
         finally:
             signal.signal(signal.SIGTERM, previous)
             measure.close(wait=False)
         if outcome.best_sps is None:
-            save(outcome, done)
+            sidecar.save(done)
             measure.wait_closed(5.0)
             shutil.rmtree(exchange, ignore_errors=True)
             raise ConfigError(f"no point ran (the first: {done[0][1].message if done else 'none measured'}); "
-                              f"see {sidecar}")
-    best_json = measure.ds_json(outcome.best)
-    ds_config.prepare(str(out), outcome.best.ranks * inputs.nodes, data=best_json)  # what we write passes, always
+                              f"see {plan.sidecar}")
+    return done, outcome
+
+
+def _write_tuned_json(inputs: Inputs, plan: Plan, measure: EngineMeasure, outcome: search.Outcome, *,
+                      seconds: float) -> dict[str, Any]:
+    """The best point's JSON, validated at its world size, written to ``plan.out``; returns the summary."""
+    from ..runtime import ds_config
+
+    out, start, best = plan.out, plan.start, outcome.best
+    best_json = measure.ds_json(best)
+    ds_config.prepare(str(out), best.ranks * inputs.nodes, data=best_json)  # what we write passes, always
     atomic_write_json(out, best_json)
-    note = tune.lr_note(start, outcome.best, lr_rule, cfg.optim.base_batch_size,
-                        best_json["optimizer"].get("params", {}).get("lr"))
-    run_sets = _run_config_sets(start, outcome.best)
-    summary = {
-        "tuned_json": str(out), "best": dataclasses.asdict(outcome.best), "best_label": outcome.best.label(),
+    note = search.lr_note(start, best, plan.lr_rule, plan.cfg.optim.base_batch_size,
+                          best_json["optimizer"].get("params", {}).get("lr"))
+    run_sets = _run_config_sets(start, best)
+    return {
+        "tuned_json": str(out), "best": dataclasses.asdict(best), "best_label": best.label(),
         "start": dataclasses.asdict(start), "start_label": start.label(), "start_samples_per_s": outcome.start_sps,
         "best_samples_per_s": outcome.best_sps, "expected_speedup": outcome.speedup,
         "default_is_best": outcome.default_is_best, "stopped_by_budget": outcome.stopped_by_budget,
         "confirm_rounds": [[{"label": p.label(), "samples_per_s": s} for p, s in rnd] for rnd in outcome.confirm_rounds],
-        "confirm": _confirm_line(inputs, outcome.best, out, run_sets),
-        "lr_note": note, "run_config_sets": run_sets, "launch": _launch_line(inputs, outcome.best, out, run_sets, cpu),
-        "seconds": time.time() - t_start,
+        "confirm": _confirm_line(inputs, best, out, run_sets),
+        "lr_note": note, "run_config_sets": run_sets, "launch": _launch_line(inputs, best, out, run_sets, plan.cpu),
+        "seconds": seconds,
     }
-    record["summary"] = summary
-    save(outcome, done)
-    measure.wait_closed(5.0)
-    shutil.rmtree(exchange, ignore_errors=True)
-    png = out.with_suffix(".png")
-    _plot(png, done, start, outcome.best)
-    _table(done, start, outcome.best, inputs.recipe_name)
-    _say(summary, start, note, inputs)
-    return record
 
 
 class _Signal(Exception):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+def _raise_signal(signum, frame):
+    raise _Signal(signum)
 
 
 def _run_config_sets(start: Point, best: Point) -> list[str]:
@@ -461,7 +379,7 @@ def _launch_line(inputs: Inputs, best: Point, out: Path, sets: list[str], cpu: b
 class _progress:
     """A rich bar: points done / planned, and the budget left."""
 
-    def __init__(self, budget: tune.Budget):
+    def __init__(self, budget: search.Budget):
         self.budget = budget
 
     def __enter__(self):
@@ -522,7 +440,7 @@ def _table(done, start: Point, best: Point, recipe: str) -> None:
 
 
 def _plot(path: Path, done, start: Point, best: Point) -> None:
-    from .common import save_bar_plot
+    from ..core.io import save_bar_plot
 
     ok = [(p, r) for p, r in _rows(done) if r.status == OK][:20]
     if not ok:

@@ -5,7 +5,7 @@ same adversarial-training work on 2 ranks (same objective, model, batch, data sh
 recorded to show the work is equal). Arms alternate over ``--repeats`` launches.
 
 engine --deepspeed_config A --vs B: two DeepSpeed JSONs side by side in one launch of the tune ranks
-(``tune_worker``): the recipe's own step, same world size, A and B alternating for ``--rounds`` rounds;
+(``dat_ds.tune.worker``): the recipe's own step, same world size, A and B alternating for ``--rounds`` rounds;
 writes ``engine_vs.json`` with ``ratio`` = samples/s of A / samples/s of B (e.g. a ``dat-ds tune`` result
 against the JSON it started from).
 """
@@ -20,22 +20,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..launch.launcher import launch
-from . import write_result
-from .common import save_bar_plot, show_table
+from dat_ds.core.io import save_bar_plot
+from dat_ds.launch.launcher import launch
+
+from . import checkout_env, write_result
+from .common import show_table
 
 log = logging.getLogger(__name__)
 
 
 def launch_worker(arm: str, nproc: int, *, steps: int, micro: int, model: str, attack_steps: int,
                   threads_per_rank: int | None = None, extra: list[str] | None = None) -> dict[str, Any]:
-    """One ``dat_ds.bench.worker`` run on ``nproc`` ranks (through ``launch()``); returns rank 0's result."""
+    """One ``benchmarks.worker`` run on ``nproc`` ranks (through ``launch()``); returns rank 0's result."""
     with tempfile.TemporaryDirectory(prefix="dat-ds-bench-") as tmp:
         result = Path(tmp) / "result.json"
         argv = ["--arm", arm, "--result", str(result), "--steps", str(steps), "--micro", str(micro),
                 "--model", model, "--attack-steps", str(attack_steps), *(extra or [])]
-        env = {"DAT_DS_THREADS_PER_RANK": str(threads_per_rank)} if threads_per_rank else None
-        launch("dat_ds.bench.worker", argv, nproc=nproc, env=env)  # raises RankFailure naming the failed rank
+        env = checkout_env({"DAT_DS_THREADS_PER_RANK": str(threads_per_rank)} if threads_per_rank else None)
+        launch("benchmarks.worker", argv, nproc=nproc, env=env)  # raises RankFailure naming the failed rank
         return json.loads(result.read_text())
 
 
@@ -88,10 +90,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_vs_args(args: argparse.Namespace):
     """Torch-free: both JSONs exist and pass the DeepSpeed-JSON validation at this world size."""
-    from ..core.config import build_config
-    from ..core.errors import ConfigError
-    from ..launch.validate import recipe_path
-    from ..runtime import ds_config
+    from dat_ds.core.config import build_config
+    from dat_ds.core.errors import ConfigError
+    from dat_ds.launch.validate import recipe_path
+    from dat_ds.runtime import ds_config
 
     if args.vs is None or args.deepspeed_config is None:
         raise ConfigError("bench engine compares two JSONs with both --deepspeed_config A and --vs B")
@@ -113,9 +115,10 @@ def run_vs(args: argparse.Namespace) -> dict[str, Any]:
     """A and B alternating in one launch: ``ratio`` = samples/s of A / samples/s of B."""
     import time
 
-    from ..runtime import ds_config
-    from .tune_run import EngineMeasure, STEPS
-    from .tune import Point
+    from dat_ds.launch.tune import start_ranks
+    from dat_ds.runtime import ds_config
+    from dat_ds.tune.measure import STEPS, EngineMeasure
+    from dat_ds.tune.search import Point
 
     recipe, paths = check_vs_args(args)
     jsons = {arm: ds_config.load_ds_json(p) for arm, p in paths.items()}
@@ -124,8 +127,8 @@ def run_vs(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dat-ds-vs-") as tmp:
         def measurer(nproc: int) -> EngineMeasure:
             dummy = Point(micro=1, accum=1, global_batch=nproc, ranks=nproc)
-            return EngineMeasure(recipe=recipe, sets=list(args.overrides), hostfile=None, base_json=jsons["A"],
-                                 start=dummy, optimizer_family="adamw", lr_rule="none",
+            return EngineMeasure(start_ranks, recipe=recipe, sets=list(args.overrides), hostfile=None,
+                                 base_json=jsons["A"], start=dummy, optimizer_family="adamw", lr_rule="none",
                                  deadline=time.time() + 10**6, rss_cap_mb=None, exchange=Path(tmp))
 
         # one launch per world size, both kept: the idle one waits on a file, the rounds alternate
@@ -137,7 +140,7 @@ def run_vs(args: argparse.Namespace) -> dict[str, Any]:
                     sets = list(args.a_overrides) if arm == "A" else []
                     r = measures[arm].run_json((nprocs[arm], 0), jsons[arm], sets, steps=args.steps or STEPS)
                     if r.status != "ok":
-                        from ..core.errors import ConfigError
+                        from dat_ds.core.errors import ConfigError
 
                         raise ConfigError(f"--{'deepspeed_config' if arm == 'A' else 'vs'} {paths[arm]} did not run: "
                                           f"{r.status} {r.message}")

@@ -107,7 +107,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..core.errors import ConfigError
+    from dat_ds.core.errors import ConfigError
 
     if args.rounds < 1 or args.demo_rounds < 0:
         raise ConfigError("bench startup needs --rounds >= 1 and --demo-rounds >= 0")

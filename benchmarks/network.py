@@ -1,6 +1,6 @@
 """``dat-ds bench network``: compressed communication where it pays -- two "nodes" behind a slow link.
 
-Two network namespaces joined by a veth pair (``bench/netns.py``) stand in for two machines; ``tc tbf``
+Two network namespaces joined by a veth pair (``benchmarks/netns.py``) stand in for two machines; ``tc tbf``
 shapes the link (default sweep: unshaped, 1000 and 100 Mbit/s). One rank runs in each namespace, each
 started by its own ``launch()`` as DeepSpeed node 0 / node 1 (``--no_ssh``, master address on the link,
 gloo bound to the veth), so every byte between the ranks crosses the shaped link.
@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..launch.entry import run_entry
-from ..launch.launcher import NodeLaunch, launch
-from . import netns, write_result
+from dat_ds.launch.entry import run_entry
+from dat_ds.launch.launcher import NodeLaunch, launch
+
+from . import checkout_env, netns, write_result
 from .comm import ARMS
 from .common import show_table
 
@@ -76,22 +77,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_arm(label: str, args: argparse.Namespace, train_set, spec) -> dict[str, Any]:
-    """One short training run with optimizer ``label`` on this rank: per-step seconds, loss, stage, bytes."""
-    import gc
+def _arm_config(label: str, args: argparse.Namespace, world: int):
+    """The run config (DAT-PGD-k on ``--model``, one epoch of warm-up + timed steps) and the engine settings of
+    optimizer ``label``'s JSON at ``--micro`` per rank, its compression starting after ``--warmup`` steps."""
+    from dat_ds.core.config import build_config
+    from dat_ds.runtime import ds_config
 
-    import torch
-
-    from ..comm import fp32_allreduce_bytes
-    from ..core import dist
-    from ..core.config import build_config
-    from ..data.loaders import build_train_loader
-    from ..models import create_model
-    from ..objectives import ObjectiveContext, build_objective
-    from ..runtime import ds_config
-    from ..runtime.build import build_engine
-
-    rank, world = dist.rank(), dist.world_size()
     file, warmup_keys = ARMS[label]
     total = args.warmup + args.steps
     cfg = build_config(None, [f"model.name={args.model}", f"attack.steps={args.attack_steps}", "objective.name=dat",
@@ -103,22 +94,31 @@ def _run_arm(label: str, args: argparse.Namespace, train_set, spec) -> dict[str,
     raw.pop("train_batch_size", None)
     raw["train_micro_batch_size_per_gpu"] = args.micro
     raw["gradient_accumulation_steps"] = 1
-    settings = ds_config.prepare(cfg.deepspeed_config, world, data=raw)
-    torch.manual_seed(cfg.seed)  # the same initial weights for every optimizer
-    model = create_model(cfg.model.name, spec)
-    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    loaders = build_train_loader(cfg, train_set, micro_batch=args.micro, rank=rank, world_size=world)
-    built = build_engine(cfg, settings, model, total)
-    engine, comm = built.engine, built.comm
-    objective = build_objective(cfg)
-    ctx = ObjectiveContext(model=engine, module=engine.module, cfg=cfg,
-                           generator=torch.Generator(device=dist.device()).manual_seed(1 + rank))
-    device = dist.device()
+    return cfg, ds_config.prepare(cfg.deepspeed_config, world, data=raw)
+
+
+def _step_bytes(comm, numel: int, world: int) -> tuple[str, float, float]:
+    """(stage, bytes this rank sent, fp32 all-reduce's bytes) of the step just taken."""
+    from dat_ds.comm import fp32_allreduce_bytes
+
+    if comm is None:
+        sent = fp32_allreduce_bytes(numel, world)
+        return "fp32", sent, sent
+    stats = comm.comm_stats()
+    return stats["stage"], stats["step_bytes_sent"], stats["step_bytes_fp32_equiv"]
+
+
+def _timed_steps(label: str, args: argparse.Namespace, engine, comm, objective, ctx, loader, *, numel: int,
+                 total: int) -> list[dict[str, Any]]:
+    """``total`` training steps, each timed with the device synchronised: seconds, loss, stage, bytes."""
+    from dat_ds.core import dist
+
+    device, world = dist.device(), dist.world_size()
     steps: list[dict[str, Any]] = []
     engine.train()
     dist.barrier()
     prev = time.perf_counter()
-    for i, batch in enumerate(loaders.loader(0)):
+    for i, batch in enumerate(loader):
         if i >= total:
             break
         if time.time() > args.deadline:
@@ -132,14 +132,37 @@ def _run_arm(label: str, args: argparse.Namespace, train_set, spec) -> dict[str,
         loss = float(out.loss.detach())  # a host sync per step: fine here, this measures whole steps
         dist.accelerator().synchronize()
         now = time.perf_counter()
-        if comm is not None:
-            stats = comm.comm_stats()
-            stage, sent, fp32 = stats["stage"], stats["step_bytes_sent"], stats["step_bytes_fp32_equiv"]
-        else:
-            stage, sent = "fp32", fp32_allreduce_bytes(numel, world)
-            fp32 = sent
+        stage, sent, fp32 = _step_bytes(comm, numel, world)
         steps.append({"seconds": now - prev, "loss": loss, "stage": stage, "bytes": sent, "fp32_bytes": fp32})
         prev = now
+    return steps
+
+
+def _run_arm(label: str, args: argparse.Namespace, train_set, spec) -> dict[str, Any]:
+    """One short training run with optimizer ``label`` on this rank: per-step seconds, loss, stage, bytes."""
+    import gc
+
+    import torch
+
+    from dat_ds.core import dist
+    from dat_ds.data.loaders import build_train_loader
+    from dat_ds.models import create_model
+    from dat_ds.objectives import ObjectiveContext, build_objective
+    from dat_ds.runtime.build import build_engine
+
+    rank, world = dist.rank(), dist.world_size()
+    total = args.warmup + args.steps
+    cfg, settings = _arm_config(label, args, world)
+    torch.manual_seed(cfg.seed)  # the same initial weights for every optimizer
+    model = create_model(cfg.model.name, spec)
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    loaders = build_train_loader(cfg, train_set, micro_batch=args.micro, rank=rank, world_size=world)
+    built = build_engine(cfg, settings, model, total)
+    engine, comm = built.engine, built.comm
+    objective = build_objective(cfg)
+    ctx = ObjectiveContext(model=engine, module=engine.module, cfg=cfg,
+                           generator=torch.Generator(device=dist.device()).manual_seed(1 + rank))
+    steps = _timed_steps(label, args, engine, comm, objective, ctx, loaders.loader(0), numel=numel, total=total)
     local_steps = comm.comm_stats().get("local_steps", 0) if comm is not None else 0
     del engine, built, comm, ctx, model
     gc.collect()
@@ -148,10 +171,10 @@ def _run_arm(label: str, args: argparse.Namespace, train_set, spec) -> dict[str,
 
 def main(args: argparse.Namespace) -> int:
     """Rank entry: every optimizer in turn; rank 0 writes ``--result`` with every rank's step records."""
-    from ..core import dist
-    from ..core.config import DataConfig
-    from ..core.io import atomic_write_json
-    from ..data import build_dataset
+    from dat_ds.core import dist
+    from dat_ds.core.config import DataConfig
+    from dat_ds.core.io import atomic_write_json
+    from dat_ds.data import build_dataset
 
     dist.setup_logging()
     dist.init_distributed()
@@ -171,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- the benchmark
 def _parse_bandwidths(text: str) -> list[float | None]:
-    from ..core.errors import ConfigError
+    from dat_ds.core.errors import ConfigError
 
     out: list[float | None] = []
     for item in text.split(","):
@@ -190,7 +213,7 @@ def _parse_bandwidths(text: str) -> list[float | None]:
 
 
 def _parse_optimizers(text: str) -> list[str]:
-    from ..core.errors import ConfigError
+    from dat_ds.core.errors import ConfigError
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in OPTIMIZERS]
@@ -202,7 +225,7 @@ def _parse_optimizers(text: str) -> list[str]:
 
 def _launch_pair(link: netns.NetnsLink, argv: list[str], timeout_s: float) -> None:
     """Node 0 and node 1 of one run, each through ``launch()`` inside its namespace; raises if either failed."""
-    from ..core.ports import free_port
+    from dat_ds.core.ports import free_port
 
     with tempfile.TemporaryDirectory(prefix="dat-ds-netbench-") as tmp:
         hostfile = Path(tmp) / "hostfile"
@@ -211,10 +234,10 @@ def _launch_pair(link: netns.NetnsLink, argv: list[str], timeout_s: float) -> No
         errors: list[BaseException | None] = [None, None]
 
         def node(i: int) -> None:
-            env = {"GLOO_SOCKET_IFNAME": link.ifnames[i], "NCCL_SOCKET_IFNAME": link.ifnames[i],
-                   "DAT_DS_THREADS_PER_RANK": "1"}
+            env = checkout_env({"GLOO_SOCKET_IFNAME": link.ifnames[i], "NCCL_SOCKET_IFNAME": link.ifnames[i],
+                                "DAT_DS_THREADS_PER_RANK": "1"})
             try:
-                launch("dat_ds.bench.network", argv, nproc=1, hostfile=str(hostfile), master_port=port, env=env,
+                launch("benchmarks.network", argv, nproc=1, hostfile=str(hostfile), master_port=port, env=env,
                        node=NodeLaunch(i, link.addrs[0], link.exec_prefix(i)))
             except BaseException as e:  # noqa: BLE001 - reported by the caller's thread
                 errors[i] = e
@@ -303,7 +326,7 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..core.io import save_figure
+    from dat_ds.core.io import save_figure
 
     models = list(dict.fromkeys(r["model"] for r in results))
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False)
@@ -328,8 +351,8 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..core import ui
-    from ..core.errors import ConfigError
+    from dat_ds.core import ui
+    from dat_ds.core.errors import ConfigError
 
     bandwidths = _parse_bandwidths(args.bandwidths)
     labels = _parse_optimizers(args.optimizers)

@@ -10,9 +10,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from dat_ds.core.io import save_bar_plot
+
 from . import write_result
-from .common import save_bar_plot, show_table
-from .engine_bench import launch_worker
+from .common import show_table
+from .engine import launch_worker
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

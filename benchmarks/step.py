@@ -14,13 +14,15 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dat_ds.core.io import save_bar_plot
+
 from . import write_result
-from .common import interleaved_timing, save_bar_plot, show_table
+from .common import interleaved_timing, show_table
 
 if TYPE_CHECKING:
     import torch
 
-    from ..data.base import DataSpec
+    from dat_ds.data.base import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ CASES = {
 
 
 def case_spec(name: str) -> DataSpec:
-    from ..data.base import DataSpec
+    from dat_ds.data.base import DataSpec
 
     chans, classes, size = CASES[name][1]
     return DataSpec(chans, classes, size, (0.5,) * chans, (0.5,) * chans)
@@ -49,7 +51,7 @@ def clean_step(model, opt, x, y) -> None:
 
 
 def at_step_ours(model, opt, x, y, *, eps: float, steps: int, generator: torch.Generator) -> None:
-    from ..attacks import pgd
+    from dat_ds.attacks import pgd
 
     x_adv = pgd(model, x, y, eps=eps, steps=steps, generator=generator)
     clean_step(model, opt, x_adv, y)
@@ -60,7 +62,7 @@ def at_step_naive(model, opt, x, y, *, eps: float, steps: int, generator: torch.
     import torch
     import torch.nn.functional as F
 
-    from ..attacks import eval_mode
+    from dat_ds.attacks import eval_mode
 
     alpha = 2.5 * eps / steps
     noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
@@ -78,7 +80,7 @@ def at_step_naive(model, opt, x, y, *, eps: float, steps: int, generator: torch.
 def run_case(name: str, *, steps: int, eps: float, rounds: int, batch: int | None = None) -> dict[str, Any]:
     import torch
 
-    from ..models import create_model
+    from dat_ds.models import create_model
 
     model_name, _, default_batch = CASES[name]
     spec = case_spec(name)

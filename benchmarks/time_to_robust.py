@@ -34,12 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..launch.launcher import launch
+from dat_ds.core import resources
+from dat_ds.launch.launcher import launch
+
 from . import write_result
 from .common import finished_run, runs_folder, selected_names, show_table
 
 log = logging.getLogger(__name__)
-BASE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"  # the DAT-PGD-5 demo; each method overrides it
+BASE_RECIPE = resources.packaged(resources.RECIPES, "demo")  # the DAT-PGD-5 demo; each method overrides it
 REFERENCE = "pgd10"
 MARGIN = 0.01  # the target is the reference's final AutoAttack accuracy minus 1 pp
 GOAL_RATIO = 0.5
@@ -152,7 +154,7 @@ def train_method(name: str, method: Method, args: argparse.Namespace, runs: Path
 
 
 def read_curve(run_dir: Path) -> list[dict[str, Any]]:
-    from ..core.io import read_jsonl
+    from dat_ds.core.io import read_jsonl
 
     history = json.loads((run_dir / "summary.json").read_text())["history"]
     monitor = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "monitor"]
@@ -178,7 +180,7 @@ def weights_sha256(run_dir: Path, tag: str) -> str:
 
     import torch
 
-    from ..evaluation.loading import load_run
+    from dat_ds.evaluation.loading import load_run
 
     state = load_run(run_dir, tag).model.state_dict()
     h = hashlib.sha256()
@@ -200,8 +202,8 @@ def score_checkpoint(run_dir: Path, epoch: int, args: argparse.Namespace) -> dic
     scored. With ``--reuse`` an evaluation is taken from the run folder, else from that archive when the
     checkpoint's weights hash the same (the training is deterministic: a retrained run on another machine
     gets its earlier evaluations back only if its weights are bit-identical)."""
-    from ..core.io import atomic_write_json
-    from ..runtime.checkpoint import tag_for
+    from dat_ds.core.io import atomic_write_json
+    from dat_ds.runtime.checkpoint import tag_for
 
     tag = tag_for(epoch - 1, 0, end_of_epoch=True)
     out = run_dir / f"eval-{tag}"
@@ -397,7 +399,7 @@ def plot(curves: dict[str, list[dict[str, Any]]], scores: dict[str, dict[int, di
          path: Path) -> None:
     import matplotlib
 
-    from ..core.io import save_figure
+    from dat_ds.core.io import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -44,7 +44,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..comm.spec import fp32_allreduce_bytes, padded_numel, payload_bytes
+from dat_ds.comm.spec import fp32_allreduce_bytes, padded_numel, payload_bytes
+
 from .common import show_table
 
 FP32 = "fp32 all-reduce"  # bench network's label too: calibration rows are matched on it
@@ -236,9 +237,9 @@ class Scenario:
 
 def load_scenario(name: str, measured_ms: float | None, per_rank_batch: int) -> Scenario:
     """The recipe's model, batch and attack from its shipped files; compute measured or assumed."""
-    from ..core import resources
-    from ..core.config import build_config
-    from ..core.errors import ConfigError
+    from dat_ds.core import resources
+    from dat_ds.core.config import build_config
+    from dat_ds.core.errors import ConfigError
 
     if name not in RECIPE_MODELS:
         raise ConfigError(f"bench simulate knows the recipes {', '.join(RECIPE_NAMES)}, not {name!r}")
@@ -259,8 +260,8 @@ def load_scenario(name: str, measured_ms: float | None, per_rank_batch: int) -> 
 
 def recipe_methods() -> list[Method]:
     """The lines of the plots, with bits, block and 0/1 Adam's sync period from the shipped ds_configs."""
-    from ..comm.spec import DEFAULT_BLOCK, check_gradient_compression
-    from ..core import resources
+    from dat_ds.comm.spec import DEFAULT_BLOCK, check_gradient_compression
+    from dat_ds.core import resources
 
     dat = check_gradient_compression(json.loads(resources.ds_config("dat_8bit.json").read_text())["gradient_compression"])
     zero_one = json.loads(resources.ds_config("zero_one_adam.json").read_text())["optimizer"]["params"]
@@ -318,7 +319,7 @@ def check_bytes(network: dict[str, Any], methods: dict[str, Method]) -> list[dic
 
 # ------------------------------------------------------------------------------------------- output
 def _parse_list(text: str, cast, what: str) -> list:
-    from ..core.errors import ConfigError
+    from dat_ds.core.errors import ConfigError
 
     try:
         values = [cast(v) for v in text.split(",") if v.strip()]
@@ -330,7 +331,7 @@ def _parse_list(text: str, cast, what: str) -> list:
 
 
 def _parse_compute(text: str) -> dict[str, float]:
-    from ..core.errors import ConfigError
+    from dat_ds.core.errors import ConfigError
 
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -351,7 +352,7 @@ def _plot(scenario: Scenario, rows: list[dict[str, Any]], links: list[float], pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..core.io import save_figure
+    from dat_ds.core.io import save_figure
 
     scalings = list(dict.fromkeys(r["scaling"] for r in rows))
     fig, axes = plt.subplots(len(scalings), len(links), figsize=(3.3 * len(links), 3.0 * len(scalings)),
@@ -389,48 +390,38 @@ def _fmt_n(n: int | None, ranks: list[int]) -> str:
     return f"N >= {n}" if n > min(ranks) else f"all N >= {n}"
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..core.errors import ConfigError
-    from . import write_result
+def read_network(path: Path) -> dict[str, Any]:
+    """``bench network``'s result, which must hold the unshaped link the model is calibrated on."""
+    from dat_ds.core.errors import ConfigError
 
-    path = Path(args.network)
     if not path.is_file():
         raise ConfigError(f"{path} not found; run `dat-ds bench network` first (it must include the unshaped link)")
     network = json.loads(path.read_text())
     if "None" not in network.get("link_mb_s", {}):
         raise ConfigError(f"{path} has no unshaped-link rows to calibrate on; run bench network with --bandwidths none,...")
-    ranks = sorted(_parse_list(args.ranks, int, "ranks"))
-    links = _parse_list(args.links, float, "links")
-    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
-    measured_compute = _parse_compute(args.compute_ms)
-    if args.per_rank_batch < 1 or args.codec_gb_s <= 0 or args.bucket_mb < 0:
-        raise ConfigError("bench simulate needs --per-rank-batch >= 1, --codec-gb-s > 0 and --bucket-mb >= 0")
-    t0 = time.perf_counter()
-    latency = args.latency_us * 1e-6
-    methods = recipe_methods()
-    by_label = {m.label: m for m in methods}
+    return network
 
-    # 1. The model on what was measured: bench network's two namespaces.
-    base, checks = calibrate(network)
-    bytes_check = check_bytes(network, by_label)
 
-    # 2. The recipes.
-    scenarios = [load_scenario(n, measured_compute.get(n), args.per_rank_batch) for n in names]
+def predict_recipes(scenarios: list[Scenario], methods: list[Method], *, ranks: list[int], links: list[float],
+                    per_rank_batch: int, latency_s: float, codec_bytes_per_s: float,
+                    bucket_bytes: float) -> list[dict[str, Any]]:
+    """One row per recipe, scaling (strong: the recipe's global batch; weak: ``per_rank_batch``), world size,
+    link and method, with its speedup over the fp32 all-reduce, plain and overlapped."""
     predictions: list[dict[str, Any]] = []
     for sc in scenarios:
         for scaling in ("strong", "weak"):
             for world in ranks:
                 if scaling == "strong" and sc.global_batch % world:
                     continue  # DeepSpeed needs train_batch_size = micro x accumulation x world
-                per_rank = sc.global_batch // world if scaling == "strong" else args.per_rank_batch
+                per_rank = sc.global_batch // world if scaling == "strong" else per_rank_batch
                 compute = sc.ms_per_image * per_rank
                 for gbit in links:
                     row_methods = {}
                     for m in methods:
                         row_methods[m.label] = predict(
                             m, numel=sc.params, world=world, compute_ms=compute,
-                            overlap_window_ms=sc.overlap_share * compute, bytes_per_s=gbit * 1e9 / 8, latency_s=latency,
-                            codec_bytes_per_s=args.codec_gb_s * 1e9, bucket_bytes=args.bucket_mb * 1e6,
+                            overlap_window_ms=sc.overlap_share * compute, bytes_per_s=gbit * 1e9 / 8, latency_s=latency_s,
+                            codec_bytes_per_s=codec_bytes_per_s, bucket_bytes=bucket_bytes,
                             samples_per_step=per_rank * world)
                     for label, p in row_methods.items():
                         predictions.append({
@@ -438,6 +429,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "world_size": world, "per_rank_batch": per_rank, **p,
                             "speedup_vs_fp32": row_methods[FP32]["step_ms"] / p["step_ms"],
                             "speedup_vs_fp32_overlapped": row_methods[FP32_OVERLAP]["step_ms"] / p["step_ms"]})
+    return predictions
+
+
+def crossovers_of(predictions: list[dict[str, Any]], scenarios: list[Scenario], methods: list[Method],
+                  links: list[float], pays_off: float) -> list[dict[str, Any]]:
+    """For each compressed method, recipe, scaling, baseline and link: the world size from which it pays off."""
     crossovers = []
     for sc in scenarios:
         for scaling in ("strong", "weak"):
@@ -449,8 +446,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     and p["optimizer"] == m.label and p["link_gbit"] == gbit}
                         crossovers.append({"recipe": sc.recipe, "scaling": scaling, "optimizer": m.label,
                                            "baseline": baseline, "link_gbit": gbit,
-                                           "pays_off_from_world_size": crossover(speedups, args.pays_off),
+                                           "pays_off_from_world_size": crossover(speedups, pays_off),
                                            "max_speedup": max(speedups.values())})
+    return crossovers
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from dat_ds.core.errors import ConfigError
+
+    from . import write_result
+
+    path = Path(args.network)
+    network = read_network(path)
+    ranks = sorted(_parse_list(args.ranks, int, "ranks"))
+    links = _parse_list(args.links, float, "links")
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    measured_compute = _parse_compute(args.compute_ms)
+    if args.per_rank_batch < 1 or args.codec_gb_s <= 0 or args.bucket_mb < 0:
+        raise ConfigError("bench simulate needs --per-rank-batch >= 1, --codec-gb-s > 0 and --bucket-mb >= 0")
+    t0 = time.perf_counter()
+    methods = recipe_methods()
+
+    # 1. The model on what was measured: bench network's two namespaces.
+    base, checks = calibrate(network)
+    bytes_check = check_bytes(network, {m.label: m for m in methods})
+
+    # 2. The recipes.
+    scenarios = [load_scenario(n, measured_compute.get(n), args.per_rank_batch) for n in names]
+    predictions = predict_recipes(scenarios, methods, ranks=ranks, links=links, per_rank_batch=args.per_rank_batch,
+                                  latency_s=args.latency_us * 1e-6, codec_bytes_per_s=args.codec_gb_s * 1e9,
+                                  bucket_bytes=args.bucket_mb * 1e6)
+    crossovers = crossovers_of(predictions, scenarios, methods, links, args.pays_off)
 
     errors = [abs(c["error_pct"]) for c in checks]
     result = {
@@ -469,7 +495,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_result(out, "simulate", result)
     for sc in scenarios:
         _plot(sc, [p for p in predictions if p["recipe"] == sc.recipe], links, out / f"simulate_{sc.recipe}.png")
+    _show_tables(checks, bytes_check, scenarios, methods, predictions, crossovers, ranks=ranks, links=links,
+                 pays_off=args.pays_off)
+    return result
 
+
+def _show_tables(checks: list[dict[str, Any]], bytes_check: list[dict[str, Any]], scenarios: list[Scenario],
+                 methods: list[Method], predictions: list[dict[str, Any]], crossovers: list[dict[str, Any]], *,
+                 ranks: list[int], links: list[float], pays_off: float) -> None:
+    """The validation, bytes, recipes, crossover and scaling tables."""
     show_table("bench simulate: validation on the namespace link (predicted vs measured ms/step, N = 2)",
                ["model", "optimizer", "link Mbit/s", "measured", "predicted", "error", "wire meas.", "wire pred.",
                 "wire error"],
@@ -484,7 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                            "overlap window"],
                [[s.recipe, f"{s.params:,}", s.global_batch, s.attack_steps, f"{s.ms_per_image:.2f}", s.compute_source,
                  f"{100 * s.overlap_share:.0f} % of compute"] for s in scenarios])
-    show_table(f"bench simulate: pays off (step speedup >= {args.pays_off:g}) from ... ranks on",
+    show_table(f"bench simulate: pays off (step speedup >= {pays_off:g}) from ... ranks on",
                ["recipe", "scaling", "optimizer", "vs", *[f"{g:g} Gb/s" for g in links]],
                [[sc.recipe, scaling, m.label, baseline,
                  *[_fmt_n(next(c["pays_off_from_world_size"] for c in crossovers
@@ -499,4 +533,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          if p["recipe"] == sc.recipe and p["scaling"] == "strong" and p["optimizer"] == m.label
                          and p["link_gbit"] == g and p["world_size"] == n), "-") for n in show_ns]]
                 for sc in scenarios for g in links for m in methods])
-    return result

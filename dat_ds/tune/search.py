@@ -2,7 +2,7 @@
 
 A point is one engine + launch setting (micro-batch, ZeRO stage, precision, communication, channels_last,
 data-loader workers, ranks x threads, global batch). ``search()`` walks the space with a callable
-``measure(point, prune_below) -> Result`` that times real steps (``tune_run.EngineMeasure``) or, in the
+``measure(point, prune_below) -> Result`` that times real steps (``measure.EngineMeasure``) or, in the
 tests, a formula:
 
 1. the starting point (the JSON as given), the reference every speedup is stated against;

@@ -1,4 +1,7 @@
-"""Shared benchmark plumbing: interleaved timing, pass counting, plots, table output, finished-run checks (torch imported lazily)."""
+"""Shared benchmark plumbing: interleaved timing, pass counting, table output, finished-run checks (torch imported lazily).
+
+Bar plots: ``dat_ds.core.io.save_bar_plot`` (the tuner draws them too).
+"""
 
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ class PassCounter:
 @contextmanager
 def runs_folder(runs_dir: str | None, reuse: bool, prefix: str) -> Iterator[Path]:
     """The folder a bench trains its runs in: ``--runs-dir`` (kept), else a temporary one removed afterwards."""
-    from ..core.errors import ConfigError
+    from dat_ds.core.errors import ConfigError
 
     if reuse and not runs_dir:
         raise ConfigError("--reuse needs --runs-dir (the folder holding the earlier runs)")
@@ -76,30 +79,8 @@ def count_passes(model: nn.Module) -> Iterator[PassCounter]:
         handle.remove()
 
 
-def save_bar_plot(path, labels: list[str], values: list[float], *, ylabel: str, title: str,
-                  hline: float | None = None, hline_label: str | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..core.io import save_figure
-
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(labels) + 2), 3.6))
-    bars = ax.bar(labels, values, color="#4472c4")
-    for b, v in zip(bars, values):
-        ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
-    if hline is not None:
-        ax.axhline(hline, color="#c00000", ls="--", label=hline_label)
-        ax.legend()
-    ax.set(ylabel=ylabel, title=title)
-    plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 def show_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    from ..core import ui
+    from dat_ds.core import ui
 
     ui.show(ui.table(title, columns, rows))
 
@@ -112,9 +93,9 @@ def finished_run(run_dir: Path, argv: list[str], epochs: int) -> bool:
     changes nothing a healthy run computes or how fast, and is not compared."""
     import yaml
 
-    from ..core.config import config_from_dict
-    from ..launch.args import train_args_parser
-    from ..launch.validate import config_from_args
+    from dat_ds.core.config import config_from_dict
+    from dat_ds.launch.args import train_args_parser
+    from dat_ds.launch.validate import config_from_args
 
     summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
     if not (summary.is_file() and saved.is_file()):
@@ -128,7 +109,7 @@ def finished_run(run_dir: Path, argv: list[str], epochs: int) -> bool:
 def selected_names(text: str, known: Any, first: str, *, what: str, flag: str) -> list[str]:
     """The comma list ``text`` of names from ``known``, without repeats, ``first`` always first (a one-line
     ConfigError names the first unknown one, the ``flag`` it came from and the choices)."""
-    from ..core.errors import ConfigError
+    from dat_ds.core.errors import ConfigError
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in known]

@@ -24,15 +24,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..launch.entry import run_entry
-from ..launch.launcher import launch
-from . import write_result
+from dat_ds.launch.entry import run_entry
+from dat_ds.launch.launcher import launch
+
+from . import CHECKOUT, checkout_env, write_result
 from .common import show_table
 
 if TYPE_CHECKING:
     import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = CHECKOUT
 ARMS = {  # label -> (ds_configs file, warm-up keys to shorten)
     "fp32 all-reduce": ("zero0_fp32.json", ()),
     "DAT 8-bit": ("dat_8bit.json", ()),
@@ -54,9 +55,9 @@ def _params(model_name: str) -> list[torch.nn.Parameter]:
     """The model's parameters on this rank's device: NCCL only all-reduces accelerator tensors."""
     import torch
 
-    from ..core import dist
-    from ..data.base import DataSpec
-    from ..models import create_model
+    from dat_ds.core import dist
+    from dat_ds.data.base import DataSpec
+    from dat_ds.models import create_model
 
     spec = DataSpec(in_chans=1, num_classes=10, img_size=28, mean=(0.5,), std=(0.5,))
     torch.manual_seed(0)
@@ -65,9 +66,9 @@ def _params(model_name: str) -> list[torch.nn.Parameter]:
 
 
 def _arm_optimizer(label: str, params, warmup: int):
-    from ..comm import QuantizedAllReduceOptimizer
-    from ..runtime import ds_config
-    from ..optim import build_optimizer
+    from dat_ds.comm import QuantizedAllReduceOptimizer
+    from dat_ds.optim import build_optimizer
+    from dat_ds.runtime import ds_config
 
     file, keys = ARMS[label]
     data = json.loads((REPO / "ds_configs" / file).read_text())
@@ -87,7 +88,7 @@ class _Arm:
     def __init__(self, label: str, args, rank: int):
         import torch
 
-        from ..core import dist
+        from dat_ds.core import dist
 
         self.label = label
         self.params = _params(args.model)
@@ -103,8 +104,8 @@ class _Arm:
         import torch
         import torch.distributed as tdist
 
-        from ..comm import fp32_allreduce_bytes
-        from ..core import dist
+        from dat_ds.comm import fp32_allreduce_bytes
+        from dat_ds.core import dist
 
         for p in self.params:
             p.grad = torch.randn(p.shape, generator=self.generator, device=self.device) * 1e-2
@@ -159,8 +160,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     """Rank entry: every arm on this rank; rank 0 writes ``--result``."""
-    from ..core import dist
-    from ..core.io import atomic_write_json
+    from dat_ds.core import dist
+    from dat_ds.core.io import atomic_write_json
 
     dist.setup_logging()
     dist.init_distributed()
@@ -181,7 +182,7 @@ def _plot(arms: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..core.io import atomic_write_bytes
+    from dat_ds.core.io import atomic_write_bytes
 
     labels = list(arms)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -208,7 +209,7 @@ def _plot(arms: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..core.errors import ConfigError
+    from dat_ds.core.errors import ConfigError
 
     if args.nproc < 2:
         raise ConfigError(f"bench comm needs --nproc >= 2 (got {args.nproc}); with one rank nothing is sent")
@@ -217,9 +218,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dat-ds-bench-") as tmp:
         out_file = Path(tmp) / "comm.json"
         t0 = time.perf_counter()
-        launch("dat_ds.bench.comm", ["--result", str(out_file), "--steps", str(args.steps), "--warmup",
-                                     str(args.warmup), "--model", args.model],
-               nproc=args.nproc, env={"DAT_DS_THREADS_PER_RANK": "1"})
+        launch("benchmarks.comm", ["--result", str(out_file), "--steps", str(args.steps), "--warmup",
+                                   str(args.warmup), "--model", args.model],
+               nproc=args.nproc, env=checkout_env({"DAT_DS_THREADS_PER_RANK": "1"}))
         measured = json.loads(out_file.read_text())
     arms = measured["arms"]
     goals = {k: {"min_ratio": v, "ratio": arms[k]["ratio"], "met": arms[k]["ratio"] >= v} for k, v in GOALS.items()}

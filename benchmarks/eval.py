@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..launch.launcher import launch
+from dat_ds.launch.launcher import launch
+
 from . import write_result
 
 
@@ -36,9 +37,9 @@ def _eval_once(nproc: int, source: list[str], args: argparse.Namespace, out: Pat
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..core.config import DataConfig
-    from ..data import build_dataset
-    from ..models import create_model
+    from dat_ds.core.config import DataConfig
+    from dat_ds.data import build_dataset
+    from dat_ds.models import create_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
            "speedup": speedup, "goal": f"speedup >= {0.9 * n:.1f}", "goal_met": speedup >= 0.9 * n,
            "per_example_identical": identical}
     path = write_result(args.out, "eval", out)
-    from ..core import ui
+    from dat_ds.core import ui
 
     ui.show(ui.table(f"bench eval: {out['attack']} on {rows[1]['examples']} examples, 1 thread per rank",
                      ["ranks", "attack seconds", "examples/s", "robust acc"],
