@@ -16,7 +16,6 @@ and a config error take <= 0.3x ``import torch`` (they should not import torch a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import subprocess
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         run_dir = args.run or (demos[0]["run_dir"] if demos else str(Path(tmp) / "no-such-run"))
         commands = quick_commands(run_dir)
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name in commands}
-        for name, (cmd, _) in commands.items():  # one unmeasured pass warms each command's imports
+        for cmd, _ in commands.values():  # one unmeasured pass warms each command's imports
             time_command(cmd, 300)
         for i in range(args.rounds):
             torch_samples.append(time_command(IMPORT_TORCH, 300)["seconds"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 from .core import NFGSM_NOISE_MULTIPLIER, default_step_size, eval_mode, fgsm, fgsm_rs, nfgsm, no_attack, pgd
 from .external import apgd_ce, apgd_dlr, autoattack, square
 from .geometry import GEOMETRIES, L2Geometry, LinfGeometry
-from .precision import AttackPrecision, attack_view
 from .losses import ATTACK_LOSSES, ce_loss, margin_loss, misclassified
+from .precision import AttackPrecision, attack_view
 from .registry import ATTACKS, attack_parameters
 from .spec import AttackSpec, attack_from_config, eval_spec, takes, training_spec
 

@@ -6,10 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from . import _train, _train_args, command, resolve_recipe
 from ..core import names
 from ..core.errors import ConfigError
 from ..core.pools import check_pool_spec
+from . import _train, _train_args, command, resolve_recipe
 
 log = logging.getLogger("dat_ds.ssl")
 
@@ -60,9 +60,9 @@ def _pseudo_label(args: argparse.Namespace, argv: list[str]) -> int:
     _check_pseudo_label_args(args)
     from ..core.config import DataConfig
     from ..data import build_dataset
-    from ..models import create_model
-    from ..evaluation.pseudo_label import pseudo_label
     from ..evaluation.loading import load_classifier
+    from ..evaluation.pseudo_label import pseudo_label
+    from ..models import create_model
 
     if args.run:
         loaded = load_classifier(args.run)

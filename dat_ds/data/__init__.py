@@ -1,7 +1,6 @@
 """Data sets (embedded default, on-disk formats), per-rank sharding and loaders."""
 
-from . import embedded  # noqa: F401  (registers the embedded default)
-from . import cifar, hf, imagefolder  # noqa: F401  (register the on-disk formats)
+from . import cifar, embedded, hf, imagefolder  # noqa: F401  (importing them registers the data sets)
 from .base import DATASETS, DataSpec, build_dataset
 from .sampler import ShardSampler
 

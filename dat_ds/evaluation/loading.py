@@ -39,7 +39,8 @@ from ..data.base import DataSpec
 from ..models import create_model
 from ..objectives import OBJECTIVES
 from ..runtime import checkpoint
-from ..runtime.ema import STATE_KEY as EMA_KEY, assemble
+from ..runtime.ema import STATE_KEY as EMA_KEY
+from ..runtime.ema import assemble
 
 log = logging.getLogger(__name__)
 MODEL_STATES = "mp_rank_00_model_states.pt"

@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..core import dist
 from ..attacks import eval_mode, fgsm, pgd
+from ..core import dist
 from ..runtime import checkpoint
 from ..runtime.callbacks import StopTraining
 from .evaluate import batch_generator

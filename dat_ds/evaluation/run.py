@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from ..core import dist, ui
 from ..attacks import ATTACKS, AttackSpec, attack_parameters, takes
+from ..core import dist, ui
 from ..core.config import EvalConfig, parse_eps
-from ..data import build_dataset
-from .evaluate import EvalResult, evaluate
 from ..core.errors import ConfigError
 from ..core.io import atomic_write_json, save_figure
+from ..data import build_dataset
 from . import sanity
+from .evaluate import EvalResult, evaluate
 from .loading import LoadedModel, load_classifier, load_weights
 
 log = logging.getLogger("dat_ds.eval")

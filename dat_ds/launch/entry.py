@@ -13,10 +13,19 @@ import os
 import sys
 from typing import Any, Callable
 
-from ..core.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NAN_ABORT, EXIT_OK, EXIT_PEER_LOST, EXIT_USER_ERROR,
-                           ConfigError, NonFiniteLossError, PeerLostError)
-from .launcher import Interrupted, RankFailure
+from ..core.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_NAN_ABORT,
+    EXIT_OK,
+    EXIT_PEER_LOST,
+    EXIT_USER_ERROR,
+    ConfigError,
+    NonFiniteLossError,
+    PeerLostError,
+)
 from ..core.stop import Stopped
+from .launcher import Interrupted, RankFailure
 from .status import STATUS_ENV, TERMINATED, install_sigterm_status, watch_cli, write_rank_status
 
 

@@ -25,7 +25,8 @@ from typing import Any
 
 from ..core import dist, stop
 from ..core.errors import ConfigError
-from .args import add_run_args, train_args_parser as get_args_parser
+from .args import add_run_args
+from .args import train_args_parser as get_args_parser
 from .entry import run_entry
 from .status import STATUS_ENV
 from .validate import check_model_name, check_run_dir, config_from_args, dry_run_report, train_inputs

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from ..attacks import attack_from_config, eval_mode
 from .augment import two_views
+from .base import OBJECTIVES, Objective, ObjectiveOutput
 from .nt_xent import nt_xent, nt_xent_to_target
 from .ssl_model import build_contrastive_model
-from .base import OBJECTIVES, Objective, ObjectiveOutput
 
 
 def contrastive_attack(ctx, view: torch.Tensor, other_embedding: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ..core import dist
 from ..attacks import GEOMETRIES
+from ..core import dist
 from .base import OBJECTIVES, Objective, ObjectiveOutput, supervised_ce
 from .eps_warmup import eps_factor
 

@@ -312,7 +312,7 @@ class OneBitAdam(CompressedOptimizer):
                 preconditioned.append(m / denom)
             # The frozen variance is identical on every rank, so averaging m / denom is averaging m; in
             # these coordinates the 1-bit error can never be amplified by a near-zero variance.
-            for (group, p), denom, avg in zip(params, denoms, self._compressed_average(preconditioned)):
+            for (_, p), denom, avg in zip(params, denoms, self._compressed_average(preconditioned)):
                 self.state[p]["exp_avg"].copy_(avg * denom)
         for (group, p), denom in zip(params, denoms):
             b1 = group["betas"][0]
@@ -671,7 +671,7 @@ class OneBitLamb(CompressedOptimizer):
         rms = [norm / math.sqrt(max(1, numel)) for norm, numel in zip(host, numels)]
         positive = [r for r in rms if r > 0]
         united = sum(positive) / len(positive) if positive else 1.0
-        for (group, p), r in zip(params, rms):
+        for (_, p), r in zip(params, rms):
             self.state[p]["scaling_coeff"] = united / r if r > 0 else 1.0
         log.info("%s: variance and trust ratios frozen at step %d (coefficients %s)", self.label, self.global_step,
                  ", ".join(f"{c:.3g}" for c in host[len(norms):]))

@@ -39,8 +39,15 @@ import torch
 from ..comm.protocol import CommunicatingOptimizer
 from ..core import dist, stop
 from ..core.errors import ConfigError, DiskFullError
-from ..core.io import (atomic_write_bytes, atomic_write_json, atomic_write_text, free_bytes, is_disk_full, megabytes,
-                       os_error_in)
+from ..core.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    free_bytes,
+    is_disk_full,
+    megabytes,
+    os_error_in,
+)
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"

@@ -31,16 +31,16 @@ from ..data.corrupt import corrupt_images
 from ..data.loaders import build_train_loader
 from ..data.split import split_validation
 from ..models import create_model
-from ..objectives import ObjectiveContext, build_objective, prepare_model
-from ..objectives import eps_warmup
+from ..objectives import ObjectiveContext, build_objective, eps_warmup, prepare_model
 from ..objectives.reuse import PerturbationStore, check_reuse_budget
-from . import backends, checkpoint, ds_config
 from ..optim.schedule import accumulation_unit
+from . import backends, checkpoint, ds_config
 from .build import build_engine
-from .replica import GatheredCopy
 from .callbacks import Callback, Checkpointing, StopTraining
-from .ema import STATE_KEY as EMA_KEY, WeightEMA
+from .ema import STATE_KEY as EMA_KEY
+from .ema import WeightEMA
 from .loop import NonFiniteWatch, TrainState, train_one_epoch
+from .replica import GatheredCopy
 from .signal_stop import SignalStop
 
 log = logging.getLogger("dat_ds.launch.train")
