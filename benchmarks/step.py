@@ -3,7 +3,7 @@
 *Ours* takes attack gradients w.r.t. the input only (``torch.autograd.grad``), so no parameter gradient
 is computed during the k attack iterations. *Naive* is the textbook loop: ``loss.backward()`` inside the
 attack, which also back-propagates into every weight, then zeroes those gradients. Both arms run the
-same forward and backward passes (counted, see ``tests/test_bench.py``), on the same model and batch,
+same forward and backward passes (counted, see ``tests/bench/test_bench.py``), on the same model and batch,
 with BatchNorm in eval mode during the attack; only the wasted weight-gradient work differs.
 """
 

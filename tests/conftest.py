@@ -1,34 +1,14 @@
-"""Shared test helpers: run the CLI in a subprocess, find free ports, small trained models."""
+"""Shared fixtures: the CLI in a subprocess, the embedded test data, small models (trained or not), a batch.
+
+Plain helper functions are in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, cwd: Path | str | None = None, timeout: float = 600, env: dict | None = None,
-            check: bool = False) -> subprocess.CompletedProcess:
-    """``dat-ds ARGS`` in a fresh interpreter (the way users run it); returns the completed process."""
-    full_env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # a fresh command, not a rank
-    full_env.update(env or {})
-    full_env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.run([sys.executable, "-m", "dat_ds.cli", *args], cwd=cwd or REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dat-ds {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-# What torch.distributed reads from the environment. In-process tests initialise a world of one, which
-# sets these in this process for the tests after them; a command a test starts must not inherit them (it
-# would reuse that world's rendezvous port and fail with EADDRINUSE).
-from reliability_utils import DIST_ENV  # noqa: E402
+from tests.helpers import run_cli
 
 
 @pytest.fixture
@@ -58,6 +38,28 @@ def embedded_test_tensors():
     ds, spec = build_dataset(DataConfig(), "test")
     xs, ys = zip(*(ds[i] for i in range(512)))
     return torch.stack(xs), torch.tensor(ys), spec
+
+
+@pytest.fixture(scope="module")
+def batch(request, embedded_test_tensors):
+    """The first embedded test images and labels: one batch for unit tests of attacks and objectives. Its size is
+    the test module's ``BATCH_SIZE`` (32 where it sets none)."""
+    n = getattr(request.module, "BATCH_SIZE", 32)
+    x, y, _ = embedded_test_tensors
+    return x[:n], y[:n]
+
+
+@pytest.fixture(scope="module")
+def cnn(embedded_test_tensors):
+    """An untrained ``tiny_cnn`` (seed 0) for the embedded data, in eval mode: every forward of the same input
+    gives the same logits. One per test module (a test may leave gradients on it)."""
+    import torch
+
+    from dat_ds.models import create_model
+
+    _, _, spec = embedded_test_tensors
+    torch.manual_seed(0)
+    return create_model("tiny_cnn", spec).eval()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from ..core.errors import ConfigError
 from ..core.pools import check_pool_spec
 from . import _train, _train_args, command, resolve_recipe
 
-log = logging.getLogger("dat_ds.ssl")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- pseudo-label

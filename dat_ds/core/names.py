@@ -1,7 +1,7 @@
 """Every registered name, as static data: the CLI answers and validates configs without importing torch.
 
 The registries (``dat_ds.attacks.ATTACKS`` and friends) refuse to register a dat-ds name missing here, and
-``tests/test_registry_names.py`` checks that each tuple equals its registry, so the two cannot drift.
+``tests/core/test_registry_names.py`` checks that each tuple equals its registry, so the two cannot drift.
 Names registered from outside dat-ds (plugins, tests) are added to ``PLUGINS`` at registration time.
 """
 

@@ -28,7 +28,7 @@ import torch
 from ..attacks import eval_mode, fgsm, pgd
 from ..core import dist
 from ..runtime import checkpoint
-from ..runtime.callbacks import StopTraining
+from ..runtime.callbacks import Callback, StopTraining
 from .evaluate import batch_generator
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ MAX_ROLLBACKS = 3
 PGD_STEPS = 10
 
 
-class CatastrophicOverfittingMonitor:
+class CatastrophicOverfittingMonitor(Callback):
     def __init__(self, cfg, engine, test_set, *, ckpt_root: str | Path | None,
                  write: Callable[[dict[str, Any]], None] | None = None, module: torch.nn.Module | None = None):
         """``module``: what the attacks run on, in the training precision (``Trainer.attack_module``); the
@@ -88,9 +88,6 @@ class CatastrophicOverfittingMonitor:
             counts = dist.all_reduce_sum(counts)
         clean, fgsm_acc, pgd_acc = (counts / self.count).tolist()
         return clean, fgsm_acc, pgd_acc
-
-    def on_epoch_end(self, trainer, state, row: dict[str, Any]) -> None:
-        pass
 
     def on_step(self, trainer, state) -> None:
         """``trainer`` is unused: the engine and the checkpoint folder came with the constructor."""

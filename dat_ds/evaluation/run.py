@@ -27,7 +27,7 @@ from . import sanity
 from .evaluate import EvalResult, evaluate
 from .loading import LoadedModel, load_classifier, load_weights
 
-log = logging.getLogger("dat_ds.eval")
+log = logging.getLogger(__name__)
 EVAL_JSON = "eval.json"
 PLOT = "robust_acc_vs_eps.png"
 

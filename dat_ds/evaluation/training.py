@@ -16,16 +16,16 @@ from typing import Any
 from ..attacks import eval_spec
 from ..core.config import RunConfig
 from ..data import build_dataset
-from ..runtime.callbacks import Callback
+from ..runtime.callbacks import Callback, TrainerView
 from ..runtime.loop import TrainState
 from ..runtime.trainer import Trainer
 from .evaluate import evaluate
 from .monitor import CatastrophicOverfittingMonitor
 
-log = logging.getLogger("dat_ds.launch.train")
+log = logging.getLogger(__name__)
 
 
-class EpochEvaluation:
+class EpochEvaluation(Callback):
     """Clean test accuracy after every epoch, robust accuracy (``eval`` section) every ``eval.every_epochs``
     epochs and after the last; adds ``clean_acc``, ``robust_acc`` (None when not measured),
     ``robust_attack``, ``eval_count`` and ``eval_seconds`` to the epoch's row; with a weight EMA
@@ -37,10 +37,7 @@ class EpochEvaluation:
         self.test_set = test_set
         self.spec = eval_spec(cfg)
 
-    def on_step(self, trainer: Trainer, state: TrainState) -> None:
-        pass
-
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, state: TrainState, row: dict[str, Any]) -> None:
         cfg, done = self.cfg, state.epoch + 1
         robust = done == cfg.train.epochs or done % cfg.eval.every_epochs == 0
         t_eval = time.perf_counter()
@@ -65,7 +62,7 @@ class EpochEvaluation:
                      f", {self.spec.label} acc {row['ema_robust_acc']:.4f}" if robust else "")
 
 
-class BestCheckpoint:
+class BestCheckpoint(Callback):
     """``train.keep_best=robust`` (Rice et al. 2020, against robust overfitting): the eval attack (``eval``
     section) on the trainer's validation split -- training examples held out of training, never the test set --
     every ``eval.every_epochs`` epochs and after the last. Adds ``val_clean_acc``, ``val_robust_acc`` and
@@ -78,10 +75,7 @@ class BestCheckpoint:
             raise ValueError("BestCheckpoint needs the trainer's validation split (train.keep_best)")
         self.cfg, self.val_set, self.spec = cfg, val_set, eval_spec(cfg)
 
-    def on_step(self, trainer: Trainer, state: TrainState) -> None:
-        pass
-
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, state: TrainState, row: dict[str, Any]) -> None:
         cfg, done = self.cfg, state.epoch + 1
         if not (done == cfg.train.epochs or done % cfg.eval.every_epochs == 0):
             return

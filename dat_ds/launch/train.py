@@ -31,7 +31,7 @@ from .entry import run_entry
 from .status import STATUS_ENV
 from .validate import check_model_name, check_run_dir, config_from_args, dry_run_report, train_inputs
 
-log = logging.getLogger("dat_ds.launch.train")
+log = logging.getLogger(__name__)
 
 __all__ = ["add_run_args", "check_run_dir", "cli_entry", "config_from_args", "get_args_parser", "main"]
 

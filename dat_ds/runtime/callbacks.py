@@ -11,29 +11,53 @@ one too: the trainer builds it with the engine and runs it first, so the others 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import torch
+
+    from .ema import WeightEMA
     from .loop import TrainState
-    from .trainer import Trainer
 
 
 class StopTraining(Exception):
     """Raised by a callback (e.g. the catastrophic-overfitting monitor) to end training cleanly."""
 
 
-@runtime_checkable
-class Callback(Protocol):
-    def on_step(self, trainer: Trainer, state: TrainState) -> None:
+class TrainerView(Protocol):
+    """What callbacks use of the run (``runtime.trainer.Trainer`` is one), and nothing more."""
+
+    engine: Any  # deepspeed.DeepSpeedEngine: its module, and load_checkpoint for a rollback
+    ema: WeightEMA | None
+    state: TrainState
+    steps_per_epoch: int
+    accumulation_unit: int
+    ckpt_root: Path
+    val_set: Any
+    last_save_seconds: float | None
+    last_saved_step: int | None
+
+    def save(self, end_of_epoch: bool, best: bool = False) -> Path: ...
+
+    def eval_module(self) -> torch.nn.Module: ...
+
+    def reload_ema(self, root: Path, tag: str, client: dict[str, Any] | None) -> None: ...
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+
+class Callback:
+    """A hook into the run; both hooks do nothing unless a subclass says otherwise."""
+
+    def on_step(self, trainer: TrainerView, state: TrainState) -> None:
         """After every training step (``state.global_step`` counts it already)."""
-        ...
 
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, state: TrainState, row: dict[str, Any]) -> None:
         """After every epoch, before ``row`` is logged and the epoch's checkpoint is written."""
-        ...
 
 
-class Checkpointing:
+class Checkpointing(Callback):
     """Mid-epoch checkpoints every ``every_steps`` global steps (0: none); the trainer saves at epoch ends.
 
     A step that closes its epoch is left to the epoch-end save, which also holds the epoch's evaluation.
@@ -42,9 +66,6 @@ class Checkpointing:
     def __init__(self, every_steps: int):
         self.every = every_steps
 
-    def on_step(self, trainer: Trainer, state: TrainState) -> None:
+    def on_step(self, trainer: TrainerView, state: TrainState) -> None:
         if self.every and state.global_step % self.every == 0 and state.step_in_epoch < trainer.steps_per_epoch:
             trainer.save(end_of_epoch=False)
-
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
-        pass

@@ -48,6 +48,7 @@ from ..core.io import (
     megabytes,
     os_error_in,
 )
+from . import ds_adapter
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
@@ -152,16 +153,12 @@ def save(engine, root: Path, tag: str, *, client_state: dict[str, Any], rank_sta
         shutil.rmtree(tmp_dir)  # left over from a save that crashed
     dist.barrier()
     writes = _RankWrites()
-    inner = engine.checkpoint_engine
-    engine.checkpoint_engine = _GuardedCheckpointEngine(inner, writes)
-    try:
+    with ds_adapter.checkpoint_engine_swapped(engine, lambda inner: _GuardedCheckpointEngine(inner, writes)):
         if writes.run(lambda: engine.save_checkpoint(str(root), tag=tmp_dir.name, client_state=client_state,
                                                      save_latest=False)):
             # What escapes DeepSpeed is a write outside its checkpoint engine (ZeRO's recovery scripts): done
             # after its last collective but its closing barrier, where the other ranks wait for this one.
             dist.barrier()
-    finally:
-        engine.checkpoint_engine = inner
     if comm is not None:  # DeepSpeed (ZeRO 0) saves rank 0's optimizer state only
         rank_state = {**rank_state, OPTIMIZER_LOCAL: comm.rank_local_state()}
     buf = io.BytesIO()
@@ -249,9 +246,7 @@ class _GuardedCheckpointEngine:
         self._writes.run(lambda: self._save(state_dict, path), path, lambda: _tensor_bytes(state_dict))
 
     def _save(self, state_dict, path: str) -> None:
-        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-        if type(self._inner) is not TorchCheckpointEngine:
+        if not ds_adapter.is_torch_checkpoint_engine(self._inner):
             self._inner.save(state_dict, path)
             return
         # torch.save(obj, path) reports a full disk as 'enforce fail ... unexpected pos' with the errno

@@ -65,7 +65,7 @@ TOP_TYPES: dict[str, str] = {
 SECTION_TYPES: dict[str, dict[str, str]] = {
     "fp16": {"enabled": BOOL, "auto_cast": BOOL, "loss_scale": NUMBER, "initial_scale_power": INTEGER,
              "loss_scale_window": INTEGER, "hysteresis": INTEGER, "consecutive_hysteresis": BOOL,
-             "min_loss_scale": NUMBER},
+             "min_loss_scale": INTEGER},  # DeepSpeed 0.19 takes whole numbers only
     "bf16": {"enabled": BOOL, "immediate_grad_update": BOOL},
     "torch_autocast": {"enabled": BOOL, "dtype": STRING},
     "zero_optimization": {

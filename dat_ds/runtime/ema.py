@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..core.config import EMAConfig
+from .callbacks import Callback
 
 if TYPE_CHECKING:
     from .loop import TrainState
@@ -49,7 +50,7 @@ def warmup_decay(decay: float, updates: int, warmup: bool) -> float:
     return min(decay, (1.0 + updates) / (10.0 + updates)) if warmup else decay
 
 
-class WeightEMA:
+class WeightEMA(Callback):
     """The average of ``model``'s parameters (a Trainer callback: ``on_step`` after each training step)."""
 
     def __init__(self, model: nn.Module, cfg: EMAConfig):

@@ -36,6 +36,7 @@ import torch
 from ..core import dist
 from ..core.errors import NonFiniteLossError
 from ..objectives import ObjectiveOutput
+from . import ds_adapter
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +149,8 @@ class DeviceMeter:
 
 def _local_grads(engine) -> list[torch.Tensor]:
     """This rank's gradients: ``.grad`` of the module (ZeRO-0) plus ZeRO-1/2's reduced partitions."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    partitions = getattr(engine.optimizer, "averaged_gradients", None)
-    if isinstance(partitions, dict):
-        for group in partitions.values():
-            grads.extend(g for g in (group or []) if isinstance(g, torch.Tensor))
-    return grads
+    return [p.grad for p in engine.module.parameters() if p.grad is not None] + \
+        ds_adapter.gradient_partitions(engine.optimizer)
 
 
 def _grads_non_finite(engine, device: torch.device) -> torch.Tensor:
@@ -193,18 +190,11 @@ def _skip_non_finite(loss_bad: torch.Tensor, grad_bad: torch.Tensor, state: Trai
     return True
 
 
-def _min_loss_scale(engine) -> float | None:
-    """The floor of DeepSpeed's dynamic fp16 loss scale (its ``fp16.min_loss_scale``); None for a static scale."""
-    if not engine.dynamic_loss_scale():
-        return None
-    return float((engine.dynamic_loss_scale_args() or {}).get("min_scale", 1.0))  # loss_scaler.MIN_LOSS_SCALE
-
-
 def _fp16_step(engine, state: TrainState, floor: float | None) -> None:
     """``engine.step()`` under fp16 loss scaling: count and log a step DeepSpeed skipped for overflow; an overflow
     at the dynamic scale's floor is divergence (ZeRO's scaler raises there; the ZeRO-0 one would skip forever)."""
     boundary = engine.is_gradient_accumulation_boundary()  # before step(), which advances the micro-step count
-    scale = engine.optimizer.loss_scale
+    scale = ds_adapter.loss_scale(engine)
     diverged = NonFiniteLossError(
         f"fp16 gradients overflow even at the minimum loss scale ({scale:g}) at global step {state.global_step + 1}: "
         "training diverged; lower the LR, or use bf16 where the accelerator has it")
@@ -219,7 +209,7 @@ def _fp16_step(engine, state: TrainState, floor: float | None) -> None:
             raise diverged
         state.overflow_steps += 1
         log.info("fp16: step %d overflowed and DeepSpeed skipped it; loss scale now %g (%d overflow "
-                 "step(s) so far)", state.global_step + 1, engine.optimizer.loss_scale, state.overflow_steps)
+                 "step(s) so far)", state.global_step + 1, ds_adapter.loss_scale(engine), state.overflow_steps)
 
 
 def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, metrics=None,
@@ -236,7 +226,7 @@ def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, m
     watch = watch if watch is not None else NonFiniteWatch(device)
     skip = cfg.train.nan_policy == "skip"
     fp16 = engine.fp16_enabled()  # DeepSpeed's loss scaling owns non-finite gradients (module docstring)
-    floor = _min_loss_scale(engine) if fp16 else None
+    floor = ds_adapter.min_loss_scale(engine) if fp16 else None
     finite = torch.zeros((), dtype=torch.bool, device=device)
     window = DeviceMeter(device)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "samples": 0.0}
@@ -290,7 +280,7 @@ def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, m
                       "lr": engine.get_lr()[0], "samples_per_s": stats["count"] / max(now - t_window, 1e-9),
                       "skipped_steps": state.skipped_steps, **stats["metrics"]}
             if fp16:
-                record.update(overflow_steps=state.overflow_steps, loss_scale=engine.optimizer.loss_scale)
+                record.update(overflow_steps=state.overflow_steps, loss_scale=ds_adapter.loss_scale(engine))
             if comm is not None:  # BuiltEngine.comm: the compressing optimizer reports bytes sent and its stage
                 record.update({f"comm_{k}": v for k, v in comm.comm_stats().items()})
             if metrics is not None:

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import ds_adapter
+
 log = logging.getLogger(__name__)
 
 GATHER_NUMEL = 1 << 26  # parameters per all-gather: 256 MB of fp32 at a time, not the whole model twice
@@ -45,8 +47,7 @@ class GatheredCopy:
             raise RuntimeError(f"the evaluation copy's parameters differ from the engine's: "
                                f"{sorted(params.keys() ^ targets.keys())[:5]}")
         names = list(params)
-        for chunk in _chunks(names, [params[n].ds_numel if hasattr(params[n], "ds_numel") else params[n].numel()
-                                     for n in names]):
+        for chunk in _chunks(names, [ds_adapter.full_numel(params[n]) for n in names]):
             with deepspeed.zero.GatheredParameters([params[n] for n in chunk], modifier_rank=None), torch.no_grad():
                 for n in chunk:
                     targets[n].copy_(params[n].data)

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..core import dist, stop
+from .callbacks import Callback, TrainerView
 
 if TYPE_CHECKING:
     from .loop import TrainState
-    from .trainer import Trainer
 
-log = logging.getLogger("dat_ds.launch.train")
+log = logging.getLogger(__name__)
 
 SAFETY = 1.5  # a save may take this much longer than the last one did
 EXIT_MARGIN_S = 3.0  # after the save: leaving the process group, exit, the command's clean-up
@@ -41,7 +41,7 @@ def save_fits(elapsed_s: float, last_save_s: float | None, grace_s: float) -> bo
     return elapsed_s + SAFETY * last_save_s + EXIT_MARGIN_S <= grace_s
 
 
-class SignalStop:
+class SignalStop(Callback):
     """The callback; built on every rank alike (it may create a gloo group: collective)."""
 
     def __init__(self, grace_s: float | None = None):
@@ -53,16 +53,13 @@ class SignalStop:
             if tdist.get_backend() != "gloo":  # NCCL & co.: agree on host tensors, without a device sync
                 self.group = tdist.new_group(backend="gloo")
 
-    def on_step(self, trainer: Trainer, state: TrainState) -> None:
+    def on_step(self, trainer: TrainerView, state: TrainState) -> None:
         # the epoch's last step: checked after its end; under gradient accumulation only on optimizer steps,
         # where a final checkpoint resumes exactly (the stop waits at most the accumulation's other batches)
         if state.step_in_epoch < trainer.steps_per_epoch and state.global_step % trainer.accumulation_unit == 0:
             self.check(trainer)
 
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
-        pass
-
-    def _agree(self, trainer: Trainer) -> tuple[int, float, float | None]:
+    def _agree(self, trainer: TrainerView) -> tuple[int, float, float | None]:
         got = stop.received()
         last = trainer.last_save_seconds
         flags = torch.tensor([got[0] if got else 0, time.monotonic() - got[1] if got else 0.0,
@@ -74,7 +71,7 @@ class SignalStop:
         signum, elapsed, last_save = flags.tolist()
         return int(signum), elapsed, None if last_save < 0 else last_save
 
-    def check(self, trainer: Trainer) -> None:
+    def check(self, trainer: TrainerView) -> None:
         """Collective. If any rank got a signal: the final save when it fits, then ``Stopped`` on every rank."""
         signum, elapsed, last_save = self._agree(trainer)
         if not signum:

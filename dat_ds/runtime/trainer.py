@@ -43,7 +43,7 @@ from .loop import NonFiniteWatch, TrainState, train_one_epoch
 from .replica import GatheredCopy
 from .signal_stop import SignalStop
 
-log = logging.getLogger("dat_ds.launch.train")
+log = logging.getLogger(__name__)
 REUSE_KEY = "perturbations"  # attack.reuse's store in rank_state_<r>.pt
 BEST_ROW_KEY = "best"  # an epoch row with best: true (train.keep_best's callback) makes its checkpoint the run's best
 OVERWRITTEN = ".overwritten-"  # <run>.overwritten-<time>-<pid>: the old run under --overwrite until it is replaced

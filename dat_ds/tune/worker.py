@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..runtime.callbacks import Callback, StopTraining
+
 log = logging.getLogger(__name__)
 POLL_S = 0.05
 
@@ -46,7 +48,7 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-class _Timer:
+class _Timer(Callback):
     """A trainer callback: stamps every optimizer step; decides, with the other ranks, whether to go on."""
 
     def __init__(self, req: dict[str, Any], accum: int, global_batch: int):
@@ -72,7 +74,6 @@ class _Timer:
 
     def on_step(self, trainer, state) -> None:
         from ..core import dist
-        from ..runtime.callbacks import StopTraining
 
         self.micro_steps += 1
         if self.micro_steps % self.accum:
@@ -96,9 +97,6 @@ class _Timer:
         if timed >= self.req["steps"]:
             raise StopTraining("done")
 
-    def on_epoch_end(self, trainer, state, row) -> None:
-        pass
-
 
 def measure(req: dict[str, Any], args: argparse.Namespace, exchange: Path) -> dict[str, Any] | None:
     """One point on every rank; rank 0 returns its result."""
@@ -107,7 +105,6 @@ def measure(req: dict[str, Any], args: argparse.Namespace, exchange: Path) -> di
     from ..core import dist
     from ..core.config import build_config
     from ..runtime import ds_config
-    from ..runtime.callbacks import StopTraining
     from ..runtime.trainer import Trainer
 
     t0 = time.perf_counter()

@@ -1,0 +1,78 @@
+"""The DeepSpeed internals dat-ds reads (``runtime/ds_adapter.py``) exist on the installed DeepSpeed.
+
+Each test builds a real one-rank engine and fails with a line naming the attribute a DeepSpeed release renamed,
+instead of dat-ds failing deep inside a run (a NaN check that silently sees no gradients, a save that cannot
+guard its writes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dat_ds.core import dist
+from dat_ds.runtime import ds_adapter
+
+RENAMED = "DeepSpeed no longer has {what}; update dat_ds/runtime/ds_adapter.py"
+
+
+def _engine(**config):
+    import deepspeed
+
+    dist.init_distributed()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    base = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={**base, **config})
+    return engine
+
+
+def _backward(engine) -> None:
+    dtype = next(engine.module.parameters()).dtype
+    x, y = torch.randn(4, 8, dtype=dtype), torch.tensor([0, 1, 2, 0])
+    engine.backward(nn.functional.cross_entropy(engine(x).float(), y))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero12_gradient_partitions(stage):
+    engine = _engine(zero_optimization={"stage": stage})
+    assert isinstance(getattr(engine.optimizer, "averaged_gradients", None), dict), \
+        RENAMED.format(what=f"ZeRO-{stage}'s optimizer.averaged_gradients")
+    _backward(engine)
+    parts = ds_adapter.gradient_partitions(engine.optimizer)
+    assert parts and sum(p.numel() for p in parts) >= sum(p.numel() for p in engine.module.parameters())  # + padding
+
+
+def test_checkpoint_engine_is_swapped_for_a_block_and_put_back():
+    engine = _engine()
+    assert hasattr(engine, "checkpoint_engine"), RENAMED.format(what="engine.checkpoint_engine")
+    inner = engine.checkpoint_engine
+    assert ds_adapter.is_torch_checkpoint_engine(inner)
+    with pytest.raises(RuntimeError, match="inside"):
+        with ds_adapter.checkpoint_engine_swapped(engine, lambda e: ("wrapped", e)):
+            assert engine.checkpoint_engine == ("wrapped", inner)
+            raise RuntimeError("inside")
+    assert engine.checkpoint_engine is inner
+
+
+def test_zero3_parameters_know_their_full_size():
+    engine = _engine(zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0})
+    sizes = [ds_adapter.full_numel(p) for p in engine.module.parameters()]
+    assert all(hasattr(p, "ds_numel") for p in engine.module.parameters()), RENAMED.format(what="param.ds_numel")
+    assert sizes == [8 * 16, 16, 16 * 3, 3]
+
+
+def test_fp16_loss_scale_and_its_floor(monkeypatch):
+    acc = dist.accelerator()
+    if acc.device_name() == "cpu" and not acc.is_fp16_supported():  # DeepSpeed's fp16 engine runs on CPU tensors
+        monkeypatch.setattr(type(acc), "is_fp16_supported", lambda self: True)
+        monkeypatch.setattr(type(acc), "supported_dtypes", lambda self: [torch.float32, torch.bfloat16, torch.float16])
+    engine = _engine(fp16={"enabled": True, "initial_scale_power": 5, "min_loss_scale": 2})
+    for name in ("dynamic_loss_scale", "dynamic_loss_scale_args", "fp16_enabled", "was_step_applied",
+                 "is_gradient_accumulation_boundary"):
+        assert callable(getattr(engine, name, None)), RENAMED.format(what=f"engine.{name}()")
+    assert ds_adapter.loss_scale(engine) == 32.0 and ds_adapter.min_loss_scale(engine) == 2.0
+    static = _engine(fp16={"enabled": True, "loss_scale": 128})
+    assert ds_adapter.loss_scale(static) == 128.0 and ds_adapter.min_loss_scale(static) is None

@@ -1,0 +1,235 @@
+"""Exact resume: a run interrupted mid-epoch and resumed ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from dat_ds import cli
+from dat_ds.runtime import checkpoint
+from tests.helpers import (
+    REPO,
+    Crash,
+    assert_identical,
+    crash_after_save,
+    launch_two_rank_train,
+    model_state,
+    rank_process,
+    tiny_args,
+    wait_for_tag,
+    write_ds,
+)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted 1-rank run: 6 steps per epoch, 2 epochs, mid-epoch saves every 4 steps."""
+    folder = tmp_path_factory.mktemp("resume")
+    ds = write_ds(folder)
+    assert cli.main(["train", *tiny_args(folder / "runs", "ref", ds)]) == 0
+    return folder, ds
+
+
+def test_tags_and_commit_marks(reference):
+    folder, _ = reference
+    root = folder / "runs" / "ref" / "checkpoint"
+    # steps 4 and 8 mid-epoch (step 12 closes epoch 2, so it is the epoch tag), plus one tag per epoch
+    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000004", "epoch0000", "step000000008", "epoch0001"]
+    assert (root / "latest").read_text().strip() == "epoch0001"
+    assert not [d for d in root.iterdir() if d.name.startswith(checkpoint.TMP_PREFIX)]
+    mark = checkpoint.read_complete(root / "step000000004")
+    assert mark["fits"] == {"model.name": "tiny_cnn", "data.name": "fashion-mnist", "optimizer": "AdamW", "zero_stage": 0}
+    assert mark["step_in_epoch"] == 4 and mark["epoch"] == 0
+
+
+def test_crash_mid_epoch_then_resume_auto_is_bit_identical(reference, caplog):
+    folder, ds = reference
+    with crash_after_save("step000000004"), pytest.raises(Crash):
+        cli.main(["train", *tiny_args(folder / "runs", "crash", ds)])
+    root = folder / "runs" / "crash" / "checkpoint"
+    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000004"]
+
+    # A newer checkpoint whose model file got truncated, and a save interrupted before its commit:
+    # --resume auto must skip both (with warnings) and take step 4.
+    shutil.copytree(root / "step000000004", root / "step000000005")
+    mark = checkpoint.read_complete(root / "step000000005")
+    (root / "step000000005" / "complete.json").write_text(
+        (root / "step000000005" / "complete.json").read_text().replace('"global_step": 4', '"global_step": 5'))
+    model_file = root / "step000000005" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[: mark["files"]["mp_rank_00_model_states.pt"] // 2])
+    shutil.copytree(root / "step000000004", root / ".tmp-step000000006")
+    (root / "latest").write_text("step000000005\n")
+    with caplog.at_level(logging.WARNING, logger="dat_ds"):
+        assert checkpoint.resolve_resume("auto", root.parent) == (root, "step000000004")
+    assert "skipping corrupt checkpoint" in caplog.text and "step000000005" in caplog.text
+    assert "skipping incomplete checkpoint" in caplog.text and ".tmp-step000000006" in caplog.text
+    shutil.rmtree(root / "step000000005")  # a real crash would not leave it behind twice
+
+    assert cli.main(["train", *tiny_args(folder / "runs", "crash", ds), "--resume", "auto"]) == 0
+    ref_root = folder / "runs" / "ref" / "checkpoint"
+    for tag in ("step000000008", "epoch0001"):
+        assert_identical(model_state(ref_root / tag), model_state(root / tag))
+
+
+def test_resume_with_another_model_is_one_line(reference, capsys):
+    folder, ds = reference
+    args = tiny_args(folder / "runs", "ref", ds, "--set", "model.name=small_cnn", "--resume", "auto")
+    before = sorted(p.name for p in (folder / "runs" / "ref" / "checkpoint").iterdir())
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("error: checkpoint ") and "was saved with model.name='tiny_cnn', but this run has 'small_cnn'" in err
+    assert "--set model.name=tiny_cnn" in err
+    assert sorted(p.name for p in (folder / "runs" / "ref" / "checkpoint").iterdir()) == before
+
+
+def test_resume_on_another_world_size_is_refused_before_any_rank_starts(reference, capsys, monkeypatch):
+    """A 1-rank checkpoint resumed by a 2-rank command: one line from the CLI, exit 2, nothing started or written."""
+    folder, ds = reference
+    from dat_ds.launch import launcher
+
+    started = []
+    monkeypatch.setattr(launcher, "_run", lambda *a, **kw: started.append(a) or 0)  # a rank start would show here
+    args = tiny_args(folder / "runs", "ref", ds, "--resume", "auto", "--nproc", "2")
+    run_dir = folder / "runs" / "ref"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    assert checkpoint.read_complete(run_dir / "checkpoint" / "epoch0001")["world_size"] == 1
+    assert cli.main(["train", *args]) == 2
+    tag = run_dir / "checkpoint" / "epoch0001"
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: checkpoint '{tag}' was saved with 1 rank(s), but this run has 2; resume with --nproc 1, or pass "
+        "--allow-world-size-change (not bit-identical), or start a new run with another --name"]
+    assert started == []
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+def test_trainer_refuses_another_world_size_on_its_own(reference):
+    """The ranks' copy of the check (a run started with `deepspeed` directly skips the CLI's)."""
+    from dat_ds.core.errors import ConfigError
+    from dat_ds.runtime.trainer import check_world_size
+
+    folder, _ = reference
+    root = folder / "runs" / "ref" / "checkpoint"
+    check_world_size(root, "epoch0001", 1)
+    with pytest.raises(ConfigError, match=r"saved with 1 rank\(s\), but this run has 4; resume with --nproc 1"):
+        check_world_size(root, "epoch0001", 4)
+
+
+def test_a_checkpoints_model_states_are_weights_the_preflight_accepts(reference):
+    """DeepSpeed's ``mp_rank_00_model_states.pt`` keeps the state dict under "module": model.weights takes it."""
+    from dat_ds.core.config import build_config
+    from dat_ds.data.embedded import FASHION_SPEC
+    from dat_ds.launch.preflight import check_weights
+    from dat_ds.models import create_model
+
+    folder, ds = reference
+    states = folder / "runs" / "ref" / "checkpoint" / "epoch0001" / "mp_rank_00_model_states.pt"
+    cfg = build_config(None, ["model.name=tiny_cnn", f"model.weights={states}", f"deepspeed_config={ds}"])
+    check_weights(cfg, FASHION_SPEC)
+    loaded = create_model("tiny_cnn", FASHION_SPEC, str(states))
+    assert_identical(loaded.state_dict(), model_state(states.parent))
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="dat_ds"):
+        assert checkpoint.resolve_resume("auto", tmp_path / "nothing") is None
+    assert "starting from scratch" in caplog.text
+    with pytest.raises(Exception, match="no complete checkpoint found for --resume"):
+        checkpoint.resolve_resume(str(tmp_path / "nothing"), tmp_path / "other")
+
+
+def test_rng_roundtrip_restores_every_stream():
+    import random
+
+    import numpy as np
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in python's state
+    np.random.standard_normal()
+    state = checkpoint.capture_rng(g)
+    want = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(),
+            torch.rand(3, generator=g))
+    torch.manual_seed(99), random.seed(99), np.random.seed(99), g.manual_seed(99)
+    checkpoint.restore_rng(state, g)
+    got = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(),
+           torch.rand(3, generator=g))
+    assert torch.equal(want[0], got[0]) and want[1:5] == got[1:5] and torch.equal(want[5], got[5])
+
+
+@pytest.mark.slow
+def test_sigkill_two_ranks_then_resume_is_bit_identical(tmp_path):
+    """2 CPU ranks: SIGKILL rank 1 after the first mid-epoch checkpoint, resume, compare with a clean run."""
+    ds = write_ds(tmp_path)
+    runs = tmp_path / "runs"
+    common = dict(subset=640, epochs=2, save_every=3)  # 20 steps per epoch on 2 ranks
+    ref = subprocess.run([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2",
+                          *tiny_args(runs, "ref", ds, **common)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = launch_two_rank_train(tiny_args(runs, "killed", ds, **common))
+    victim = rank_process(psutil.Process(proc.pid), 1)
+    root = runs / "killed" / "checkpoint"
+    first = wait_for_tag(root, proc)
+    assert first.startswith("step")
+    victim.send_signal(signal.SIGKILL)
+    t_kill = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t_kill < 60
+    assert "error: rank 1 failed (exit code -9: killed by SIGKILL)" in err
+    tags = [t for _, t in checkpoint.complete_tags(root)]
+    assert "epoch0001" not in tags  # it really was interrupted
+
+    res = subprocess.run([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2",
+                          *tiny_args(runs, "killed", ds, **common), "--resume", "auto"],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_identical(model_state(runs / "ref" / "checkpoint" / "epoch0001"), model_state(root / "epoch0001"))
+
+
+def test_world_size_change_is_refused_unless_allowed_then_reshards(tmp_path, capsys, dat_ds_log):
+    """2 ranks train one epoch; a 1-rank resume is one line without --allow-world-size-change (exit 2, nothing
+    written), and with it continues: the epoch checkpoint starts epoch 2 at its beginning, the step counter
+    goes on (20 + 40 steps); a mid-epoch checkpoint (step 14 of 20 on 2 ranks: 448 examples) goes on at step 28
+    of 40 on one rank."""
+    ds = write_ds(tmp_path)
+    runs = tmp_path / "runs"
+    common = dict(subset=640, save_every=7)  # 20 steps per epoch on 2 ranks, 40 on one
+    two = subprocess.run([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2",
+                          *tiny_args(runs, "two", ds, epochs=1, **common)], cwd=REPO, capture_output=True, text=True,
+                         timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    root = runs / "two" / "checkpoint"
+    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000007", "step000000014", "epoch0000"]
+    before = {str(p): p.stat().st_mtime_ns for p in (runs / "two").rglob("*")}
+    capsys.readouterr()
+    assert cli.main(["train", *tiny_args(runs, "two", ds, epochs=2, **common), "--resume", "auto"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: checkpoint '{root / 'epoch0000'}' was saved with 2 rank(s), but this run has 1; resume with --nproc 2, "
+        "or pass --allow-world-size-change (not bit-identical), or start a new run with another --name"]
+    assert {str(p): p.stat().st_mtime_ns for p in (runs / "two").rglob("*")} == before
+
+    dat_ds_log.clear()
+    assert cli.main(["train", *tiny_args(runs, "two", ds, epochs=2, **common), "--resume", "auto",
+                     "--allow-world-size-change"]) == 0
+    assert ("world size 2 -> 1: epoch 2 starts at its beginning; per-rank RNG re-seeded; the global step counter "
+            "continues at 20; results will not be bit-identical to an uninterrupted run") in dat_ds_log.text
+    mark = checkpoint.read_complete(root / "epoch0001")
+    assert mark["global_step"] == 60 and mark["world_size"] == 1
+    epochs = [json.loads(ln) for ln in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
+
+    dat_ds_log.clear()
+    assert cli.main(["train", *tiny_args(runs, "mid", ds, epochs=1, **common), "--resume",
+                     str(root / "step000000014"), "--allow-world-size-change"]) == 0
+    assert ("world size 2 -> 1: data position re-sharded at global example 448 of epoch 1 (step 28 of 40; 0 "
+            "example(s) seen again); per-rank RNG re-seeded") in dat_ds_log.text
+    assert checkpoint.read_complete(runs / "mid" / "checkpoint" / "epoch0000")["global_step"] == 14 + 12
