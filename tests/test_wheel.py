@@ -1,5 +1,6 @@
 """The wheel is the product: built, installed into a fresh venv and run from an empty folder, the shipped
-recipes, DeepSpeed JSONs and embedded data are found by name and the demo trains end to end.
+recipes, DeepSpeed JSONs and embedded data are found by name and the demo trains end to end; and pip,
+installing it with its dependencies where a cluster's torch already is, keeps that torch.
 """
 
 from __future__ import annotations
@@ -69,3 +70,32 @@ def test_installed_wheel_runs_the_demo_from_an_empty_folder(tmp_path):
     # Quiet by default: none of DeepSpeed's start-up chatter.
     for noise in ("Setting accelerator to CPU", "[launch.py", "[runner.py", "shm_comm_op built", "CUDA_HOME"):
         assert noise not in demo.stdout + demo.stderr, noise
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_pip_install_with_dependencies_keeps_the_installed_torch(tmp_path):
+    """A cluster's environment already has its torch: ``pip install dat_ds-*.whl`` (dependencies and all,
+    deepspeed built from its sdist) must keep that torch, here the oldest one scripts/compat.sh tests."""
+    import re
+
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    oldest = re.search(r'^OLDEST_TORCH="([^"]*)"', (REPO / "scripts" / "compat.sh").read_text(), re.M).group(1)
+    dist = tmp_path / "dist"
+    _run([uv, "build", "--wheel", "-o", str(dist)], cwd=REPO, timeout=300)
+    (wheel,) = dist.glob("dat_ds-*.whl")
+    venv = tmp_path / "venv"
+    _run([uv, "venv", "-q", "--seed", "--python", sys.executable, str(venv)], cwd=tmp_path)
+    py = str(venv / "bin" / "python")
+    _run([uv, "pip", "install", "-q", "--python", py, *oldest.split()], cwd=tmp_path, timeout=1800)
+    versions = [py, "-c", "import torch, torchvision; print(torch.__version__, torchvision.__version__)"]
+    before = _run(versions, cwd=tmp_path).stdout
+    assert before.split()[0].startswith(oldest.split()[0].split("==")[1])
+
+    _run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)], cwd=tmp_path, timeout=1800)
+    assert _run(versions, cwd=tmp_path).stdout == before
+    _run([py, "-m", "pip", "check"], cwd=tmp_path)
+    _run([str(venv / "bin" / "dat-ds"), "--help"], cwd=tmp_path)
+    _run([py, "-c", "import deepspeed, dat_ds.runtime.trainer"], cwd=tmp_path)
