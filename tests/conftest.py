@@ -18,13 +18,17 @@ def cli():
 
 @pytest.fixture
 def dat_ds_log(caplog):
-    """``caplog`` that also sees the ``dat_ds`` logger, which stops propagating once the CLI set up logging."""
+    """``caplog`` that also sees the ``dat_ds`` logger, which stops propagating once the CLI set up logging.
+
+    The logger propagates again for the test, to the root logger where pytest keeps its capturing handler in every
+    phase. (Adding ``caplog.handler`` to the ``dat_ds`` logger at set-up instead lost records in a full run of the
+    suite -- the message on stderr, ``caplog.text`` empty -- depending on which tests ran before.)"""
     import logging
 
     logger = logging.getLogger("dat_ds")
-    logger.addHandler(caplog.handler)
+    propagate, logger.propagate = logger.propagate, True
     yield caplog
-    logger.removeHandler(caplog.handler)
+    logger.propagate = propagate
 
 
 @pytest.fixture(scope="session")

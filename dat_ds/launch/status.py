@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from ..core.errors import PeerLostError
 
@@ -96,17 +97,13 @@ def watch_cli() -> threading.Thread | None:
         return None
     import psutil  # a DeepSpeed dependency
 
-    try:  # the start time tells the launching process from a later one that got its PID
-        born = psutil.Process(int(pid)).create_time()
-    except (psutil.Error, ValueError):
-        born = None
+    born = _started(pid)  # the start tells the launching process from a later one that got its PID
 
     def alive() -> bool:
         if born is None:
             return False
         try:
-            p = psutil.Process(int(pid))
-            return p.create_time() == born and p.status() != psutil.STATUS_ZOMBIE
+            return _started(pid) == born and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
 
@@ -120,6 +117,23 @@ def watch_cli() -> threading.Thread | None:
     thread = threading.Thread(target=watch, name="dat-ds-cli-watch", daemon=True)
     thread.start()
     return thread
+
+
+def _started(pid: str) -> float | None:
+    """When process ``pid`` started, None if it is gone: on Linux its start in clock ticks since boot
+    (``/proc/PID/stat``), which a wall-clock step leaves alone; psutil's ``create_time`` (boot time read from the
+    wall clock, plus those ticks) moved under a clock step and both ranks of a live run took their command for gone."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return float(stat[stat.rindex(")") + 2:].split()[19])  # field 22: after "pid (comm) state ..."
+    except (OSError, ValueError, IndexError):
+        pass
+    import psutil
+
+    try:
+        return psutil.Process(int(pid)).create_time()
+    except (psutil.Error, ValueError):
+        return None
 
 
 def failed_rank_line(folder: str, nproc: int, launcher_rc: int, first_rank: int = 0) -> str | None:

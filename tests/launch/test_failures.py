@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -140,3 +141,15 @@ def test_rank0_killed_during_overwrite_start_restores_old_run(tmp_path):
     assert hashes(old) == before
     assert sorted(p.name for p in runs.iterdir()) == ["ow"]
     assert not runlock.lock_path(old).exists()
+
+
+def test_the_cli_watch_is_not_fooled_by_a_wall_clock_step(monkeypatch):
+    """psutil's create_time is the wall-clock boot time plus the start ticks: a clock step moves it, and both ranks
+    of a live run once took their dat-ds command for gone (exit 143). The watch compares /proc's start ticks."""
+    from dat_ds.launch import status
+
+    me = str(os.getpid())
+    before = status._started(me)
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: 123456789.0)  # the wall clock stepped
+    assert status._started(me) == before is not None
+    assert status._started("999999999") is None

@@ -50,7 +50,7 @@ class _BlowUpAt:
         return getattr(self.inner, name)
 
 
-def _fp16_trainer(tmp_path, *, scale_power: int = 4, min_scale: float = 1.0, extra=()):
+def _fp16_trainer(tmp_path, *, scale_power: int = 4, min_scale: int = 1, extra=()):
     from dat_ds.runtime.trainer import Trainer
 
     ds = write_ds(tmp_path, fp16={"enabled": True, "initial_scale_power": scale_power, "loss_scale_window": 1000,
@@ -89,7 +89,7 @@ def test_fp16_a_non_finite_loss_is_still_divergence(tmp_path, cpu_runs_fp16):
 
 def test_fp16_overflow_at_the_minimum_scale_is_divergence(tmp_path, cpu_runs_fp16):
     """Gradients that overflow whatever the scale: DeepSpeed's scaler gives up at its minimum; one line says so."""
-    trainer = _fp16_trainer(tmp_path, scale_power=1, min_scale=1.0)
+    trainer = _fp16_trainer(tmp_path, scale_power=1, min_scale=1)
     trainer.objective = _BlowUpAt(trainer.objective, {2, 3, 4, 5}, 1e30)
     with pytest.raises(NonFiniteLossError, match="fp16 gradients overflow even at the minimum loss scale"):
         trainer.fit()
