@@ -4,6 +4,7 @@ Plain helper functions are in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -16,19 +17,41 @@ def cli():
     return run_cli
 
 
+class DatDsLog:
+    """What the ``dat_ds`` logger said during one test: ``text``, ``records``, ``clear()``, ``set_level()``.
+
+    Its own handler on the ``dat_ds`` logger, rather than ``caplog``'s: in a full run of the suite ``caplog`` came
+    back empty for records the ``dat_ds`` logger had printed to stderr, depending on which tests ran before."""
+
+    def __init__(self, caplog):
+        from _pytest.logging import LogCaptureHandler
+
+        self._caplog = caplog
+        self.handler = LogCaptureHandler()
+        self.handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    @property
+    def text(self) -> str:
+        return self.handler.stream.getvalue()
+
+    @property
+    def records(self) -> list[logging.LogRecord]:
+        return self.handler.records
+
+    def clear(self) -> None:
+        self.handler.clear()
+
+    def set_level(self, level: int, logger: str = "dat_ds") -> None:
+        self._caplog.set_level(level, logger=logger)  # the logger's level; caplog restores it after the test
+
+
 @pytest.fixture
 def dat_ds_log(caplog):
-    """``caplog`` that also sees the ``dat_ds`` logger, which stops propagating once the CLI set up logging.
-
-    The logger propagates again for the test, to the root logger where pytest keeps its capturing handler in every
-    phase. (Adding ``caplog.handler`` to the ``dat_ds`` logger at set-up instead lost records in a full run of the
-    suite -- the message on stderr, ``caplog.text`` empty -- depending on which tests ran before.)"""
-    import logging
-
     logger = logging.getLogger("dat_ds")
-    propagate, logger.propagate = logger.propagate, True
-    yield caplog
-    logger.propagate = propagate
+    log = DatDsLog(caplog)
+    logger.addHandler(log.handler)
+    yield log
+    logger.removeHandler(log.handler)
 
 
 @pytest.fixture(scope="session")
