@@ -11,7 +11,6 @@ import statistics
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -93,7 +92,7 @@ def finished_run(run_dir: Path, argv: list[str], epochs: int) -> bool:
     changes nothing a healthy run computes or how fast, and is not compared."""
     import yaml
 
-    from dat_ds.core.config import config_from_dict
+    from dat_ds.core.config import config_from_dict, replace
     from dat_ds.launch.args import train_args_parser
     from dat_ds.launch.validate import config_from_args
 

@@ -200,6 +200,19 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def replace(section: Any, **changes: Any) -> Any:
+    """A copy of a config (or one of its sections) with ``changes``, validated like a new one."""
+    out = dataclasses.replace(section, **changes)
+    if isinstance(out, RunConfig):
+        validate(out)
+    return out
+
+
+def default_of(section: type, name: str) -> Any:
+    """The default of one field of a config section, e.g. ``default_of(EvalConfig, "steps")``."""
+    return {f.name: f.default for f in dataclasses.fields(section)}[name]
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "attack.norm": ("linf", "l2"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
@@ -500,7 +513,7 @@ def validate(cfg: RunConfig) -> None:
                           f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} or set it to 0")
     if not 1.0 <= cfg.dist.timeout_s <= 86400.0:
         raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s:g} must be in [1, 86400] seconds: how long a "
-                          f"collective waits for a peer before the run stops (default {DistConfig.timeout_s:g})")
+                          f"collective waits for a peer before the run stops (default {default_of(DistConfig, 'timeout_s'):g})")
     if cfg.ema is not None:
         if not 0.0 < cfg.ema.decay < 1.0:
             raise ConfigError(f"ema.decay={cfg.ema.decay:g} must be in (0, 1), e.g. 0.995 (or ema: null for no EMA)")

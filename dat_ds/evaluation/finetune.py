@@ -22,7 +22,7 @@ from torch import nn
 
 from ..attacks import AttackSpec
 from ..core import dist
-from ..core.config import RunConfig
+from ..core.config import RunConfig, replace
 from ..core.errors import ConfigError
 from ..data import build_dataset
 from ..objectives.ssl_model import ContrastiveModel, LinearProbe, build_encoder
@@ -123,6 +123,5 @@ def finetune(cfg: RunConfig, encoder: nn.Module, spec, settings: FinetuneSetting
 
 
 def _with_subset(cfg: RunConfig, n: int):
-    import dataclasses
 
-    return dataclasses.replace(cfg.data, train_subset=n, unlabeled=None)
+    return replace(cfg.data, train_subset=n, unlabeled=None)

@@ -32,7 +32,7 @@ import yaml
 from torch import nn
 
 from ..core import names
-from ..core.config import DataConfig, RunConfig, config_from_dict
+from ..core.config import DataConfig, RunConfig, config_from_dict, replace
 from ..core.errors import ConfigError
 from ..data import build_dataset
 from ..data.base import DataSpec
@@ -124,7 +124,7 @@ def _data_spec(cfg: RunConfig, states: dict[str, Any]) -> DataSpec:
 
 def trained_model(cfg: RunConfig, spec: DataSpec) -> nn.Module:
     """The architecture ``cfg`` trains, with fresh weights: the classifier, or what the objective makes of it."""
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))  # weights: the checkpoint's
+    cfg = replace(cfg, model=replace(cfg.model, weights=None))  # weights: the checkpoint's
     model = create_model(cfg.model.name, spec, act=cfg.model.act)  # model.act: no weights say which
     return OBJECTIVES.get(cfg.objective.name).prepare_model(cfg, spec, model)
 

@@ -19,7 +19,7 @@ import torch
 
 from ..attacks import ATTACKS, AttackSpec, attack_parameters, takes
 from ..core import dist, ui
-from ..core.config import EvalConfig, parse_eps
+from ..core.config import EvalConfig, default_of, parse_eps, replace
 from ..core.errors import ConfigError
 from ..core.io import atomic_write_json, save_figure
 from ..data import build_dataset
@@ -50,7 +50,7 @@ EVAL_TIMEOUT_S = 6 * 3600.0
 def _neutral(dest: str) -> Any:
     """The value of a flag that sets nothing: eval's PGD steps, no restarts, CE, or the attack's own default."""
     if dest == "steps":
-        return EvalConfig.steps
+        return default_of(EvalConfig, "steps")
     if dest in ("restarts", "loss"):
         return 1 if dest == "restarts" else "ce"
     param, (attack, *_) = _FLAGS[dest]
@@ -76,7 +76,7 @@ def attack_options(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], 
     out = []
     for name in attacks:
         accepted = takes(name)
-        fields: dict[str, Any] = {"steps": EvalConfig.steps} if "steps" in accepted else {}
+        fields: dict[str, Any] = {"steps": default_of(EvalConfig, "steps")} if "steps" in accepted else {}
         extra: dict[str, Any] = {}
         for dest, value in given.items():
             param, only = _FLAGS[dest]
@@ -250,7 +250,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         dist.set_threads_per_rank()
     loaded = load_model(args)
     if args.data and args.run is not None:
-        from dataclasses import replace
 
         loaded.data_cfg = replace(loaded.data_cfg, name=args.data, root=args.data_root or loaded.data_cfg.root)
     test_set, spec = build_dataset(loaded.data_cfg, "test")

@@ -14,9 +14,7 @@ monitor, ``dat-ds eval`` and GradAlign's noise ball -- reads ``cfg.attack``/``cf
 
 from __future__ import annotations
 
-import dataclasses
-
-from ..core.config import AttackConfig
+from ..core.config import AttackConfig, replace
 
 
 def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
@@ -40,7 +38,7 @@ def warmed_up(cfg: AttackConfig, step: int, steps_per_epoch: int) -> AttackConfi
     if factor >= 1.0:
         return cfg
     step_size = None if cfg.step_size is None else cfg.step_size * factor
-    return dataclasses.replace(cfg, eps=cfg.eps * factor, step_size=step_size)
+    return replace(cfg, eps=cfg.eps * factor, step_size=step_size)
 
 
 def describe(cfg: AttackConfig, steps_per_epoch: int) -> str:

@@ -13,13 +13,13 @@ honours ``attack.steps_schedule`` and ``attack.reuse``, and GradAlign's regulari
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ..attacks import GEOMETRIES, attack_from_config, ce_loss, misclassified
+from ..core.config import replace
 from .eps_warmup import warmed_up
 
 
@@ -35,7 +35,7 @@ def _attack_config(ctx):
     a = ctx.cfg.attack
     if a.steps_schedule:
         first, last = a.steps_schedule
-        a = dataclasses.replace(a, steps=scheduled_steps(first, last, ctx.step, ctx.total_steps))
+        a = replace(a, steps=scheduled_steps(first, last, ctx.step, ctx.total_steps))
     return warmed_up(a, ctx.step, ctx.steps_per_epoch)  # attack.eps_warmup_epochs (eps_warmup.py)
 
 

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +22,7 @@ import torch
 
 from ..attacks import attack_view
 from ..core import dist, stop, ui
-from ..core.config import RunConfig, check_engine
+from ..core.config import RunConfig, check_engine, replace
 from ..core.errors import ConfigError, PeerLostError
 from ..core.io import JsonlWriter, atomic_write_json, atomic_write_text
 from ..data import build_dataset

@@ -7,13 +7,12 @@ tiny size (slow: it starts ``dat-ds train`` and ``dat-ds eval`` ranks several ti
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 import pytest
 
 from benchmarks import time_to_robust as ttr
-from dat_ds.core.config import build_config
+from dat_ds.core.config import build_config, replace
 from dat_ds.core.errors import ConfigError
 from tests.helpers import REPO, harness_defaults
 
@@ -150,7 +149,7 @@ def test_reuse_takes_only_a_finished_run_of_the_same_config(tmp_path, bench_args
     (run / "summary.json").write_text(json.dumps({"history": [{"epoch": e} for e in range(1, 7)]}))
     assert ttr.finished_run(run, argv, 6)
     assert not ttr.finished_run(run, argv, 7)  # stopped early
-    (run / "config.yaml").write_text(dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, timeout_s=120.0)).to_yaml())
+    (run / "config.yaml").write_text(replace(cfg, dist=replace(cfg.dist, timeout_s=120.0)).to_yaml())
     assert ttr.finished_run(run, argv, 6)  # how long a collective waits for a dead peer: not a different run
     other = ttr.train_argv("nfgsm", ttr.METHODS["nfgsm"], argparse.Namespace(**{**vars(bench_args), "eps": 0.2}),
                            tmp_path)

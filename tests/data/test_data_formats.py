@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import pickle
 from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dat_ds.core.config import DataConfig
+from dat_ds.core.config import DataConfig, replace
 from dat_ds.core.errors import ConfigError
 from dat_ds.data import DATASETS, build_dataset
 from tests.helpers import CIFAR10_CLASSES, foolbox_images, write_hf, write_python_release

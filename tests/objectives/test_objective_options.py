@@ -3,7 +3,6 @@ soft labels."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 from dat_ds.attacks import training_spec
 from dat_ds.core import names
-from dat_ds.core.config import build_config
+from dat_ds.core.config import build_config, replace
 from dat_ds.core.errors import ConfigError
 from dat_ds.objectives import ObjectiveContext, build_objective
 from dat_ds.objectives.eps_warmup import eps_factor, warmed_up, warmup_steps
@@ -120,7 +119,7 @@ def test_eps_factor_ramps_linearly_per_step():
     early = warmed_up(cfg, 1, 5)  # factor 2 / 10
     assert early.eps == pytest.approx(0.02) and early.step_size is None
     assert training_spec(early).effective_step_size == pytest.approx(0.2 * training_spec(cfg).effective_step_size)
-    explicit = dataclasses.replace(cfg, step_size=0.03)
+    explicit = replace(cfg, step_size=0.03)
     assert warmed_up(explicit, 1, 5).step_size == pytest.approx(0.006)
     assert warmed_up(explicit, 9, 5) is explicit  # the ramp is over: the config as written
     with pytest.raises(ConfigError, match="eps_warmup_epochs=-1 must be >= 0"):
