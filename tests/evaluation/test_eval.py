@@ -23,8 +23,11 @@ EVAL_FLAGS = ["--attacks", "pgd,fgsm,apgd-ce", "--eps", "0.05,0.1", "--steps", "
 
 def test_parse_eps_accepts_fractions():
     assert launch_args.parse_eps("8/255, 0.1") == [8 / 255, 0.1]
-    with pytest.raises(ConfigError, match="not a number"):
+    with pytest.raises(ConfigError, match="not a finite number"):
         launch_args.parse_eps("eight")
+    for text in ("inf", "0.1,nan", "1/0"):  # non-finite radii were accepted (and attacked with) before
+        with pytest.raises(ConfigError, match=r"--eps item .* is not a finite number; use e.g. --eps 0.1,8/255"):
+            launch_args.parse_eps(text)
     with pytest.raises(ConfigError, match="empty"):
         launch_args.parse_eps(",")
 
