@@ -105,5 +105,5 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
         callbacks.append(BestCheckpoint(cfg, trainer.val_set))
     if cfg.monitor.every_steps > 0:
         callbacks.append(CatastrophicOverfittingMonitor(cfg, trainer.engine, test_set, ckpt_root=trainer.ckpt_root,
-                                                        write=trainer.write, module=trainer.attack_module))
+                                                        write=trainer.write, module=trainer.run.attack_module))
     return trainer.fit(callbacks)

@@ -298,7 +298,7 @@ def preflight(cfg, resume: str | None = None, world: int | None = None, *, nproc
     rank, which is already running, does not). ``allow_world_size_change``: ``train --allow-world-size-change``.
     """
     from ..runtime import checkpoint, ds_config
-    from ..runtime.trainer import check_world_size
+    from ..runtime.run_dir import check_world_size
 
     world = world or dist.world_size()
     if nproc is not None:

@@ -133,7 +133,7 @@ def lock_run(run_dir, fix: str | None = None):
 def settle_leftovers(run_dir, pid: int) -> None:
     """Old runs that process ``pid`` moved aside under --overwrite and could not settle (it stopped outside
     the trainer, or was killed): put back unless the new run has a complete checkpoint."""
-    from ..runtime.trainer import overwritten_by, settle_overwritten
+    from ..runtime.run_dir import overwritten_by, settle_overwritten
 
     for aside in overwritten_by(run_dir, pid):
         settle_overwritten(run_dir, aside)

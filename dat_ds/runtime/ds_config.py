@@ -148,6 +148,11 @@ class EngineSettings:
     compresses: bool  # the optimizer does its own compressed communication
     gradient_compression: dict[str, Any] | None = None  # e.g. {"type": "dat_quantizer", "bits": 8, "block": 256}
 
+    @property
+    def saved_json(self) -> dict[str, Any]:
+        """The JSON as the run folder and every checkpoint keep it: ``ds_config`` with its optimizer section."""
+        return {**self.ds_config, "optimizer": self.optimizer}
+
 
 def resolve_path(path: str | Path) -> Path:
     """A path as given if it exists, else the shipped ``ds_configs/<name>.json`` (``zero2_fp32`` works too)."""

@@ -121,7 +121,7 @@ def measure(req: dict[str, Any], args: argparse.Namespace, exchange: Path) -> di
     try:
         trainer = Trainer(cfg)
         trainer.setup()
-        s = trainer.settings
+        s = trainer.run.settings
         timer = _Timer(req, s.grad_accum, s.global_batch)
         trainer.callbacks = [timer]
         try:

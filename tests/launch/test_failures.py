@@ -118,7 +118,7 @@ def test_rank0_killed_during_overwrite_start_restores_old_run(tmp_path):
     before the first checkpoint. It cannot clean up; `dat-ds train` does: old run back byte for byte, no lock."""
 
     from dat_ds.launch import runlock
-    from dat_ds.runtime import trainer
+    from dat_ds.runtime.run_dir import OVERWRITTEN
 
     ds = write_ds(tmp_path)
     runs = tmp_path / "runs"
@@ -130,7 +130,7 @@ def test_rank0_killed_during_overwrite_start_restores_old_run(tmp_path):
     proc = launch_two_rank_train(tiny_args(runs, "ow", ds, "--overwrite", subset=640, epochs=1, save_every=100))
     rank0 = rank_process(psutil.Process(proc.pid), 0)
     deadline = time.time() + 400
-    while not [p for p in runs.iterdir() if trainer.OVERWRITTEN in p.name]:
+    while not [p for p in runs.iterdir() if OVERWRITTEN in p.name]:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     assert not checkpoint.complete_tags(old / "checkpoint")
