@@ -10,8 +10,8 @@ import argparse
 import os
 from pathlib import Path
 
-from ..launch.args import add_config_args
 from . import command
+from .args import add_config_args
 
 
 def _tune_args(p: argparse.ArgumentParser) -> None:

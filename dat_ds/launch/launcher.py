@@ -92,6 +92,12 @@ def world_size_of(nproc: int, hostfile: str | None) -> int:
     return nproc * hostfile_nodes(hostfile)
 
 
+def check_master_port(port: int | None) -> None:
+    """``--master-port`` (None: the launcher picks a free one) is a TCP port number."""
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"--master-port={port} is not a TCP port; use 1..65535 (or leave it out for a free one)")
+
+
 @dataclass(frozen=True)
 class NodeLaunch:
     """Start only this node's ranks of a multi-node run, without ssh (DeepSpeed's ``--no_ssh``).

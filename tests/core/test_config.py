@@ -142,18 +142,18 @@ def test_named_flags_are_typed_values_not_yaml():
                             "not starting with '.' (e.g. exp-3)")
 
 
-def test_config_from_args_keeps_flag_text_verbatim(tmp_path):
-    from dat_ds.launch.args import train_args_parser
-    from dat_ds.launch.validate import config_from_args
+def test_config_from_request_keeps_flag_text_verbatim(tmp_path):
+    from dat_ds.cli.args import train_args_parser, train_request
+    from dat_ds.launch.validate import config_from_request
 
-    args = train_args_parser().parse_args(["--name", "2024", "--output-dir", str(tmp_path / "a #b: c"),
+    request = train_request(train_args_parser().parse_args(["--name", "2024", "--output-dir", str(tmp_path / "a #b: c"),
                                            "--epochs", "4", "--trust-pickle", "--ds-config", "zero2_fp32",
-                                           "--set", "name=ignored", "--set", "train.epochs=9"])
-    cfg = config_from_args(args)
+                                           "--set", "name=ignored", "--set", "train.epochs=9"]))
+    cfg = config_from_request(request)
     assert (cfg.name, cfg.train.epochs, cfg.data.trust_pickle) == ("2024", 4, True)
     assert cfg.output_dir == str(tmp_path / "a #b: c") and cfg.deepspeed_config == "zero2_fp32"
     with pytest.raises(ConfigError, match="name='exp #3' is not a valid run name"):
-        config_from_args(train_args_parser().parse_args(["--name", "exp #3"]))
+        config_from_request(train_request(train_args_parser().parse_args(["--name", "exp #3"])))
 
 
 @pytest.mark.parametrize("text, key, line", [

@@ -22,7 +22,7 @@ def _launcher(*args: str, tmp: Path) -> "subprocess.CompletedProcess":  # noqa: 
     import subprocess
 
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "dat_ds.launch.train", *args]
+           "--module", "dat_ds.train", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

@@ -10,11 +10,12 @@ import torch
 
 from dat_ds.attacks import AttackSpec
 from dat_ds.core import dist
+from dat_ds.core.config import parse_eps
 from dat_ds.core.errors import ConfigError
 from dat_ds.evaluation import run as eval_run
 from dat_ds.evaluation import sanity
 from dat_ds.evaluation.evaluate import evaluate
-from dat_ds.launch import args as launch_args
+from dat_ds.launch.validate import check_eval_request
 from tests.helpers import eval_args
 
 EVAL_FLAGS = ["--attacks", "pgd,fgsm,apgd-ce", "--eps", "0.05,0.1", "--steps", "3", "--apgd-steps", "3",
@@ -22,23 +23,23 @@ EVAL_FLAGS = ["--attacks", "pgd,fgsm,apgd-ce", "--eps", "0.05,0.1", "--steps", "
 
 
 def test_parse_eps_accepts_fractions():
-    assert launch_args.parse_eps("8/255, 0.1") == [8 / 255, 0.1]
+    assert parse_eps("8/255, 0.1") == [8 / 255, 0.1]
     with pytest.raises(ConfigError, match="not a finite number"):
-        launch_args.parse_eps("eight")
+        parse_eps("eight")
     for text in ("inf", "0.1,nan", "1/0"):  # non-finite radii were accepted (and attacked with) before
         with pytest.raises(ConfigError, match=r"--eps item .* is not a finite number; use e.g. --eps 0.1,8/255"):
-            launch_args.parse_eps(text)
+            parse_eps(text)
     with pytest.raises(ConfigError, match="empty"):
-        launch_args.parse_eps(",")
+        parse_eps(",")
 
 
 def test_check_args_one_line_errors():
     with pytest.raises(ConfigError, match="nothing to evaluate"):
-        launch_args.check_eval_args(eval_args())
+        check_eval_request(eval_args())
     with pytest.raises(ConfigError, match="--model"):
-        launch_args.check_eval_args(eval_args("--weights", "w.pt"))
+        check_eval_request(eval_args("--weights", "w.pt"))
     with pytest.raises(ConfigError, match="above 1"):
-        launch_args.check_eval_args(eval_args("--weights", "w.pt", "--model", "small_cnn", "--eps", "8"))
+        check_eval_request(eval_args("--weights", "w.pt", "--model", "small_cnn", "--eps", "8"))
 
 
 def test_build_specs_labels_are_unique():

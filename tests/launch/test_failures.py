@@ -10,7 +10,8 @@ import time
 import psutil
 import pytest
 
-from dat_ds.launch import status, train
+from dat_ds.cli.ranks import train_rank
+from dat_ds.launch import status
 from dat_ds.runtime import checkpoint
 from tests.helpers import hashes, launch_two_rank_train, rank_process, tiny_args, wait_for_tag, write_ds
 
@@ -103,7 +104,7 @@ def test_rank_entry_point_leaves_a_status_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        assert train.cli_entry(["--set", "attack.eps=2"]) == 2
+        assert train_rank(["--set", "attack.eps=2"]) == 2
         assert signal.getsignal(signal.SIGTERM) is not previous  # a launcher's SIGTERM is recorded, too
     finally:
         signal.signal(signal.SIGTERM, previous)

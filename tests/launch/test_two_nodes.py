@@ -37,7 +37,7 @@ import json, sys
 from dat_ds.launch.entry import run_entry
 from dat_ds.launch.launcher import NodeLaunch, launch
 a = json.loads(sys.argv[1])
-sys.exit(run_entry(lambda: launch("dat_ds.launch.train", a["argv"], nproc=1, hostfile=a["hostfile"],
+sys.exit(run_entry(lambda: launch("dat_ds.train", a["argv"], nproc=1, hostfile=a["hostfile"],
                                   master_port=a["port"], env=a["env"],
                                   node=NodeLaunch(a["node_rank"], a["master_addr"], tuple(a["prefix"])))))
 """
@@ -204,9 +204,9 @@ def test_a_node_launch_needs_a_hostfile_and_a_shared_port():
     from dat_ds.launch.launcher import NodeLaunch, launch
 
     with pytest.raises(ConfigError, match="hostfile and a master port"):
-        launch("dat_ds.launch.train", [], nproc=1, node=NodeLaunch(0, "127.0.0.1"))
+        launch("dat_ds.train", [], nproc=1, node=NodeLaunch(0, "127.0.0.1"))
     with pytest.raises(ConfigError, match="hostfile and a master port"):
-        launch("dat_ds.launch.train", [], nproc=1, hostfile=__file__, node=NodeLaunch(1, "127.0.0.1"))
+        launch("dat_ds.train", [], nproc=1, hostfile=__file__, node=NodeLaunch(1, "127.0.0.1"))
 
 
 def test_cpu_shm_comm_op_is_marked_incompatible_before_init():
