@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..core import names
-from ..launch.launcher import add_launch_args, check_master_port, launch, strip_launch_args, world_size_of
+from ..launch.launcher import check_master_port, launch, strip_launch_args, world_size_of
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, list[str]], int], str]] = {}
 VERBOSE_FLAGS = ("-v", "--verbose")
@@ -40,7 +40,7 @@ def resolve_recipe(path: str | None) -> str | None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from .args import add_run_args
+    from .args import add_launch_args, add_run_args
 
     add_run_args(p)
     add_launch_args(p)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 
 from ..core import names
-from ..core.requests import EvalRequest, TrainRequest
+from ..core.requests import EvalRequest, TrainRequest, TuneWorkerRequest
 from ..launch.validate import EVAL_ATTACKS, EVAL_PROTOCOLS
 
-__all__ = ["add_config_args", "add_eval_args", "add_run_args", "eval_args_parser", "eval_request", "train_args_parser",
-           "train_request"]
+__all__ = ["add_config_args", "add_eval_args", "add_launch_args", "add_run_args", "eval_args_parser", "eval_request",
+           "train_args_parser", "train_request", "tune_worker_args_parser", "tune_worker_request"]
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, required: bool = False,
@@ -115,3 +115,23 @@ def eval_request(args: argparse.Namespace) -> EvalRequest:
                        max_examples=args.max_examples, batch_size=args.batch_size, seed=args.seed,
                        threads=args.threads, sanity=args.sanity, out=args.out, protocol=args.protocol,
                        subset_file=args.subset_file, entry_name=args.entry_name)
+
+
+def add_launch_args(p: argparse.ArgumentParser, default_nproc: int = 1) -> None:
+    """The launching command's own flags (``launch.launcher.strip_launch_args`` keeps them from the ranks)."""
+    p.add_argument("--nproc", type=int, default=default_nproc, help=f"processes (ranks) per node (default {default_nproc})")
+    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for several nodes ('host slots=N' lines)")
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+
+
+def tune_worker_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="measuring ranks of dat-ds tune (started by launch())")
+    p.add_argument("--exchange", required=True, help="folder of req-<n>.json / res-<n>.json")
+    p.add_argument("--recipe", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the DeepSpeed launcher
+    return p
+
+
+def tune_worker_request(args: argparse.Namespace) -> TuneWorkerRequest:
+    return TuneWorkerRequest(exchange=args.exchange, recipe=args.recipe, overrides=tuple(args.overrides))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..launch.launcher import add_launch_args, check_master_port, launch, strip_launch_args, world_size_of
+from ..launch.launcher import check_master_port, launch, strip_launch_args, world_size_of
 from . import command
-from .args import add_eval_args, eval_request
+from .args import add_eval_args, add_launch_args, eval_request
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

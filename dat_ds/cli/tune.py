@@ -76,9 +76,20 @@ def check_inputs(args: argparse.Namespace, argv: list[str]):
                   out=args.out, memory_cap_mb=args.memory_cap_mb, command=("dat-ds", "tune", *argv))
 
 
+def start_ranks(argv: list[str], *, nproc: int, hostfile: str | None, env: dict[str, str] | None) -> str | None:
+    """``tune.measure.StartRanks`` through the one launcher: None when the ranks exited cleanly, else why not."""
+    from ..launch.launcher import RankFailure, launch
+    from .ranks import TUNE_MODULE
+
+    try:
+        launch(TUNE_MODULE, argv, nproc=nproc, hostfile=hostfile, env=env)
+    except RankFailure as e:
+        return str(e) or f"the ranks exited with code {e.code}"
+    return None
+
+
 def _tune(args: argparse.Namespace, argv: list[str]) -> int:
     inputs = check_inputs(args, argv)
-    from ..launch.tune import start_ranks
     from ..tune.run import run
 
     run(inputs, start_ranks)

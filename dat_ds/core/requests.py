@@ -31,6 +31,16 @@ class TrainRequest:
 
 
 @dataclass(frozen=True)
+class TuneWorkerRequest:
+    """The measuring ranks of ``dat-ds tune`` (``python -m dat_ds.cli.tune_rank``): where requests arrive, and the
+    recipe and overrides every point starts from."""
+
+    exchange: str  # folder of req-<n>.json / res-<n>.json
+    recipe: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class EvalRequest:
     """``dat-ds eval`` and every evaluation rank (``python -m dat_ds.evaluate``)."""
 

@@ -20,7 +20,6 @@ process's PID (``DAT_DS_CLI_PID``) and exit within about a second once it is gon
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -53,12 +52,6 @@ class RankFailure(Exception):
     def __init__(self, line: str, code: int):
         super().__init__(line)
         self.code = code
-
-
-def add_launch_args(p: argparse.ArgumentParser, default_nproc: int = 1) -> None:
-    p.add_argument("--nproc", type=int, default=default_nproc, help=f"processes (ranks) per node (default {default_nproc})")
-    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for several nodes ('host slots=N' lines)")
-    p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
 
 
 def strip_launch_args(argv: list[str], flags: tuple[str, ...] = LAUNCH_FLAGS) -> list[str]:
