@@ -417,19 +417,13 @@ def validate_sota_options(cfg: RunConfig) -> None:
     if m.act != "relu" and o.name in names.UNLABELED_OBJECTIVES:  # its encoder (and fine-tuning) build with ReLU
         raise ConfigError(f"model.act={m.act} is not supported by the self-supervised objective {o.name!r}; "
                           "remove model.act")
-    if o.consistency is not None:
-        if o.name not in names.CONSISTENCY_OBJECTIVES:
-            raise ConfigError(f"objective.consistency applies to the objectives {', '.join(names.CONSISTENCY_OBJECTIVES)}, "
-                              f"not objective.name={o.name!r}; remove it (or objective.consistency: null)")
-        if a.reuse:
-            raise ConfigError("objective.consistency attacks two new views of each image every batch, whose "
-                              "perturbations attack.reuse cannot keep per example; turn one of them off")
-    if o.cutmix is not None:
-        if o.name not in names.CONSISTENCY_OBJECTIVES:
-            raise ConfigError(f"objective.cutmix applies to the objectives {', '.join(names.CONSISTENCY_OBJECTIVES)}, "
-                              f"not objective.name={o.name!r}; remove it (or objective.cutmix: null)")
-        if a.reuse:
-            raise ConfigError("objective.cutmix attacks new mixed images every batch, whose perturbations attack.reuse "
+    for key, section, attacked in (("consistency", o.consistency, "two new views of each image"),
+                                   ("cutmix", o.cutmix, "new mixed images")):
+        if section is not None and o.name not in names.CONSISTENCY_OBJECTIVES:
+            raise ConfigError(f"objective.{key} applies to the objectives {', '.join(names.CONSISTENCY_OBJECTIVES)}, "
+                              f"not objective.name={o.name!r}; remove it (or objective.{key}: null)")
+        if section is not None and a.reuse:
+            raise ConfigError(f"objective.{key} attacks {attacked} every batch, whose perturbations attack.reuse "
                               "cannot keep per example; turn one of them off")
     if a.eps_warmup_epochs > 0 and o.name not in names.EPS_WARMUP_OBJECTIVES:
         raise ConfigError(f"attack.eps_warmup_epochs applies to the objectives "
