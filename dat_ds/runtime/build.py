@@ -139,7 +139,7 @@ class BuiltRun:
         inside ``ema.applied`` to evaluate the EMA weights."""
         if self.gathered is None:
             return self.attack_module
-        return in_training_precision(self.gathered.refresh(self.engine.module), self.settings)
+        return self.gathered.refresh(self.engine.module)
 
 
 def build_run(cfg: RunConfig, settings: ds_config.EngineSettings) -> BuiltRun:
@@ -190,7 +190,8 @@ def build_run(cfg: RunConfig, settings: ds_config.EngineSettings) -> BuiltRun:
     generator = torch.Generator(device=dist.device()).manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1))
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout etc. differ per rank from here on
     attack_module = in_training_precision(engine.module, s)
-    gathered = GatheredCopy(functools.partial(eval_copy, cfg, spec)) if s.zero_stage == 3 else None
+    gathered = (GatheredCopy(functools.partial(eval_copy, cfg, spec), functools.partial(in_training_precision, settings=s))
+                if s.zero_stage == 3 else None)
     ctx = ObjectiveContext(model=engine, module=attack_module, cfg=cfg, generator=generator,
                            total_steps=cfg.train.epochs * steps, perturbations=perturbations, steps_per_epoch=steps)
     if cfg.attack.eps_warmup_epochs > 0:

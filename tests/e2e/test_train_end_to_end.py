@@ -79,7 +79,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "attack.eps=-1"], "error: attack.eps=-1.0 is outside [0, 1]"),
+    (["--set", "attack.eps=-1"], "error: attack.eps=-1 must be in [0, 1]; eps is in pixel units"),
     (["--set", "attack.bogus=1"], "error: unknown config key 'attack.bogus'"),
     (["--config", "recipes/missing.yaml"], "error: recipe file 'recipes/missing.yaml' not found"),
     (["--deepspeed_config", "ds_configs/missing.json"], "error: DeepSpeed config 'ds_configs/missing.json' not found"),

@@ -64,11 +64,7 @@ def test_zero3_parameters_know_their_full_size():
     assert sizes == [8 * 16, 16, 16 * 3, 3]
 
 
-def test_fp16_loss_scale_and_its_floor(monkeypatch):
-    acc = dist.accelerator()
-    if acc.device_name() == "cpu" and not acc.is_fp16_supported():  # DeepSpeed's fp16 engine runs on CPU tensors
-        monkeypatch.setattr(type(acc), "is_fp16_supported", lambda self: True)
-        monkeypatch.setattr(type(acc), "supported_dtypes", lambda self: [torch.float32, torch.bfloat16, torch.float16])
+def test_fp16_loss_scale_and_its_floor(cpu_runs_fp16):
     engine = _engine(fp16={"enabled": True, "initial_scale_power": 5, "min_loss_scale": 2})
     for name in ("dynamic_loss_scale", "dynamic_loss_scale_args", "fp16_enabled", "was_step_applied",
                  "is_gradient_accumulation_boundary"):

@@ -21,18 +21,6 @@ from dat_ds.core.errors import NonFiniteLossError
 from tests.helpers import write_ds
 
 
-@pytest.fixture
-def cpu_runs_fp16(monkeypatch):
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    if acc.device_name() == "cpu" and not acc.is_fp16_supported():
-        monkeypatch.setattr(type(acc), "is_fp16_supported", lambda self: True)
-        monkeypatch.setattr(type(acc), "supported_dtypes",
-                            lambda self: [torch.float32, torch.bfloat16, torch.float16])
-    return acc
-
-
 class _BlowUpAt:
     """Wraps an objective: at the given global steps its loss is multiplied by ``factor`` (finite in fp32,
     so only the scaled fp16 gradients overflow -- or, with ``factor=nan``, a diverged loss)."""
