@@ -144,7 +144,7 @@ def _check_finetune_args(args: argparse.Namespace):
     if args.lr is not None and not args.lr > 0:
         raise ConfigError(f"--lr={args.lr} must be > 0")
     if args.eps is not None and not 0 <= args.eps <= 1:
-        raise ConfigError(f"--eps={args.eps} is outside [0, 1]; eps is in pixel units, e.g. 8/255")
+        raise ConfigError(f"--eps={args.eps} must be in [0, 1]; eps is in pixel units, e.g. 8/255")
     if args.random_init:
         if not args.config or not args.out:
             raise ConfigError("--random-init needs --config RECIPE (the encoder architecture and data) and --out FILE.json")

@@ -228,15 +228,15 @@ class RunConfig(Section):
     seed: Int = 0
     output_dir: Str = "runs"
     deepspeed_config: Str = "ds_configs/zero0_fp32.json"
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    attack: AttackConfig = AttackConfig()
-    objective: ObjectiveConfig = ObjectiveConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
-    monitor: MonitorConfig = MonitorConfig()
-    eval: EvalConfig = EvalConfig()
-    dist: DistConfig = DistConfig()
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
     ema: EMAConfig | None = None  # weight EMA, evaluated and exported next to the raw weights; None: off
     awp: AWPConfig | None = None  # adversarial weight perturbation around madry/dat/trades; None: off
 

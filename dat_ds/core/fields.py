@@ -69,7 +69,7 @@ class Section(BaseModel):
     building one section on its own still names the full key.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)  # --help builds no validator
     section: typing.ClassVar[str] = ""
     title: typing.ClassVar[str] = "the run config"  # what an unknown top-level key is unknown in
 
