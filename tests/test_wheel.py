@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -65,7 +66,11 @@ def test_installed_wheel_runs_the_demo_from_an_empty_folder(tmp_path):
     for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "summary.json", "curves.png"):
         assert (run / name).is_file(), name
     assert any((run / "checkpoint").iterdir())
-    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    where = summary["provenance"]  # an installed wheel: versions and the command, no git commit
+    assert where["git"] is None and where["versions"]["dat-ds"] and where["versions"]["deepspeed"]
+    assert where["command"].startswith("dat-ds demo --epochs 1") and where["hosts"] == [socket.gethostname()]
     assert f"outputs in {Path('runs') / 'demo'}/" in demo.stdout
     # Quiet by default: none of DeepSpeed's start-up chatter.
     for noise in ("Setting accelerator to CPU", "[launch.py", "[runner.py", "shm_comm_op built", "CUDA_HOME"):

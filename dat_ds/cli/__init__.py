@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -255,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ["DAT_DS_VERBOSE"] = "1"  # inherited by the ranks the command starts
     from ..core import dist
+    from ..core.provenance import COMMAND_ENV
 
     dist.setup_logging()
     _, run, _ = COMMANDS[args.command]
-    return run_entry(lambda: run(args, _command_argv(argv, args.command)) or 0)
+    previous = os.environ.get(COMMAND_ENV)
+    os.environ[COMMAND_ENV] = shlex.join(["dat-ds", *argv])  # this command's runs and ranks record it (summary.json)
+    try:
+        return run_entry(lambda: run(args, _command_argv(argv, args.command)) or 0)
+    finally:  # an in-process caller's next command is not this one
+        if previous is None:
+            os.environ.pop(COMMAND_ENV, None)
+        else:
+            os.environ[COMMAND_ENV] = previous

@@ -140,6 +140,7 @@ class Peer:
     rank: int
     node: int | None  # the launcher's node rank (DeepSpeed: CROSS_RANK, torchrun: GROUP_RANK)
     addr: str  # this rank's address on the route to the master
+    host: str = ""  # its host name (summary.json's hosts)
 
     def describe(self) -> str:
         where = ", ".join([*([f"node {self.node}"] if self.node is not None else []), self.addr])
@@ -404,8 +405,14 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timeout)
     _world.timeout_s = timeout_s
     if world_size() > 1:
-        me = Peer(rank(), _node_rank(), _address_towards(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])))
+        me = Peer(rank(), _node_rank(), _address_towards(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])),
+                  socket.gethostname())
         _world.peers = tuple(all_gather_object(me))
+
+
+def hosts() -> list[str]:
+    """The hosts the world's ranks run on (known after ``init_distributed``; this host in a world of one)."""
+    return sorted({p.host for p in _world.peers}) if _world.peers else [socket.gethostname()]
 
 
 def lost_contact(error: BaseException, during: str) -> str | None:

@@ -22,6 +22,7 @@ from ..core import dist, ui
 from ..core.config import EvalConfig, default_of, parse_eps, replace
 from ..core.errors import ConfigError
 from ..core.io import atomic_write_json, save_figure
+from ..core.provenance import provenance
 from ..core.requests import EvalRequest
 from ..data import build_dataset
 from . import sanity
@@ -140,6 +141,7 @@ def build_report(result: EvalResult, specs: list[AttackSpec], source: dict[str, 
         "clean_correct_sha256": _sha(result.clean_correct), "clean_correct": _bits(result.clean_correct),
         "results": rows, "sanity": [c.to_dict() for c in checks] if checks is not None else None,
         "seconds": seconds, "machine_note": "seconds are the slowest rank's attack time",
+        "provenance": provenance(world_size=dist.world_size(), hosts=dist.hosts()),
     }
 
 

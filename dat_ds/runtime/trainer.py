@@ -22,6 +22,7 @@ from ..core import dist, stop, ui
 from ..core.config import RunConfig, check_engine
 from ..core.errors import PeerLostError
 from ..core.io import JsonlWriter, atomic_write_json
+from ..core.provenance import provenance
 from ..data.corrupt import CorruptImages
 from . import backends, checkpoint, ds_config
 from .build import BuiltRun, build_run
@@ -342,7 +343,7 @@ class Trainer:
         cfg, history, world = self.cfg, self.state.history, dist.world_size()
         summary = {"stopped": stopped, "name": cfg.name, "run_dir": str(self.run_dir), "world_size": world,
                    "epochs": cfg.train.epochs, "seconds": seconds, "final": history[-1] if history else None,
-                   "history": history}
+                   "history": history, "provenance": provenance(world_size=world, hosts=dist.hosts())}
         best_rows = [h for h in history if h.get(BEST_ROW_KEY)]
         if cfg.train.keep_best != "none":  # the checkpoint eval and export default to (Rice et al. 2020)
             summary["best"] = None if not best_rows else {

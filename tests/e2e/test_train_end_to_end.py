@@ -38,6 +38,9 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
     run = tmp_path / "two"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
+    where = summary["provenance"]  # a checkout: its commit; the rank's own command line (no dat-ds command here)
+    assert len(where["git"]["commit"]) == 40 and where["versions"]["torch"] and where["hosts"]
+    assert "dat_ds" in where["command"] and "--config recipes/demo.yaml" in where["command"]
     final = summary["final"]
     assert 0.0 <= final["robust_acc"] <= final["clean_acc"] <= 1.0
     assert final["eval_count"] == 128
