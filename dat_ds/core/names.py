@@ -29,6 +29,7 @@ CONSISTENCY_OBJECTIVES = ("trades",)  # objective.consistency, objective.cutmix 
 ACT_MODELS = ("preactresnet18", "wideresnet16_4", "wideresnet28_10", "wideresnet34_10")  # take model.act
 MODELS = ("preactresnet18", "small_cnn", "small_cnn_avgpool", "tiny_cnn", "wideresnet16_4", "wideresnet28_10",
           "wideresnet34_10")  # ours; any timm name is also accepted (checked where timm is imported)
+ROOTED_DATASETS = ("cifar10", "cifar100", "hf", "imagefolder")  # read from data.root, which they need
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "fashion-mnist-full", "hf", "imagefolder")
 OPTIMIZERS = ("adam", "adamw", "lamb", "lars", "onebitadam", "onebitlamb", "sgd", "zerooneadam")
 NORMS = ("l2", "linf")

@@ -25,7 +25,7 @@ from ..core.errors import ConfigError
 from ..core.requests import EvalRequest, TrainRequest
 
 __all__ = ["EVAL_ATTACKS", "EVAL_PROTOCOLS", "RUN_WEIGHTS", "check_eval_request", "check_model_name", "check_protocol",
-           "check_run_dir", "config_from_request", "dry_run_report", "eval_attacks", "eval_inputs", "named_flags",
+           "check_input_paths", "check_run_dir", "config_from_request", "dry_run_report", "eval_attacks", "eval_inputs", "named_flags",
            "recipe_path", "train_inputs"]
 
 EVAL_ATTACKS = tuple(n for n in names.ATTACKS if n != "none")  # what `dat-ds eval --attacks` may name
@@ -105,9 +105,26 @@ def train_inputs(request: TrainRequest, world: int, *, needs_unlabeled_objective
                           f"set objective.name=acl or use `dat-ds train`")
     settings = ds_config.prepare(cfg.deepspeed_config, world)
     check_engine(cfg, settings.zero_stage)
+    check_input_paths(cfg)
     if not request.dry_run:
         check_run_dir(cfg, request.resume, request.overwrite)
     return cfg, settings
+
+
+def check_input_paths(cfg: RunConfig) -> None:
+    """The files and folders a run reads exist (no decoding: ``--dry-run`` stays fast; the preflight of a real
+    run then checks what is in them)."""
+    data = cfg.data
+    if data.name in names.ROOTED_DATASETS and data.root is None:
+        raise ConfigError(f"data.root is not set; data.name={data.name} reads its files from a folder: give it "
+                          "with --set data.root=DIR")
+    root = data.root if data.name in names.ROOTED_DATASETS else None  # fashion-mnist-full's loader says more
+    for key, value in (("data.root", root), ("data.unlabeled", data.unlabeled), ("model.weights", cfg.model.weights)):
+        if value and not Path(value).exists():
+            relative = "" if Path(value).is_absolute() else f" (relative to {str(Path.cwd())!r})"
+            raise ConfigError(f"{key} {value!r} does not exist; check the path{relative}")
+    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+        raise ConfigError(f"model.weights {cfg.model.weights!r} is not a file; give a .safetensors or .pt weights file")
 
 
 def dry_run_report(cfg: RunConfig, settings, world: int) -> dict[str, Any]:

@@ -149,6 +149,9 @@ def build_run(cfg: RunConfig, settings: ds_config.EngineSettings) -> BuiltRun:
     rank, world = dist.rank(), dist.world_size()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     train_set, spec = build_dataset(cfg.data, "train")
+    where = f" from {cfg.data.root}" if cfg.data.root else ""
+    log.info("data %s%s: %d training images, %d classes, %dx%dx%d", cfg.data.name, where, len(train_set),
+             spec.num_classes, spec.in_chans, spec.img_size, spec.img_size)
     corrupt = corrupt_images(train_set)
     val_set = None
     if cfg.train.keep_best != "none":

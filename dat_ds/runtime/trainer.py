@@ -105,9 +105,9 @@ class Trainer:
             self.saved_world = check_world_size(*found, world, self.allow_world_size_change)
             checkpoint.check_compatible(*found, cfg, s.saved_json)
         log.info("run %s: %d rank(s) on %s/%s, %d thread(s) per rank, global batch %d (micro %d x accum %d x %d), "
-                 "ZeRO-%d, %s", cfg.name, world, dist.accelerator().device_name(),
+                 "ZeRO-%d, %s; outputs in %s", cfg.name, world, dist.accelerator().device_name(),
                  dist.accelerator().communication_backend_name(), threads, s.global_batch, s.micro_batch,
-                 s.grad_accum, world, s.zero_stage, s.precision)
+                 s.grad_accum, world, s.zero_stage, s.precision, self.run_dir)
         if backend_line is not None:
             log.info("%s", backend_line)
         self.run = run = build_run(cfg, s)
@@ -351,6 +351,7 @@ class Trainer:
                 "val_robust_acc": best_rows[-1].get("val_robust_acc"), "val_clean_acc": best_rows[-1].get("val_clean_acc")}
         if dist.is_main_process():
             atomic_write_json(self.run_dir / "summary.json", summary)
+            log.info("outputs in %s: summary.json, metrics.jsonl, curves.png, checkpoint/", self.run_dir)
             if history:
                 plot_history(history, self.run_dir / "curves.png", f"{cfg.name}: test accuracy")
             ema = cfg.ema is not None  # the EMA's accuracies next to the raw weights'

@@ -63,7 +63,22 @@ def names(reg) -> str:
 
 
 # Each case: (id, fn(tmp) -> extra argv, expected line with {tmp} for the temp folder)
-CASES = [
+PATH_CASES = [  # checked by --dry-run too: existence only, nothing decoded
+    ("cifar-root-unset", lambda t: ["--set", "data.name=cifar10"],
+     "data.root is not set; data.name=cifar10 reads its files from a folder: give it with --set data.root=DIR"),
+    ("cifar-root-missing", lambda t: ["--set", "data.name=cifar10", "--set", f"data.root={t}/absent"],
+     "data.root '{tmp}/absent' does not exist; check the path"),
+    ("imagefolder-root-missing", lambda t: ["--set", "data.name=imagefolder", "--set", f"data.root={t}/imgs"],
+     "data.root '{tmp}/imgs' does not exist; check the path"),
+    ("weights-missing", lambda t: ["--set", f"model.weights={t}/w.safetensors"],
+     "model.weights '{tmp}/w.safetensors' does not exist; check the path"),
+    ("weights-a-folder", lambda t: ["--set", f"model.weights={t}"],
+     "model.weights '{tmp}' is not a file; give a .safetensors or .pt weights file"),
+    ("unlabeled-missing", lambda t: ["--set", f"data.unlabeled={t}/pool.npz"],
+     "data.unlabeled '{tmp}/pool.npz' does not exist; check the path"),
+]
+
+CASES = [*PATH_CASES,
     ("typo-in-section", lambda t: ["--set", "attack.epz=0.1"],
      f"unknown config key 'attack.epz' in section 'attack'; allowed: {FIELDS(AttackConfig)}"),
     ("typo-top-level", lambda t: ["--set", "sed=1"],
@@ -367,6 +382,14 @@ def test_bad_input(case_id, extra, expected, tmp_path, capsys):
         expected = expected()
     assert lines[0] == "error: " + expected.replace("{tmp}", str(tmp_path))
     assert snapshot(tmp_path / "runs") == before  # no partial outputs
+
+
+@pytest.mark.parametrize("case_id,extra,expected", PATH_CASES, ids=[c[0] for c in PATH_CASES])
+def test_dry_run_checks_that_inputs_exist(case_id, extra, expected, tmp_path, capsys):
+    """--dry-run said "config OK" for a CIFAR-10 root that did not exist."""
+    rc = cli.main([*base_args(tmp_path), *extra(tmp_path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.splitlines() == ["error: " + expected.replace("{tmp}", str(tmp_path))], err
 
 
 def test_step_larger_than_eps_is_a_warning_not_an_error(tmp_path, caplog):
