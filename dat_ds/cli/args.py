@@ -119,7 +119,8 @@ def eval_request(args: argparse.Namespace) -> EvalRequest:
 
 def add_launch_args(p: argparse.ArgumentParser, default_nproc: int = 1) -> None:
     """The launching command's own flags (``launch.launcher.strip_launch_args`` keeps them from the ranks)."""
-    p.add_argument("--nproc", type=int, default=default_nproc, help=f"processes (ranks) per node (default {default_nproc})")
+    p.add_argument("--nproc", "--num_gpus", "--num-gpus", dest="nproc", type=int, default=default_nproc,
+                   help=f"processes (ranks) per node (default {default_nproc}); --num_gpus as the deepspeed launcher says it")
     p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for several nodes ('host slots=N' lines)")
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
 

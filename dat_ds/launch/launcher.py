@@ -41,7 +41,7 @@ from .status import CLI_PID_ENV, STATUS_ENV, failed_rank_line
 
 log = logging.getLogger(__name__)
 
-LAUNCH_FLAGS = ("--nproc", "--hostfile", "--master-port")
+LAUNCH_FLAGS = ("--nproc", "--num_gpus", "--num-gpus", "--hostfile", "--master-port")  # the launching command's
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_GRACE_S = 20.0  # after a forwarded signal: then SIGKILL, so nothing outlives the command by 30 s
 
