@@ -41,6 +41,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-world-size-change", action="store_true",
                         help="with --resume: continue a checkpoint saved on another number of ranks (data position "
                              "re-sharded, per-rank RNG re-seeded: not bit-identical)")
+    parser.add_argument("--ds-set", dest="ds_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a DeepSpeed JSON key, e.g. --ds-set optimizer.params.lr=0.2 (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="validate the configs and exit")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow legacy pickle data files (they can run code when loaded; only for files you trust)")
@@ -103,7 +105,7 @@ def train_request(args: argparse.Namespace) -> TrainRequest:
     return TrainRequest(config=args.config, deepspeed_config=args.deepspeed_config, overrides=tuple(args.overrides),
                         name=args.name, epochs=args.epochs, output_dir=args.output_dir, resume=args.resume,
                         overwrite=args.overwrite, allow_world_size_change=args.allow_world_size_change,
-                        dry_run=args.dry_run, trust_pickle=args.trust_pickle)
+                        dry_run=args.dry_run, trust_pickle=args.trust_pickle, ds_overrides=tuple(args.ds_overrides))
 
 
 def eval_request(args: argparse.Namespace) -> EvalRequest:

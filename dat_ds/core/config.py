@@ -224,10 +224,17 @@ def check_run_name(name: str) -> None:
 
 
 class RunConfig(Section):
+    # an unknown key that is the DeepSpeed JSON's: say where it goes
+    hints: typing.ClassVar[dict[str, str]] = {
+        key: f"; {key!r} is a DeepSpeed JSON key: give it with --ds-set instead of --set (e.g. --ds-set "
+             "optimizer.params.lr=0.2), or in the JSON"
+        for key in names.DEEPSPEED_KEYS}
     name: Str = "run"
     seed: Int = 0
     output_dir: Str = "runs"
     deepspeed_config: Str = "ds_configs/zero0_fp32.json"
+    # KEY=VALUE changes to that JSON, in order (--ds-set optimizer.params.lr=0.2): validated with it, saved with the run
+    deepspeed_overrides: tuple[Str, ...] = ()
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
@@ -244,6 +251,16 @@ class RunConfig(Section):
     @classmethod
     def _run_name(cls, v: str) -> str:
         check_run_name(v)
+        return v
+
+    @field_validator("deepspeed_overrides")
+    @classmethod
+    def _key_value(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            key, sep, _ = item.partition("=")
+            if not sep or not key.strip() or key.split(".")[0] not in names.DEEPSPEED_KEYS:
+                raise ConfigError(f"--ds-set {item!r} is not KEY=VALUE with a DeepSpeed JSON key, e.g. --ds-set "
+                                  "optimizer.params.lr=0.2")
         return v
 
     @field_validator("output_dir")

@@ -72,6 +72,7 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)  # --help builds no validator
     section: typing.ClassVar[str] = ""
     title: typing.ClassVar[str] = "the run config"  # what an unknown top-level key is unknown in
+    hints: typing.ClassVar[dict[str, str]] = {}  # unknown top-level key -> what to say after the allowed ones
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -181,7 +182,9 @@ def config_error(error: ValidationError, model: type[BaseModel]) -> ConfigError:
     value, kind = first["input"], first["type"]
     if kind == "extra_forbidden":
         where = f"section {key.rpartition('.')[0]!r}" if "." in key else getattr(model, "title", "the run config")
-        return ConfigError(f"unknown config key {key!r} in {where}; allowed: {', '.join(sorted(holder.model_fields))}")
+        hint = getattr(holder, "hints", {}).get(names[-1], "") if len(names) == 1 else ""
+        return ConfigError(f"unknown config key {key!r} in {where}; allowed: {', '.join(sorted(holder.model_fields))}"
+                           + hint)
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         optional = info is not None and type(None) in typing.get_args(info.annotation)
         return ConfigError(f"config key {key!r} must be a mapping of its fields" + (", or null for off" if optional else ""))

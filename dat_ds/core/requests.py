@@ -28,6 +28,7 @@ class TrainRequest:
     allow_world_size_change: bool = False
     dry_run: bool = False
     trust_pickle: bool = False
+    ds_overrides: tuple[str, ...] = ()  # --ds-set KEY=VALUE: DeepSpeed JSON keys, in order
 
 
 @dataclass(frozen=True)

@@ -304,7 +304,7 @@ def preflight(cfg, resume: str | None = None, world: int | None = None, *, nproc
     world = world or dist.world_size()
     if nproc is not None:
         check_nproc(nproc)
-    settings = ds_config.prepare(cfg.deepspeed_config, world)
+    settings = ds_config.prepare_run(cfg, world)
     check_precision(settings)
     check_model_name(cfg.model.name)
     warn_step_sizes(cfg)

@@ -52,6 +52,8 @@ def named_flags(request: TrainRequest) -> dict[str, Any]:
         flags["output_dir"] = request.output_dir
     if request.trust_pickle:
         flags["data"] = {"trust_pickle": True}
+    if request.ds_overrides:
+        flags["deepspeed_overrides"] = list(request.ds_overrides)
     return flags
 
 
@@ -103,7 +105,7 @@ def train_inputs(request: TrainRequest, world: int, *, needs_unlabeled_objective
         raise ConfigError(f"dat-ds pretrain needs a self-supervised objective "
                           f"({', '.join(names.UNLABELED_OBJECTIVES)}), the config has {cfg.objective.name!r}; "
                           f"set objective.name=acl or use `dat-ds train`")
-    settings = ds_config.prepare(cfg.deepspeed_config, world)
+    settings = ds_config.prepare_run(cfg, world)
     check_engine(cfg, settings.zero_stage)
     check_input_paths(cfg)
     if not request.dry_run:

@@ -79,6 +79,12 @@ PATH_CASES = [  # checked by --dry-run too: existence only, nothing decoded
 ]
 
 CASES = [*PATH_CASES,
+    ("engine-key-in-set", lambda t: ["--set", "optimizer.params.lr=0.2"],
+     f"unknown config key 'optimizer' in the run config; allowed: {FIELDS(RunConfig)}; 'optimizer' is a DeepSpeed JSON "
+     "key: give it with --ds-set instead of --set (e.g. --ds-set optimizer.params.lr=0.2), or in the JSON"),
+    ("ds-set-not-a-deepspeed-key", lambda t: ["--ds-set", "atack.eps=0.1"],
+     "--ds-set 'atack.eps=0.1' is not KEY=VALUE with a DeepSpeed JSON key, e.g. --ds-set optimizer.params.lr=0.2"),
+    ("ds-set-bad-value", lambda t: ["--ds-set", "optimizer.params.lr=abc"], "optimizer 'AdamW' lr='abc' must be a number"),
     ("typo-in-section", lambda t: ["--set", "attack.epz=0.1"],
      f"unknown config key 'attack.epz' in section 'attack'; allowed: {FIELDS(AttackConfig)}"),
     ("typo-top-level", lambda t: ["--set", "sed=1"],
