@@ -316,7 +316,7 @@ def preflight(cfg, resume: str | None = None, world: int | None = None, *, nproc
         found = checkpoint.resolve_resume(resume, cfg.run_dir)
         if found is not None:
             check_world_size(*found, world, allow_world_size_change)
-            checkpoint.check_compatible(*found, cfg, {**settings.ds_config, "optimizer": settings.optimizer})
+            checkpoint.check_compatible(*found, cfg, settings.saved_json)
     spec = check_data(cfg)
     check_reuse(cfg, world)
     check_unlabeled(cfg, spec)
