@@ -245,10 +245,36 @@ def apply_overrides(data: dict[str, Any], overrides: tuple[str, ...] | list[str]
     return out
 
 
+# The JSON's monitor blocks (DeepSpeed's MonitorMaster): the package each needs, and whether it writes files.
+MONITORS = {"tensorboard": ("tensorboard", True), "csv_monitor": (None, True), "wandb": ("wandb", False),
+            "comet": ("comet_ml", False)}
+
+
+def check_monitors(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Enabled monitor blocks: their package is installed (else one line naming the extra to install), and the
+    ones that write files write them into the run folder (``<run>/monitor``) unless ``output_path`` says where."""
+    import importlib.util
+
+    out = copy.deepcopy(data)
+    for block, (package, writes_files) in MONITORS.items():
+        section = out.get(block)
+        if not isinstance(section, dict) or section.get("enabled") is not True:
+            continue
+        if package is not None and importlib.util.find_spec(package) is None:
+            extra = f"'dat-ds[{block}]'" if block in ("tensorboard", "wandb") else package
+            raise ConfigError(f"DeepSpeed config enables {block!r}, but the {package} package is not installed; "
+                              f"pip install {extra}, or set {block}.enabled=false")
+        if writes_files and not section.get("output_path"):
+            section["output_path"] = str(run_dir / "monitor")
+            section.setdefault("job_name", "dat-ds")
+    return out
+
+
 def prepare_run(cfg, world_size: int) -> EngineSettings:
-    """The run config's DeepSpeed JSON with its ``deepspeed_overrides``, validated for ``world_size``."""
-    data = load_ds_json(cfg.deepspeed_config)
-    return prepare(cfg.deepspeed_config, world_size, data=apply_overrides(data, cfg.deepspeed_overrides))
+    """The run config's DeepSpeed JSON with its ``deepspeed_overrides`` and monitors (``check_monitors``),
+    validated for ``world_size``."""
+    data = apply_overrides(load_ds_json(cfg.deepspeed_config), cfg.deepspeed_overrides)
+    return prepare(cfg.deepspeed_config, world_size, data=check_monitors(data, cfg.run_dir))
 
 
 def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = None) -> EngineSettings:

@@ -12,6 +12,7 @@ checkpointing last; evaluation and the overfitting monitor come from the layer a
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +25,7 @@ from ..core.errors import PeerLostError
 from ..core.io import JsonlWriter, atomic_write_json
 from ..core.provenance import provenance
 from ..data.corrupt import CorruptImages
-from . import backends, checkpoint, ds_config
+from . import backends, checkpoint, ds_adapter, ds_config
 from .build import BuiltRun, build_run
 from .callbacks import Callback, Checkpointing, StopTraining
 from .ema import STATE_KEY as EMA_KEY
@@ -37,6 +38,14 @@ from .signal_stop import SignalStop
 log = logging.getLogger(__name__)
 REUSE_KEY = "perturbations"  # attack.reuse's store in rank_state_<r>.pt
 BEST_ROW_KEY = "best"  # an epoch row with best: true (train.keep_best's callback) makes its checkpoint the run's best
+
+
+def monitor_events(record: dict[str, Any], step: int) -> list[tuple[str, float, int]]:
+    """A metrics record as monitor events: every finite number but the counters that are its x axis."""
+    kind = record.get("kind", "record")
+    return [(f"dat_ds/{kind}/{key}", float(value), step) for key, value in record.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch")
+            and math.isfinite(value)]
 
 
 class Trainer:
@@ -211,9 +220,13 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record to ``metrics.jsonl`` (rank 0; a no-op elsewhere)."""
+        """Append one record to ``metrics.jsonl`` (rank 0; a no-op elsewhere), and its numbers to the JSON's
+        monitors (TensorBoard, W&B, CSV, Comet) as ``dat_ds/<kind>/<name>`` at the global step."""
         if self.metrics_file is not None:
             self.metrics_file.write(record)
+            master = ds_adapter.monitor(self.engine) if self.run is not None else None
+            if master is not None:
+                master.write_events(monitor_events(record, self.state.global_step))
 
     def fit(self, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
         """Run the remaining epochs with ``callbacks`` (then mid-epoch checkpointing); returns the summary."""

@@ -72,3 +72,13 @@ def test_fp16_loss_scale_and_its_floor(cpu_runs_fp16):
     assert ds_adapter.loss_scale(engine) == 32.0 and ds_adapter.min_loss_scale(engine) == 2.0
     static = _engine(fp16={"enabled": True, "loss_scale": 128})
     assert ds_adapter.loss_scale(static) == 128.0 and ds_adapter.min_loss_scale(static) is None
+
+
+def test_engine_monitor_is_where_the_json_monitors_are(tmp_path):
+    engine = _engine()
+    assert hasattr(engine, "monitor") and ds_adapter.monitor(engine) is None, RENAMED.format(what="engine.monitor")
+    engine = _engine(csv_monitor={"enabled": True, "output_path": str(tmp_path), "job_name": "j"})
+    master = ds_adapter.monitor(engine)
+    assert master is not None and callable(master.write_events), RENAMED.format(what="engine.monitor.write_events")
+    master.write_events([("dat_ds/epoch/robust_acc", 0.5, 3)])
+    assert (tmp_path / "j" / "dat_ds_epoch_robust_acc.csv").read_text().splitlines() == ["step,robust_acc", "3,0.5"]
