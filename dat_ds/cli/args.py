@@ -14,7 +14,6 @@ import argparse
 
 from ..core import names
 from ..core.requests import EvalRequest, TrainRequest, TuneWorkerRequest
-from ..launch.validate import EVAL_ATTACKS, EVAL_PROTOCOLS
 
 __all__ = ["add_config_args", "add_eval_args", "add_launch_args", "add_run_args", "eval_args_parser", "eval_request",
            "train_args_parser", "train_request", "tune_worker_args_parser", "tune_worker_request"]
@@ -65,7 +64,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", default=None, help="model name for --weights (registered or timm)")
     src.add_argument("--data", default=None, help="data set name for --weights (default: the run's, or fashion-mnist)")
     src.add_argument("--data-root", default=None, help="data.root for on-disk data sets")
-    p.add_argument("--attacks", default=EvalRequest.attacks, help=f"comma list from: {', '.join(EVAL_ATTACKS)}")
+    p.add_argument("--attacks", default=EvalRequest.attacks, help=f"comma list from: {', '.join(names.EVAL_ATTACKS)}")
     p.add_argument("--eps", default=None, help="comma list, fractions allowed (8/255); default: the run's attack.eps")
     p.add_argument("--norm", default=EvalRequest.norm, choices=["linf", "l2"])
     p.add_argument("--steps", type=int, default=EvalRequest.steps, help="PGD steps (step size 2.5*eps/steps)")
@@ -85,7 +84,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sanity", action="store_true", help="also run the gradient-masking checks")
     p.add_argument("--out", default=None, help="output folder (default: the run folder, else ./eval_out)")
     rb = p.add_argument_group("RobustBench protocol")
-    rb.add_argument("--protocol", default=None, choices=list(EVAL_PROTOCOLS),
+    rb.add_argument("--protocol", default=None, choices=list(names.EVAL_PROTOCOLS),
                     help="robustbench: standard AutoAttack on the whole test set (or --subset-file), a determinism "
                     "check, and robustbench.json in RobustBench's model_info fields")
     rb.add_argument("--subset-file", default=None, help="test-set indices to score (whitespace/comma separated); "

@@ -21,6 +21,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from . import names
+from .dist import DEFAULT_TIMEOUT_S
 from .errors import ConfigError
 from .fields import Bool, Float, Int, Positive, Radius, Section, Str, fix, parse_number
 from .io import read_user_text
@@ -209,7 +210,7 @@ class DistConfig(Section):
     # Seconds a collective may wait for a peer before it fails: a peer whose link went down, or that died or
     # hung, ends the run with one line after this long. Must exceed the longest legitimate wait (rank 0 writing
     # a checkpoint, a rank's first step compiling kernels; 10 min, NCCL's own default): lower it for small models.
-    timeout_s: Float = Field(600.0, ge=1, le=86400, **fix(" seconds: how long a collective waits for a peer before "
+    timeout_s: Float = Field(DEFAULT_TIMEOUT_S, ge=1, le=86400, **fix(" seconds: how long a collective waits for a peer before "
                                                            "the run stops (default 600)"))
 
 

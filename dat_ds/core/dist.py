@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import DistConfig, default_of
 from .errors import ConfigError
 from .ports import free_port
 
@@ -126,7 +125,7 @@ def _skip_cpu_shm_op(acc) -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-DEFAULT_TIMEOUT_S = default_of(DistConfig, "timeout_s")  # the run config's default (NCCL's own); gloo's 30 min hides a dead link
+DEFAULT_TIMEOUT_S = 600.0  # dist.timeout_s's default (NCCL's own); gloo's 30 min hides a dead link
 _CHECKIN_KEY = "dat_ds/lost_contact/alive/"  # + rank: "I am still here" after a failed collective
 # Messages of a collective that failed because a peer stopped answering or went away (gloo, NCCL, the store).
 _LOST_HINTS = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe",

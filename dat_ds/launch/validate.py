@@ -28,8 +28,7 @@ __all__ = ["EVAL_ATTACKS", "EVAL_PROTOCOLS", "RUN_WEIGHTS", "check_eval_request"
            "check_input_paths", "check_run_dir", "config_from_request", "dry_run_report", "eval_attacks", "eval_inputs", "named_flags",
            "recipe_path", "train_inputs"]
 
-EVAL_ATTACKS = tuple(n for n in names.ATTACKS if n != "none")  # what `dat-ds eval --attacks` may name
-EVAL_PROTOCOLS = ("robustbench",)
+EVAL_ATTACKS, EVAL_PROTOCOLS = names.EVAL_ATTACKS, names.EVAL_PROTOCOLS
 ROBUSTBENCH_AA = {"aa_steps": 100, "aa_queries": 5000}  # standard AutoAttack (Croce & Hein 2020)
 RUN_WEIGHTS = ("ema", "raw")  # `dat-ds eval --run R --weights ema|raw`: the weight EMA or the raw weights
 
