@@ -49,6 +49,8 @@ class ModelConfig(Section):
     name: Str = "small_cnn"  # registered CIFAR/small model or any timm name
     weights: Str | None = None  # local weights file (no hub downloads)
     channels_last: Bool = False  # NHWC memory format; helps convnets on GPUs
+    # weights with another class count (an ImageNet checkpoint, a CIFAR-10 run): false starts the head fresh
+    strict_head: Bool = False
     act: Literal[names.ACTIVATIONS] = "relu"  # preactresnet/wideresnet activation (SiLU: DM-Improves-AT, Gowal et al.)
 
 

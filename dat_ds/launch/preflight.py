@@ -167,7 +167,8 @@ def check_weights(cfg, spec) -> None:
     from ..models import create_model
     from ..objectives import prepare_model
 
-    prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights))
+    prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights, act=cfg.model.act,
+                                          strict_head=cfg.model.strict_head))
 
 
 def check_nproc(nproc: int, accelerator=None) -> str | None:

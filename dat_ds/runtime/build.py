@@ -206,7 +206,8 @@ def build_run(cfg: RunConfig, settings: ds_config.EngineSettings) -> BuiltRun:
 
 
 def make_model(cfg: RunConfig, spec: DataSpec, weights: str | None) -> torch.nn.Module:
-    return prepare_model(cfg, spec, create_model(cfg.model.name, spec, weights, act=cfg.model.act))
+    return prepare_model(cfg, spec, create_model(cfg.model.name, spec, weights, act=cfg.model.act,
+                                                 strict_head=cfg.model.strict_head))
 
 
 def eval_copy(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:
