@@ -21,7 +21,7 @@ from ..attacks import ATTACKS, AttackSpec, attack_parameters, takes
 from ..core import dist, ui
 from ..core.config import EvalConfig, default_of, parse_eps, replace
 from ..core.errors import ConfigError
-from ..core.io import atomic_write_json, save_figure
+from ..core.io import atomic_write_json, save_bar_plot, save_figure
 from ..core.provenance import provenance
 from ..core.requests import EvalRequest
 from ..data import build_dataset
@@ -155,6 +155,11 @@ def plot_curves(report: dict[str, Any], path: Path, title: str) -> None:
     for row in report["results"]:
         name = row["label"].rsplit("@", 1)[0]
         curves.setdefault(name, []).append((row["eps"], row["robust_acc"]))
+    if len({row["eps"] for row in report["results"]}) == 1:  # one eps: a bar per attack, not one dot per line
+        eps = eps_text(report["results"][0]["eps"])
+        save_bar_plot(path, list(curves), [pts[0][1] for pts in curves.values()], ylabel=f"robust accuracy at eps={eps}",
+                      title=title, hline=report["clean_acc"], hline_label="clean")
+        return
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, pts in curves.items():
         pts.sort()
@@ -206,6 +211,16 @@ def check_deterministic(model: torch.nn.Module, dataset, n: int = 32) -> None:
 def _eps_text(eps: float) -> str | float:
     k = eps * 255
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else eps
+
+
+def eps_text(eps: float) -> str:
+    """``8/255`` when eps is a whole number of 255ths (as papers and RobustBench write it), else ``0.1``."""
+    return str(_eps_text(eps)) if eps else "0"
+
+
+def percent(acc: float, count: int) -> str:
+    """``54.69 % (35/64)``: an accuracy as the reference tools print it, with the examples behind it."""
+    return f"{100 * acc:.2f} % ({round(acc * count)}/{count})"
 
 
 def robustbench_entry(report: dict[str, Any], loaded: LoadedModel, request: EvalRequest, n_test: int,
@@ -323,9 +338,9 @@ def main(request: EvalRequest) -> dict[str, Any]:
         plot_curves(report, out / PLOT, f"{loaded.source.get('model')} on {loaded.data_cfg.name}")
         which = f", {loaded.source['which_weights']} weights" if "which_weights" in loaded.source else ""
         ui.show(ui.table(f"robust accuracy on {result.count} test examples ({dist.world_size()} rank(s){which})",
-                         ["attack", "eps", "clean acc", "robust acc", "count", "seconds"],
-                         [(r["label"].rsplit("@", 1)[0], r["eps"], r["clean_acc"], r["robust_acc"], r["count"],
-                           r["seconds"]) for r in report["results"]]))
+                         ["attack", "eps", "clean acc", "robust acc", "seconds"],
+                         [(r["label"].rsplit("@", 1)[0], eps_text(r["eps"]), percent(r["clean_acc"], r["count"]),
+                           percent(r["robust_acc"], r["count"]), r["seconds"]) for r in report["results"]]))
         if checks is not None:
             for c in checks:
                 (log.info if c.status == "pass" else log.warning)("sanity %s: %s: %s", c.status.upper(), c.check, c.detail)

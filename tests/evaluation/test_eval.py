@@ -198,3 +198,24 @@ def test_eval_cli_errors_are_one_line(cli, tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]  # torch may print import warnings first
     assert last.startswith("error:") and "does not exist" in last
+
+
+def test_accuracies_and_radii_read_as_papers_print_them():
+    from dat_ds.evaluation.run import eps_text, percent
+
+    assert percent(35 / 64, 64) == "54.69 % (35/64)" and percent(1.0, 200) == "100.00 % (200/200)"
+    assert eps_text(8 / 255) == "8/255" and eps_text(0.1) == "0.1" and eps_text(0.0) == "0"
+
+
+def test_one_eps_is_a_bar_per_attack(tmp_path, monkeypatch):
+    """A single eps drew one dot per attack on a 0.096-0.104 axis; it is a bar chart now."""
+    from dat_ds.evaluation import run
+
+    drawn = {}
+    monkeypatch.setattr(run, "save_bar_plot", lambda path, labels, values, **kw: drawn.update(labels=labels,
+                                                                                               values=values, **kw))
+    rows = [{"label": "PGD-20@0.03137", "eps": 8 / 255, "robust_acc": 0.5}, {"label": "AutoAttack@0.03137",
+                                                                              "eps": 8 / 255, "robust_acc": 0.45}]
+    run.plot_curves({"results": rows, "clean_acc": 0.8}, tmp_path / "p.png", "t")
+    assert drawn["labels"] == ["PGD-20", "AutoAttack"] and drawn["values"] == [0.5, 0.45]
+    assert drawn["hline"] == 0.8 and "8/255" in drawn["ylabel"]
