@@ -62,3 +62,12 @@ def test_monitor_events_are_the_records_numbers_at_the_global_step():
               "stopped": False, "nan": float("nan")}
     assert monitor_events(record, 40) == [("dat_ds/epoch/robust_acc", 0.5, 40), ("dat_ds/epoch/clean_acc", 0.75, 40),
                                           ("dat_ds/epoch/lr", 1e-3, 40)]
+
+
+def test_step_and_epoch_records_number_epochs_alike(tmp_path):
+    """Step records said "epoch": 0 where the epoch's row (and the table) said 1."""
+    _train(tmp_path, "n")
+    records = [json.loads(line) for line in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["epoch"] for r in records if r["kind"] == "step"}
+    epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
+    assert epochs == [1, 2] and steps == {1, 2}
