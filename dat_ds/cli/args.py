@@ -82,6 +82,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores / ranks); fix it to compare runs bit for bit")
     p.add_argument("--sanity", action="store_true", help="also run the gradient-masking checks")
+    p.add_argument("--per-class", action="store_true", help="also print each class's clean and robust accuracy "
+                   "(eval.json always has them)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder, else ./eval_out)")
     rb = p.add_argument_group("RobustBench protocol")
     rb.add_argument("--protocol", default=None, choices=list(names.EVAL_PROTOCOLS),
@@ -114,7 +116,8 @@ def eval_request(args: argparse.Namespace) -> EvalRequest:
                        restarts=args.restarts, loss=args.loss, aa_steps=args.aa_steps, aa_queries=args.aa_queries,
                        apgd_steps=args.apgd_steps, square_queries=args.square_queries,
                        max_examples=args.max_examples, batch_size=args.batch_size, seed=args.seed,
-                       threads=args.threads, sanity=args.sanity, out=args.out, protocol=args.protocol,
+                       threads=args.threads, sanity=args.sanity, per_class=args.per_class, out=args.out,
+                       protocol=args.protocol,
                        subset_file=args.subset_file, entry_name=args.entry_name)
 
 

@@ -69,6 +69,7 @@ class EvalRequest:
     seed: int = 0
     threads: int | None = None
     sanity: bool = False
+    per_class: bool = False  # print each class's accuracies (eval.json always holds them)
     out: str | None = None
     # RobustBench protocol
     protocol: str | None = None

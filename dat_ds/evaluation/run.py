@@ -140,6 +140,7 @@ def build_report(result: EvalResult, specs: list[AttackSpec], source: dict[str, 
         "max_examples": request.max_examples, "count": result.count, "clean_acc": result.clean_acc,
         "clean_correct_sha256": _sha(result.clean_correct), "clean_correct": _bits(result.clean_correct),
         "results": rows, "sanity": [c.to_dict() for c in checks] if checks is not None else None,
+        "per_class": {str(c): v for c, v in result.per_class().items()},
         "seconds": seconds, "machine_note": "seconds are the slowest rank's attack time",
         "provenance": provenance(world_size=dist.world_size(), hosts=dist.hosts()),
     }
@@ -341,6 +342,12 @@ def main(request: EvalRequest) -> dict[str, Any]:
                          ["attack", "eps", "clean acc", "robust acc", "seconds"],
                          [(r["label"].rsplit("@", 1)[0], eps_text(r["eps"]), percent(r["clean_acc"], r["count"]),
                            percent(r["robust_acc"], r["count"]), r["seconds"]) for r in report["results"]]))
+        if request.per_class:
+            ui.show(ui.table("accuracy per class", ["class", "clean acc", *(r["label"].rsplit("@", 1)[0] for r in
+                                                                          report["results"])],
+                             [(c, percent(v["clean_acc"], v["count"]),
+                               *(percent(v["robust_acc"][r["label"]], v["count"]) for r in report["results"]))
+                              for c, v in report["per_class"].items()]))
         if checks is not None:
             for c in checks:
                 (log.info if c.status == "pass" else log.warning)("sanity %s: %s: %s", c.status.upper(), c.check, c.detail)

@@ -159,6 +159,13 @@ def test_two_ranks_equal_one_rank(cli, weights_file, tmp_path):
         assert a["correct"] == b["correct"], a["label"]
         assert a["correct_sha256"] == b["correct_sha256"]
         assert a["robust_acc"] == b["robust_acc"] <= a["clean_acc"]
+    assert one["per_class"] == two["per_class"]  # each class's clean and robust accuracy
+    per_class = one["per_class"]
+    assert sum(v["count"] for v in per_class.values()) == 80
+    assert sum(v["count"] * v["clean_acc"] for v in per_class.values()) / 80 == pytest.approx(one["clean_acc"])
+    for r in one["results"]:
+        weighted = sum(v["count"] * v["robust_acc"][r["label"]] for v in per_class.values()) / 80
+        assert weighted == pytest.approx(r["robust_acc"])
 
 
 def test_eval_run_folder_end_to_end(cli, tmp_path):
@@ -168,7 +175,7 @@ def test_eval_run_folder_end_to_end(cli, tmp_path):
         "--set", "eval.steps=1", check=True, timeout=600)
     run_dir = tmp_path / "tiny"
     proc = cli("eval", "--run", str(run_dir), "--attacks", "pgd", "--eps", "0.05,0.1", "--steps", "2",
-               "--square-queries", "5", "--max-examples", "32", "--sanity", check=True, timeout=600)
+               "--square-queries", "5", "--max-examples", "32", "--sanity", "--per-class", check=True, timeout=600)
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["source"]["kind"] == "run" and report["source"]["tag"] == "epoch0000"
     labels = [r["label"] for r in report["results"]]
@@ -178,6 +185,7 @@ def test_eval_run_folder_end_to_end(cli, tmp_path):
     checks = {c["check"]: c["status"] for c in report["sanity"]}
     assert "black box does not beat white box" in checks and "FGSM vs PGD" in checks
     assert "sanity" in proc.stdout + proc.stderr
+    assert "accuracy per class" in proc.stdout and "% (" in proc.stdout  # --per-class; accuracies with counts
     # The loaded weights are the trained ones: clean accuracy equals what the model gives in-process.
     from dat_ds.evaluation.loading import load_run
 
