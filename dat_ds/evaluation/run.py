@@ -28,6 +28,7 @@ from ..data import build_dataset
 from . import sanity
 from .evaluate import EvalResult, evaluate
 from .loading import LoadedModel, load_classifier, load_weights
+from .pictures import ADV_EXAMPLES, adversarial_grid
 
 log = logging.getLogger(__name__)
 EVAL_JSON = "eval.json"
@@ -337,6 +338,7 @@ def main(request: EvalRequest) -> dict[str, Any]:
         out = Path(request.out) if request.out else (Path(loaded.source["run_dir"]) if request.run else Path("eval_out"))
         atomic_write_json(out / EVAL_JSON, report)
         plot_curves(report, out / PLOT, f"{loaded.source.get('model')} on {loaded.data_cfg.name}")
+        adversarial_grid(model, test_set, specs[0], out / ADV_EXAMPLES, seed=request.seed, classes=spec.classes)
         which = f", {loaded.source['which_weights']} weights" if "which_weights" in loaded.source else ""
         ui.show(ui.table(f"robust accuracy on {result.count} test examples ({dist.world_size()} rank(s){which})",
                          ["attack", "eps", "clean acc", "robust acc", "seconds"],
@@ -351,7 +353,7 @@ def main(request: EvalRequest) -> dict[str, Any]:
         if checks is not None:
             for c in checks:
                 (log.info if c.status == "pass" else log.warning)("sanity %s: %s: %s", c.status.upper(), c.check, c.detail)
-        log.info("wrote %s and %s", out / EVAL_JSON, out / PLOT)
+        log.info("wrote %s, %s and %s", out / EVAL_JSON, out / PLOT, out / ADV_EXAMPLES)
         if robustbench:
             entry = report["robustbench"]
             atomic_write_json(out / ROBUSTBENCH_JSON, entry)

@@ -149,7 +149,7 @@ def test_two_ranks_equal_one_rank(cli, weights_file, tmp_path):
         cli("eval", "--weights", str(weights_file), "--model", "small_cnn", "--data", "fashion-mnist",
             *EVAL_FLAGS, "--nproc", str(nproc), "--out", str(out), check=True, timeout=600)
         outs[nproc] = json.loads((out / "eval.json").read_text())
-        assert (out / "robust_acc_vs_eps.png").stat().st_size > 1000
+        assert (out / "robust_acc_vs_eps.png").stat().st_size > 1000 and (out / "adv_examples.png").stat().st_size > 5000
     one, two = outs[1], outs[2]
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["count"] == two["count"] == 80
@@ -227,3 +227,17 @@ def test_one_eps_is_a_bar_per_attack(tmp_path, monkeypatch):
     run.plot_curves({"results": rows, "clean_acc": 0.8}, tmp_path / "p.png", "t")
     assert drawn["labels"] == ["PGD-20", "AutoAttack"] and drawn["values"] == [0.5, 0.45]
     assert drawn["hline"] == 0.8 and "8/255" in drawn["ylabel"]
+
+
+def test_adversarial_examples_picture(tmp_path, embedded_test_tensors):
+    from dat_ds.attacks import AttackSpec
+    from dat_ds.evaluation.pictures import adversarial_grid
+    from dat_ds.models import create_model
+
+    x, y, spec = embedded_test_tensors
+    model = create_model("tiny_cnn", spec)
+    dataset = torch.utils.data.TensorDataset(x[:16], y[:16])
+    adversarial_grid(model, dataset, AttackSpec("pgd", eps=0.1, steps=2), tmp_path / "adv.png", n=6,
+                     classes=spec.classes)
+    assert (tmp_path / "adv.png").stat().st_size > 5000
+    assert model.training  # the attack ran in eval mode and gave the model back as it was
