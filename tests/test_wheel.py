@@ -63,7 +63,7 @@ def test_installed_wheel_runs_the_demo_from_an_empty_folder(tmp_path):
     demo = _run([dat_ds, "demo", "--epochs", "1", "--set", "train.max_steps_per_epoch=2", "--set", "eval.max_examples=32"],
                 cwd=empty, timeout=1200)
     run = empty / "runs" / "demo"
-    for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "summary.json", "curves.png"):
+    for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "summary.json", "curves.png", "adv_examples.png"):
         assert (run / name).is_file(), name
     assert any((run / "checkpoint").iterdir())
     summary = json.loads((run / "summary.json").read_text())

@@ -71,3 +71,4 @@ def test_step_and_epoch_records_number_epochs_alike(tmp_path):
     steps = {r["epoch"] for r in records if r["kind"] == "step"}
     epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
     assert epochs == [1, 2] and steps == {1, 2}
+    assert (tmp_path / "n" / "adv_examples.png").stat().st_size > 5000  # the final model under its eval attack
