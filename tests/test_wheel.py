@@ -54,7 +54,8 @@ def test_installed_wheel_runs_the_demo_from_an_empty_folder(tmp_path):
     empty.mkdir()
     where = _run([str(py), "-c", "import dat_ds; print(dat_ds.__file__)"], cwd=empty).stdout
     assert str(venv) in where  # the installed copy, not the source checkout
-    dry = _run([dat_ds, "train", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "8", "--dry-run"], cwd=empty)
+    dry = _run([dat_ds, "train", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "8", "--set", "data.root=.", "--dry-run"],
+               cwd=empty)
     assert '"world_size": 8, "global_batch": 2048' in dry.stderr
     dry = _run([dat_ds, "train", "--recipe", "recipes/demo.yaml", "--deepspeed_config", "zero2_fp32", "--dry-run"],
                cwd=empty)
