@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from ..core import names
@@ -141,8 +142,8 @@ def _check_finetune_args(args: argparse.Namespace):
                         ("--train-subset", args.train_subset), ("--eval-examples", args.eval_examples)):
         if value is not None and value < 1:  # the first two are never None (their flags have defaults)
             raise ConfigError(f"{flag}={value} must be >= 1")
-    if args.lr is not None and not args.lr > 0:
-        raise ConfigError(f"--lr={args.lr} must be > 0")
+    if args.lr is not None and not 0 < args.lr < math.inf:  # nan and inf are refused too
+        raise ConfigError(f"--lr={args.lr} must be a finite number > 0")
     if args.eps is not None and not 0 <= args.eps <= 1:
         raise ConfigError(f"--eps={args.eps} must be in [0, 1]; eps is in pixel units, e.g. 8/255")
     if args.random_init:

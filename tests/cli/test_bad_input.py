@@ -435,6 +435,14 @@ COMMAND_CASES = [
      "--max-examples=-3 must be >= 1"),
     ("eval-master-port-negative", lambda t: ["eval", "--run", str(t), "--nproc", "2", "--master-port", "-1"],
      "--master-port=-1 is not a TCP port; use 1..65535 (or leave it out for a free one)"),
+    ("eval-eps-infinite", lambda t: ["eval", "--run", str(t), "--eps", "0.1,inf"],
+     "--eps item 'inf' is not a finite number; use e.g. --eps 0.1,8/255"),
+    ("finetune-lr-infinite", lambda t: ["finetune", "--mode", "slf", "--encoder", str(t), "--lr", "inf"],
+     "--lr=inf must be a finite number > 0"),
+    ("finetune-lr-nan", lambda t: ["finetune", "--mode", "slf", "--encoder", str(t), "--lr", "nan"],
+     "--lr=nan must be a finite number > 0"),
+    ("tune-memory-cap-infinite", lambda t: ["tune", "--recipe", "demo", "--nproc", "1", "--memory-cap-mb", "inf"],
+     "--memory-cap-mb=inf must be a finite number > 0"),
 ]
 
 
