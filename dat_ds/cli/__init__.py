@@ -144,7 +144,7 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
 
         ui.console.print(
             f"\n[bold]done.[/bold] outputs in {run_dir}/: config.yaml, ds_config.json, metrics.jsonl, "
-            f"summary.json, curves.png, checkpoint/\n"
+            f"summary.json, curves.png, adv_examples.png, checkpoint/\n"
             f"evaluate it again:  dat-ds eval --run {run_dir}\n"
             f"continue training:  dat-ds train --recipe {DEMO_RECIPE} --name {name} --output-dir {args.output_dir} "
             "--resume auto --epochs N"
