@@ -69,7 +69,7 @@ class Section(BaseModel):
     building one section on its own still names the full key.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)  # --help builds no validator
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)  # validators built on first use
     section: typing.ClassVar[str] = ""
     title: typing.ClassVar[str] = "the run config"  # what an unknown top-level key is unknown in
     hints: typing.ClassVar[dict[str, str]] = {}  # unknown top-level key -> what to say after the allowed ones
