@@ -188,10 +188,10 @@ def train_and_score(variant: str, seed: int, args: argparse.Namespace, runs: Pat
     if args.reuse and finished_run(run_dir, argv, args.epochs):
         log.info("%s: reusing the finished run in %s (--reuse)", name, run_dir)
     else:
-        launch("dat_ds.launch.train", argv, nproc=args.nproc)
+        launch("dat_ds.train", argv, nproc=args.nproc)
     report = usable_eval(run_dir / EVAL_FOLDER / "eval.json", args) if args.reuse else None
     if report is None:
-        launch("dat_ds.launch.evaluate", eval_argv(run_dir, args), nproc=args.nproc)
+        launch("dat_ds.evaluate", eval_argv(run_dir, args), nproc=args.nproc)
         report = json.loads((run_dir / EVAL_FOLDER / "eval.json").read_text())
     history = json.loads((run_dir / "summary.json").read_text())["history"]
     weights = report["source"]["which_weights"]  # the in-training PGD-20 of the same weights dat-ds eval scored

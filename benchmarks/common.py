@@ -92,14 +92,14 @@ def finished_run(run_dir: Path, argv: list[str], epochs: int) -> bool:
     changes nothing a healthy run computes or how fast, and is not compared."""
     import yaml
 
+    from dat_ds.cli.args import train_args_parser, train_request
     from dat_ds.core.config import config_from_dict, replace
-    from dat_ds.launch.args import train_args_parser
-    from dat_ds.launch.validate import config_from_args
+    from dat_ds.launch.validate import config_from_request
 
     summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
     if not (summary.is_file() and saved.is_file()):
         return False
-    wanted = config_from_args(train_args_parser().parse_args(argv))
+    wanted = config_from_request(train_request(train_args_parser().parse_args(argv)))
     history = json.loads(summary.read_text()).get("history", [])
     saved_cfg = config_from_dict(yaml.safe_load(saved.read_text()))
     return replace(saved_cfg, dist=wanted.dist) == wanted and len(history) == epochs

@@ -115,7 +115,7 @@ def run_vs(args: argparse.Namespace) -> dict[str, Any]:
     """A and B alternating in one launch: ``ratio`` = samples/s of A / samples/s of B."""
     import time
 
-    from dat_ds.launch.tune import start_ranks
+    from dat_ds.cli.tune import start_ranks
     from dat_ds.runtime import ds_config
     from dat_ds.tune.measure import STEPS, EngineMeasure
     from dat_ds.tune.search import Point

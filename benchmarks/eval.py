@@ -1,6 +1,6 @@
 """``dat-ds bench eval``: PGD-20 evaluation throughput on 1 vs N ranks (goal: >= 0.9 N x).
 
-Runs the ``dat-ds eval`` ranks (``dat_ds.launch.evaluate`` through ``launch()``, one thread per rank so each
+Runs the ``dat-ds eval`` ranks (``dat_ds.evaluate`` through ``launch()``, one thread per rank so each
 rank owns one core) on
 the same examples, and reads the attack time each run reports in ``eval.json`` (the slowest rank's,
 process start-up excluded). Also checks that both runs agree example by example.
@@ -32,7 +32,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def _eval_once(nproc: int, source: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     argv = [*source, "--attacks", "pgd", "--eps", str(args.eps), "--steps", str(args.steps), "--max-examples",
             str(args.examples), "--batch-size", str(args.batch_size), "--threads", "1", "--out", str(out)]
-    launch("dat_ds.launch.evaluate", argv, nproc=nproc)  # the `dat-ds eval` ranks; raises RankFailure on failure
+    launch("dat_ds.evaluate", argv, nproc=nproc)  # the `dat-ds eval` ranks; raises RankFailure on failure
     return json.loads((out / "eval.json").read_text())
 
 

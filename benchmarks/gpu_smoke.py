@@ -119,9 +119,9 @@ def speed(steps: int, micro: int, repeats: int) -> dict[str, Any]:
 def train_short(name: str, recipe: Path, out_dir: Path, extra: list[str], optimizer_steps: int = 2,
                 ds_config: str | None = None) -> dict[str, Any]:
     """A short ``dat-ds train`` on this process's one rank; returns its summary's final row."""
+    from dat_ds.cli.args import train_args_parser, train_request
     from dat_ds.core.config import build_config
     from dat_ds.launch import train
-    from dat_ds.launch.args import train_args_parser
     from dat_ds.runtime import ds_config as dsc
 
     path = ds_config
@@ -131,7 +131,7 @@ def train_short(name: str, recipe: Path, out_dir: Path, extra: list[str], optimi
         argv += ["--deepspeed_config", path]
     for s in [*SHORT, f"train.max_steps_per_epoch={optimizer_steps * accum}", *extra]:
         argv += ["--set", s]
-    summary = train.main(train_args_parser().parse_args(argv))
+    summary = train.main(train_request(train_args_parser().parse_args(argv)))
     final = summary["final"] or {}
     loss = final.get("train_loss")
     if loss is None or not math.isfinite(loss):
@@ -219,12 +219,12 @@ def train_with_autoattack(name: str, ds: dict[str, Any] | str, out_dir: Path, op
 
 def autoattack_eval(run_dir: str, examples: int, out_dir: Path) -> dict[str, Any]:
     """``dat-ds eval --run RUN --attacks autoattack --max-examples N`` on this one rank."""
+    from dat_ds.cli.args import eval_args_parser, eval_request
     from dat_ds.launch import evaluate
-    from dat_ds.launch.args import eval_args_parser
 
-    args = eval_args_parser().parse_args(["--run", run_dir, "--attacks", "autoattack", "--max-examples",
-                                          str(examples), "--out", str(out_dir)])
-    report = evaluate.main(args)  # the CLI's validation pass, then the evaluation
+    request = eval_request(eval_args_parser().parse_args(["--run", run_dir, "--attacks", "autoattack", "--max-examples",
+                                                          str(examples), "--out", str(out_dir)]))
+    report = evaluate.main(request)  # the CLI's validation pass, then the evaluation
     r = report["results"][0]
     if r["count"] != examples:
         raise RuntimeError(f"AutoAttack evaluated {r['count']} examples, not {examples}")

@@ -7,7 +7,7 @@ launcher), for the same number of passes over the data, with the catastrophic-ov
 
 Per epoch the trainer measures PGD-20 on the first ``--eval-examples`` test images: the curve. The
 judgement is by AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square 5,000 queries, Croce & Hein's
-settings), through ``dat-ds eval``'s own ranks (``dat_ds.launch.evaluate`` -> ``evaluation.loading.load_run``
+settings), through ``dat-ds eval``'s own ranks (``dat_ds.evaluate`` -> ``evaluation.loading.load_run``
 -> ``evaluation.evaluate``) on the same images, with PGD-50 x 5 restarts and the gradient-masking checks
 (``--sanity``) in the same evaluation:
 
@@ -149,7 +149,7 @@ def train_method(name: str, method: Method, args: argparse.Namespace, runs: Path
     if args.reuse and finished_run(runs / name, argv, args.epochs):
         log.info("%s: reusing the finished run in %s (--reuse; its training times are that run's)", name, runs / name)
     else:
-        launch("dat_ds.launch.train", argv, nproc=args.nproc)  # RankFailure on failure
+        launch("dat_ds.train", argv, nproc=args.nproc)  # RankFailure on failure
     return read_curve(runs / name)
 
 
@@ -223,7 +223,7 @@ def score_checkpoint(run_dir: Path, epoch: int, args: argparse.Namespace) -> dic
                 "--restarts", str(PGD_RESTARTS), "--sanity", "--max-examples", str(args.eval_examples),
                 "--batch-size", str(args.eval_batch_size), "--out", str(out),
                 *(QUICK_EVAL if args.quick_eval else ())]
-        launch("dat_ds.launch.evaluate", argv, nproc=args.nproc)
+        launch("dat_ds.evaluate", argv, nproc=args.nproc)
         report = json.loads((out / "eval.json").read_text())
     summary = summarize_report(report, epoch, tag, standard=not args.quick_eval)
     atomic_write_json(archived, {"method": run_dir.name, "tag": tag, "weights_sha256": sha, "eval": report})

@@ -86,7 +86,7 @@ def ddp_arm(cfg, settings, model, loaders, objective, generator, *, total: int, 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from dat_ds.core import dist
-    from dat_ds.objectives import ObjectiveContext
+    from dat_ds.objectives import ObjectiveContext, plain_step
     from dat_ds.optim import build_optimizer, param_groups
 
     device = dist.device()
@@ -98,13 +98,7 @@ def ddp_arm(cfg, settings, model, loaders, objective, generator, *, total: int, 
         for step, (x, y) in enumerate(loaders.loader(0)):
             if step >= total:
                 break
-            x, y = x.to(device), y.to(device)
-            ddp.train()
-            out = objective(ctx, x, y)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            objective.after_backward()
-            opt.step()
+            plain_step(objective, ctx, x.to(device), y.to(device), opt, ddp)
             stamp()
     return counter
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from .launch.train import cli_entry
+from .cli.ranks import train_rank
 
 if __name__ == "__main__":
-    sys.exit(cli_entry())
+    sys.exit(train_rank())

@@ -130,3 +130,17 @@ def _no_network_namespace_left_behind():
     from benchmarks import netns  # torch-free
 
     netns.remove_leftovers(also_owner=os.getpid())
+
+
+@pytest.fixture
+def cpu_runs_fp16(monkeypatch):
+    """DeepSpeed's fp16 engine on CPU tensors: the CPU accelerator is told that it supports fp16 (GPUs do)."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu" and not acc.is_fp16_supported():
+        monkeypatch.setattr(type(acc), "is_fp16_supported", lambda self: True)
+        monkeypatch.setattr(type(acc), "supported_dtypes",
+                            lambda self: [torch.float32, torch.bfloat16, torch.float16])
+    return acc

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dat_ds.core.requests import EvalRequest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- commands a test starts
@@ -86,11 +88,11 @@ def wait_for_tag(root: Path, proc: subprocess.Popen, timeout: float = 400) -> st
     raise AssertionError("no checkpoint appeared")
 
 
-def eval_args(*argv: str) -> argparse.Namespace:
-    """``dat-ds eval ARGV`` parsed (nothing checked yet)."""
-    from dat_ds.launch import args as launch_args
+def eval_args(*argv: str) -> EvalRequest:
+    """``dat-ds eval ARGV`` parsed into the request a rank builds from it (nothing checked yet)."""
+    from dat_ds.cli.args import eval_args_parser, eval_request
 
-    return launch_args.eval_args_parser().parse_args(list(argv))
+    return eval_request(eval_args_parser().parse_args(list(argv)))
 
 
 def harness_defaults(harness) -> argparse.Namespace:

@@ -27,7 +27,7 @@ LAYERS = {
     "evaluation": 4,
     "tune": 5,
     "launch": 6,
-    "cli": 7, "train": 7,
+    "cli": 7, "train": 7, "evaluate": 7,
 }
 # The one module of dat_ds that may import ``benchmarks`` (lazily, when a benchmark is chosen).
 BENCHMARKS_DISPATCH = "dat_ds/cli/bench.py"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -53,7 +54,8 @@ def test_installed_wheel_runs_the_demo_from_an_empty_folder(tmp_path):
     empty.mkdir()
     where = _run([str(py), "-c", "import dat_ds; print(dat_ds.__file__)"], cwd=empty).stdout
     assert str(venv) in where  # the installed copy, not the source checkout
-    dry = _run([dat_ds, "train", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "8", "--dry-run"], cwd=empty)
+    dry = _run([dat_ds, "train", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "8", "--set", "data.root=.", "--dry-run"],
+               cwd=empty)
     assert '"world_size": 8, "global_batch": 2048' in dry.stderr
     dry = _run([dat_ds, "train", "--recipe", "recipes/demo.yaml", "--deepspeed_config", "zero2_fp32", "--dry-run"],
                cwd=empty)
@@ -62,10 +64,14 @@ def test_installed_wheel_runs_the_demo_from_an_empty_folder(tmp_path):
     demo = _run([dat_ds, "demo", "--epochs", "1", "--set", "train.max_steps_per_epoch=2", "--set", "eval.max_examples=32"],
                 cwd=empty, timeout=1200)
     run = empty / "runs" / "demo"
-    for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "summary.json", "curves.png"):
+    for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "summary.json", "curves.png", "adv_examples.png"):
         assert (run / name).is_file(), name
     assert any((run / "checkpoint").iterdir())
-    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    where = summary["provenance"]  # an installed wheel: versions and the command, no git commit
+    assert where["git"] is None and where["versions"]["dat-ds"] and where["versions"]["deepspeed"]
+    assert where["command"].startswith("dat-ds demo --epochs 1") and where["hosts"] == [socket.gethostname()]
     assert f"outputs in {Path('runs') / 'demo'}/" in demo.stdout
     # Quiet by default: none of DeepSpeed's start-up chatter.
     for noise in ("Setting accelerator to CPU", "[launch.py", "[runner.py", "shm_comm_op built", "CUDA_HOME"):

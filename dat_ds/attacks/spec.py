@@ -16,14 +16,15 @@ ATTA's reuse) is runtime state, never a spec value: only ``attack_from_config`` 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..core.config import AttackConfig, RunConfig
 from ..core.errors import ConfigError
+from ..core.fields import Float, Positive, Radius, Section, Str, fix
 from .core import LossFn, SuccessFn, default_step_size
 from .geometry import GEOMETRIES
 from .losses import ATTACK_LOSSES, ce_loss, misclassified
@@ -50,18 +51,26 @@ def _refuse(attack: str, what: str) -> ConfigError:
     return ConfigError(f"attack {attack!r} does not take {what}; it takes {', '.join(takes(attack))}")
 
 
-@dataclass(frozen=True)
-class AttackSpec:
-    attack: str = "pgd"
-    eps: float = 0.1
-    steps: int | None = None  # None: the attack's default (``dat-ds eval`` passes 20 to PGD)
-    restarts: int = 1  # worst case per example over this many random starts
-    step_size: float | None = None  # None: default_step_size(attack, eps, steps)
-    norm: str = "linf"
-    loss: str = "ce"  # a registered attack loss (ATTACK_LOSSES)
-    extra: dict[str, Any] = field(default_factory=dict)  # the attack's own keywords, e.g. {"n_queries": 1000}
+class AttackSpec(Section):
+    """An attack and the knobs it sets, with the run config's field types (``core.fields``)."""
 
-    def __post_init__(self):
+    title: ClassVar[str] = "the attack spec"
+
+    attack: Str = "pgd"
+    eps: Radius = Field(0.1, **fix("; eps is a radius"))
+    steps: Positive | None = None  # None: the attack's default (``dat-ds eval`` passes 20 to PGD)
+    restarts: Positive = 1  # worst case per example over this many random starts
+    step_size: Float | None = Field(None, gt=0, **fix(" (or None for the standard step)"))  # None: default_step_size
+    norm: Str = "linf"
+    loss: Str = "ce"  # a registered attack loss (ATTACK_LOSSES)
+    extra: dict[str, Any] = {}  # the attack's own keywords, e.g. {"n_queries": 1000}
+
+    def __init__(self, *attack: str, **values: Any) -> None:
+        """``AttackSpec("pgd", eps=0.1)``: the attack may come first, as in the registry's call."""
+        super().__init__(**({"attack": attack[0]} if attack else {}), **values)
+
+    @model_validator(mode="after")
+    def _declared(self) -> AttackSpec:
         params = attack_parameters(self.attack)  # unknown attack: ConfigError listing the registered ones
         for name, (param, neutral) in _FIELDS.items():
             value = getattr(self, name)
@@ -70,16 +79,9 @@ class AttackSpec:
         for key in self.extra:
             if key not in params or key in _SUPPLIED + _RUNTIME or key in (p for p, _ in _FIELDS.values()):
                 raise _refuse(self.attack, f"{key}={self.extra[key]!r} as an extra argument")
-        if self.eps < 0:
-            raise ConfigError(f"eps={self.eps} is negative; eps is a radius >= 0")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps={self.steps} must be >= 1")
-        if self.restarts < 1:
-            raise ConfigError(f"restarts={self.restarts} must be >= 1")
-        if self.step_size is not None and self.step_size <= 0:
-            raise ConfigError(f"step_size={self.step_size} must be > 0 (or None for the standard step)")
         ATTACK_LOSSES.get(self.loss)
         GEOMETRIES.get(self.norm)
+        return self
 
     @property
     def label(self) -> str:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..core import names
-from ..launch.launcher import add_launch_args, launch, strip_launch_args, world_size_of
+from ..launch.launcher import check_master_port, launch, strip_launch_args, world_size_of
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, list[str]], int], str]] = {}
 VERBOSE_FLAGS = ("-v", "--verbose")
@@ -40,24 +41,30 @@ def resolve_recipe(path: str | None) -> str | None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from ..launch.args import add_run_args
+    from .args import add_launch_args, add_run_args
 
     add_run_args(p)
     add_launch_args(p)
 
 
 def _train(args: argparse.Namespace, argv: list[str], *, needs_unlabeled_objective: bool = False) -> int:
+    from dataclasses import replace
+
     from ..launch import train, validate
+    from .args import train_request
+    from .ranks import TRAIN_MODULE
 
     world = world_size_of(args.nproc, args.hostfile)
-    args.config = resolve_recipe(args.config)
-    if args.dry_run or (args.nproc == 1 and not args.hostfile):
+    request = train_request(args)
+    request = replace(request, config=resolve_recipe(request.config))
+    check_master_port(args.master_port)  # the launching process's own flag; the ranks never see it
+    if request.dry_run or (args.nproc == 1 and not args.hostfile):
         if needs_unlabeled_objective:
-            validate.train_inputs(args, world, needs_unlabeled_objective=True)
-        train.main(args, world=world)  # the whole pass, then (without --dry-run) training in this process
+            validate.train_inputs(request, world, needs_unlabeled_objective=True)
+        train.main(request, world=world)  # the whole pass, then (without --dry-run) training in this process
         return 0
     # The validation pass in this process, before any rank starts: torch-free half, then the heavy one.
-    cfg, _ = validate.train_inputs(args, world, needs_unlabeled_objective=needs_unlabeled_objective)
+    cfg, _ = validate.train_inputs(request, world, needs_unlabeled_objective=needs_unlabeled_objective)
     from ..launch import runlock
 
     runlock.check_free(cfg.run_dir)  # a live run on this folder: refused before any rank starts
@@ -65,14 +72,14 @@ def _train(args: argparse.Namespace, argv: list[str], *, needs_unlabeled_objecti
 
     from ..launch.preflight import DECODED_ENV, preflight
 
-    preflight(cfg, args.resume, world, nproc=None if args.hostfile else args.nproc,  # not ours to count: a hostfile's nodes
-              allow_world_size_change=args.allow_world_size_change)
+    preflight(cfg, request.resume, world, nproc=None if args.hostfile else args.nproc,  # not ours to count: a hostfile's nodes
+              allow_world_size_change=request.allow_world_size_change)
     forwarded = strip_launch_args(argv)
-    if args.config:
-        forwarded = _replace_value(forwarded, ("--config", "--recipe"), args.config)
+    if request.config:
+        forwarded = _replace_value(forwarded, ("--config", "--recipe"), request.config)
     started = time.time()
     try:
-        return launch("dat_ds.launch.train", forwarded, nproc=args.nproc, hostfile=args.hostfile,
+        return launch(TRAIN_MODULE, forwarded, nproc=args.nproc, hostfile=args.hostfile,
                       master_port=args.master_port, checkpoint_root=cfg.run_dir / "checkpoint",
                       env={DECODED_ENV: socket.gethostname()})  # this preflight decoded the images: ranks here skip it
     except BaseException:  # a rank failed or the run was interrupted; on one node every rank is gone now
@@ -137,7 +144,7 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
 
         ui.console.print(
             f"\n[bold]done.[/bold] outputs in {run_dir}/: config.yaml, ds_config.json, metrics.jsonl, "
-            f"summary.json, curves.png, checkpoint/\n"
+            f"summary.json, curves.png, adv_examples.png, checkpoint/\n"
             f"evaluate it again:  dat-ds eval --run {run_dir}\n"
             f"continue training:  dat-ds train --recipe {DEMO_RECIPE} --name {name} --output-dir {args.output_dir} "
             "--resume auto --epochs N"
@@ -212,8 +219,10 @@ def _load_extensions() -> None:
         importlib.import_module(mod)
 
 
-def _add_verbose(p: argparse.ArgumentParser) -> None:
-    p.add_argument(*VERBOSE_FLAGS, dest="verbose", action="store_true", default=argparse.SUPPRESS,
+def _add_verbose(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """``-v`` before or after the subcommand; the subcommand's flag has no default of its own (SUPPRESS), so
+    it never overwrites the main parser's ``verbose`` (False unless given)."""
+    p.add_argument(*VERBOSE_FLAGS, dest="verbose", action="store_true", default=default,
                    help="show DeepSpeed's start-up messages and debug logs")
 
 
@@ -223,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"dat-ds {__version__}")
-    _add_verbose(parser)
+    _add_verbose(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, _, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -244,10 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "verbose", False):
+    if args.verbose:
         os.environ["DAT_DS_VERBOSE"] = "1"  # inherited by the ranks the command starts
     from ..core import dist
+    from ..core.provenance import COMMAND_ENV
 
     dist.setup_logging()
     _, run, _ = COMMANDS[args.command]
-    return run_entry(lambda: run(args, _command_argv(argv, args.command)) or 0)
+    previous = os.environ.get(COMMAND_ENV)
+    os.environ[COMMAND_ENV] = shlex.join(["dat-ds", *argv])  # this command's runs and ranks record it (summary.json)
+    try:
+        return run_entry(lambda: run(args, _command_argv(argv, args.command)) or 0)
+    finally:  # an in-process caller's next command is not this one
+        if previous is None:
+            os.environ.pop(COMMAND_ENV, None)
+        else:
+            os.environ[COMMAND_ENV] = previous

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from ..core import names
@@ -137,16 +138,14 @@ def _check_finetune_args(args: argparse.Namespace):
     """Torch-free: numbers, the encoder run or the recipe (with its names), the output path."""
     from ..core.config import build_config
 
-    for key in ("epochs", "batch_size"):
-        if getattr(args, key) < 1:
-            raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
-    for key in ("attack_steps", "train_subset", "eval_examples"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
-    if args.lr is not None and not args.lr > 0:
-        raise ConfigError(f"--lr={args.lr} must be > 0")
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--attack-steps", args.attack_steps),
+                        ("--train-subset", args.train_subset), ("--eval-examples", args.eval_examples)):
+        if value is not None and value < 1:  # the first two are never None (their flags have defaults)
+            raise ConfigError(f"{flag}={value} must be >= 1")
+    if args.lr is not None and not 0 < args.lr < math.inf:  # nan and inf are refused too
+        raise ConfigError(f"--lr={args.lr} must be a finite number > 0")
     if args.eps is not None and not 0 <= args.eps <= 1:
-        raise ConfigError(f"--eps={args.eps} is outside [0, 1]; eps is in pixel units, e.g. 8/255")
+        raise ConfigError(f"--eps={args.eps} must be in [0, 1]; eps is in pixel units, e.g. 8/255")
     if args.random_init:
         if not args.config or not args.out:
             raise ConfigError("--random-init needs --config RECIPE (the encoder architecture and data) and --out FILE.json")

@@ -7,11 +7,12 @@ the starting DeepSpeed JSON with its batch arithmetic for the world size, the bu
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
-from ..launch.args import add_config_args
 from . import command
+from .args import add_config_args
 
 
 def _tune_args(p: argparse.ArgumentParser) -> None:
@@ -52,8 +53,8 @@ def check_inputs(args: argparse.Namespace, argv: list[str]):
     ds_path = str(ds_config.resolve_path(cfg.deepspeed_config))
     base = ds_config.load_ds_json(ds_path)
     ds_config.prepare(ds_path, world, data=base)
-    if args.memory_cap_mb is not None and not args.memory_cap_mb > 0:
-        raise ConfigError(f"--memory-cap-mb={args.memory_cap_mb} must be > 0")
+    if args.memory_cap_mb is not None and not 0 < args.memory_cap_mb < math.inf:  # nan and inf are refused too
+        raise ConfigError(f"--memory-cap-mb={args.memory_cap_mb} must be a finite number > 0")
     if args.out is not None:
         out = Path(args.out)
         if out.suffix != ".json":
@@ -76,9 +77,20 @@ def check_inputs(args: argparse.Namespace, argv: list[str]):
                   out=args.out, memory_cap_mb=args.memory_cap_mb, command=("dat-ds", "tune", *argv))
 
 
+def start_ranks(argv: list[str], *, nproc: int, hostfile: str | None, env: dict[str, str] | None) -> str | None:
+    """``tune.measure.StartRanks`` through the one launcher: None when the ranks exited cleanly, else why not."""
+    from ..launch.launcher import RankFailure, launch
+    from .ranks import TUNE_MODULE
+
+    try:
+        launch(TUNE_MODULE, argv, nproc=nproc, hostfile=hostfile, env=env)
+    except RankFailure as e:
+        return str(e) or f"the ranks exited with code {e.code}"
+    return None
+
+
 def _tune(args: argparse.Namespace, argv: list[str]) -> int:
     inputs = check_inputs(args, argv)
-    from ..launch.tune import start_ranks
     from ..tune.run import run
 
     run(inputs, start_ranks)

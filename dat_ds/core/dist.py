@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import DistConfig, default_of
 from .errors import ConfigError
 from .ports import free_port
 
@@ -126,7 +125,7 @@ def _skip_cpu_shm_op(acc) -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-DEFAULT_TIMEOUT_S = default_of(DistConfig, "timeout_s")  # the run config's default (NCCL's own); gloo's 30 min hides a dead link
+DEFAULT_TIMEOUT_S = 600.0  # dist.timeout_s's default (NCCL's own); gloo's 30 min hides a dead link
 _CHECKIN_KEY = "dat_ds/lost_contact/alive/"  # + rank: "I am still here" after a failed collective
 # Messages of a collective that failed because a peer stopped answering or went away (gloo, NCCL, the store).
 _LOST_HINTS = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe",
@@ -140,6 +139,7 @@ class Peer:
     rank: int
     node: int | None  # the launcher's node rank (DeepSpeed: CROSS_RANK, torchrun: GROUP_RANK)
     addr: str  # this rank's address on the route to the master
+    host: str = ""  # its host name (summary.json's hosts)
 
     def describe(self) -> str:
         where = ", ".join([*([f"node {self.node}"] if self.node is not None else []), self.addr])
@@ -404,8 +404,14 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timeout)
     _world.timeout_s = timeout_s
     if world_size() > 1:
-        me = Peer(rank(), _node_rank(), _address_towards(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])))
+        me = Peer(rank(), _node_rank(), _address_towards(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])),
+                  socket.gethostname())
         _world.peers = tuple(all_gather_object(me))
+
+
+def hosts() -> list[str]:
+    """The hosts the world's ranks run on (known after ``init_distributed``; this host in a world of one)."""
+    return sorted({p.host for p in _world.peers}) if _world.peers else [socket.gethostname()]
 
 
 def lost_contact(error: BaseException, during: str) -> str | None:

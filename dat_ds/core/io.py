@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +76,26 @@ def read_user_text(path: Path, what: str, save_as: str = "UTF-8") -> str:
         raise ConfigError(f"cannot read {what} ({e.strerror or type(e).__name__}); check its permissions") from None
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """The process's umask (os.umask can only be read by setting it: set and restored under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all, with the mode ``open()`` would give it (0644 under umask 022): run files
+    on shared storage are for teammates too (``mkstemp`` alone makes them 0600)."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

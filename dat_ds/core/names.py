@@ -10,6 +10,8 @@ from __future__ import annotations
 from .errors import ConfigError
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "autoattack", "fgsm", "fgsm_rs", "nfgsm", "none", "pgd", "square")
+EVAL_ATTACKS = tuple(n for n in ATTACKS if n != "none")  # what `dat-ds eval --attacks` may name
+EVAL_PROTOCOLS = ("robustbench",)  # dat-ds eval --protocol
 EVAL_ONLY_ATTACKS = ("apgd-ce", "apgd-dlr", "autoattack", "square")  # torchattacks: no training use
 OBJECTIVES = ("acl", "clean", "dat", "free", "madry", "mart", "trades")
 UNLABELED_OBJECTIVES = ("acl",)  # self-supervised: `dat-ds pretrain` needs one of these
@@ -29,6 +31,20 @@ CONSISTENCY_OBJECTIVES = ("trades",)  # objective.consistency, objective.cutmix 
 ACT_MODELS = ("preactresnet18", "wideresnet16_4", "wideresnet28_10", "wideresnet34_10")  # take model.act
 MODELS = ("preactresnet18", "small_cnn", "small_cnn_avgpool", "tiny_cnn", "wideresnet16_4", "wideresnet28_10",
           "wideresnet34_10")  # ours; any timm name is also accepted (checked where timm is imported)
+# The DeepSpeed JSON's top-level keys (runtime/ds_config.py accepts these): set with --ds-set, never --set.
+DEEPSPEED_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "fp16", "bf16", "amp", "zero_optimization", "gradient_clipping", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "steps_per_print", "wall_clock_breakdown", "dump_state",
+    "tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler", "activation_checkpointing",
+    "communication_data_type", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "memory_breakdown", "elasticity", "data_types", "checkpoint", "aio", "autotuning", "compile", "timers",
+    "load_universal_checkpoint", "use_node_local_storage", "torch_autocast", "seed", "comms_logger",
+    "data_efficiency", "compression_training", "weight_quantization", "pipeline", "disable_allgather",
+    "graph_harvesting", "mics_shard_size", "mics_hierarchical_params_gather", "monitor_config",
+    "gradient_compression",  # dat-ds: DAT's quantized gradient all-reduce (dat_ds.comm.gradient); stripped
+)
+ROOTED_DATASETS = ("cifar10", "cifar100", "hf", "imagefolder")  # read from data.root, which they need
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "fashion-mnist-full", "hf", "imagefolder")
 OPTIMIZERS = ("adam", "adamw", "lamb", "lars", "onebitadam", "onebitlamb", "sgd", "zerooneadam")
 NORMS = ("l2", "linf")

@@ -39,6 +39,16 @@ class EvalResult:
     clean_correct: torch.Tensor
     robust_correct: dict[str, torch.Tensor]  # label -> correct after that attack
     seconds: dict[str, float]
+    targets: torch.Tensor  # each example's class
+
+    def per_class(self) -> dict[int, dict[str, Any]]:
+        """Clean and robust accuracy of each class present: ``{class: {count, clean_acc, robust_acc: {label: acc}}}``."""
+        out: dict[int, dict[str, Any]] = {}
+        for c in sorted(set(self.targets.tolist())):
+            mask = self.targets == c
+            out[c] = {"count": int(mask.sum()), "clean_acc": float(self.clean_correct[mask].float().mean()),
+                      "robust_acc": {k: float(v[mask].float().mean()) for k, v in self.robust_correct.items()}}
+        return out
 
     @property
     def count(self) -> int:
@@ -90,7 +100,7 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
     mine: list[int] = list(range(rank, len(batches), world))
     # Results stay on the device until the end: no host sync per batch except the attack timer's.
     sync = dist.accelerator().synchronize if device.type != "cpu" else (lambda: None)
-    local_idx, local_clean = [], []
+    local_idx, local_clean, local_targets = [], [], []
     local_robust: dict[str, list[torch.Tensor]] = {s.label: [] for s in specs}
     seconds = {s.label: 0.0 for s in specs}
     loader = _rank_loader(dataset, batches, mine, batch_size, device)
@@ -113,13 +123,14 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
                 seconds[spec.label] += time.perf_counter() - t0
             local_idx.append(torch.arange(lo, hi))
             local_clean.append(clean)
+            local_targets.append(y)
             for label, r in robust.items():
                 local_robust[label].append(r)
             if on_batch is not None:
                 on_batch(hi - lo)
     cat = lambda xs, dtype: torch.cat(xs).cpu() if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
     payload = (cat(local_idx, torch.long), cat(local_clean, torch.bool),
-               {k: cat(v, torch.bool) for k, v in local_robust.items()}, seconds)
+               {k: cat(v, torch.bool) for k, v in local_robust.items()}, seconds, cat(local_targets, torch.long))
     gathered = dist.all_gather_object(payload)
     idx = torch.cat([g[0] for g in gathered])
     order = torch.argsort(idx)
@@ -127,4 +138,6 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
     robust_all = {k: torch.cat([g[2][k] for g in gathered])[order] for k in local_robust}
     # Wall time of the slowest rank is what the user waits for.
     secs = {k: max(g[3][k] for g in gathered) for k in seconds}
-    return EvalResult(indices=idx[order], clean_correct=clean_all, robust_correct=robust_all, seconds=secs)
+    targets = torch.cat([g[4] for g in gathered])[order]
+    return EvalResult(indices=idx[order], clean_correct=clean_all, robust_correct=robust_all, seconds=secs,
+                      targets=targets)

@@ -98,7 +98,7 @@ class CatastrophicOverfittingMonitor(Callback):
         clean, fgsm_acc, pgd_acc = self.measure(step)
         overfit = fgsm_acc - pgd_acc > self.gap
         # seconds: inside the epoch's train_seconds; benchmarks that time training take it back out
-        record = {"kind": "monitor", "step": step, "epoch": state.epoch, "clean_acc": clean, "fgsm_acc": fgsm_acc,
+        record = {"kind": "monitor", "step": step, "epoch": state.epoch + 1, "clean_acc": clean, "fgsm_acc": fgsm_acc,
                   "pgd_acc": pgd_acc, "gap": fgsm_acc - pgd_acc, "best_pgd_acc": max(self.best_pgd_acc, pgd_acc),
                   "overfit": overfit, "policy": self.policy if overfit else None,
                   "seconds": time.perf_counter() - t0}

@@ -1,17 +1,17 @@
 """``dat-ds eval``: robust accuracy of a checkpoint under a list of attacks and eps values, on N ranks.
 
 Module entry for every rank (``dat-ds eval --nproc 2`` starts it through the DeepSpeed launcher, or run
-``deepspeed --num_gpus 2 --module dat_ds.launch.evaluate --run runs/demo`` yourself). The test set is
+``deepspeed --num_gpus 2 --module dat_ds.evaluate --run runs/demo`` yourself). The test set is
 sharded over ranks batch by batch, each batch's attack noise is seeded by its index, and per-example
 results are gathered, so ``eval.json`` is the same for any number of ranks. Rank 0 writes the outputs.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import time
+from dataclasses import replace as replace_request
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,14 @@ from ..attacks import ATTACKS, AttackSpec, attack_parameters, takes
 from ..core import dist, ui
 from ..core.config import EvalConfig, default_of, parse_eps, replace
 from ..core.errors import ConfigError
-from ..core.io import atomic_write_json, save_figure
+from ..core.io import atomic_write_json, save_bar_plot, save_figure
+from ..core.provenance import provenance
+from ..core.requests import EvalRequest
 from ..data import build_dataset
 from . import sanity
 from .evaluate import EvalResult, evaluate
 from .loading import LoadedModel, load_classifier, load_weights
+from .pictures import ADV_EXAMPLES, adversarial_grid
 
 log = logging.getLogger(__name__)
 EVAL_JSON = "eval.json"
@@ -57,22 +60,28 @@ def _neutral(dest: str) -> Any:
     return attack_parameters(attack)[param]
 
 
-def attack_options(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+def _flag_values(request: EvalRequest) -> dict[str, Any]:
+    """The request's value of each of ``_FLAGS``."""
+    return {"steps": request.steps, "restarts": request.restarts, "loss": request.loss, "aa_steps": request.aa_steps,
+            "aa_queries": request.aa_queries, "apgd_steps": request.apgd_steps,
+            "square_queries": request.square_queries}
+
+
+def attack_options(request: EvalRequest) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(attack, spec fields, extra keywords) for each of ``--attacks``, from the flags each attack takes.
 
     A flag set away from its neutral value that no listed attack takes is a ConfigError naming the
     attacks and what they take (``--restarts 5`` with square, ``--steps`` with autoattack).
     """
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    attacks = [a.strip() for a in request.attacks.split(",") if a.strip()]
     if not attacks:
         raise ConfigError("--attacks is empty; give e.g. --attacks pgd,autoattack")
     choices = [n for n in ATTACKS.names() if n != "none"]
     for name in attacks:
         if name not in choices:
             raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(choices)}")
-    given = {dest: getattr(args, dest) for dest in _FLAGS
-             if getattr(args, dest, None) is not None and getattr(args, dest) != _neutral(dest)}
-    used = set(_SANITY_FLAGS) & set(given) if getattr(args, "sanity", False) else set()
+    given = {dest: value for dest, value in _flag_values(request).items() if value != _neutral(dest)}
+    used = set(_SANITY_FLAGS) & set(given) if request.sanity else set()
     out = []
     for name in attacks:
         accepted = takes(name)
@@ -90,13 +99,13 @@ def attack_options(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], 
                           + (f" (it is for {', '.join(only)})" if only else "") + ": "
                           + "; ".join(f"{name} takes {', '.join(takes(name))}" for name in attacks))
     for name, fields, extra in out:  # the attack checks the values themselves (ranges, names)
-        AttackSpec(attack=name, eps=0.0, norm=args.norm, **fields, extra=extra)
+        AttackSpec(attack=name, eps=0.0, norm=request.norm, **fields, extra=extra)
     return out
 
 
-def build_specs(args: argparse.Namespace, eps_list: list[float]) -> list[AttackSpec]:
-    return [AttackSpec(attack=name, eps=eps, norm=args.norm, **fields, extra=extra)
-            for name, fields, extra in attack_options(args) for eps in eps_list]
+def build_specs(request: EvalRequest, eps_list: list[float]) -> list[AttackSpec]:
+    return [AttackSpec(attack=name, eps=eps, norm=request.norm, **fields, extra=extra)
+            for name, fields, extra in attack_options(request) for eps in eps_list]
 
 
 def _bits(t: torch.Tensor) -> str:
@@ -116,7 +125,7 @@ def _sha(t: torch.Tensor) -> str:
     return hashlib.sha256(_bits(t).encode()).hexdigest()
 
 
-def build_report(result: EvalResult, specs: list[AttackSpec], source: dict[str, Any], args: argparse.Namespace,
+def build_report(result: EvalResult, specs: list[AttackSpec], source: dict[str, Any], request: EvalRequest,
                  checks: list[sanity.Check] | None, seconds: float) -> dict[str, Any]:
     rows = []
     for spec in specs:
@@ -128,11 +137,13 @@ def build_report(result: EvalResult, specs: list[AttackSpec], source: dict[str, 
                      "count": result.count, "seconds": result.seconds[spec.label],
                      "correct_sha256": _sha(correct), "correct": _bits(correct)})
     return {
-        "source": source, "world_size": dist.world_size(), "seed": args.seed, "batch_size": args.batch_size,
-        "max_examples": args.max_examples, "count": result.count, "clean_acc": result.clean_acc,
+        "source": source, "world_size": dist.world_size(), "seed": request.seed, "batch_size": request.batch_size,
+        "max_examples": request.max_examples, "count": result.count, "clean_acc": result.clean_acc,
         "clean_correct_sha256": _sha(result.clean_correct), "clean_correct": _bits(result.clean_correct),
         "results": rows, "sanity": [c.to_dict() for c in checks] if checks is not None else None,
+        "per_class": {str(c): v for c, v in result.per_class().items()},
         "seconds": seconds, "machine_note": "seconds are the slowest rank's attack time",
+        "provenance": provenance(world_size=dist.world_size(), hosts=dist.hosts()),
     }
 
 
@@ -146,6 +157,11 @@ def plot_curves(report: dict[str, Any], path: Path, title: str) -> None:
     for row in report["results"]:
         name = row["label"].rsplit("@", 1)[0]
         curves.setdefault(name, []).append((row["eps"], row["robust_acc"]))
+    if len({row["eps"] for row in report["results"]}) == 1:  # one eps: a bar per attack, not one dot per line
+        eps = eps_text(report["results"][0]["eps"])
+        save_bar_plot(path, list(curves), [pts[0][1] for pts in curves.values()], ylabel=f"robust accuracy at eps={eps}",
+                      title=title, hline=report["clean_acc"], hline_label="clean")
+        return
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, pts in curves.items():
         pts.sort()
@@ -199,17 +215,27 @@ def _eps_text(eps: float) -> str | float:
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else eps
 
 
-def robustbench_entry(report: dict[str, Any], loaded: LoadedModel, args: argparse.Namespace, n_test: int,
+def eps_text(eps: float) -> str:
+    """``8/255`` when eps is a whole number of 255ths (as papers and RobustBench write it), else ``0.1``."""
+    return str(_eps_text(eps)) if eps else "0"
+
+
+def percent(acc: float, count: int) -> str:
+    """``54.69 % (35/64)``: an accuracy as the reference tools print it, with the examples behind it."""
+    return f"{100 * acc:.2f} % ({round(acc * count)}/{count})"
+
+
+def robustbench_entry(report: dict[str, Any], loaded: LoadedModel, request: EvalRequest, n_test: int,
                       subset: list[int] | None) -> dict[str, Any]:
     """RobustBench's ``model_info`` fields (``robustbench.utils.ModelInfo``; accuracies as percent strings
     with two decimals, as its ``update_json`` writes them), plus how this score was obtained."""
     row = report["results"][0]
     cfg, source = loaded.cfg, loaded.source
-    name = args.entry_name or (Path(source["run_dir"]).name if source.get("run_dir") else Path(source["weights"]).stem)
+    name = request.entry_name or (Path(source["run_dir"]).name if source.get("run_dir") else Path(source["weights"]).stem)
     arch = source.get("model")
     if cfg is not None and cfg.model.act != "relu":
         arch = f"{arch} ({cfg.model.act})"
-    shortened = args.max_examples is not None and report["count"] < (len(subset) if subset else n_test)
+    shortened = request.max_examples is not None and report["count"] < (len(subset) if subset else n_test)
     return {
         "link": None, "name": name, "authors": None,
         "additional_data": bool(cfg.data.unlabeled) if cfg is not None else None,
@@ -219,77 +245,78 @@ def robustbench_entry(report: dict[str, Any], loaded: LoadedModel, args: argpars
         "autoattack_acc": f"{100 * row['robust_acc']:.2f}", "footnote": None,
         "threat_model": {"linf": "Linf", "l2": "L2"}[row["norm"]],  # RobustBench's folder: model_info/<dataset>/<threat>/
         "protocol": "robustbench", "attack": row["label"], "n_examples": report["count"],
-        "test_set_size": n_test, "subset_file": args.subset_file,
+        "test_set_size": n_test, "subset_file": request.subset_file,
         "subset": report["count"] if shortened else None,  # set: NOT a RobustBench score (--max-examples)
         "deterministic": True, "which_weights": source.get("which_weights"),
     }
 
 
-def load_model(args: argparse.Namespace) -> LoadedModel:
-    if args.run is not None:
-        return load_classifier(args.run, args.tag, args.weights or "auto")  # --weights: ema | raw with --run
-    return load_weights(args.weights, args.model, args.data or "fashion-mnist", args.data_root)
+def load_model(request: EvalRequest) -> LoadedModel:
+    if request.run is not None:
+        return load_classifier(request.run, request.tag, request.weights or "auto")  # --weights: ema | raw with --run
+    return load_weights(request.weights, request.model, request.data or "fashion-mnist", request.data_root)
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(request: EvalRequest) -> dict[str, Any]:
     """Evaluate on this process's rank (the world may be 1). Returns the report on every rank.
 
-    ``args`` come from ``dat_ds.launch.args.add_eval_args`` and were checked by ``launch.validate``.
+    ``request`` comes from ``dat-ds eval``'s arguments (``cli.args.eval_request``) and was checked by
+    ``launch.validate``.
     """
     dist.setup_logging()
-    robustbench = getattr(args, "protocol", None) == "robustbench"
+    robustbench = request.protocol == "robustbench"
     if robustbench:
-        args.attacks = "autoattack"  # check_protocol allows nothing else
-    attack_options(args)  # an argument an attack does not take fails here, before any model loads
+        request = replace_request(request, attacks="autoattack")  # check_protocol allows nothing else
+    attack_options(request)  # an argument an attack does not take fails here, before any model loads
     # Each rank attacks its own batches and the results meet once, at the end: the wait there is the ranks'
     # imbalance, which for AutoAttack (its cost follows how many points stay robust) can be many minutes.
     dist.init_distributed(timeout_s=EVAL_TIMEOUT_S)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if request.threads:
+        torch.set_num_threads(request.threads)
     else:
         dist.set_threads_per_rank()
-    loaded = load_model(args)
-    if args.data and args.run is not None:
+    loaded = load_model(request)
+    if request.data and request.run is not None:
 
-        loaded.data_cfg = replace(loaded.data_cfg, name=args.data, root=args.data_root or loaded.data_cfg.root)
+        loaded.data_cfg = replace(loaded.data_cfg, name=request.data, root=request.data_root or loaded.data_cfg.root)
     test_set, spec = build_dataset(loaded.data_cfg, "test")
     model = loaded.model.to(dist.device())
     n_test, subset = len(test_set), None
     if robustbench:
-        if args.subset_file:
+        if request.subset_file:
             from torch.utils.data import Subset
 
-            subset = read_subset(args.subset_file, n_test)
+            subset = read_subset(request.subset_file, n_test)
             test_set = Subset(test_set, subset)
         elif loaded.data_cfg.name in ("imagefolder", "hf"):
             log.warning("RobustBench scores ImageNet on a fixed 5,000-image validation subset; pass its index list "
                         "with --subset-file (it is not shipped), or this is not the leaderboard's protocol")
         check_deterministic(model, test_set)
-    if args.eps is not None:
-        eps_list = parse_eps(args.eps)
+    if request.eps is not None:
+        eps_list = parse_eps(request.eps)
     elif loaded.cfg is not None:
         eps_list = [loaded.cfg.attack.eps]
     else:
         raise ConfigError("--eps is needed with --weights, e.g. --eps 0.1 or --eps 8/255")
-    specs = build_specs(args, eps_list)
+    specs = build_specs(request, eps_list)
     plan = None
     all_specs = list(specs)
-    if args.sanity:
-        queries = args.square_queries if args.square_queries != _neutral("square_queries") else None
-        plan = sanity.sanity_specs(eps_list[0], in_chans=spec.in_chans, steps=args.steps, norm=args.norm,
+    if request.sanity:
+        queries = request.square_queries if request.square_queries != _neutral("square_queries") else None
+        plan = sanity.sanity_specs(eps_list[0], in_chans=spec.in_chans, steps=request.steps, norm=request.norm,
                                    square_queries=queries)
         for extra_spec in plan.specs():
             if extra_spec.label not in {s.label for s in all_specs}:
                 all_specs.append(extra_spec)
-    n = len(test_set) if args.max_examples is None else min(args.max_examples, len(test_set))
+    n = len(test_set) if request.max_examples is None else min(request.max_examples, len(test_set))
     log.info("evaluating %s%s on %d %s test examples, %d rank(s): %s", loaded.source.get("run_dir") or
              loaded.source.get("weights"),
              f" ({loaded.source['which_weights']} weights)" if "which_weights" in loaded.source else "", n,
              loaded.data_cfg.name, dist.world_size(), ", ".join(s.label for s in all_specs))
     t0 = time.perf_counter()
     with ui.progress_bar(n * len(all_specs), "eval") as advance:
-        result = evaluate(model, test_set, all_specs, batch_size=args.batch_size, seed=args.seed,
-                          max_examples=args.max_examples, on_batch=lambda k: advance(k * len(all_specs) * dist.world_size()))
+        result = evaluate(model, test_set, all_specs, batch_size=request.batch_size, seed=request.seed,
+                          max_examples=request.max_examples, on_batch=lambda k: advance(k * len(all_specs) * dist.world_size()))
     seconds = time.perf_counter() - t0
     checks = None
     if plan is not None:
@@ -304,22 +331,29 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         white = {s.label: summary[s.label]["robust_acc"] for s in all_specs
                  if s.eps == plan.eps and s.attack not in ("square", "fgsm", "fgsm_rs")}
         checks = sanity.run_checks(summary, plan, curves, white)
-    report = build_report(result, all_specs, loaded.source, args, checks, seconds)
+    report = build_report(result, all_specs, loaded.source, request, checks, seconds)
     if robustbench:
-        report["robustbench"] = robustbench_entry(report, loaded, args, n_test, subset)
+        report["robustbench"] = robustbench_entry(report, loaded, request, n_test, subset)
     if dist.is_main_process():
-        out = Path(args.out) if args.out else (Path(loaded.source["run_dir"]) if args.run else Path("eval_out"))
+        out = Path(request.out) if request.out else (Path(loaded.source["run_dir"]) if request.run else Path("eval_out"))
         atomic_write_json(out / EVAL_JSON, report)
         plot_curves(report, out / PLOT, f"{loaded.source.get('model')} on {loaded.data_cfg.name}")
+        adversarial_grid(model, test_set, specs[0], out / ADV_EXAMPLES, seed=request.seed, classes=spec.classes)
         which = f", {loaded.source['which_weights']} weights" if "which_weights" in loaded.source else ""
         ui.show(ui.table(f"robust accuracy on {result.count} test examples ({dist.world_size()} rank(s){which})",
-                         ["attack", "eps", "clean acc", "robust acc", "count", "seconds"],
-                         [(r["label"].rsplit("@", 1)[0], r["eps"], r["clean_acc"], r["robust_acc"], r["count"],
-                           r["seconds"]) for r in report["results"]]))
+                         ["attack", "eps", "clean acc", "robust acc", "seconds"],
+                         [(r["label"].rsplit("@", 1)[0], eps_text(r["eps"]), percent(r["clean_acc"], r["count"]),
+                           percent(r["robust_acc"], r["count"]), r["seconds"]) for r in report["results"]]))
+        if request.per_class:
+            ui.show(ui.table("accuracy per class", ["class", "clean acc", *(r["label"].rsplit("@", 1)[0] for r in
+                                                                          report["results"])],
+                             [(c, percent(v["clean_acc"], v["count"]),
+                               *(percent(v["robust_acc"][r["label"]], v["count"]) for r in report["results"]))
+                              for c, v in report["per_class"].items()]))
         if checks is not None:
             for c in checks:
                 (log.info if c.status == "pass" else log.warning)("sanity %s: %s: %s", c.status.upper(), c.check, c.detail)
-        log.info("wrote %s and %s", out / EVAL_JSON, out / PLOT)
+        log.info("wrote %s, %s and %s", out / EVAL_JSON, out / PLOT, out / ADV_EXAMPLES)
         if robustbench:
             entry = report["robustbench"]
             atomic_write_json(out / ROBUSTBENCH_JSON, entry)
@@ -328,7 +362,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                      entry["n_examples"], out / ROBUSTBENCH_JSON)
             if entry["subset"] is not None:
                 log.warning("NOT A ROBUSTBENCH SCORE: --max-examples %d scored only the first %d of %d test examples; "
-                            "RobustBench uses all of them (ImageNet: its fixed 5,000-image list)", args.max_examples,
+                            "RobustBench uses all of them (ImageNet: its fixed 5,000-image list)", request.max_examples,
                             entry["subset"], len(subset) if subset else n_test)
     dist.barrier()
     return report

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from ..attacks import eval_spec
+from ..core import dist
 from ..core.config import RunConfig
 from ..data import build_dataset
 from ..runtime.callbacks import Callback, TrainerView
@@ -21,6 +22,7 @@ from ..runtime.loop import TrainState
 from ..runtime.trainer import Trainer
 from .evaluate import evaluate
 from .monitor import CatastrophicOverfittingMonitor
+from .pictures import ADV_EXAMPLES, adversarial_grid
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,10 @@ class EpochEvaluation(Callback):
     (``ema``) the averaged weights are evaluated the same way next to them (``ema_clean_acc``,
     ``ema_robust_acc``), swapped in and out by ``WeightEMA.applied``."""
 
-    def __init__(self, cfg: RunConfig, test_set):
+    def __init__(self, cfg: RunConfig, test_set, classes: tuple[str, ...] = ()):
         self.cfg = cfg
         self.test_set = test_set
+        self.classes = classes
         self.spec = eval_spec(cfg)
 
     def on_epoch_end(self, trainer: TrainerView, state: TrainState, row: dict[str, Any]) -> None:
@@ -51,6 +54,11 @@ class EpochEvaluation(Callback):
             row["eval_count"] = result.count
 
         accuracies("")
+        if done == cfg.train.epochs:  # what the attack does to the final model (every rank: collective under ZeRO-3)
+            module = trainer.eval_module()
+            if dist.is_main_process():
+                adversarial_grid(module, self.test_set, self.spec, cfg.run_dir / ADV_EXAMPLES, seed=cfg.seed,
+                                 classes=self.classes)
         if trainer.ema is not None:
             with trainer.ema.applied(trainer.engine.module):
                 accuracies("ema_")
@@ -99,11 +107,11 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
                  allow_world_size_change: bool = False) -> dict[str, Any]:
     """Train ``cfg`` on this rank (every rank calls it), evaluating each epoch; returns the run's summary."""
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, allow_world_size_change=allow_world_size_change).setup()
-    test_set, _ = build_dataset(cfg.data, "test")
-    callbacks: list[Callback] = [EpochEvaluation(cfg, test_set)]
+    test_set, spec = build_dataset(cfg.data, "test")
+    callbacks: list[Callback] = [EpochEvaluation(cfg, test_set, spec.classes)]
     if cfg.train.keep_best != "none":
         callbacks.append(BestCheckpoint(cfg, trainer.val_set))
     if cfg.monitor.every_steps > 0:
         callbacks.append(CatastrophicOverfittingMonitor(cfg, trainer.engine, test_set, ckpt_root=trainer.ckpt_root,
-                                                        write=trainer.write, module=trainer.attack_module))
+                                                        write=trainer.write, module=trainer.run.attack_module))
     return trainer.fit(callbacks)

@@ -20,9 +20,9 @@ process's PID (``DAT_DS_CLI_PID``) and exit within about a second once it is gon
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Protocol
 
 from ..core.errors import EXIT_PEER_LOST, ConfigError, Interrupted
+from ..core.io import read_user_text
 from ..core.ports import free_port
 from ..core.stop import GRACE_ENV
 from .status import CLI_PID_ENV, STATUS_ENV, failed_rank_line
 
 log = logging.getLogger(__name__)
 
-LAUNCH_FLAGS = ("--nproc", "--hostfile", "--master-port")
+LAUNCH_FLAGS = ("--nproc", "--num_gpus", "--num-gpus", "--hostfile", "--master-port")  # the launching command's
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_GRACE_S = 20.0  # after a forwarded signal: then SIGKILL, so nothing outlives the command by 30 s
 
@@ -53,12 +54,6 @@ class RankFailure(Exception):
     def __init__(self, line: str, code: int):
         super().__init__(line)
         self.code = code
-
-
-def add_launch_args(p: argparse.ArgumentParser, default_nproc: int = 1) -> None:
-    p.add_argument("--nproc", type=int, default=default_nproc, help=f"processes (ranks) per node (default {default_nproc})")
-    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for several nodes ('host slots=N' lines)")
-    p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
 
 
 def strip_launch_args(argv: list[str], flags: tuple[str, ...] = LAUNCH_FLAGS) -> list[str]:
@@ -76,20 +71,57 @@ def strip_launch_args(argv: list[str], flags: tuple[str, ...] = LAUNCH_FLAGS) ->
     return out
 
 
-def hostfile_nodes(hostfile: str | None) -> int:
-    """Nodes listed in a DeepSpeed hostfile (1 without one)."""
-    if not hostfile:
-        return 1
-    if not Path(hostfile).is_file():
+# RFC 1123 host names (letters, digits, '-' per label, no '-' at either end) or IPv4 addresses: nothing that a
+# shell would read as more than a name reaches the ssh/pdsh command lines DeepSpeed builds from a hostfile.
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+_HOSTFILE_LINE = re.compile(r"(\S+)\s+slots\s*=\s*(\S+)")
+
+
+def read_hostfile(hostfile: str) -> list[tuple[str, int]]:
+    """The ``(host, slots)`` lines of a DeepSpeed hostfile, checked: one ``HOST slots=N`` per line (``#`` comments),
+    valid host names, N >= 1, no host twice, at least one host. Each problem is one line naming the entry."""
+    path = Path(hostfile)
+    if not path.is_file():
         raise ConfigError(f"hostfile {hostfile!r} not found; write one 'host slots=N' line per node")
-    lines = [ln.split("#", 1)[0].strip() for ln in Path(hostfile).read_text().splitlines()]
-    return max(1, sum(1 for ln in lines if ln))
+    hosts: list[tuple[str, int]] = []
+    for number, raw in enumerate(read_user_text(path, f"hostfile {hostfile!r}").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"hostfile {hostfile!r} line {number} ({line!r})"
+        match = _HOSTFILE_LINE.fullmatch(line)
+        if match is None:
+            raise ConfigError(f"{where} is not 'HOST slots=N'; write one node per line, e.g. 'worker-1 slots=8'")
+        host, slots = match.groups()
+        if len(host) > 253 or not HOSTNAME.fullmatch(host):
+            raise ConfigError(f"{where}: {host!r} is not a host name (RFC 1123: letters, digits, '-' and '.') or an "
+                              "IPv4 address")
+        if not slots.isdigit() or int(slots) < 1:
+            raise ConfigError(f"{where}: slots={slots} must be a whole number >= 1 (the GPUs of that node)")
+        if host in (h for h, _ in hosts):
+            raise ConfigError(f"{where}: host {host!r} is listed twice; give each node one line")
+        hosts.append((host, int(slots)))
+    if not hosts:
+        raise ConfigError(f"hostfile {hostfile!r} lists no host; write one 'host slots=N' line per node")
+    return hosts
+
+
+def hostfile_nodes(hostfile: str | None) -> int:
+    """Nodes listed in a DeepSpeed hostfile (1 without one), which ``read_hostfile`` checks."""
+    return len(read_hostfile(hostfile)) if hostfile else 1
 
 
 def world_size_of(nproc: int, hostfile: str | None) -> int:
     if nproc < 1:
         raise ConfigError(f"--nproc={nproc} must be >= 1")
     return nproc * hostfile_nodes(hostfile)
+
+
+def check_master_port(port: int | None) -> None:
+    """``--master-port`` (None: the launcher picks a free one) is a TCP port number."""
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"--master-port={port} is not a TCP port; use 1..65535 (or leave it out for a free one)")
 
 
 @dataclass(frozen=True)

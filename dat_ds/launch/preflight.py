@@ -15,6 +15,7 @@ import torch
 
 from ..core import dist
 from ..core.errors import ConfigError
+from ..core.requests import EvalRequest
 from .validate import check_model_name
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,8 @@ def check_weights(cfg, spec) -> None:
     from ..models import create_model
     from ..objectives import prepare_model
 
-    prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights))
+    prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights, act=cfg.model.act,
+                                          strict_head=cfg.model.strict_head))
 
 
 def check_nproc(nproc: int, accelerator=None) -> str | None:
@@ -298,12 +300,12 @@ def preflight(cfg, resume: str | None = None, world: int | None = None, *, nproc
     rank, which is already running, does not). ``allow_world_size_change``: ``train --allow-world-size-change``.
     """
     from ..runtime import checkpoint, ds_config
-    from ..runtime.trainer import check_world_size
+    from ..runtime.run_dir import check_world_size
 
     world = world or dist.world_size()
     if nproc is not None:
         check_nproc(nproc)
-    settings = ds_config.prepare(cfg.deepspeed_config, world)
+    settings = ds_config.prepare_run(cfg, world)
     check_precision(settings)
     check_model_name(cfg.model.name)
     warn_step_sizes(cfg)
@@ -315,38 +317,39 @@ def preflight(cfg, resume: str | None = None, world: int | None = None, *, nproc
         found = checkpoint.resolve_resume(resume, cfg.run_dir)
         if found is not None:
             check_world_size(*found, world, allow_world_size_change)
-            checkpoint.check_compatible(*found, cfg, {**settings.ds_config, "optimizer": settings.optimizer})
+            checkpoint.check_compatible(*found, cfg, settings.saved_json)
     spec = check_data(cfg)
     check_reuse(cfg, world)
     check_unlabeled(cfg, spec)
     check_weights(cfg, spec)
 
 
-def preflight_eval(args) -> None:
-    """``dat-ds eval``'s heavy checks: the run has a complete checkpoint and a valid config, or the
-    --weights model name exists; the data set to evaluate on loads."""
+def preflight_eval(request: EvalRequest, *, nproc: int | None = None) -> None:
+    """``dat-ds eval``'s heavy checks (a checked request): the run has a
+    complete checkpoint and a valid config, or the --weights model name exists; the data set to evaluate on
+    loads. ``nproc``: as for ``preflight``, the ranks the launching process is about to start on this node."""
     from ..core.config import DataConfig
     from ..evaluation.run import attack_options
 
-    if getattr(args, "nproc", None) is not None and not getattr(args, "hostfile", None):  # the launching process
-        check_nproc(args.nproc)
-    attack_options(args)  # a flag none of --attacks takes (--restarts with square, --steps with autoattack)
+    if nproc is not None:
+        check_nproc(nproc)
+    attack_options(request)  # a flag none of --attacks takes (--restarts with square, --steps with autoattack)
 
-    if args.run is not None:
+    if request.run is not None:
         import yaml
 
         from ..core.config import config_from_dict
         from ..evaluation.loading import resolve_checkpoint
 
-        run_dir, _, _ = resolve_checkpoint(args.run, args.tag)
+        run_dir, _, _ = resolve_checkpoint(request.run, request.tag)
         cfg_file = run_dir / "config.yaml"
         if cfg_file.is_file():
             cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()) or {})
             check_model_name(cfg.model.name)
-            data = cfg.data if args.data is None else DataConfig(name=args.data, root=args.data_root or cfg.data.root)
+            data = cfg.data if request.data is None else DataConfig(name=request.data, root=request.data_root or cfg.data.root)
         else:  # older runs keep the config in the checkpoint only; the ranks read it there
             return
     else:
-        check_model_name(args.model)
-        data = DataConfig(name=args.data or "fashion-mnist", root=args.data_root)
+        check_model_name(request.model)
+        data = DataConfig(name=request.data or "fashion-mnist", root=request.data_root)
     load_and_check_split(data, "test")

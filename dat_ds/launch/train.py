@@ -5,7 +5,8 @@ Launch it the way DeepSpeed users already do::
     deepspeed --num_gpus 2 --module dat_ds.train --config recipes/demo.yaml --deepspeed_config ds_configs/zero0_fp32.json
 
 or through ``dat-ds train --nproc 2 ...``, which starts that launcher for you. Structure follows the
-torchvision references: ``get_args_parser() -> main(args) -> train_one_epoch(...) -> evaluate(...)``.
+torchvision references: ``cli.args.train_args_parser() -> main(request) -> train_one_epoch(...) ->
+evaluate(...)``; each rank parses its own arguments into a ``TrainRequest`` (``cli.ranks.train_rank``).
 
 Rank 0 of the run owns the run folder's lock (``launch.runlock``) from after the validation pass until it
 exits; ``--overwrite`` moves the old run aside only once everything has been built (``runtime.trainer``).
@@ -13,30 +14,26 @@ exits; ``--overwrite`` moves the old run aside only once everything has been bui
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
 import signal
-import sys
 import threading
 from typing import Any
 
 from ..core import dist, stop
 from ..core.errors import ConfigError
-from .args import add_run_args
-from .args import train_args_parser as get_args_parser
-from .entry import run_entry
+from ..core.requests import TrainRequest
 from .status import STATUS_ENV
-from .validate import check_model_name, check_run_dir, config_from_args, dry_run_report, train_inputs
+from .validate import check_model_name, dry_run_report, train_inputs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_run_args", "check_run_dir", "cli_entry", "config_from_args", "get_args_parser", "main"]
+__all__ = ["main"]
 
 
-def main(args: argparse.Namespace, base: dict[str, Any] | None = None, *, world: int | None = None) -> dict[str, Any]:
+def main(request: TrainRequest, base: dict[str, Any] | None = None, *, world: int | None = None) -> dict[str, Any]:
     """One rank of a run (the world may be 1): the validation pass, then training.
 
     ``world`` is the world size to validate for; None means this process's (a rank's) world size.
@@ -45,8 +42,8 @@ def main(args: argparse.Namespace, base: dict[str, Any] | None = None, *, world:
     # srun/mpirun's ranks (`srun dat-ds train` too): their world, before anything reads the rank or the world size
     cluster = dist.adopt_cluster_env()
     world = cluster.world_size if cluster else world or dist.world_size()
-    cfg, settings = train_inputs(args, world, base=base)
-    if args.dry_run:  # validate for the requested world size; nothing heavy, no process is started
+    cfg, settings = train_inputs(request, world, base=base)
+    if request.dry_run:  # validate for the requested world size; nothing heavy, no process is started
         check_model_name(cfg.model.name)
         if settings.precision in ("bf16", "fp16"):  # asks the accelerator (imports torch); fp32 runs everywhere
             from .preflight import check_precision
@@ -62,8 +59,8 @@ def main(args: argparse.Namespace, base: dict[str, Any] | None = None, *, world:
         runlock.check_free(cfg.run_dir)
     from .preflight import preflight
 
-    allow = getattr(args, "allow_world_size_change", False)
-    preflight(cfg, args.resume, world, allow_world_size_change=allow)  # bad data, models, checkpoints: one line before any output is written
+    allow = request.allow_world_size_change
+    preflight(cfg, request.resume, world, allow_world_size_change=allow)  # bad data, models, checkpoints: one line before any output is written
     from ..evaluation.training import run_training
 
     dist.init_distributed(timeout_s=cfg.dist.timeout_s)  # before lock_run's collective: every one has the timeout
@@ -71,7 +68,8 @@ def main(args: argparse.Namespace, base: dict[str, Any] | None = None, *, world:
     in_process = not os.environ.get(STATUS_ENV) and dist.world_size() == 1  # no launch(): nobody else says it
     try:
         with _stop_on_signals(in_process):
-            return run_training(cfg, resume=args.resume, overwrite=args.overwrite, allow_world_size_change=allow)
+            return run_training(cfg, resume=request.resume, overwrite=request.overwrite,
+                                allow_world_size_change=allow)
     except BaseException as e:
         if lock is not None:  # the trainer settles --overwrite itself; this catches a stop outside it
             settle_leftovers(cfg.run_dir, os.getpid())
@@ -133,16 +131,7 @@ def lock_run(run_dir, fix: str | None = None):
 def settle_leftovers(run_dir, pid: int) -> None:
     """Old runs that process ``pid`` moved aside under --overwrite and could not settle (it stopped outside
     the trainer, or was killed): put back unless the new run has a complete checkpoint."""
-    from ..runtime.trainer import overwritten_by, settle_overwritten
+    from ..runtime.run_dir import overwritten_by, settle_overwritten
 
     for aside in overwritten_by(run_dir, pid):
         settle_overwritten(run_dir, aside)
-
-
-def cli_entry(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return run_entry(lambda: main(args))
-
-
-if __name__ == "__main__":
-    sys.exit(cli_entry())

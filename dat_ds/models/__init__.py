@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,8 @@ from ..core.registry import Registry
 from .cifar import CIFAR_MODELS
 from .small import SmallCNN
 from .wrapper import NormalizedModel
+
+log = logging.getLogger(__name__)
 
 # name -> fn(in_chans, num_classes, img_size) -> nn.Module; the CIFAR models also take act="relu"|"silu"
 MODELS: Registry = Registry("model")
@@ -67,11 +70,13 @@ def _timm_model(name: str, in_chans: int, num_classes: int, img_size: int) -> nn
         return timm.create_model(name, **kwargs)
 
 
-def create_model(name: str, spec, weights: str | None = None, act: str = "relu") -> NormalizedModel:
+def create_model(name: str, spec, weights: str | None = None, act: str = "relu", *,
+                 strict_head: bool = True) -> NormalizedModel:
     """Build ``name`` for a data set ``spec`` and wrap it with the data set's normalisation.
 
     ``act`` (``model.act``) is the CIFAR models' activation; the other models have their own and take only "relu"
-    (the default, meaning "as built")."""
+    (the default, meaning "as built"). ``strict_head=False`` (training: ``model.strict_head``) lets ``weights``
+    with another class count start the model: its classifier head starts from fresh weights."""
     if act != "relu":
         if name not in CIFAR_MODELS:
             raise ConfigError(f"model.act={act} applies to the models {', '.join(CIFAR_MODELS)}, not {name!r}")
@@ -81,8 +86,20 @@ def create_model(name: str, spec, weights: str | None = None, act: str = "relu")
     else:
         backbone = _timm_model(name, spec.in_chans, spec.num_classes, spec.img_size)
     if weights:
-        load_backbone_weights(backbone, weights, name)
+        load_backbone_weights(backbone, weights, name, strict_head=strict_head)
     return NormalizedModel(backbone, spec.mean, spec.std)
+
+
+def head_keys(backbone: nn.Module) -> list[str]:
+    """The state-dict keys of the classifier head: timm's ``get_classifier()``, else the last Linear layer."""
+    head = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        linears = [m for m in backbone.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    if head is None:
+        return []
+    prefix = next(name for name, module in backbone.named_modules() if module is head)
+    return [f"{prefix}.{k}" if prefix else k for k in head.state_dict()]
 
 
 def _weights_format(path: Path) -> str | None:
@@ -128,8 +145,10 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_weights(backbone: nn.Module, path: str, model_name: str | None = None) -> None:
-    """Load ``path`` into ``backbone``; keys and shapes must match exactly (said in one line otherwise)."""
+def load_backbone_weights(backbone: nn.Module, path: str, model_name: str | None = None, *,
+                          strict_head: bool = True) -> None:
+    """Load ``path`` into ``backbone``; keys and shapes must match exactly (said in one line otherwise), except,
+    with ``strict_head=False``, the classifier head's shapes (another class count: the head starts fresh)."""
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in read_weights(path).items()}
     model = f"model {model_name!r}" if model_name else "this model"
     own = backbone.state_dict()
@@ -142,6 +161,13 @@ def load_backbone_weights(backbone: nn.Module, path: str, model_name: str | None
             "model.name to theirs"
         )
     shapes = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    head = head_keys(backbone)
+    if shapes and not strict_head and set(shapes) <= set(head):  # a pretrained model, another class count
+        log.info("model.weights %s: the head (%s) is for %d classes, this data set has %d: it starts from fresh "
+                 "weights, the rest from the file (model.strict_head=true refuses instead)", path, ", ".join(shapes),
+                 state[shapes[0]].shape[0], own[shapes[0]].shape[0])
+        state = {**state, **{k: own[k] for k in head}}
+        shapes = []
     if shapes:  # same names, other shapes: weights of another width/depth/class count
         k = shapes[0]
         raise ConfigError(

@@ -116,3 +116,17 @@ def supervised_ce(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float 
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+
+
+def plain_step(objective: Objective, ctx: ObjectiveContext, x: torch.Tensor, y: torch.Tensor,
+               optimizer: torch.optim.Optimizer, model: nn.Module) -> ObjectiveOutput:
+    """One step of ``objective`` in a plain PyTorch loop (no DeepSpeed engine): the contract ``train_one_epoch``
+    keeps with its engine -- the objective (attack and loss), backward, ``after_backward`` (AWP restores its
+    weights), optimizer step. For your own loop, and for ``bench`` arms that compare with the engine."""
+    model.train()
+    out = objective(ctx, x, y)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    objective.after_backward()
+    optimizer.step()
+    return out

@@ -28,15 +28,33 @@ class StopTraining(Exception):
 class TrainerView(Protocol):
     """What callbacks use of the run (``runtime.trainer.Trainer`` is one), and nothing more."""
 
-    engine: Any  # deepspeed.DeepSpeedEngine: its module, and load_checkpoint for a rollback
-    ema: WeightEMA | None
-    state: TrainState
-    steps_per_epoch: int
-    accumulation_unit: int
-    ckpt_root: Path
-    val_set: Any
-    last_save_seconds: float | None
-    last_saved_step: int | None
+    # Read-only: a callback reads these and never sets them (the trainer's come from its BuiltRun).
+    @property
+    def engine(self) -> Any: ...  # deepspeed.DeepSpeedEngine: its module, and load_checkpoint for a rollback
+
+    @property
+    def ema(self) -> WeightEMA | None: ...
+
+    @property
+    def state(self) -> TrainState: ...
+
+    @property
+    def steps_per_epoch(self) -> int: ...
+
+    @property
+    def accumulation_unit(self) -> int: ...
+
+    @property
+    def ckpt_root(self) -> Path: ...
+
+    @property
+    def val_set(self) -> Any: ...
+
+    @property
+    def last_save_seconds(self) -> float | None: ...
+
+    @property
+    def last_saved_step(self) -> int | None: ...
 
     def save(self, end_of_epoch: bool, best: bool = False) -> Path: ...
 

@@ -464,9 +464,9 @@ def check_compatible(root: Path, tag: str, cfg, ds: dict[str, Any] | None = None
     if not fits:
         return  # written before dat-ds recorded it; DeepSpeed's strict load still checks the shapes
     if ds is None:
-        from .ds_config import load_ds_json
+        from .ds_config import apply_overrides, load_ds_json
 
-        ds = load_ds_json(cfg.deepspeed_config)
+        ds = apply_overrides(load_ds_json(cfg.deepspeed_config), cfg.deepspeed_overrides)
     want = checkpoint_meta(cfg.to_dict(), ds)
     for key, saved in fits.items():
         if saved is None or want.get(key) is None or saved == want[key]:

@@ -5,7 +5,9 @@ One place, so that a DeepSpeed release that renames one of these breaks one modu
 - ZeRO-1/2 keep this rank's reduced gradient partitions in ``optimizer.averaged_gradients`` ({group: [tensor]});
 - ``engine.checkpoint_engine`` writes every checkpoint file (swapped for one save to guard each write);
 - fp16: the loss scale is ``optimizer.loss_scale``, its floor ``engine.dynamic_loss_scale_args()["min_scale"]``;
-- ZeRO-3 parameters carry their full size as ``ds_numel``.
+- ZeRO-3 parameters carry their full size as ``ds_numel``;
+- ``engine.monitor`` (a ``MonitorMaster``: ``enabled``, ``write_events([(name, value, step)])``) feeds the JSON's
+  ``tensorboard`` / ``wandb`` / ``csv_monitor`` / ``comet`` blocks.
 """
 
 from __future__ import annotations
@@ -60,3 +62,9 @@ def min_loss_scale(engine: Any) -> float | None:
 def full_numel(param: torch.nn.Parameter) -> int:
     """A parameter's number of elements, also when ZeRO-3 has partitioned it away (``ds_numel``)."""
     return int(getattr(param, "ds_numel", param.numel()))
+
+
+def monitor(engine: Any) -> Any | None:
+    """The engine's monitor when the JSON enables one of its outputs, else None."""
+    master = engine.monitor
+    return master if master.enabled else None

@@ -16,23 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core import resources
+from ..core import names, resources
 from ..core.errors import ConfigError
 from ..core.io import read_user_text
 from ..optim.specs import check_optimizer_params, check_scheduler
 
-KNOWN_KEYS = frozenset({
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
-    "scheduler", "fp16", "bf16", "amp", "zero_optimization", "gradient_clipping", "prescale_gradients",
-    "gradient_predivide_factor", "sparse_gradients", "steps_per_print", "wall_clock_breakdown", "dump_state",
-    "tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler", "activation_checkpointing",
-    "communication_data_type", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
-    "memory_breakdown", "elasticity", "data_types", "checkpoint", "aio", "autotuning", "compile", "timers",
-    "load_universal_checkpoint", "use_node_local_storage", "torch_autocast", "seed", "comms_logger",
-    "data_efficiency", "compression_training", "weight_quantization", "pipeline", "disable_allgather",
-    "graph_harvesting", "mics_shard_size", "mics_hierarchical_params_gather", "monitor_config",
-    "gradient_compression",  # dat-ds: DAT's quantized gradient all-reduce (dat_ds.comm.gradient); stripped
-})
+KNOWN_KEYS = frozenset(names.DEEPSPEED_KEYS)
 # Keys of "zero_optimization" we pass through; a typo there silently changes memory use in DeepSpeed.
 ZERO_KEYS = frozenset({
     "stage", "allgather_partitions", "allgather_bucket_size", "overlap_comm", "reduce_scatter",
@@ -148,6 +137,11 @@ class EngineSettings:
     compresses: bool  # the optimizer does its own compressed communication
     gradient_compression: dict[str, Any] | None = None  # e.g. {"type": "dat_quantizer", "bits": 8, "block": 256}
 
+    @property
+    def saved_json(self) -> dict[str, Any]:
+        """The JSON as the run folder and every checkpoint keep it: ``ds_config`` with its optimizer section."""
+        return {**self.ds_config, "optimizer": self.optimizer}
+
 
 def resolve_path(path: str | Path) -> Path:
     """A path as given if it exists, else the shipped ``ds_configs/<name>.json`` (``zero2_fp32`` works too)."""
@@ -227,6 +221,60 @@ def resolve_batch(data: dict[str, Any], world_size: int) -> tuple[int, int, int]
             "drop train_batch_size to let it follow"
         )
     return micro, accum, tbs
+
+
+def apply_overrides(data: dict[str, Any], overrides: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``["optimizer.params.lr=0.2", ...]`` applied in order to a copy of ``data`` (values are YAML scalars, as
+    ``--set``'s); sections are created as needed, and ``prepare`` then validates the result like a file."""
+    import yaml
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.setdefault(part, {}), dict):
+                raise ConfigError(f"--ds-set {item!r}: {part!r} is not a section of the DeepSpeed JSON")
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+# The JSON's monitor blocks (DeepSpeed's MonitorMaster): the package each needs, and whether it writes files.
+MONITORS = {"tensorboard": ("tensorboard", True), "csv_monitor": (None, True), "wandb": ("wandb", False),
+            "comet": ("comet_ml", False)}
+
+
+def check_monitors(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Enabled monitor blocks: their package is installed (else one line naming the extra to install), and the
+    ones that write files write them into the run folder (``<run>/monitor``) unless ``output_path`` says where."""
+    import importlib.util
+
+    out = copy.deepcopy(data)
+    for block, (package, writes_files) in MONITORS.items():
+        section = out.get(block)
+        if not isinstance(section, dict) or section.get("enabled") is not True:
+            continue
+        if package is not None and importlib.util.find_spec(package) is None:
+            extra = f"'dat-ds[{block}]'" if block in ("tensorboard", "wandb") else package
+            raise ConfigError(f"DeepSpeed config enables {block!r}, but the {package} package is not installed; "
+                              f"pip install {extra}, or set {block}.enabled=false")
+        if writes_files and not section.get("output_path"):
+            section["output_path"] = str(run_dir / "monitor")
+            section.setdefault("job_name", "dat-ds")
+    return out
+
+
+def prepare_run(cfg, world_size: int) -> EngineSettings:
+    """The run config's DeepSpeed JSON with its ``deepspeed_overrides`` and monitors (``check_monitors``),
+    validated for ``world_size``."""
+    data = apply_overrides(load_ds_json(cfg.deepspeed_config), cfg.deepspeed_overrides)
+    return prepare(cfg.deepspeed_config, world_size, data=check_monitors(data, cfg.run_dir))
 
 
 def prepare(path: str | Path, world_size: int, data: dict[str, Any] | None = None) -> EngineSettings:

@@ -30,11 +30,10 @@ import torch
 from torch import nn
 
 from ..core.config import EMAConfig
-from .callbacks import Callback
+from .callbacks import Callback, TrainerView
 
 if TYPE_CHECKING:
     from .loop import TrainState
-    from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 STATE_KEY = "ema"  # in the checkpoint: client state (full copy) or rank_state_<r>.pt (ZeRO-3 shards)
@@ -89,7 +88,7 @@ class WeightEMA(Callback):
                 self.buffers[name].copy_(b)
         self.updates += 1
 
-    def on_step(self, trainer: Trainer, state: TrainState) -> None:
+    def on_step(self, trainer: TrainerView, state: TrainState) -> None:
         """Update once the engine's optimizer steps reach the next multiple of ``every`` (at most once per
         training step; a step DeepSpeed did not take, e.g. mid-accumulation or skipped, moves nothing)."""
         step = int(trainer.engine.global_steps)  # a host counter: no device sync
@@ -97,7 +96,7 @@ class WeightEMA(Callback):
             self.update(trainer.engine.module)
             self.optimizer_step = step
 
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, state: TrainState, row: dict[str, Any]) -> None:
         row["ema_updates"] = self.updates
 
     # ------------------------------------------------------------------ evaluation

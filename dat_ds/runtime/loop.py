@@ -275,7 +275,7 @@ def train_one_epoch(engine, objective, ctx, loader, state: TrainState, *, cfg, m
             stats = flush()
             now = time.perf_counter()
             count = max(stats["count"], 1.0)
-            record = {"kind": "step", "epoch": state.epoch, "step": state.global_step,
+            record = {"kind": "step", "epoch": state.epoch + 1, "step": state.global_step,  # 1-based, as epoch rows
                       "loss": stats["loss_sum"] / count, "train_acc": stats["correct"] / count,
                       "lr": engine.get_lr()[0], "samples_per_s": stats["count"] / max(now - t_window, 1e-9),
                       "skipped_steps": state.skipped_steps, **stats["metrics"]}

@@ -27,12 +27,14 @@ GATHER_NUMEL = 1 << 26  # parameters per all-gather: 256 MB of fp32 at a time, n
 class GatheredCopy:
     """A hook-free copy of a ZeRO-3 module, refreshed from its partitions by :meth:`refresh` (collective)."""
 
-    def __init__(self, build: Callable[[], nn.Module]):
-        self._build = build
+    def __init__(self, build: Callable[[], nn.Module], view: Callable[[nn.Module], nn.Module] = lambda m: m):
+        self._build, self._view = build, view
         self._copy: nn.Module | None = None
+        self._viewed: nn.Module | None = None  # built once: a view may keep state across evaluations (fp16's grad scale)
 
     def refresh(self, module: nn.Module) -> nn.Module:
-        """The copy holding ``module``'s current weights (every rank calls it: it all-gathers them)."""
+        """The copy holding ``module``'s current weights, seen through ``view`` (every rank calls it: it all-gathers
+        them)."""
         import deepspeed
 
         if self._copy is None:
@@ -40,6 +42,7 @@ class GatheredCopy:
                 copy = self._build()
             ref = next(module.parameters())
             self._copy = copy.to(device=ref.device, dtype=ref.dtype)
+            self._viewed = self._view(self._copy)
             log.info("ZeRO-3 evaluation: on a full copy of the weights, gathered once per evaluation")
         params = dict(module.named_parameters())
         targets = dict(self._copy.named_parameters())
@@ -55,7 +58,7 @@ class GatheredCopy:
             buffers = dict(self._copy.named_buffers())
             for name, b in module.named_buffers():  # never partitioned: BatchNorm statistics and the like
                 buffers[name].copy_(b)
-        return self._copy
+        return self._viewed
 
 
 def _chunks(names: list[str], numels: list[int]) -> list[list[str]]:

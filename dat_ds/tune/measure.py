@@ -4,7 +4,7 @@
 alive and sends it one request per point, so torch and DeepSpeed are imported once per layout, not once
 per point. A point that kills its ranks (out of memory) is recorded and the next point gets new ranks.
 
-How the ranks start is passed in (``StartRanks``; ``launch.tune.start_ranks`` is the one launcher's): the
+How the ranks start is passed in (``StartRanks``; ``cli.tune.start_ranks`` is the one launcher's): the
 tuner sits below the launch layer and imports nothing of it.
 """
 

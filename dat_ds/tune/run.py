@@ -248,7 +248,7 @@ class Sidecar:
 def run(inputs: Inputs, start_ranks: StartRanks) -> dict[str, Any]:
     """Measure, search, write the JSON + sidecar + PNG, show the table; returns the sidecar's content.
 
-    ``start_ranks`` starts the measuring ranks (``launch.tune.start_ranks``)."""
+    ``start_ranks`` starts the measuring ranks (``cli.tune.start_ranks``)."""
     t_start = time.time()
     budget = search.Budget(inputs.budget_s * (1 - RESERVE) - RESERVE_S, time.monotonic)
     plan = plan_tune(inputs)

@@ -1,6 +1,6 @@
 """The measuring ranks of ``dat-ds tune`` and ``dat-ds bench engine --vs``: one launch, many points.
 
-Started through the one launcher as ``train`` is (``launch.tune``, the rank entry, runs ``main``). The ranks
+Started through the one launcher as ``train`` is (the rank entry ``cli.tune_rank`` runs ``main``). The ranks
 import torch and DeepSpeed once and then serve requests: the caller writes ``req-<n>.json`` into
 ``--exchange``; rank 0 reads it and hands it to the other ranks; every rank builds the recipe's run with
 that request's DeepSpeed JSON through ``runtime.Trainer`` (data, model, objective, attack and engine
@@ -16,7 +16,6 @@ new ranks for the next one.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
@@ -27,19 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.requests import TuneWorkerRequest
 from ..runtime.callbacks import Callback, StopTraining
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="measuring ranks of dat-ds tune (started by launch())")
-    p.add_argument("--exchange", required=True, help="folder of req-<n>.json / res-<n>.json")
-    p.add_argument("--recipe", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the DeepSpeed launcher
-    return p
 
 
 def _rss_mb() -> float:
@@ -98,7 +89,7 @@ class _Timer(Callback):
             raise StopTraining("done")
 
 
-def measure(req: dict[str, Any], args: argparse.Namespace, exchange: Path) -> dict[str, Any] | None:
+def measure(req: dict[str, Any], request: TuneWorkerRequest, exchange: Path) -> dict[str, Any] | None:
     """One point on every rank; rank 0 returns its result."""
     import torch
 
@@ -111,7 +102,7 @@ def measure(req: dict[str, Any], args: argparse.Namespace, exchange: Path) -> di
     n = req["n"]
     accum = ds_config.prepare(req["ds_config"], dist.world_size()).grad_accum
     micro_steps = (req["warmup"] + req["steps"]) * accum  # the loader stops here even if no verdict comes
-    cfg = build_config(args.recipe, [*args.overrides, *req["sets"], f"deepspeed_config={req['ds_config']}",
+    cfg = build_config(request.recipe, [*request.overrides, *req["sets"], f"deepspeed_config={req['ds_config']}",
                                      "train.epochs=1", f"train.max_steps_per_epoch={micro_steps}",
                                      f"train.log_every={10**9}", f"output_dir={exchange / 'runs'}", f"name=p{n}"])
     cuda = dist.accelerator().device_name() != "cpu"
@@ -121,7 +112,7 @@ def measure(req: dict[str, Any], args: argparse.Namespace, exchange: Path) -> di
     try:
         trainer = Trainer(cfg)
         trainer.setup()
-        s = trainer.settings
+        s = trainer.run.settings
         timer = _Timer(req, s.grad_accum, s.global_batch)
         trainer.callbacks = [timer]
         try:
@@ -158,7 +149,7 @@ def measure(req: dict[str, Any], args: argparse.Namespace, exchange: Path) -> di
     return result if dist.is_main_process() else None
 
 
-def main(args: argparse.Namespace) -> int:
+def main(request: TuneWorkerRequest) -> int:
     import warnings
 
     from ..core import dist
@@ -168,7 +159,7 @@ def main(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's use of deprecated torch calls, per point
     sys.stdout = open(os.devnull, "w")  # no per-point progress bars under the caller's own
     dist.init_distributed()
-    exchange = Path(args.exchange)
+    exchange = Path(request.exchange)
     n = 0
     while True:
         req = None
@@ -181,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
         if req["op"] == "quit":
             return 0
         req["n"] = n
-        result = measure(req, args, exchange)
+        result = measure(req, request, exchange)
         if result is not None:
             atomic_write_json(exchange / f"res-{n}.json", result)
         dist.barrier()

@@ -6,7 +6,6 @@ Table-driven: a case is (id, args builder, expected error line). Everything runs
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import logging
@@ -27,7 +26,7 @@ from tests.helpers import TINY_DS, idx_root, snapshot
 
 dist.setup_logging()  # bind the log handler outside capsys: stderr then holds only the error line
 
-FIELDS = lambda cls: ", ".join(sorted(f.name for f in dataclasses.fields(cls)))  # noqa: E731
+FIELDS = lambda cls: ", ".join(sorted(cls.model_fields))  # noqa: E731
 
 
 def ds_file(tmp: Path, text: str | None = None, **changes) -> Path:
@@ -64,7 +63,28 @@ def names(reg) -> str:
 
 
 # Each case: (id, fn(tmp) -> extra argv, expected line with {tmp} for the temp folder)
-CASES = [
+PATH_CASES = [  # checked by --dry-run too: existence only, nothing decoded
+    ("cifar-root-unset", lambda t: ["--set", "data.name=cifar10"],
+     "data.root is not set; data.name=cifar10 reads its files from a folder: give it with --set data.root=DIR"),
+    ("cifar-root-missing", lambda t: ["--set", "data.name=cifar10", "--set", f"data.root={t}/absent"],
+     "data.root '{tmp}/absent' does not exist; check the path"),
+    ("imagefolder-root-missing", lambda t: ["--set", "data.name=imagefolder", "--set", f"data.root={t}/imgs"],
+     "data.root '{tmp}/imgs' does not exist; check the path"),
+    ("weights-missing", lambda t: ["--set", f"model.weights={t}/w.safetensors"],
+     "model.weights '{tmp}/w.safetensors' does not exist; check the path"),
+    ("weights-a-folder", lambda t: ["--set", f"model.weights={t}"],
+     "model.weights '{tmp}' is not a file; give a .safetensors or .pt weights file"),
+    ("unlabeled-missing", lambda t: ["--set", f"data.unlabeled={t}/pool.npz"],
+     "data.unlabeled '{tmp}/pool.npz' does not exist; check the path"),
+]
+
+CASES = [*PATH_CASES,
+    ("engine-key-in-set", lambda t: ["--set", "optimizer.params.lr=0.2"],
+     f"unknown config key 'optimizer' in the run config; allowed: {FIELDS(RunConfig)}; 'optimizer' is a DeepSpeed JSON "
+     "key: give it with --ds-set instead of --set (e.g. --ds-set optimizer.params.lr=0.2), or in the JSON"),
+    ("ds-set-not-a-deepspeed-key", lambda t: ["--ds-set", "atack.eps=0.1"],
+     "--ds-set 'atack.eps=0.1' is not KEY=VALUE with a DeepSpeed JSON key, e.g. --ds-set optimizer.params.lr=0.2"),
+    ("ds-set-bad-value", lambda t: ["--ds-set", "optimizer.params.lr=abc"], "optimizer 'AdamW' lr='abc' must be a number"),
     ("typo-in-section", lambda t: ["--set", "attack.epz=0.1"],
      f"unknown config key 'attack.epz' in section 'attack'; allowed: {FIELDS(AttackConfig)}"),
     ("typo-top-level", lambda t: ["--set", "sed=1"],
@@ -76,8 +96,8 @@ CASES = [
     ("int-given-float", lambda t: ["--set", "train.epochs=1.5"], "config key 'train.epochs' must be an integer, got 1.5"),
     ("bool-wrong-type", lambda t: ["--set", "data.augment=maybe"], "config key 'data.augment' must be true or false, got 'maybe'"),
     ("float-wrong-type", lambda t: ["--set", "attack.eps=big"], "config key 'attack.eps' must be a number, got 'big'"),
-    ("eps-negative", lambda t: ["--set", "attack.eps=-0.1"], "attack.eps=-0.1 is outside [0, 1]; eps is in pixel units, e.g. 8/255"),
-    ("eps-above-one", lambda t: ["--set", "attack.eps=8"], "attack.eps=8.0 is outside [0, 1]; eps is in pixel units, e.g. 8/255"),
+    ("eps-negative", lambda t: ["--set", "attack.eps=-0.1"], "attack.eps=-0.1 must be in [0, 1]; eps is in pixel units, e.g. 8/255"),
+    ("eps-above-one", lambda t: ["--set", "attack.eps=8"], "attack.eps=8 must be in [0, 1]; eps is in pixel units, e.g. 8/255"),
     ("eps-not-a-number", lambda t: ["--set", "attack.eps=.nan"], "config key 'attack.eps' must be a finite number, got nan"),
     ("clean-weight-infinite", lambda t: ["--set", "objective.clean_weight=.inf"],
      "config key 'objective.clean_weight' must be a finite number, got inf"),
@@ -370,6 +390,14 @@ def test_bad_input(case_id, extra, expected, tmp_path, capsys):
     assert snapshot(tmp_path / "runs") == before  # no partial outputs
 
 
+@pytest.mark.parametrize("case_id,extra,expected", PATH_CASES, ids=[c[0] for c in PATH_CASES])
+def test_dry_run_checks_that_inputs_exist(case_id, extra, expected, tmp_path, capsys):
+    """--dry-run said "config OK" for a CIFAR-10 root that did not exist."""
+    rc = cli.main([*base_args(tmp_path), *extra(tmp_path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.splitlines() == ["error: " + expected.replace("{tmp}", str(tmp_path))], err
+
+
 def test_step_larger_than_eps_is_a_warning_not_an_error(tmp_path, caplog):
     from dat_ds.core.config import build_config
     from dat_ds.launch.preflight import preflight
@@ -407,6 +435,14 @@ COMMAND_CASES = [
      "--max-examples=-3 must be >= 1"),
     ("eval-master-port-negative", lambda t: ["eval", "--run", str(t), "--nproc", "2", "--master-port", "-1"],
      "--master-port=-1 is not a TCP port; use 1..65535 (or leave it out for a free one)"),
+    ("eval-eps-infinite", lambda t: ["eval", "--run", str(t), "--eps", "0.1,inf"],
+     "--eps item 'inf' is not a finite number; use e.g. --eps 0.1,8/255"),
+    ("finetune-lr-infinite", lambda t: ["finetune", "--mode", "slf", "--encoder", str(t), "--lr", "inf"],
+     "--lr=inf must be a finite number > 0"),
+    ("finetune-lr-nan", lambda t: ["finetune", "--mode", "slf", "--encoder", str(t), "--lr", "nan"],
+     "--lr=nan must be a finite number > 0"),
+    ("tune-memory-cap-infinite", lambda t: ["tune", "--recipe", "demo", "--nproc", "1", "--memory-cap-mb", "inf"],
+     "--memory-cap-mb=inf must be a finite number > 0"),
 ]
 
 

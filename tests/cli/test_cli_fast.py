@@ -63,11 +63,12 @@ def test_list_answers_from_the_static_names(tmp_path):
 
 @pytest.mark.parametrize("argv,expected", [
     (["train", "--recipe", "demo", "--nproc", "2", "--dry-run"], '"world_size": 2, "global_batch": 128'),
+    (["train", "--recipe", "demo", "--num_gpus", "2", "--dry-run"], '"world_size": 2, "global_batch": 128'),  # deepspeed's word
     (["train", "--recipe", "recipes/demo.yaml", "--deepspeed_config", "zero2_fp32", "--dry-run"], '"zero_stage": 2'),
     (["-v", "train", "--recipe", "demo", "--deepspeed_config", "ds_configs/zero1_fp32.json", "--dry-run", "-v"],
      '"zero_stage": 1'),
     (["pretrain", "--recipe", "acl_pretrain_embedded", "--dry-run"], '"world_size": 1'),
-], ids=["by-name", "ds-config-by-name", "verbose-and-doc-paths", "pretrain"])
+], ids=["by-name", "num-gpus", "ds-config-by-name", "verbose-and-doc-paths", "pretrain"])
 def test_dry_run_of_shipped_files_from_any_folder(tmp_path, argv, expected):
     """Recipes and DeepSpeed JSONs ship in the package: found by name, or by their documented path, anywhere."""
     proc = fast_cli(tmp_path, *argv)
@@ -229,3 +230,10 @@ def test_every_listed_benchmark_has_its_harness():
 
     harnesses = {p.stem for p in (REPO / "benchmarks").glob("*.py")} - {"__init__"}
     assert {n.replace("-", "_") for n in BENCH_HELP} <= harnesses
+
+
+def test_launch_flags_and_their_aliases_stay_with_the_launching_command():
+    from dat_ds.launch.launcher import strip_launch_args
+
+    argv = ["--num_gpus", "2", "--set", "a=b", "--num-gpus=3", "--nproc", "1", "--hostfile=h", "--master-port", "9"]
+    assert strip_launch_args(argv) == ["--set", "a=b"]

@@ -23,24 +23,42 @@ BENCHMARKS = ("cifar10_prn18_dat_pgd", "cifar10_prn18_dat_fgsm", "cifar10_prn18_
               "cifar10_wrn34_pgd_at", "imagenet_r50_dat_pgd", "imagenet_r50_dat_fgsm")
 
 
+def inputs_in(tmp: Path, recipe: Path) -> list[str]:
+    """``--set`` overrides that point the recipe's data folder and unlabeled pool at ones that exist (--dry-run
+    checks that they do; their contents are the preflight's business)."""
+    cfg, out = build_config(recipe), []
+    if cfg.data.root is not None:
+        (tmp / "data").mkdir(exist_ok=True)
+        out += ["--set", f"data.root={tmp / 'data'}"]
+    if cfg.data.unlabeled is not None:
+        (tmp / "pool.npz").touch()
+        out += ["--set", f"data.unlabeled={tmp / 'pool.npz'}"]
+    return out
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_validates_with_dry_run(path, capsys):
-    assert dat_cli.main(["train", "--config", str(path), "--dry-run"]) == 0
+def test_recipe_validates_with_dry_run(path, capsys, tmp_path):
+    assert dat_cli.main(["train", "--config", str(path), *inputs_in(tmp_path, path), "--dry-run"]) == 0
     cfg = build_config(path)
     assert ds_config.resolve_path(cfg.deepspeed_config).is_file()
+    if cfg.data.root is not None:  # and without its data, --dry-run says so
+        assert dat_cli.main(["train", "--config", str(path), "--set", f"data.root={tmp_path / 'absent'}",
+                             "--dry-run"]) == 2
 
 
-def test_dry_run_through_the_installed_command(cli):
+def test_dry_run_through_the_installed_command(cli, tmp_path):
     # A bare recipe name, validated for 8 ranks without starting any: resolved config + per-rank batch.
-    proc = cli("train", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "8", "--dry-run", timeout=300)
+    proc = cli("train", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "8", "--set", f"data.root={tmp_path}",
+               "--dry-run", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stderr + proc.stdout
     assert '"world_size": 8, "global_batch": 2048, "micro_batch_per_rank": 256' in out
     assert "name: preactresnet18" in out  # the resolved config is printed
 
 
-def test_dry_run_rejects_a_world_size_that_does_not_divide_the_batch(capfd):
-    assert dat_cli.main(["train", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "3", "--dry-run"]) == 2
+def test_dry_run_rejects_a_world_size_that_does_not_divide_the_batch(capfd, tmp_path):
+    assert dat_cli.main(["train", "--recipe", "cifar10_prn18_dat_pgd", "--nproc", "3", "--set", f"data.root={tmp_path}",
+                         "--dry-run"]) == 2
     assert "not divisible" in capfd.readouterr().err  # 2048 over 3 ranks
 
 

@@ -249,6 +249,7 @@ def _trainer_runs(rank: int, folder: Path) -> None:
     ``dat-ds train --nproc 2`` runs. Per setup: 2 epochs, then a run resumed from its mid-epoch checkpoint."""
     import logging
 
+    from dat_ds.cli.args import train_args_parser, train_request
     from dat_ds.core import dist
     from dat_ds.launch import train
 
@@ -263,11 +264,11 @@ def _trainer_runs(rank: int, folder: Path) -> None:
     for name in SETUPS:
         runs, ds = folder / name, folder / f"{name}.json"
         lines.clear()
-        train.main(train.get_args_parser().parse_args(_run_args(runs, "ref", ds)))
+        train.main(train_request(train_args_parser().parse_args(_run_args(runs, "ref", ds))))
         if rank == 0:
             (runs / "ref.log").write_text("\n".join(lines))
         tag = runs / "ref" / "checkpoint" / f"step{SAVE_AT:09d}"
-        train.main(train.get_args_parser().parse_args(_run_args(runs, "resumed", ds, "--resume", str(tag))))
+        train.main(train_request(train_args_parser().parse_args(_run_args(runs, "resumed", ds, "--resume", str(tag)))))
 
 
 def _worker(rank: int, port: int, folder: str) -> None:

@@ -36,7 +36,7 @@ def test_round_trip_through_yaml(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("attack.epss=0.1", "unknown config key 'attack.epss' in section 'attack'; allowed: eps, "),  # the list grows with the schema
     ("atack.eps=0.1", "unknown config key 'atack' in the run config"),
-    ("attack.eps=-0.1", "attack.eps=-0.1 is outside [0, 1]; eps is in pixel units, e.g. 8/255"),
+    ("attack.eps=-0.1", "attack.eps=-0.1 must be in [0, 1]; eps is in pixel units, e.g. 8/255"),
     ("attack.eps=abc", "config key 'attack.eps' must be a number, got 'abc'"),
     ("attack.steps=0", "attack.steps=0 must be >= 1"),
     ("attack.steps=2.5", "config key 'attack.steps' must be an integer, got 2.5"),
@@ -51,7 +51,7 @@ def test_round_trip_through_yaml(tmp_path):
     ("eval.max_examples=-5", "eval.max_examples=-5 must be >= 1 (or null for the whole test set)"),
     ("attack.eps=1/0", "config key 'attack.eps' must be a number, got '1/0'"),
     ("monitor.gap=1.5", "monitor.gap=1.5 must be in [0, 1] (a difference of accuracies)"),
-    ("optim.gamma=0", "optim.gamma=0.0 must be > 0 (the LR is multiplied by it)"),
+    ("optim.gamma=0", "optim.gamma=0 must be > 0 (the LR is multiplied by it)"),
     ("dist.timeout_s=0.5", "dist.timeout_s=0.5 must be in [1, 86400] seconds: how long a collective waits for a peer"),
     ("dist.timeout_s=abc", "config key 'dist.timeout_s' must be a number, got 'abc'"),
     ("output_dir=''", "output_dir is empty; give a folder for the runs, e.g. --output-dir runs"),
@@ -89,12 +89,15 @@ def test_layerwise_optimizers_refuse_flattening_engines():
 
 def _float_keys() -> list[str]:
     """Every float setting of the run config (``float``, ``float | None`` and tuples of floats)."""
-    import dataclasses
     import typing
 
+    from dat_ds.core.fields import Section
+
     keys = []
-    for section, cls in typing.get_type_hints(RunConfig).items():
-        if dataclasses.is_dataclass(cls):
+    for section, info in RunConfig.model_fields.items():
+        cls = next((a for a in (info.annotation, *typing.get_args(info.annotation))
+                    if isinstance(a, type) and issubclass(a, Section)), None)
+        if cls is not None:
             keys += [f"{section}.{name}" for name, hint in typing.get_type_hints(cls).items()
                      if float in (hint, *typing.get_args(hint))]
     return keys
@@ -139,18 +142,18 @@ def test_named_flags_are_typed_values_not_yaml():
                             "not starting with '.' (e.g. exp-3)")
 
 
-def test_config_from_args_keeps_flag_text_verbatim(tmp_path):
-    from dat_ds.launch.args import train_args_parser
-    from dat_ds.launch.validate import config_from_args
+def test_config_from_request_keeps_flag_text_verbatim(tmp_path):
+    from dat_ds.cli.args import train_args_parser, train_request
+    from dat_ds.launch.validate import config_from_request
 
-    args = train_args_parser().parse_args(["--name", "2024", "--output-dir", str(tmp_path / "a #b: c"),
+    request = train_request(train_args_parser().parse_args(["--name", "2024", "--output-dir", str(tmp_path / "a #b: c"),
                                            "--epochs", "4", "--trust-pickle", "--ds-config", "zero2_fp32",
-                                           "--set", "name=ignored", "--set", "train.epochs=9"])
-    cfg = config_from_args(args)
+                                           "--set", "name=ignored", "--set", "train.epochs=9"]))
+    cfg = config_from_request(request)
     assert (cfg.name, cfg.train.epochs, cfg.data.trust_pickle) == ("2024", 4, True)
     assert cfg.output_dir == str(tmp_path / "a #b: c") and cfg.deepspeed_config == "zero2_fp32"
     with pytest.raises(ConfigError, match="name='exp #3' is not a valid run name"):
-        config_from_args(train_args_parser().parse_args(["--name", "exp #3"]))
+        config_from_request(train_request(train_args_parser().parse_args(["--name", "exp #3"])))
 
 
 @pytest.mark.parametrize("text, key, line", [
@@ -182,3 +185,78 @@ def test_shipped_recipes_have_no_duplicate_keys():
     for stem in resources.names(resources.RECIPES):
         load_recipe(resources.packaged(resources.RECIPES, stem))
 
+
+
+def _bounded_keys() -> list[tuple[str, float]]:
+    """Every run-config field with a lower bound, and a value just below it."""
+    import annotated_types
+
+    from dat_ds.core.fields import Section, _metadata, _section_of
+
+    keys = []
+    for section, info in RunConfig.model_fields.items():
+        cls = _section_of(info.annotation)
+        for name, field in (cls.model_fields.items() if cls else ()):
+            for m in _metadata(field):
+                if isinstance(m, (annotated_types.Ge, annotated_types.Gt)) and not _section_of(field.annotation):
+                    low = m.ge if isinstance(m, annotated_types.Ge) else m.gt
+                    keys.append((f"{section}.{name}", low - 1 if isinstance(m, annotated_types.Ge) else low))
+                    break
+    assert all(issubclass(_section_of(i.annotation) or Section, Section) for i in RunConfig.model_fields.values())
+    return keys
+
+
+BOUNDED = _bounded_keys()
+
+
+def test_every_bounded_setting_is_found():
+    assert {"attack.eps", "attack.steps", "train.epochs", "eval.max_examples", "optim.gamma", "dist.timeout_s",
+            "ema.decay", "awp.gamma", "data.num_workers"} <= {k for k, _ in BOUNDED}
+
+
+@pytest.mark.parametrize("key, value", BOUNDED, ids=[k for k, _ in BOUNDED])
+def test_every_range_error_names_the_key_the_value_and_the_bound(key, value):
+    section = key.split(".")[0]
+    base = {section: {}} if section in ("ema", "awp") else {}  # optional sections: on with their defaults
+    if key in ("optim.milestones", "attack.steps_schedule"):
+        value = [value, value]
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({**base, section: {key.split(".")[1]: value}})
+    message = str(e.value)
+    assert message.startswith(f"{key}=") and " must be " in message and "\n" not in message, message
+
+
+def test_a_config_cannot_exist_unvalidated():
+    from dat_ds.core.config import AttackConfig, replace
+
+    with pytest.raises(ConfigError, match=r"attack.eps=2 must be in \[0, 1\]"):
+        RunConfig(attack={"eps": 2})
+    with pytest.raises(ConfigError, match=r"attack.steps=0 must be >= 1"):
+        AttackConfig(steps=0)  # a section built on its own still names its full key
+    cfg = RunConfig()
+    with pytest.raises(ConfigError, match=r"attack.steps=0 must be >= 1"):
+        replace(cfg.attack, steps=0)
+    with pytest.raises(ConfigError, match=r"unknown config key 'attack.stpes'"):
+        replace(cfg.attack, stpes=3)
+    with pytest.raises(ConfigError, match="objective.cutmix applies to the objectives"):
+        cfg.model_copy(update={"objective": {"cutmix": {}}})  # pydantic's own copy validates here too
+    with pytest.raises(TypeError, match="built validated"):
+        RunConfig.model_construct()
+    with pytest.raises(Exception, match="frozen"):
+        cfg.attack.eps = 0.5
+    assert replace(cfg.attack, eps="8/255").eps == pytest.approx(8 / 255)
+    assert hash(cfg.attack) == hash(AttackConfig())  # lru_cache keys (attacks.spec)
+
+
+def test_attack_spec_shares_the_config_field_types():
+    from dat_ds.attacks import AttackSpec
+
+    assert AttackSpec("pgd", eps="8/255", steps=3).eps == pytest.approx(8 / 255)
+    for kwargs, message in ((dict(eps=float("nan")), "config key 'eps' must be a finite number, got nan"),
+                            (dict(eps=-0.1), "eps=-0.1 must be >= 0; eps is a radius"),
+                            (dict(steps=1.5), "config key 'steps' must be an integer, got 1.5"),
+                            (dict(step_size=0), "step_size=0 must be > 0 (or None for the standard step)"),
+                            (dict(stpes=3), "unknown config key 'stpes' in the attack spec; allowed: attack, eps, ")):
+        with pytest.raises(ConfigError) as e:
+            AttackSpec("pgd", **{"eps": 0.1, **kwargs})
+        assert str(e.value).startswith(message), str(e.value)

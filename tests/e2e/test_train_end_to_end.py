@@ -22,7 +22,7 @@ def _launcher(*args: str, tmp: Path) -> "subprocess.CompletedProcess":  # noqa: 
     import subprocess
 
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "dat_ds.launch.train", *args]
+           "--module", "dat_ds.train", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -38,6 +38,9 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
     run = tmp_path / "two"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
+    where = summary["provenance"]  # a checkout: its commit; the rank's own command line (no dat-ds command here)
+    assert len(where["git"]["commit"]) == 40 and where["versions"]["torch"] and where["hosts"]
+    assert "dat_ds" in where["command"] and "--config recipes/demo.yaml" in where["command"]
     final = summary["final"]
     assert 0.0 <= final["robust_acc"] <= final["clean_acc"] <= 1.0
     assert final["eval_count"] == 128
@@ -79,7 +82,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "attack.eps=-1"], "error: attack.eps=-1.0 is outside [0, 1]"),
+    (["--set", "attack.eps=-1"], "error: attack.eps=-1 must be in [0, 1]; eps is in pixel units"),
     (["--set", "attack.bogus=1"], "error: unknown config key 'attack.bogus'"),
     (["--config", "recipes/missing.yaml"], "error: recipe file 'recipes/missing.yaml' not found"),
     (["--deepspeed_config", "ds_configs/missing.json"], "error: DeepSpeed config 'ds_configs/missing.json' not found"),

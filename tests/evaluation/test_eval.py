@@ -10,11 +10,12 @@ import torch
 
 from dat_ds.attacks import AttackSpec
 from dat_ds.core import dist
+from dat_ds.core.config import parse_eps
 from dat_ds.core.errors import ConfigError
 from dat_ds.evaluation import run as eval_run
 from dat_ds.evaluation import sanity
 from dat_ds.evaluation.evaluate import evaluate
-from dat_ds.launch import args as launch_args
+from dat_ds.launch.validate import check_eval_request
 from tests.helpers import eval_args
 
 EVAL_FLAGS = ["--attacks", "pgd,fgsm,apgd-ce", "--eps", "0.05,0.1", "--steps", "3", "--apgd-steps", "3",
@@ -22,20 +23,23 @@ EVAL_FLAGS = ["--attacks", "pgd,fgsm,apgd-ce", "--eps", "0.05,0.1", "--steps", "
 
 
 def test_parse_eps_accepts_fractions():
-    assert launch_args.parse_eps("8/255, 0.1") == [8 / 255, 0.1]
-    with pytest.raises(ConfigError, match="not a number"):
-        launch_args.parse_eps("eight")
+    assert parse_eps("8/255, 0.1") == [8 / 255, 0.1]
+    with pytest.raises(ConfigError, match="not a finite number"):
+        parse_eps("eight")
+    for text in ("inf", "0.1,nan", "1/0"):  # non-finite radii were accepted (and attacked with) before
+        with pytest.raises(ConfigError, match=r"--eps item .* is not a finite number; use e.g. --eps 0.1,8/255"):
+            parse_eps(text)
     with pytest.raises(ConfigError, match="empty"):
-        launch_args.parse_eps(",")
+        parse_eps(",")
 
 
 def test_check_args_one_line_errors():
     with pytest.raises(ConfigError, match="nothing to evaluate"):
-        launch_args.check_eval_args(eval_args())
+        check_eval_request(eval_args())
     with pytest.raises(ConfigError, match="--model"):
-        launch_args.check_eval_args(eval_args("--weights", "w.pt"))
+        check_eval_request(eval_args("--weights", "w.pt"))
     with pytest.raises(ConfigError, match="above 1"):
-        launch_args.check_eval_args(eval_args("--weights", "w.pt", "--model", "small_cnn", "--eps", "8"))
+        check_eval_request(eval_args("--weights", "w.pt", "--model", "small_cnn", "--eps", "8"))
 
 
 def test_build_specs_labels_are_unique():
@@ -145,7 +149,7 @@ def test_two_ranks_equal_one_rank(cli, weights_file, tmp_path):
         cli("eval", "--weights", str(weights_file), "--model", "small_cnn", "--data", "fashion-mnist",
             *EVAL_FLAGS, "--nproc", str(nproc), "--out", str(out), check=True, timeout=600)
         outs[nproc] = json.loads((out / "eval.json").read_text())
-        assert (out / "robust_acc_vs_eps.png").stat().st_size > 1000
+        assert (out / "robust_acc_vs_eps.png").stat().st_size > 1000 and (out / "adv_examples.png").stat().st_size > 5000
     one, two = outs[1], outs[2]
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["count"] == two["count"] == 80
@@ -155,6 +159,13 @@ def test_two_ranks_equal_one_rank(cli, weights_file, tmp_path):
         assert a["correct"] == b["correct"], a["label"]
         assert a["correct_sha256"] == b["correct_sha256"]
         assert a["robust_acc"] == b["robust_acc"] <= a["clean_acc"]
+    assert one["per_class"] == two["per_class"]  # each class's clean and robust accuracy
+    per_class = one["per_class"]
+    assert sum(v["count"] for v in per_class.values()) == 80
+    assert sum(v["count"] * v["clean_acc"] for v in per_class.values()) / 80 == pytest.approx(one["clean_acc"])
+    for r in one["results"]:
+        weighted = sum(v["count"] * v["robust_acc"][r["label"]] for v in per_class.values()) / 80
+        assert weighted == pytest.approx(r["robust_acc"])
 
 
 def test_eval_run_folder_end_to_end(cli, tmp_path):
@@ -164,7 +175,7 @@ def test_eval_run_folder_end_to_end(cli, tmp_path):
         "--set", "eval.steps=1", check=True, timeout=600)
     run_dir = tmp_path / "tiny"
     proc = cli("eval", "--run", str(run_dir), "--attacks", "pgd", "--eps", "0.05,0.1", "--steps", "2",
-               "--square-queries", "5", "--max-examples", "32", "--sanity", check=True, timeout=600)
+               "--square-queries", "5", "--max-examples", "32", "--sanity", "--per-class", check=True, timeout=600)
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["source"]["kind"] == "run" and report["source"]["tag"] == "epoch0000"
     labels = [r["label"] for r in report["results"]]
@@ -174,6 +185,7 @@ def test_eval_run_folder_end_to_end(cli, tmp_path):
     checks = {c["check"]: c["status"] for c in report["sanity"]}
     assert "black box does not beat white box" in checks and "FGSM vs PGD" in checks
     assert "sanity" in proc.stdout + proc.stderr
+    assert "accuracy per class" in proc.stdout and "% (" in proc.stdout  # --per-class; accuracies with counts
     # The loaded weights are the trained ones: clean accuracy equals what the model gives in-process.
     from dat_ds.evaluation.loading import load_run
 
@@ -194,3 +206,38 @@ def test_eval_cli_errors_are_one_line(cli, tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]  # torch may print import warnings first
     assert last.startswith("error:") and "does not exist" in last
+
+
+def test_accuracies_and_radii_read_as_papers_print_them():
+    from dat_ds.evaluation.run import eps_text, percent
+
+    assert percent(35 / 64, 64) == "54.69 % (35/64)" and percent(1.0, 200) == "100.00 % (200/200)"
+    assert eps_text(8 / 255) == "8/255" and eps_text(0.1) == "0.1" and eps_text(0.0) == "0"
+
+
+def test_one_eps_is_a_bar_per_attack(tmp_path, monkeypatch):
+    """A single eps drew one dot per attack on a 0.096-0.104 axis; it is a bar chart now."""
+    from dat_ds.evaluation import run
+
+    drawn = {}
+    monkeypatch.setattr(run, "save_bar_plot", lambda path, labels, values, **kw: drawn.update(labels=labels,
+                                                                                               values=values, **kw))
+    rows = [{"label": "PGD-20@0.03137", "eps": 8 / 255, "robust_acc": 0.5}, {"label": "AutoAttack@0.03137",
+                                                                              "eps": 8 / 255, "robust_acc": 0.45}]
+    run.plot_curves({"results": rows, "clean_acc": 0.8}, tmp_path / "p.png", "t")
+    assert drawn["labels"] == ["PGD-20", "AutoAttack"] and drawn["values"] == [0.5, 0.45]
+    assert drawn["hline"] == 0.8 and "8/255" in drawn["ylabel"]
+
+
+def test_adversarial_examples_picture(tmp_path, embedded_test_tensors):
+    from dat_ds.attacks import AttackSpec
+    from dat_ds.evaluation.pictures import adversarial_grid
+    from dat_ds.models import create_model
+
+    x, y, spec = embedded_test_tensors
+    model = create_model("tiny_cnn", spec)
+    dataset = torch.utils.data.TensorDataset(x[:16], y[:16])
+    adversarial_grid(model, dataset, AttackSpec("pgd", eps=0.1, steps=2), tmp_path / "adv.png", n=6,
+                     classes=spec.classes)
+    assert (tmp_path / "adv.png").stat().st_size > 5000
+    assert model.training  # the attack ran in eval mode and gave the model back as it was

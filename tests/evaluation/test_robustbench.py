@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from dat_ds.core.errors import ConfigError
 from dat_ds.evaluation import run as eval_run
-from dat_ds.launch import args as launch_args
+from dat_ds.launch.validate import check_eval_request
 from tests.helpers import eval_args
 
 # robustbench.utils.ModelInfo's fields: an entry must carry every one of them.
@@ -29,7 +30,7 @@ def test_protocol_arguments_are_checked_in_one_line(tmp_path, argv, message):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"")
     with pytest.raises(ConfigError) as e:
-        launch_args.check_eval_args(eval_args("--weights", str(weights), "--model", "small_cnn", "--protocol", "robustbench",
+        check_eval_request(eval_args("--weights", str(weights), "--model", "small_cnn", "--protocol", "robustbench",
                                           *argv))
     assert message in str(e.value) and "\n" not in str(e.value)
 
@@ -38,10 +39,10 @@ def test_protocol_selects_standard_autoattack_and_subset_needs_the_protocol(tmp_
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"")
     args = eval_args("--weights", str(weights), "--model", "small_cnn", "--protocol", "robustbench", "--eps", "8/255")
-    launch_args.check_eval_args(args)
+    args = check_eval_request(args)
     assert args.attacks == "autoattack"
     with pytest.raises(ConfigError, match="belongs to --protocol robustbench"):
-        launch_args.check_eval_args(eval_args("--weights", str(weights), "--model", "small_cnn", "--subset-file", "x"))
+        check_eval_request(eval_args("--weights", str(weights), "--model", "small_cnn", "--subset-file", "x"))
 
 
 def test_subset_file_is_read_and_checked(tmp_path):
@@ -89,10 +90,10 @@ def test_robustbench_entry_on_a_trained_model(trained_demo_model, tmp_path, dat_
     args = eval_args("--weights", str(weights), "--model", "small_cnn_avgpool", "--data", "fashion-mnist", "--eps", "0.1",
                  "--protocol", "robustbench", "--subset-file", str(tmp_path / "subset.txt"), "--max-examples", "12",
                  "--batch-size", "12", "--threads", "2", "--out", str(out), "--entry-name", "Demo2026Tiny")
-    launch_args.check_eval_args(args)
+    args = check_eval_request(args)
     # Standard AutoAttack takes minutes even on 12 images on two CPU cores (FAB-T); the command line refuses
     # these settings (test above), so only this in-process test shortens it. The label says so.
-    args.aa_steps, args.aa_queries = 2, 20
+    args = replace(args, aa_steps=2, aa_queries=20)
     report = eval_run.main(args)
     entry = json.loads((out / eval_run.ROBUSTBENCH_JSON).read_text())
     assert MODEL_INFO_FIELDS <= entry.keys() and entry == report["robustbench"]

@@ -101,11 +101,12 @@ def test_pickle_data_that_runs_code_is_refused_without_trust_pickle(tmp_path, ca
 
 
 def test_trust_pickle_flag_sets_the_config():
-    from dat_ds.launch.train import config_from_args, get_args_parser
+    from dat_ds.cli.args import train_args_parser, train_request
+    from dat_ds.launch.validate import config_from_request
 
-    args = get_args_parser().parse_args(["--trust-pickle"])
-    assert config_from_args(args).data.trust_pickle is True
-    assert config_from_args(get_args_parser().parse_args([])).data.trust_pickle is False
+    request = train_request(train_args_parser().parse_args(["--trust-pickle"]))
+    assert config_from_request(request).data.trust_pickle is True
+    assert config_from_request(train_request(train_args_parser().parse_args([]))).data.trust_pickle is False
 
 
 def test_export_loads_in_timm_and_dat_ds(tmp_path, capsys):

@@ -55,3 +55,24 @@ def test_zero3_autoattack_evaluation_ends_when_the_ranks_attack_different_amount
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["clean"] == [True] * BATCH + [False] * BATCH
     assert not any(result["robust"][BATCH:]) and sum(result["robust"]) <= BATCH
+
+
+def test_the_gathered_copy_is_seen_through_one_view_across_evaluations():
+    """fp16's attack view keeps its gradient scale from one evaluation to the next: ZeRO-3's copy is wrapped once."""
+    from torch import nn
+
+    from dat_ds.attacks import attack_view
+    from dat_ds.runtime.replica import GatheredCopy
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    copy = GatheredCopy(lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), attack_view)
+    first = copy.refresh(module)  # parameters without ZeRO-3 attributes: GatheredParameters gathers nothing
+    with torch.no_grad():
+        module[0].weight.add_(1.0)
+        module[1].running_mean.add_(2.0)
+    again = copy.refresh(module)
+    assert again is first
+    x = torch.randn(5, 4)
+    module.eval(), again.eval()
+    torch.testing.assert_close(again(x).float(), module(x))  # the view sees the refreshed weights and buffers

@@ -206,7 +206,7 @@ def test_device_is_local_rank_modulo_the_visible_devices(monkeypatch, local_rank
 def _command(environ: dict[str, str], nproc: int = 2, acc=None, **kw):
     from dat_ds.launch.launcher import runner_command
 
-    return runner_command("dat_ds.launch.train", ["--config", "x.yaml"], nproc=nproc, master_port=29600,
+    return runner_command("dat_ds.train", ["--config", "x.yaml"], nproc=nproc, master_port=29600,
                           acc=acc or FakeAccelerator(), environ=environ, **kw)
 
 

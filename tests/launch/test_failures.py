@@ -10,7 +10,8 @@ import time
 import psutil
 import pytest
 
-from dat_ds.launch import status, train
+from dat_ds.cli.ranks import train_rank
+from dat_ds.launch import status
 from dat_ds.runtime import checkpoint
 from tests.helpers import hashes, launch_two_rank_train, rank_process, tiny_args, wait_for_tag, write_ds
 
@@ -103,13 +104,13 @@ def test_rank_entry_point_leaves_a_status_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        assert train.cli_entry(["--set", "attack.eps=2"]) == 2
+        assert train_rank(["--set", "attack.eps=2"]) == 2
         assert signal.getsignal(signal.SIGTERM) is not previous  # a launcher's SIGTERM is recorded, too
     finally:
         signal.signal(signal.SIGTERM, previous)
     record = json.loads((tmp_path / "rank0.json").read_text())
-    assert record["code"] == 2 and record["error"].startswith("ConfigError: attack.eps=2.0 is outside [0, 1]")
-    assert capsys.readouterr().err.startswith("error: attack.eps=2.0")
+    assert record["code"] == 2 and record["error"].startswith("ConfigError: attack.eps=2 must be in [0, 1]")
+    assert capsys.readouterr().err.startswith("error: attack.eps=2 must be in [0, 1]")
 
 
 @pytest.mark.slow
@@ -118,7 +119,7 @@ def test_rank0_killed_during_overwrite_start_restores_old_run(tmp_path):
     before the first checkpoint. It cannot clean up; `dat-ds train` does: old run back byte for byte, no lock."""
 
     from dat_ds.launch import runlock
-    from dat_ds.runtime import trainer
+    from dat_ds.runtime.run_dir import OVERWRITTEN
 
     ds = write_ds(tmp_path)
     runs = tmp_path / "runs"
@@ -130,7 +131,7 @@ def test_rank0_killed_during_overwrite_start_restores_old_run(tmp_path):
     proc = launch_two_rank_train(tiny_args(runs, "ow", ds, "--overwrite", subset=640, epochs=1, save_every=100))
     rank0 = rank_process(psutil.Process(proc.pid), 0)
     deadline = time.time() + 400
-    while not [p for p in runs.iterdir() if trainer.OVERWRITTEN in p.name]:
+    while not [p for p in runs.iterdir() if OVERWRITTEN in p.name]:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     assert not checkpoint.complete_tags(old / "checkpoint")

@@ -23,7 +23,8 @@ from dat_ds import cli
 from dat_ds.core import dist
 from dat_ds.core.errors import ConfigError
 from dat_ds.launch import runlock, train
-from dat_ds.runtime import checkpoint, trainer
+from dat_ds.runtime import checkpoint
+from dat_ds.runtime.run_dir import OVERWRITTEN
 from tests.helpers import Crash, hashes, tiny_args, write_ds
 
 dist.setup_logging()  # bind the log handler outside capsys: stderr then holds only the error line
@@ -128,7 +129,7 @@ def test_clear_dead_after_a_failed_launch_puts_the_old_run_back(tmp_path):
     before = hashes(run)
     started = time.time()
     pid = dead_pid()
-    aside = run.with_name(f"r{trainer.OVERWRITTEN}20260101-000000-{pid}")
+    aside = run.with_name(f"r{OVERWRITTEN}20260101-000000-{pid}")
     run.rename(aside)
     (run / "checkpoint" / ".tmp-step000000004").mkdir(parents=True)  # the new run's partial start
     write_lock(run, pid=pid, started=started + 0.1)
@@ -193,7 +194,7 @@ def test_overwrite_start_failing_before_the_first_checkpoint_restores_the_old_ru
     seen = {}
 
     def crash(engine, root, tag, **kw):  # the new run dies where its first checkpoint would be written
-        seen["old run set aside"] = [p.name for p in target.parent.iterdir() if trainer.OVERWRITTEN in p.name]
+        seen["old run set aside"] = [p.name for p in target.parent.iterdir() if OVERWRITTEN in p.name]
         seen["new folder"] = sorted(p.name for p in target.iterdir())
         raise Crash(tag)
 
@@ -213,7 +214,7 @@ def test_successful_overwrite_ends_with_only_the_new_run(old_run, monkeypatch):
     asides = []
 
     def save(engine, root, tag, **kw):
-        asides.append(len([p for p in target.parent.iterdir() if trainer.OVERWRITTEN in p.name]))
+        asides.append(len([p for p in target.parent.iterdir() if OVERWRITTEN in p.name]))
         return real_save(engine, root, tag, **kw)
 
     monkeypatch.setattr(checkpoint, "save", save)

@@ -37,7 +37,7 @@ import json, sys
 from dat_ds.launch.entry import run_entry
 from dat_ds.launch.launcher import NodeLaunch, launch
 a = json.loads(sys.argv[1])
-sys.exit(run_entry(lambda: launch("dat_ds.launch.train", a["argv"], nproc=1, hostfile=a["hostfile"],
+sys.exit(run_entry(lambda: launch("dat_ds.train", a["argv"], nproc=1, hostfile=a["hostfile"],
                                   master_port=a["port"], env=a["env"],
                                   node=NodeLaunch(a["node_rank"], a["master_addr"], tuple(a["prefix"])))))
 """
@@ -199,14 +199,16 @@ def test_only_a_collective_that_lost_its_peer_starts_the_check_in():
     assert dist.lost_contact(gloo_timeout, during="after training step 1 (epoch 1)") is None  # no peers to lose
 
 
-def test_a_node_launch_needs_a_hostfile_and_a_shared_port():
+def test_a_node_launch_needs_a_hostfile_and_a_shared_port(tmp_path):
     from dat_ds.core.errors import ConfigError
     from dat_ds.launch.launcher import NodeLaunch, launch
 
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     with pytest.raises(ConfigError, match="hostfile and a master port"):
-        launch("dat_ds.launch.train", [], nproc=1, node=NodeLaunch(0, "127.0.0.1"))
+        launch("dat_ds.train", [], nproc=1, node=NodeLaunch(0, "127.0.0.1"))
     with pytest.raises(ConfigError, match="hostfile and a master port"):
-        launch("dat_ds.launch.train", [], nproc=1, hostfile=__file__, node=NodeLaunch(1, "127.0.0.1"))
+        launch("dat_ds.train", [], nproc=1, hostfile=str(hostfile), node=NodeLaunch(1, "127.0.0.1"))
 
 
 def test_cpu_shm_comm_op_is_marked_incompatible_before_init():

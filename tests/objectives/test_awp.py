@@ -167,7 +167,7 @@ def test_in_process_run_restores_weights_before_every_engine_step(objective, zer
                               "model.name=tiny_cnn", f"objective.name={objective}", "attack.steps=1",
                               f"awp.gamma={GAMMA}", "data.train_subset=64", "train.epochs=1", "train.log_every=1"])
     trainer = Trainer(cfg).setup()
-    awp, engine = trainer.objective, trainer.engine
+    awp, engine = trainer.run.objective, trainer.engine
     assert isinstance(awp, AWP)
     seen = {"applied": 0, "restored": 0, "stepped": 0}
     state = {}

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from dat_ds.attacks import pgd
 from dat_ds.core.config import build_config
 from dat_ds.models import create_model
-from dat_ds.objectives import OBJECTIVES, Objective, ObjectiveContext, ObjectiveOutput, build_objective, prepare_model
+from dat_ds.objectives import (
+    OBJECTIVES,
+    Objective,
+    ObjectiveContext,
+    ObjectiveOutput,
+    build_objective,
+    plain_step,
+    prepare_model,
+)
 from dat_ds.objectives.mart import boosted_ce
 from dat_ds.objectives.trades import kl_attack, kl_clean_adv, kl_to_target
 from tests.helpers import latest_model_states, run_cli
@@ -33,13 +41,7 @@ def _train_steps(model, objective, ctx, x, y, steps):
     losses = []
     for _ in range(steps):
         for _ in range(objective.replays):
-            model.train()
-            out = objective(ctx, x, y)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            objective.after_backward()
-            opt.step()
-            losses.append(out)
+            losses.append(plain_step(objective, ctx, x, y, opt, model))
     return losses
 
 

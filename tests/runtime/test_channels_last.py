@@ -21,7 +21,7 @@ def _net() -> torch.nn.Module:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
 def test_zero0_weights_go_nhwc_in_place_and_the_optimizer_still_moves_them(precision):
-    from dat_ds.runtime.trainer import weights_channels_last
+    from dat_ds.runtime.build import weights_channels_last
 
     net = _net()
     net(torch.rand(1, 3, 6, 6))  # materialise the lazy layer
@@ -40,7 +40,7 @@ def test_zero0_weights_go_nhwc_in_place_and_the_optimizer_still_moves_them(preci
 def test_flat_buffer_engines_keep_nchw_weights(zero, precision, dat_ds_log):
     import logging
 
-    from dat_ds.runtime.trainer import weights_channels_last
+    from dat_ds.runtime.build import weights_channels_last
 
     dat_ds_log.set_level(logging.INFO, logger="dat_ds")
     net = _net()

@@ -64,11 +64,7 @@ def test_zero3_parameters_know_their_full_size():
     assert sizes == [8 * 16, 16, 16 * 3, 3]
 
 
-def test_fp16_loss_scale_and_its_floor(monkeypatch):
-    acc = dist.accelerator()
-    if acc.device_name() == "cpu" and not acc.is_fp16_supported():  # DeepSpeed's fp16 engine runs on CPU tensors
-        monkeypatch.setattr(type(acc), "is_fp16_supported", lambda self: True)
-        monkeypatch.setattr(type(acc), "supported_dtypes", lambda self: [torch.float32, torch.bfloat16, torch.float16])
+def test_fp16_loss_scale_and_its_floor(cpu_runs_fp16):
     engine = _engine(fp16={"enabled": True, "initial_scale_power": 5, "min_loss_scale": 2})
     for name in ("dynamic_loss_scale", "dynamic_loss_scale_args", "fp16_enabled", "was_step_applied",
                  "is_gradient_accumulation_boundary"):
@@ -76,3 +72,13 @@ def test_fp16_loss_scale_and_its_floor(monkeypatch):
     assert ds_adapter.loss_scale(engine) == 32.0 and ds_adapter.min_loss_scale(engine) == 2.0
     static = _engine(fp16={"enabled": True, "loss_scale": 128})
     assert ds_adapter.loss_scale(static) == 128.0 and ds_adapter.min_loss_scale(static) is None
+
+
+def test_engine_monitor_is_where_the_json_monitors_are(tmp_path):
+    engine = _engine()
+    assert hasattr(engine, "monitor") and ds_adapter.monitor(engine) is None, RENAMED.format(what="engine.monitor")
+    engine = _engine(csv_monitor={"enabled": True, "output_path": str(tmp_path), "job_name": "j"})
+    master = ds_adapter.monitor(engine)
+    assert master is not None and callable(master.write_events), RENAMED.format(what="engine.monitor.write_events")
+    master.write_events([("dat_ds/epoch/robust_acc", 0.5, 3)])
+    assert (tmp_path / "j" / "dat_ds_epoch_robust_acc.csv").read_text().splitlines() == ["step,robust_acc", "3,0.5"]

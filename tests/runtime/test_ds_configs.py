@@ -215,3 +215,30 @@ if __name__ == "__main__":  # rank script for the 2-rank launch above
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     _rank_main(args.out, args.paths)
+
+
+def test_ds_set_changes_the_json_the_run_uses_and_saves(tmp_path):
+    """--ds-set optimizer.params.lr=... (a learning rate could not be overridden from the command line)."""
+    import yaml
+
+    from dat_ds import cli
+    from tests.helpers import tiny_args, write_ds
+
+    argv = ["train", *tiny_args(tmp_path, "lr", write_ds(tmp_path), epochs=1, subset=64),
+            "--ds-set", "optimizer.params.lr=0.25", "--ds-set", "gradient_clipping=2"]
+    assert cli.main(argv) == 0
+    saved = json.loads((tmp_path / "lr" / "ds_config.json").read_text())
+    assert saved["optimizer"]["params"]["lr"] == 0.25 and saved["gradient_clipping"] == 2
+    cfg = yaml.safe_load((tmp_path / "lr" / "config.yaml").read_text())
+    assert cfg["deepspeed_overrides"] == ["optimizer.params.lr=0.25", "gradient_clipping=2"]
+    metrics = [json.loads(line) for line in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in metrics if r["kind"] == "epoch"] == [0.25]  # constant schedule: the JSON's lr, as changed
+
+
+def test_ds_set_applies_in_order_and_creates_sections():
+    from dat_ds.runtime.ds_config import apply_overrides
+
+    base = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    out = apply_overrides(base, ["optimizer.params.lr=0.1", "optimizer.params.lr=0.2", "bf16.enabled=true"])
+    assert out == {"optimizer": {"type": "AdamW", "params": {"lr": 0.2}}, "bf16": {"enabled": True}}
+    assert base["optimizer"]["params"]["lr"] == 1e-3  # a copy

@@ -246,16 +246,17 @@ def test_eval_weights_flag_with_run_is_ema_or_raw(tmp_path):
     """Torch-free: with --run, --weights picks the run's weights; a file goes without --run."""
     import argparse
 
-    from dat_ds.launch import args as launch_args
+    from dat_ds.cli.args import add_eval_args, eval_request
+    from dat_ds.launch.validate import check_eval_request
 
     parser = argparse.ArgumentParser()
-    launch_args.add_eval_args(parser)
+    add_eval_args(parser)
     run = tmp_path / "run"
     run.mkdir()
     for which in ("ema", "raw"):
-        launch_args.check_eval_args(parser.parse_args(["--run", str(run), "--weights", which]))
+        check_eval_request(eval_request(parser.parse_args(["--run", str(run), "--weights", which])))
     with pytest.raises(ConfigError, match="with --run, --weights is ema or raw"):
-        launch_args.check_eval_args(parser.parse_args(["--run", str(run), "--weights", "w.pt"]))
+        check_eval_request(eval_request(parser.parse_args(["--run", str(run), "--weights", "w.pt"])))
 
 
 # ----------------------------------------------------------------------------- 2 ranks, ZeRO-3 (slow)

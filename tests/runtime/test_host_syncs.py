@@ -83,7 +83,7 @@ def _count_per_step(trainer: Trainer, counter: SyncCounter):
     per_step: dict[int, Counter] = {}
 
     def batches():
-        for batch in trainer.loaders.loader(0):  # data loading stays outside the measured step
+        for batch in trainer.run.loaders.loader(0):  # data loading stays outside the measured step
             marks.append(counter.calls.copy())
             yield batch
 
@@ -92,8 +92,9 @@ def _count_per_step(trainer: Trainer, counter: SyncCounter):
         marks.append(counter.calls.copy())
 
     records: list[dict] = []
-    train_one_epoch(trainer.engine, trainer.objective, trainer.ctx, batches(), trainer.state, cfg=trainer.cfg,
-                    metrics=records.append, on_step=on_step, comm=trainer.built.comm, watch=trainer.watch)
+    run = trainer.run
+    train_one_epoch(run.engine, run.objective, run.ctx, batches(), trainer.state, cfg=trainer.cfg,
+                    metrics=records.append, on_step=on_step, comm=run.comm, watch=run.watch)
     return per_step, counter.calls - marks[-1], records
 
 

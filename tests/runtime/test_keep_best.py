@@ -15,6 +15,7 @@ from dat_ds.core.config import build_config
 from dat_ds.core.errors import ConfigError
 from dat_ds.data.split import validation_indices
 from dat_ds.evaluation import training as eval_training
+from dat_ds.runtime import build as build_module
 from dat_ds.runtime import checkpoint
 from dat_ds.runtime import trainer as trainer_module
 from tests.helpers import write_ds
@@ -64,7 +65,7 @@ def best_run(tmp_path_factory):
     set to 3, 2, 1 correct), so best is epoch 1, which pruning must keep."""
     folder = tmp_path_factory.mktemp("best")
     mp = pytest.MonkeyPatch()
-    real_build, real_evaluate = trainer_module.build_dataset, eval_training.evaluate
+    real_build, real_evaluate = build_module.build_dataset, eval_training.evaluate
     splits, evaluated = [], []
 
     def build_dataset(data_cfg, split):
@@ -81,7 +82,7 @@ def best_run(tmp_path_factory):
             result.robust_correct[label] = torch.arange(result.count) < left
         return result
 
-    mp.setattr(trainer_module, "build_dataset", build_dataset)
+    mp.setattr(build_module, "build_dataset", build_dataset)
     mp.setattr(eval_training, "evaluate", evaluate)
     try:
         cfg = build_config(None, [f"output_dir={folder / 'runs'}", "name=best", f"deepspeed_config={write_ds(folder)}",
@@ -99,13 +100,13 @@ def test_validation_split_is_held_out_training_data_never_the_test_set(best_run)
     trainer = best_run["trainer"]
     assert best_run["splits"] == ["train"]  # the test split was never built
     assert all(ds is trainer.val_set for ds in best_run["evaluated"]) and len(best_run["evaluated"]) == 3
-    train_idx, val_idx = trainer.loaders.dataset.indices, trainer.val_set.indices
+    train_idx, val_idx = trainer.run.loaders.dataset.indices, trainer.val_set.indices
     assert len(val_idx) == VAL and len(train_idx) == SUBSET - VAL
     assert not set(train_idx) & set(val_idx)
-    assert trainer.val_set.dataset is trainer.loaders.dataset.dataset  # both from the training set (no augment)
+    assert trainer.val_set.dataset is trainer.run.loaders.dataset.dataset  # both from the training set (no augment)
     val_images = {trainer.val_set[i][0].numpy().tobytes() for i in range(VAL)}
     seen = 0
-    for x, _ in trainer.loaders.loader(0):  # what the training loop drew in an epoch: no validation image
+    for x, _ in trainer.run.loaders.loader(0):  # what the training loop drew in an epoch: no validation image
         for image in x:
             assert image.numpy().tobytes() not in val_images
             seen += 1

@@ -7,6 +7,7 @@ accelerator says yes, so the fp16 tests say yes for it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,18 +19,6 @@ from dat_ds.attacks import AttackPrecision
 from dat_ds.core.config import build_config
 from dat_ds.core.errors import NonFiniteLossError
 from tests.helpers import write_ds
-
-
-@pytest.fixture
-def cpu_runs_fp16(monkeypatch):
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    if acc.device_name() == "cpu" and not acc.is_fp16_supported():
-        monkeypatch.setattr(type(acc), "is_fp16_supported", lambda self: True)
-        monkeypatch.setattr(type(acc), "supported_dtypes",
-                            lambda self: [torch.float32, torch.bfloat16, torch.float16])
-    return acc
 
 
 class _BlowUpAt:
@@ -61,14 +50,19 @@ def _fp16_trainer(tmp_path, *, scale_power: int = 4, min_scale: int = 1, extra=(
     return Trainer(cfg).setup()
 
 
+def _wrap_objective(trainer, steps: set[int], factor: float) -> None:
+    """The built run with its objective's loss multiplied by ``factor`` at ``steps`` (1-based)."""
+    trainer.run = dataclasses.replace(trainer.run, objective=_BlowUpAt(trainer.run.objective, steps, factor))
+
+
 def test_fp16_overflow_is_skipped_by_deepspeed_and_training_goes_on(tmp_path, cpu_runs_fp16, dat_ds_log):
     """A step whose scaled gradients overflow: DeepSpeed skips it and halves the scale; the NaN guard no longer
     calls it divergence (it aborted here before), the step is counted and logged, and training finishes."""
     dat_ds_log.set_level(logging.INFO, logger="dat_ds")
     trainer = _fp16_trainer(tmp_path)
     assert next(trainer.engine.module.parameters()).dtype == torch.float16
-    assert isinstance(trainer.ctx.module, AttackPrecision)  # attacks take scaled input gradients
-    trainer.objective = _BlowUpAt(trainer.objective, {3}, 1e30)
+    assert isinstance(trainer.run.ctx.module, AttackPrecision)  # attacks take scaled input gradients
+    _wrap_objective(trainer, {3}, 1e30)
     summary = trainer.fit()
     assert trainer.state.global_step == 6 and summary["final"]["epoch"] == 1
     assert trainer.state.overflow_steps == 1 and trainer.engine.skipped_steps == 1
@@ -82,7 +76,7 @@ def test_fp16_overflow_is_skipped_by_deepspeed_and_training_goes_on(tmp_path, cp
 
 def test_fp16_a_non_finite_loss_is_still_divergence(tmp_path, cpu_runs_fp16):
     trainer = _fp16_trainer(tmp_path)
-    trainer.objective = _BlowUpAt(trainer.objective, {2}, math.nan)
+    _wrap_objective(trainer, {2}, math.nan)
     with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 1 step 2"):
         trainer.fit()
 
@@ -90,7 +84,7 @@ def test_fp16_a_non_finite_loss_is_still_divergence(tmp_path, cpu_runs_fp16):
 def test_fp16_overflow_at_the_minimum_scale_is_divergence(tmp_path, cpu_runs_fp16):
     """Gradients that overflow whatever the scale: DeepSpeed's scaler gives up at its minimum; one line says so."""
     trainer = _fp16_trainer(tmp_path, scale_power=1, min_scale=1)
-    trainer.objective = _BlowUpAt(trainer.objective, {2, 3, 4, 5}, 1e30)
+    _wrap_objective(trainer, {2, 3, 4, 5}, 1e30)
     with pytest.raises(NonFiniteLossError, match="fp16 gradients overflow even at the minimum loss scale"):
         trainer.fit()
 

@@ -114,7 +114,7 @@ def test_resume_on_another_world_size_is_refused_before_any_rank_starts(referenc
 def test_trainer_refuses_another_world_size_on_its_own(reference):
     """The ranks' copy of the check (a run started with `deepspeed` directly skips the CLI's)."""
     from dat_ds.core.errors import ConfigError
-    from dat_ds.runtime.trainer import check_world_size
+    from dat_ds.runtime.run_dir import check_world_size
 
     folder, _ = reference
     root = folder / "runs" / "ref" / "checkpoint"
