@@ -29,6 +29,34 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- commands a test starts
 
+HEAVY = ("torch", "deepspeed", "timm", "numpy", "torchvision", "torchattacks", "matplotlib", "datasets")
+
+# Runs `dat-ds ARGV` with heavy imports and process starts forbidden; reports what it loaded.
+GUARD = f"""
+import importlib.abc, subprocess, sys
+HEAVY = {HEAVY!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ImportError(f"the fast path imported {{name}}")
+sys.meta_path.insert(0, Block())
+def no_process(*a, **k):
+    raise AssertionError(f"the fast path started a process: {{a[0] if a else k}}")
+subprocess.Popen = subprocess.call = subprocess.run = no_process
+from dat_ds.cli import main
+code = main(sys.argv[1:])
+sys.exit(code)
+"""
+
+
+def fast_cli(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    """``dat-ds ARGV`` in a fresh interpreter where importing torch (or the other heavy packages) or starting a
+    process fails: what the command line promises to answer without either."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("DAT_DS_VERBOSE", None)
+    return subprocess.run([sys.executable, "-c", GUARD, *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60)
+
 # What torch.distributed reads from the environment. In-process tests initialise a world of one, which sets
 # these in this process for the tests after them; a command a test starts must not inherit them (it would
 # reuse that world's rendezvous port and fail with EADDRINUSE).

@@ -15,7 +15,7 @@ import torch
 
 from ..core.registry import Registry
 from .core import fgsm, fgsm_rs, nfgsm, no_attack, pgd
-from .external import apgd_ce, apgd_dlr, autoattack, square
+from .external import apgd_ce, apgd_ce_dlr, apgd_dlr, autoattack, square
 
 ATTACKS: Registry[Callable[..., torch.Tensor]] = Registry("attack")
 ATTACKS.register("fgsm")(fgsm)
@@ -27,6 +27,7 @@ ATTACKS.register("none")(no_attack)
 ATTACKS.register("autoattack")(autoattack)
 ATTACKS.register("apgd-ce")(apgd_ce)
 ATTACKS.register("apgd-dlr")(apgd_dlr)
+ATTACKS.register("apgd-ce-dlr")(apgd_ce_dlr)  # the in-training evaluation's headline attack
 ATTACKS.register("square")(square)
 
 

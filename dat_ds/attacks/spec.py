@@ -38,7 +38,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
 _SUPPLIED = ("eps", "generator")  # every attack takes these; the spec and the caller supply them
 _RUNTIME = ("init_delta",)  # passed by the caller per batch (attack_from_config), never set by a spec
 _DISPLAY = {"fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "nfgsm": "N-FGSM", "autoattack": "AutoAttack", "apgd-ce": "APGD-CE",
-            "apgd-dlr": "APGD-DLR", "square": "Square", "none": "clean"}
+            "apgd-dlr": "APGD-DLR", "apgd-ce-dlr": "APGD-CE+DLR", "square": "Square", "none": "clean"}
 
 
 def takes(attack: str) -> list[str]:
@@ -90,7 +90,7 @@ class AttackSpec(Section):
             steps = self.steps if self.steps is not None else attack_parameters("pgd")["steps"]
             name = f"PGD-{steps}"
         else:
-            name = _DISPLAY.get(self.attack, self.attack)
+            name = _DISPLAY.get(self.attack, self.attack) + ("" if self.steps is None else f"-{self.steps}")
         name += f"x{self.restarts}" if self.restarts > 1 else ""
         if self.step_size is not None:
             name += f"-a{self.step_size:.3g}"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from .errors import ConfigError
 
-ATTACKS = ("apgd-ce", "apgd-dlr", "autoattack", "fgsm", "fgsm_rs", "nfgsm", "none", "pgd", "square")
+ATTACKS = ("apgd-ce", "apgd-ce-dlr", "apgd-dlr", "autoattack", "fgsm", "fgsm_rs", "nfgsm", "none", "pgd", "square")
 EVAL_ATTACKS = tuple(n for n in ATTACKS if n != "none")  # what `dat-ds eval --attacks` may name
 EVAL_PROTOCOLS = ("robustbench",)  # dat-ds eval --protocol
-EVAL_ONLY_ATTACKS = ("apgd-ce", "apgd-dlr", "autoattack", "square")  # torchattacks: no training use
+EVAL_ONLY_ATTACKS = ("apgd-ce", "apgd-ce-dlr", "apgd-dlr", "autoattack", "square")  # torchattacks: no training use
 OBJECTIVES = ("acl", "clean", "dat", "free", "madry", "mart", "trades")
 UNLABELED_OBJECTIVES = ("acl",)  # self-supervised: `dat-ds pretrain` needs one of these
 # Fast-AT options (docs/objectives.md): which attacks and objectives each one combines with.

@@ -108,6 +108,7 @@ def run_training(cfg: RunConfig, resume: str | None = None, overwrite: bool = Fa
     """Train ``cfg`` on this rank (every rank calls it), evaluating each epoch; returns the run's summary."""
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, allow_world_size_change=allow_world_size_change).setup()
     test_set, spec = build_dataset(cfg.data, "test")
+    log.info("data %s: %d test images", cfg.data.name, len(test_set))
     callbacks: list[Callback] = [EpochEvaluation(cfg, test_set, spec.classes)]
     if cfg.train.keep_best != "none":
         callbacks.append(BestCheckpoint(cfg, trainer.val_set))

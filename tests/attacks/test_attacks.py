@@ -28,8 +28,8 @@ from dat_ds.models import create_model
 
 # Cheap settings per attack so the registry-wide contract test stays fast.
 QUICK = {"pgd": dict(steps=3), "fgsm": {}, "fgsm_rs": {}, "nfgsm": {}, "apgd-ce": dict(apgd_steps=3),
-         "apgd-dlr": dict(apgd_steps=3), "square": dict(n_queries=20), "autoattack": dict(aa_steps=1, n_queries=10)}
-L2_ATTACKS = ("pgd", "fgsm", "fgsm_rs", "nfgsm", "apgd-ce", "apgd-dlr", "square", "autoattack")
+         "apgd-dlr": dict(apgd_steps=3), "apgd-ce-dlr": dict(steps=3), "square": dict(n_queries=20), "autoattack": dict(aa_steps=1, n_queries=10)}
+L2_ATTACKS = ("pgd", "fgsm", "fgsm_rs", "nfgsm", "apgd-ce", "apgd-dlr", "apgd-ce-dlr", "square", "autoattack")
 # How far from x an attack may go, in units of eps: N-FGSM is not projected (noise 2 eps + step eps).
 REACH = {"nfgsm": 3.0}
 
@@ -52,7 +52,8 @@ def _correct(model, x, y) -> torch.Tensor:
 
 
 def test_registry_lists_every_attack():
-    assert {"fgsm", "fgsm_rs", "pgd", "autoattack", "apgd-ce", "apgd-dlr", "square", "none"} <= set(ATTACKS.names())
+    assert {"fgsm", "fgsm_rs", "pgd", "autoattack", "apgd-ce", "apgd-dlr", "apgd-ce-dlr", "square", "none"} <= set(
+        ATTACKS.names())
     assert set(QUICK) == set(ATTACKS.names()) - {"none"}, "add QUICK settings for a new attack"
 
 

@@ -14,34 +14,9 @@ from pathlib import Path
 import pytest
 
 from dat_ds.core import names
-from tests.helpers import REPO
+from tests.helpers import GUARD, REPO, fast_cli
 
-HEAVY = ("torch", "deepspeed", "timm", "numpy", "torchvision", "torchattacks", "matplotlib", "datasets")
-
-# Runs `dat-ds ARGV` with heavy imports and process starts forbidden; reports what it loaded.
-GUARD = f"""
-import importlib.abc, subprocess, sys
-HEAVY = {HEAVY!r}
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in HEAVY:
-            raise ImportError(f"the fast path imported {{name}}")
-sys.meta_path.insert(0, Block())
-def no_process(*a, **k):
-    raise AssertionError(f"the fast path started a process: {{a[0] if a else k}}")
-subprocess.Popen = subprocess.call = subprocess.run = no_process
-from dat_ds.cli import main
-code = main(sys.argv[1:])
-sys.exit(code)
-"""
 EVAL_CHOICES = ", ".join(n for n in names.ATTACKS if n != "none")
-
-
-def fast_cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("DAT_DS_VERBOSE", None)
-    return subprocess.run([sys.executable, "-c", GUARD, *argv], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=60)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["demo", "--help"],

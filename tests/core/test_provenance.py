@@ -40,6 +40,7 @@ def test_a_run_says_what_it_trains_on_where_its_outputs_go_and_records_its_comma
     assert cli.main(argv) == 0
     run = tmp_path / "r"
     assert "data fashion-mnist: 64 training images, 10 classes, 1x28x28" in dat_ds_log.text
+    assert "data fashion-mnist: 2000 test images" in dat_ds_log.text
     assert f"outputs in {run}" in dat_ds_log.text  # at the start and at the end
     assert os.environ.get(COMMAND_ENV) is None  # the command's own, not left for the next one
     summary = json.loads((run / "summary.json").read_text())
