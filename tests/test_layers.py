@@ -1,4 +1,4 @@
-"""The house has layers and every import points down (README, "## Layout"): this test is the guard.
+"""The house has layers and every import points down (docs/development.md, "Layout"): this test is the guard.
 
 Every module of ``dat_ds`` is parsed (imports inside functions count too: a lazy import is still a
 dependency) and each import is checked against the layer table below. Peers in one layer may import
