@@ -200,6 +200,21 @@ def hashes(folder: Path) -> dict[str, str]:
             for p in sorted(Path(folder).rglob("*"))}
 
 
+def write_committed_tag(folder: Path, files: dict[str, bytes], *, hashed: bool = True, tag: str = "step000000001",
+                        global_step: int = 1) -> Path:
+    """``folder/tag``: a committed checkpoint folder (torch-free) whose complete.json records ``files``, their sizes
+    and (unless ``hashed`` is False, as before dat-ds recorded hashes) their SHA-256."""
+    tag_dir = Path(folder) / tag
+    tag_dir.mkdir(parents=True)
+    for name, data in files.items():
+        (tag_dir / name).write_bytes(data)
+    mark = {"tag": tag, "global_step": global_step, "epoch": 0, "files": {k: len(v) for k, v in files.items()}}
+    if hashed:
+        mark["sha256"] = {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
+    (tag_dir / "complete.json").write_text(json.dumps(mark))
+    return tag_dir
+
+
 class Crash(Exception):
     """Stands in for a node dying (right after a checkpoint was committed, or while a run starts)."""
 

@@ -77,11 +77,14 @@ def _train(args: argparse.Namespace, argv: list[str], *, needs_unlabeled_objecti
     forwarded = strip_launch_args(argv)
     if request.config:
         forwarded = _replace_value(forwarded, ("--config", "--recipe"), request.config)
+    from ..runtime.checkpoint import damage_named_env  # torch: the preflight has loaded it
+
     started = time.time()
     try:
         return launch(TRAIN_MODULE, forwarded, nproc=args.nproc, hostfile=args.hostfile,
                       master_port=args.master_port, checkpoint_root=cfg.run_dir / "checkpoint",
-                      env={DECODED_ENV: socket.gethostname()})  # this preflight decoded the images: ranks here skip it
+                      # this preflight decoded the images and named any damaged checkpoint: ranks here do neither again
+                      env={DECODED_ENV: socket.gethostname(), **damage_named_env()})
     except BaseException:  # a rank failed or the run was interrupted; on one node every rank is gone now
         if not args.hostfile:  # rank 0 owns the lock; if it died without cleaning up, clean up after it
             dead = runlock.clear_dead(cfg.run_dir, started)
@@ -215,7 +218,8 @@ def _load_extensions() -> None:
     """Subcommands defined in sibling modules register themselves on import (argparse only, no torch)."""
     import importlib
 
-    for mod in ("dat_ds.cli.eval", "dat_ds.cli.bench", "dat_ds.cli.ssl", "dat_ds.cli.export", "dat_ds.cli.tune"):
+    for mod in ("dat_ds.cli.eval", "dat_ds.cli.bench", "dat_ds.cli.ssl", "dat_ds.cli.export", "dat_ds.cli.tune",
+                "dat_ds.cli.verify"):
         importlib.import_module(mod)
 
 

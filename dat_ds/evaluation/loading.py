@@ -5,7 +5,7 @@ all come through :func:`load_run`:
 
 1. find the tag (a run folder, its ``checkpoint/`` folder or one tag folder; default the run's ``best`` checkpoint
    where ``train.keep_best`` kept one, else the newest complete one);
-2. verify it (``checkpoint.verify_tag``: recorded sizes, then the restricted unpickler on every file), so
+2. verify it (``checkpoint.verify_tag``: recorded sizes and SHA-256 hashes, then the restricted unpickler on every file), so
    nothing loaded here can run code, and read the model states with ``weights_only=True``;
 3. build the model the objective trained: ``create_model`` from the run config, then the objective's
    ``prepare_model`` (``acl``: the contrastive encoder + projection head);

@@ -6,7 +6,8 @@ Layout of ``<run>/checkpoint/``::
     <tag>/rank_state_<r>.pt  per-rank RNG states (torch, accelerator, numpy, python, attack generator) and
                              the compressing optimizer's per-rank state (error feedback, 0/1 Adam local
                              steps, the quantizer's step counter): DeepSpeed keeps rank 0's optimizer only
-    <tag>/complete.json      the commit mark: step, epoch, world size, what the weights fit, file sizes
+    <tag>/complete.json      the commit mark: step, epoch, world size, what the weights fit, every file's size
+                             and SHA-256 (``core.integrity``)
     latest                   the newest complete tag, replaced atomically after the tag is committed
     best                     ``train.keep_best``: the tag with the best validation robust accuracy; pruning
                              (``train.keep_last``) never removes it, eval and export load it by default
@@ -17,6 +18,12 @@ A crash mid-save therefore leaves only a ``.tmp-*`` folder, which is never resum
 fails (a full disk: ``DiskFullError``) fails the save on every rank together, removes ``.tmp-<tag>/``
 and leaves the committed tags and ``latest`` as they were.
 
+Each rank hashes (SHA-256) the files it wrote right after writing them; rank 0 gathers the hashes into
+``complete.json`` (it reads back only the few small files written outside DeepSpeed's checkpoint engine).
+Before a resume loads a tag, its files are checked against those sizes and hashes: a damaged one (a flipped
+byte, a truncated file) is skipped by ``--resume auto`` with one warning naming the file, and the previous
+intact tag is used. ``dat-ds verify RUN`` runs the same check over a whole run without torch.
+
 Loading is guarded: DeepSpeed unpickles its files with ``weights_only=False``, so before it does,
 every ``.pt`` file of the tag is opened with ``torch.load(weights_only=True)`` (a restricted
 unpickler that cannot call arbitrary code); a file that needs anything else is refused.
@@ -24,12 +31,14 @@ unpickler that cannot call arbitrary code); a file that needs anything else is r
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,8 +46,9 @@ import numpy as np
 import torch
 
 from ..comm.protocol import CommunicatingOptimizer
-from ..core import dist, stop
+from ..core import dist, integrity, stop
 from ..core.errors import ConfigError, DiskFullError
+from ..core.integrity import COMPLETE, TMP_PREFIX, complete_tags, read_complete
 from ..core.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -51,12 +61,13 @@ from ..core.io import (
 from . import ds_adapter
 
 log = logging.getLogger(__name__)
-COMPLETE = "complete.json"
 BEST = "best"  # pointer file: the tag train.keep_best selected
-TMP_PREFIX = ".tmp-"
 # Config keys whose change makes the saved tensors unusable: checked before DeepSpeed sees the files.
 MUST_MATCH = (("model", "name"), ("data", "name"))
 OPTIMIZER_LOCAL = "optimizer_local"  # key of comm.rank_local_state() in rank_state_<r>.pt
+# The damaged tags a launching ``dat-ds`` process has warned about (JSON list of paths): its ranks, which check
+# the same checkpoints again, say it at debug level only, so a damaged checkpoint gets one warning per command.
+DAMAGE_NAMED_ENV = "DAT_DS_DAMAGE_NAMED"
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -164,25 +175,41 @@ def save(engine, root: Path, tag: str, *, client_state: dict[str, Any], rank_sta
     buf = io.BytesIO()
     torch.save(rank_state, buf)
     rank_file = tmp_dir / f"rank_state_{dist.rank()}.pt"
-    writes.run(lambda: atomic_write_bytes(rank_file, buf.getvalue()), size=lambda: buf.getbuffer().nbytes)
+    if not writes.run(lambda: atomic_write_bytes(rank_file, buf.getvalue()), size=lambda: buf.getbuffer().nbytes):
+        writes.hashed(rank_file, buf.getbuffer())  # the bytes just written, still in memory
     _agree(writes, root, tag)  # every rank's files are on disk before the commit
+    # each rank's hashes of the files it wrote, relative to the tag folder (small: a name and 64 hex per file)
+    hashed = dist.all_gather_object((writes.relative_sha256(tmp_dir), writes.hash_seconds))
     if dist.is_main_process():
         mark = {"tag": tag, "global_step": client_state["global_step"], "epoch": client_state["epoch"],
                 "step_in_epoch": client_state.get("step_in_epoch"), "world_size": dist.world_size(),
                 "fits": checkpoint_meta(client_state.get("config"), client_state.get("ds_config"))}
-        writes.run(lambda: _commit(root, tag, mark, best), size=lambda: 1024)  # complete.json, latest: about 1 KB
+        sha256 = {name: digest for rank_hashes, _ in hashed for name, digest in rank_hashes.items()}
+        slowest = max(seconds for _, seconds in hashed)
+        writes.run(lambda: _commit(root, tag, mark, best, sha256, slowest), size=lambda: 1024)  # complete.json, latest: ~1 KB
         if writes.error is None:
             _prune(root, keep_last, keep=tag)
     _agree(writes, root, tag)  # the other ranks go on once the commit stands (or all raise)
     return root / tag
 
 
-def _commit(root: Path, tag: str, mark: dict[str, Any], best: bool = False) -> None:
+def _commit(root: Path, tag: str, mark: dict[str, Any], best: bool = False,
+            sha256: dict[str, str] | None = None, hash_seconds: float = 0.0) -> None:
     """Rank 0: ``complete.json``, the rename (the commit), then ``latest`` (and ``best``). If any of it fails the
-    rename is undone, so the committed tags and ``latest`` are what they were before the save."""
+    rename is undone, so the committed tags and ``latest`` are what they were before the save.
+
+    ``sha256``: the ranks' hashes of the files they wrote (by name in the tag folder); a file without one (written
+    outside DeepSpeed's checkpoint engine, e.g. ZeRO's recovery script) is hashed here. ``hash_seconds``: the
+    slowest rank's hashing time, logged with rank 0's own when the two exceed ``integrity.SLOW_HASH_S``."""
     tmp_dir, tag_dir, old = root / (TMP_PREFIX + tag), root / tag, root / f"{TMP_PREFIX}old-{tag}"
     files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
-    atomic_write_json(tmp_dir / COMPLETE, {**mark, "files": files})
+    t0 = time.perf_counter()
+    digests = {name: (sha256 or {}).get(name) or integrity.sha256_file(tmp_dir / name) for name in files}
+    hash_seconds += time.perf_counter() - t0
+    if hash_seconds > integrity.SLOW_HASH_S:
+        log.info("checkpoint %s: hashing its %d files (%s MB) took %.1f s", tag, len(files),
+                 megabytes(sum(files.values())), hash_seconds)
+    atomic_write_json(tmp_dir / COMPLETE, {**mark, "files": files, "sha256": digests})
     moved_old = renamed = False
     # A signal waits for the end (stop.held): one that came after the rename would otherwise undo a commit
     # that was complete, and a run stopped there would lose the checkpoint it had just written.
@@ -214,6 +241,31 @@ class _RankWrites:
     def __init__(self) -> None:
         self.error: BaseException | None = None
         self.unwritten = 0  # bytes the failed and skipped writes still needed
+        self.sha256: dict[str, str] = {}  # path -> SHA-256 of each file this rank wrote
+        self.hash_seconds = 0.0
+
+    def hashed(self, path: str | Path, data: memoryview | None = None) -> None:
+        """Record the SHA-256 of ``path``, which this rank has just written: of ``data`` (its bytes, where they
+        are still in memory), else read back in 1 MiB chunks while the file is in the page cache. Skipped once
+        a write failed (the save fails anyway); a file that cannot be read back fails the save like a write."""
+        if self.error is not None:
+            return
+
+        def record() -> None:
+            self.sha256[str(path)] = hashlib.sha256(data).hexdigest() if data is not None else integrity.sha256_file(path)
+
+        t0 = time.perf_counter()
+        self.run(record)
+        self.hash_seconds += time.perf_counter() - t0
+
+    def relative_sha256(self, folder: Path) -> dict[str, str]:
+        """The hashes of the files under ``folder``, by their name relative to it."""
+        out = {}
+        for path, digest in self.sha256.items():
+            rel = os.path.relpath(path, folder)
+            if not rel.startswith(os.pardir):
+                out[Path(rel).as_posix()] = digest
+        return out
 
     def run(self, write: Callable[[], Any], path: str | Path | None = None,
             size: Callable[[], int] = lambda: 0) -> bool:
@@ -243,7 +295,10 @@ class _GuardedCheckpointEngine:
         self._inner, self._writes = inner, writes
 
     def save(self, state_dict, path: str) -> None:
-        self._writes.run(lambda: self._save(state_dict, path), path, lambda: _tensor_bytes(state_dict))
+        failed = self._writes.run(lambda: self._save(state_dict, path), path, lambda: _tensor_bytes(state_dict))
+        if not failed and ds_adapter.is_torch_checkpoint_engine(self._inner):
+            # written and fsynced above; another engine may still be writing it (async): rank 0 hashes those
+            self._writes.hashed(path)
 
     def _save(self, state_dict, path: str) -> None:
         if not ds_adapter.is_torch_checkpoint_engine(self._inner):
@@ -333,31 +388,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_complete(tag_dir: Path) -> dict[str, Any] | None:
-    try:
-        mark = json.loads((Path(tag_dir) / COMPLETE).read_text())
-        int(mark["global_step"])
-        return mark
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def complete_tags(root: Path) -> list[tuple[int, str]]:
-    """Committed tags as ``(global_step, tag)``, oldest first."""
-    out = []
-    root = Path(root)
-    for d in root.iterdir() if root.is_dir() else []:
-        if not d.is_dir() or d.name.startswith(TMP_PREFIX) or not (d / COMPLETE).is_file():
-            continue
-        mark = read_complete(d)
-        if mark is None:
-            log.warning("checkpoint %s has an unreadable %s; skipping it", d, COMPLETE)
-            continue
-        # epoch tags sort after step tags of the same global step: they also hold the epoch's eval
-        out.append((int(mark["global_step"]), int(d.name.startswith("epoch")), d.name))
-    return [(step, tag) for step, _, tag in sorted(out)]
-
-
 def best_tag(root: Path) -> str | None:
     """The tag ``best`` names (``train.keep_best``) if that checkpoint is complete, else None."""
     try:
@@ -404,7 +434,8 @@ def _deepspeed_safe_globals() -> list[Any]:
 
 
 class CorruptCheckpoint(Exception):
-    """A file of the checkpoint is truncated or unreadable (as opposed to unsafe)."""
+    """A file of the checkpoint is damaged (size or SHA-256 not as committed), truncated or unreadable (as
+    opposed to unsafe); the message names the file."""
 
 
 def verify_file(path: Path) -> None:
@@ -434,23 +465,21 @@ def verify_file(path: Path) -> None:
 
 
 def verify_tag(root: Path, tag: str) -> None:
-    """Check a committed tag's files (sizes recorded at commit time, then the restricted unpickler)."""
+    """Check a committed tag's files: the sizes and SHA-256 hashes recorded at commit time (sizes only for a
+    tag committed before hashes were recorded; ``core.integrity.check_tag``), then the restricted unpickler."""
     tag_dir = Path(root) / tag
-    mark = read_complete(tag_dir)
-    if mark is None:
+    if read_complete(tag_dir) is None:
         raise CorruptCheckpoint(f"{tag_dir} has no readable {COMPLETE}")
-    for name, size in (mark.get("files") or {}).items():
-        p = tag_dir / name
-        if name == COMPLETE:
-            continue
-        if not p.is_file() or p.stat().st_size != size:
-            raise CorruptCheckpoint(f"{p} is missing or has the wrong size (want {size} bytes)")
-    files = sorted(tag_dir.rglob("*.pt"))
+    files = sorted(p for p in tag_dir.rglob("*") if p.is_file())
     key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    if key in _VERIFIED:  # preflight, then the trainer: unpickle each file once per process
+    if key in _VERIFIED:  # preflight, then the trainer, then load: hash and unpickle each file once per process
         return
+    damage = integrity.check_tag(tag_dir).damage
+    if damage:
+        raise CorruptCheckpoint("; ".join(str(d) for d in damage))
     for p in files:
-        verify_file(p)
+        if p.suffix == ".pt":
+            verify_file(p)
     _VERIFIED.add(key)
 
 
@@ -505,8 +534,24 @@ def find_resume_tag(root: Path, verify: bool = True) -> str | None:
             verify_tag(root, tag)
             return tag
         except CorruptCheckpoint as e:
-            log.warning("skipping corrupt checkpoint %s: %s", root / tag, e)
+            _warn_damaged(root / tag, e)
     return None
+
+
+_NAMED: set[str] = set()  # damaged tag folders this process has warned about
+
+
+def _warn_damaged(tag_dir: Path, error: CorruptCheckpoint) -> None:
+    """One warning per damaged tag and command: the preflight, the trainer and every rank check it again."""
+    name = str(Path(tag_dir).resolve())
+    said = name in _NAMED or name in json.loads(os.environ.get(DAMAGE_NAMED_ENV) or "[]")
+    (log.debug if said else log.warning)("skipping corrupt checkpoint %s: %s; trying the one before it", tag_dir, error)
+    _NAMED.add(name)
+
+
+def damage_named_env() -> dict[str, str]:
+    """For the ranks a launching process starts: the damaged tags it has warned about (``DAMAGE_NAMED_ENV``)."""
+    return {DAMAGE_NAMED_ENV: json.dumps(sorted(_NAMED))} if _NAMED else {}
 
 
 def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:

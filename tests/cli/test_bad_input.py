@@ -424,9 +424,24 @@ def _exported(t: Path, *names: str) -> list[str]:
     return ["export", "--run", str(t / "runs" / "run"), "--out", str(t / "export" / "model.safetensors")]
 
 
+def _uncommitted_run(t: Path) -> list[str]:
+    """A run whose only save never reached its commit (a ``.tmp-*`` folder)."""
+    (t / "runs" / "run" / "checkpoint" / ".tmp-step000000004").mkdir(parents=True)
+    return ["verify", str(t / "runs" / "run")]
+
+
+VERIFY_FIX = "give a run folder such as runs/demo, its checkpoint/ folder or one checkpoint folder in it"
+
 # Commands other than train: (id, fn(tmp) -> the whole argv, expected line); same assertions, and the
 # export folder must be untouched too.
 COMMAND_CASES = [
+    ("verify-missing-run", lambda t: ["verify", str(t / "runs" / "none")], f"'{{tmp}}/runs/none' does not exist; {VERIFY_FIX}"),
+    ("verify-a-file", lambda t: ["verify", str(ds_file(t))], f"'{{tmp}}/bad_ds.json' is not a folder; {VERIFY_FIX}"),
+    ("verify-not-a-run", lambda t: ["verify", str(t)],
+     f"'{{tmp}}' is not a run: it has no checkpoint/ folder and no complete.json; {VERIFY_FIX}"),
+    ("verify-nothing-committed", _uncommitted_run,
+     "'{tmp}/runs/run' has no committed checkpoint yet (none in checkpoint/ has its complete.json); verify it once a "
+     "save has committed"),
     ("export-weights-exist", lambda t: _exported(t, "model.safetensors"),
      "'{tmp}/export/model.safetensors' already exists; pass --force to replace it, or choose another --out"),
     ("export-meta-exists", lambda t: _exported(t, "model.json"),

@@ -5,6 +5,7 @@ starting a process fails, so each case also proves that no rank was started.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dat_ds.core import names
-from tests.helpers import GUARD, REPO, fast_cli
+from tests.helpers import GUARD, REPO, fast_cli, write_committed_tag
 
 EVAL_CHOICES = ", ".join(n for n in names.ATTACKS if n != "none")
 
@@ -22,7 +23,7 @@ EVAL_CHOICES = ", ".join(n for n in names.ATTACKS if n != "none")
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["demo", "--help"],
                                   ["pretrain", "--help"], ["finetune", "--help"], ["pseudo-label", "--help"],
                                   ["export", "--help"], ["bench", "--help"], ["bench", "step", "--help"],
-                                  ["bench", "engine", "--help"], ["tune", "--help"]], ids=" ".join)
+                                  ["bench", "engine", "--help"], ["tune", "--help"], ["verify", "--help"]], ids=" ".join)
 def test_help_imports_no_torch(tmp_path, argv):
     proc = fast_cli(tmp_path, *argv)
     assert proc.returncode == 0, proc.stderr
@@ -128,6 +129,9 @@ CASES = [
      "--out 'tuned.yaml' must end in .json"),
     ("bench-vs-without-a", lambda t: ["bench", "engine", "--vs", "zero0_fp32"],
      "bench engine compares two JSONs with both --deepspeed_config A and --vs B"),
+    ("verify-missing-run", lambda t: ["verify", "runs/none"],
+     "'runs/none' does not exist; give a run folder such as runs/demo, its checkpoint/ folder or one checkpoint "
+     "folder in it"),
 ]
 
 
@@ -138,6 +142,29 @@ def test_input_error_is_one_line_without_torch_or_ranks(tmp_path, case_id, argv,
     assert proc.stderr.splitlines() == ["error: " + expected], proc.stderr
     assert proc.stdout == ""
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_verify_checks_a_run_without_torch(tmp_path):
+    """``dat-ds verify``: one line per committed checkpoint, exit 0 when all are intact, 1 when one is damaged
+    (here a flipped byte: same size, another SHA-256); hashlib only, no torch."""
+    root = tmp_path / "runs" / "r" / "checkpoint"
+    old = write_committed_tag(root, {"model.pt": b"w" * 3000, "rank_state_0.pt": b"r" * 10}, global_step=4,
+                              tag="step000000004")
+    new = write_committed_tag(root, {"model.pt": b"v" * 3000}, global_step=8, tag="step000000008")
+    (root / ".tmp-step000000012").mkdir()  # an unfinished save is not a checkpoint: not listed
+    proc = fast_cli(tmp_path, "verify", "runs/r")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.splitlines() == ["runs/r/checkpoint/step000000004: ok (2 files, sha256)",
+                                        "runs/r/checkpoint/step000000008: ok (1 files, sha256)"]
+    (new / "model.pt").write_bytes(b"v" * 1500 + b"w" + b"v" * 1499)
+    proc = fast_cli(tmp_path, "verify", "runs/r")
+    recorded, actual = (hashlib.sha256(b).hexdigest()[:16] for b in (b"v" * 3000, b"v" * 1500 + b"w" + b"v" * 1499))
+    assert (proc.returncode, proc.stderr) == (1, "")
+    assert proc.stdout.splitlines() == [
+        "runs/r/checkpoint/step000000004: ok (2 files, sha256)",
+        f"runs/r/checkpoint/step000000008: damaged: model.pt has sha256 {actual}..., complete.json recorded {recorded}..."]
+    proc = fast_cli(tmp_path, "verify", str(old))  # one checkpoint folder
+    assert (proc.returncode, proc.stdout) == (0, f"{old}: ok (2 files, sha256)\n")
 
 
 # ----------------------------------------------------------------------------- the benchmarks are not in the wheel

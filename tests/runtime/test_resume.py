@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -20,6 +21,7 @@ from tests.helpers import (
     Crash,
     assert_identical,
     crash_after_save,
+    hashes,
     launch_two_rank_train,
     model_state,
     rank_process,
@@ -48,6 +50,10 @@ def test_tags_and_commit_marks(reference):
     mark = checkpoint.read_complete(root / "step000000004")
     assert mark["fits"] == {"model.name": "tiny_cnn", "data.name": "fashion-mnist", "optimizer": "AdamW", "zero_stage": 0}
     assert mark["step_in_epoch"] == 4 and mark["epoch"] == 0
+    for _, tag in checkpoint.complete_tags(root):  # every file's SHA-256, as the ranks hashed it while saving
+        mark = checkpoint.read_complete(root / tag)
+        assert mark["sha256"] == {k: v for k, v in hashes(root / tag).items() if k != checkpoint.COMPLETE}
+        assert mark["sha256"].keys() == mark["files"].keys()
 
 
 def test_crash_mid_epoch_then_resume_auto_is_bit_identical(reference, caplog):
@@ -77,6 +83,67 @@ def test_crash_mid_epoch_then_resume_auto_is_bit_identical(reference, caplog):
     ref_root = folder / "runs" / "ref" / "checkpoint"
     for tag in ("step000000008", "epoch0001"):
         assert_identical(model_state(ref_root / tag), model_state(root / tag))
+
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def test_a_flipped_byte_is_skipped_by_resume_auto_and_named_by_verify(reference, dat_ds_log, capsys):
+    """One byte flipped in the newest checkpoint's model file: its size is as recorded and it still unpickles,
+    so only the SHA-256 in complete.json tells. ``dat-ds verify`` names the file (exit 1); ``--resume auto``
+    warns once, naming it, and resumes from the tag before, ending bit-identical to the uninterrupted run."""
+    folder, ds = reference
+    run = folder / "runs" / "flip"
+    shutil.copytree(folder / "runs" / "ref", run)
+    root = run / "checkpoint"
+    damaged = root / "epoch0001" / MODEL_STATES
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    damaged.write_bytes(data)
+    recorded = checkpoint.read_complete(root / "epoch0001")["sha256"][MODEL_STATES]
+
+    capsys.readouterr()
+    assert cli.main(["verify", str(run)]) == 1
+    tags = [t for _, t in checkpoint.complete_tags(root)]
+    files = {t: len(checkpoint.read_complete(root / t)["files"]) for t in tags}
+    assert capsys.readouterr().out.splitlines() == [
+        f"{root / t}: ok ({files[t]} files, sha256)" if t != "epoch0001" else
+        f"{root / t}: damaged: {MODEL_STATES} has sha256 {hashlib.sha256(data).hexdigest()[:16]}..., "
+        f"complete.json recorded {recorded[:16]}..." for t in tags]
+
+    dat_ds_log.set_level(logging.INFO)
+    assert cli.main(["train", *tiny_args(folder / "runs", "flip", ds), "--resume", "auto"]) == 0
+    warnings = [r.getMessage() for r in dat_ds_log.records if r.levelno >= logging.WARNING]
+    assert [w for w in warnings if "checkpoint" in w] == [  # the preflight and the trainer both checked it
+        f"skipping corrupt checkpoint {root / 'epoch0001'}: {MODEL_STATES} has sha256 "
+        f"{hashlib.sha256(data).hexdigest()[:16]}..., complete.json recorded {recorded[:16]}...; trying the one before it"]
+    assert f"resumed from {root / 'step000000008'}: epoch 1, step 2 of the epoch, global step 8" in dat_ds_log.text
+    ref_root = folder / "runs" / "ref" / "checkpoint"
+    assert_identical(model_state(ref_root / "epoch0001"), model_state(root / "epoch0001"))  # saved again, whole
+    assert cli.main(["verify", str(run)]) == 0
+
+
+def test_a_checkpoint_without_hashes_is_checked_by_size(reference, capsys, monkeypatch, dat_ds_log):
+    """A complete.json written before hashes were recorded: still resumable (sizes checked, one debug line)."""
+    from dat_ds.core import integrity
+
+    folder, _ = reference
+    root = folder / "runs" / "old" / "checkpoint"
+    shutil.copytree(folder / "runs" / "ref" / "checkpoint" / "step000000004", root / "step000000004")
+    mark = checkpoint.read_complete(root / "step000000004")
+    del mark["sha256"]
+    (root / "step000000004" / checkpoint.COMPLETE).write_text(json.dumps(mark))
+    monkeypatch.setattr(integrity, "_SAID_SIZE_ONLY", False)
+    dat_ds_log.set_level(logging.DEBUG)
+    assert checkpoint.resolve_resume("auto", root.parent) == (root, "step000000004")
+    assert checkpoint.resolve_resume("auto", root.parent) == (root, "step000000004")
+    said = [r for r in dat_ds_log.records if "checked by size" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.DEBUG]
+    assert not [r for r in dat_ds_log.records if r.levelno >= logging.WARNING]
+    assert cli.main(["verify", str(root.parent)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{root / 'step000000004'}: ok ({len(mark['files'])} files, sizes only: its complete.json predates "
+        "recorded hashes)"]
 
 
 def test_resume_with_another_model_is_one_line(reference, capsys):
