@@ -77,11 +77,15 @@ def _train(args: argparse.Namespace, argv: list[str], *, needs_unlabeled_objecti
     forwarded = strip_launch_args(argv)
     if request.config:
         forwarded = _replace_value(forwarded, ("--config", "--recipe"), request.config)
+    from ..core.stop import signal_numbers
+
+    stop_signals = signal_numbers(cfg.train.stop_signals) if cfg.train.save_on_signal else frozenset()
     started = time.time()
     try:
         return launch(TRAIN_MODULE, forwarded, nproc=args.nproc, hostfile=args.hostfile,
                       master_port=args.master_port, checkpoint_root=cfg.run_dir / "checkpoint",
-                      env={DECODED_ENV: socket.gethostname()})  # this preflight decoded the images: ranks here skip it
+                      env={DECODED_ENV: socket.gethostname()},  # this preflight decoded the images: ranks here skip it
+                      stop_signals=stop_signals)  # SIGUSR1 ...: passed on to the ranks, which save, then stop
     except BaseException:  # a rank failed or the run was interrupted; on one node every rank is gone now
         if not args.hostfile:  # rank 0 owns the lock; if it died without cleaning up, clean up after it
             dead = runlock.clear_dead(cfg.run_dir, started)
