@@ -77,14 +77,17 @@ def _train(args: argparse.Namespace, argv: list[str], *, needs_unlabeled_objecti
     forwarded = strip_launch_args(argv)
     if request.config:
         forwarded = _replace_value(forwarded, ("--config", "--recipe"), request.config)
+    from ..core.stop import signal_numbers
     from ..runtime.checkpoint import damage_named_env  # torch: the preflight has loaded it
 
+    stop_signals = signal_numbers(cfg.train.stop_signals) if cfg.train.save_on_signal else frozenset()
     started = time.time()
     try:
         return launch(TRAIN_MODULE, forwarded, nproc=args.nproc, hostfile=args.hostfile,
                       master_port=args.master_port, checkpoint_root=cfg.run_dir / "checkpoint",
                       # this preflight decoded the images and named any damaged checkpoint: ranks here do neither again
-                      env={DECODED_ENV: socket.gethostname(), **damage_named_env()})
+                      env={DECODED_ENV: socket.gethostname(), **damage_named_env()},
+                      stop_signals=stop_signals)  # SIGUSR1 ...: passed on to the ranks, which save, then stop
     except BaseException:  # a rank failed or the run was interrupted; on one node every rank is gone now
         if not args.hostfile:  # rank 0 owns the lock; if it died without cleaning up, clean up after it
             dead = runlock.clear_dead(cfg.run_dir, started)

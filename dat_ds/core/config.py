@@ -152,12 +152,30 @@ class TrainConfig(Section):
     save_every_steps: Int = Field(0, ge=0)  # mid-epoch checkpoints every N steps (0: per epoch only)
     keep_last: Positive = 3  # checkpoints kept on disk
     nan_policy: Literal["abort", "skip"] = "abort"  # what a non-finite loss or gradient does
-    save_on_signal: Bool = False  # SIGTERM/SIGINT: end the step, write a final checkpoint if it fits the grace period
+    save_on_signal: Bool = False  # a stop signal: end the step, write a final checkpoint if it fits the grace period
+    # the signals save_on_signal acts on (exit 128 + the signal: 143 TERM, 130 INT, 138 USR1, 140 USR2); an
+    # unlisted one keeps its default (TERM/INT: stop at once; USR1/USR2: the process dies, no final save)
+    stop_signals: tuple[Literal[names.STOP_SIGNALS], ...] = ("SIGTERM", "SIGINT")
     keep_best: Literal[names.KEEP_BEST] = "none"  # robust: keep the checkpoint with the best PGD accuracy on validation
     # keep_best=robust: training examples held out (seeded) as that validation split
     val_examples: Positive = Field(1000, **fix(" (the validation split of keep_best)"))
     tf32: Bool = True  # CUDA: TF32 tensor cores for fp32 matmuls/convolutions (Ampere+; 10-bit mantissa, fp32 range)
     deterministic: Bool = False  # CUDA: deterministic kernels, no cuDNN autotuning: bit-exact resumes, at a speed cost
+
+    @model_validator(mode="after")
+    def _stop_signals(self) -> TrainConfig:
+        listed, given = set(self.stop_signals), f"train.stop_signals=[{', '.join(self.stop_signals)}]"
+        if not listed:
+            raise ConfigError(f"train.stop_signals is empty; list one or more of {', '.join(names.STOP_SIGNALS)}, "
+                              "e.g. [SIGUSR1]")
+        if listed != {"SIGTERM", "SIGINT"} and not self.save_on_signal:
+            raise ConfigError(f"{given} needs train.save_on_signal=true (without it every signal stops the run at "
+                              "once and SIGUSR1/SIGUSR2 kill it)")
+        if len(listed & {"SIGTERM", "SIGINT"}) == 1:  # launch() passes Ctrl-C on as SIGTERM, as DeepSpeed does
+            one, other = ("SIGTERM", "SIGINT") if "SIGTERM" in listed else ("SIGINT", "SIGTERM")
+            raise ConfigError(f"{given} lists {one} without {other}: a launched run's ranks get Ctrl-C as SIGTERM, "
+                              "so list both or neither")
+        return self
 
 
 class MonitorConfig(Section):

@@ -37,7 +37,7 @@ class Interrupted(Exception):
     def __init__(self, signum: int, line: str):
         super().__init__(line)
         self.signum = signum
-        self.code = 128 + signum  # what a shell reports for a process the signal ended: 143 TERM, 130 INT
+        self.code = 128 + signum  # what a shell reports for a process the signal ended: 143 TERM, 130 INT, 138 USR1
 
 
 EXIT_OK = 0

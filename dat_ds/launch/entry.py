@@ -26,7 +26,7 @@ from ..core.errors import (
 )
 from ..core.stop import Stopped
 from .launcher import Interrupted, RankFailure
-from .status import STATUS_ENV, TERMINATED, install_sigterm_status, watch_cli, write_rank_status
+from .status import STATUS_ENV, TERMINATED, install_signal_status, watch_cli, write_rank_status
 
 
 def _is_rank() -> bool:
@@ -43,7 +43,7 @@ def _say(message: str, *, every_rank_sees_it: bool) -> None:
 
 def run_entry(main: Callable[[], Any]) -> int:
     """Run ``main()`` and return the process exit code; see the module docstring."""
-    install_sigterm_status()
+    install_signal_status()
     watch_cli()
     try:
         rc = main()

@@ -11,11 +11,12 @@ Devices: on GPUs the ranks use the devices this process may use, as the user or 
 (CUDA_VISIBLE_DEVICES=4,5: GPUs 4 and 5, not DeepSpeed's 0 and 1): ``device_flags``.
 
 Signals: the launcher starts in its own session, so a terminal's Ctrl-C reaches this process only.
-SIGTERM/SIGINT here are forwarded to the launcher's whole process group (the DeepSpeed launcher and
-every rank), every process of the run is waited for with a bound (then SIGKILLed), and ``Interrupted``
-is raised: exit code 128 + signal, one line naming the last complete checkpoint. The ranks also get this
-process's PID (``DAT_DS_CLI_PID``) and exit within about a second once it is gone, so a SIGKILLed
-``dat-ds`` leaves nothing running either (``status.watch_cli``).
+SIGTERM/SIGINT here are forwarded (as SIGTERM) to the launcher's whole process group (the DeepSpeed launcher
+and every rank), and so are the run's ``stop_signals`` (SIGUSR1/SIGUSR2 of ``train.stop_signals``, as they
+are); every process of the run is waited for with a bound (then SIGKILLed), and ``Interrupted`` is raised:
+exit code 128 + signal (143 TERM, 130 INT, 138 USR1), one line naming the last complete checkpoint. The
+ranks also get this process's PID (``DAT_DS_CLI_PID``) and exit within about a second once it is gone, so a
+SIGKILLed ``dat-ds`` leaves nothing running either (``status.watch_cli``).
 """
 
 from __future__ import annotations
@@ -141,11 +142,14 @@ class NodeLaunch:
 
 def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = None, master_port: int | None = None,
            env: dict[str, str] | None = None, checkpoint_root: str | Path | None = None,
-           node: NodeLaunch | None = None) -> int:
+           node: NodeLaunch | None = None, stop_signals: frozenset[int] = frozenset()) -> int:
     """Start ``python -m module argv`` on ``nproc`` ranks per node; returns 0 or raises ``RankFailure``.
 
     ``checkpoint_root``: a training run's checkpoint folder, named in the line ``Interrupted`` carries.
     ``node``: start only one node's ranks (needs ``hostfile`` and ``master_port``, the same on every node).
+    ``stop_signals``: signals besides SIGTERM/SIGINT that stop the run too (``train.stop_signals``: SIGUSR1 ...);
+    passed on as they are, since the ranks act on them (a final save), except to an ssh launch's remote
+    hosts, which DeepSpeed's multi-node runner passes SIGTERM only (they get SIGTERM).
     """
     world_size_of(nproc, hostfile)
     if node is not None and (not hostfile or master_port is None):
@@ -161,9 +165,12 @@ def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = N
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     child_env[GRACE_ENV] = str(STOP_GRACE_S)  # train.save_on_signal: a final save must fit before the SIGKILL
+    passed = {s: signal.SIGTERM for s in FORWARDED_SIGNALS}  # what the run's process group gets for each
+    ssh = bool(hostfile) and node is None
+    passed.update({s: signal.SIGTERM if ssh else s for s in stop_signals if s not in passed})
     generic = "a rank failed (launcher exit code {rc}); see the output above"
     if hostfile and node is None:  # remote ranks cannot write into a local folder: the launcher's exit code is all
-        rc = _run(cmd, child_env, checkpoint_root=checkpoint_root, all_local=False)
+        rc = _run(cmd, child_env, checkpoint_root=checkpoint_root, all_local=False, passed=passed)
         if rc == EXIT_PEER_LOST:  # every rank that lost a peer printed its line (no report folder to read)
             raise _Quiet(rc)
         if rc != 0:
@@ -175,7 +182,7 @@ def launch(module: str, argv: list[str], *, nproc: int, hostfile: str | None = N
     with tempfile.TemporaryDirectory(prefix="dat-ds-ranks-") as status_dir:
         child_env[STATUS_ENV] = status_dir
         child_env[CLI_PID_ENV] = str(os.getpid())  # local ranks only: a remote host has its own PIDs
-        rc = _run(cmd, child_env, checkpoint_root=checkpoint_root, all_local=node is None)
+        rc = _run(cmd, child_env, checkpoint_root=checkpoint_root, all_local=node is None, passed=passed)
         if rc != 0:
             line = failed_rank_line(status_dir, nproc, rc, first_rank=first_rank)
             if line is None and first_rank != 0:  # rank 0 printed the user error, on another node
@@ -264,12 +271,16 @@ def _visible_ids(name: str, value: str) -> list[int]:
     return [int(e) for e in entries]
 
 
-def _run(cmd: list[str], env: dict[str, str], *, checkpoint_root: str | Path | None, all_local: bool) -> int:
-    """Run the DeepSpeed launcher to its end; on SIGTERM/SIGINT stop all of the run, then raise ``Interrupted``.
+def _run(cmd: list[str], env: dict[str, str], *, checkpoint_root: str | Path | None, all_local: bool,
+         passed: Mapping[int, int]) -> int:
+    """Run the DeepSpeed launcher to its end; on a signal of ``passed`` stop all of the run, then raise
+    ``Interrupted``.
 
-    The signal goes to the launcher's process group: DeepSpeed's runner, its per-node launcher and every
-    local rank (the single-node runner dies on SIGTERM without passing it on; the multi-node one passes it
-    to the remote hosts itself). A second signal SIGKILLs the group.
+    ``passed[signal]`` goes to the launcher's process group: DeepSpeed's runner, its per-node launcher and
+    every local rank (the single-node runner dies on SIGTERM without passing it on; the multi-node one passes
+    it to the remote hosts itself). SIGTERM/SIGINT go on as SIGTERM; SIGUSR1 (``train.stop_signals``) as
+    itself: the runner and the per-node launcher die of it, the ranks stop after their final save. A second
+    signal SIGKILLs the group.
     """
     received: list[int] = []
     proc: subprocess.Popen | None = None
@@ -277,15 +288,15 @@ def _run(cmd: list[str], env: dict[str, str], *, checkpoint_root: str | Path | N
     def forward(signum, frame):
         received.append(signum)
         if proc is not None:
-            _signal_run(proc, signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
+            _signal_run(proc, passed[signum] if len(received) == 1 else signal.SIGKILL)
 
     # Handlers only in the main thread (Python's rule); a launch from another thread keeps the defaults.
     in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS} if in_main else {}
+    previous = {s: signal.signal(s, forward) for s in passed} if in_main else {}
     try:
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         if received:  # a signal between installing the handlers and the launcher's start
-            _signal_run(proc, signal.SIGTERM)
+            _signal_run(proc, passed[received[0]])
         rc = proc.wait()
         if received:
             _wait_for_run(proc)

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..core.errors import PeerLostError
@@ -68,22 +69,25 @@ def write_rank_status(code: int, error: BaseException | str | None = None) -> No
         pass
 
 
-def install_sigterm_status() -> None:
+def install_signal_status(signals: Iterable[int] = (signal.SIGTERM,)) -> None:
     """Record a launcher's SIGTERM (a sibling failed, or the user's signal) before exiting, so it is not
-    blamed on this rank. While a trainer defers signals (``train.save_on_signal``, ``core.stop``) the
-    handler only records it: the trainer stops at the end of the step, and every rank exits together."""
+    blamed on this rank; the run entry installs it for SIGTERM, ``launch.train`` for the run's
+    ``train.stop_signals`` too (SIGUSR1 ...), which ``launch()`` passes on as they are. While a trainer defers
+    the signal (``train.save_on_signal``, ``core.stop``) the handler only records it: the trainer stops at the
+    end of the step, and every rank exits together."""
     if not os.environ.get(STATUS_ENV):
         return
     from ..core import stop
 
     def handler(signum, frame):
-        if stop.deferred():
+        if stop.deferred(signum):
             stop.record(signum)
             return
         write_rank_status(128 + signum, TERMINATED)
         os._exit(128 + signum)
 
-    signal.signal(signal.SIGTERM, handler)
+    for s in signals:
+        signal.signal(s, handler)
 
 
 def watch_cli() -> threading.Thread | None:

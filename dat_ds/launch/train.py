@@ -25,7 +25,7 @@ from typing import Any
 from ..core import dist, stop
 from ..core.errors import ConfigError
 from ..core.requests import TrainRequest
-from .status import STATUS_ENV
+from .status import STATUS_ENV, install_signal_status
 from .validate import check_model_name, dry_run_report, train_inputs
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,12 @@ def main(request: TrainRequest, base: dict[str, Any] | None = None, *, world: in
     dist.init_distributed(timeout_s=cfg.dist.timeout_s)  # before lock_run's collective: every one has the timeout
     lock = lock_run(cfg.run_dir)
     in_process = not os.environ.get(STATUS_ENV) and dist.world_size() == 1  # no launch(): nobody else says it
+    # the signals save_on_signal acts on; SIGUSR1/SIGUSR2 get a handler only if listed (else: their default)
+    listed = stop.signal_numbers(cfg.train.stop_signals) if cfg.train.save_on_signal else frozenset()
+    if not in_process:
+        install_signal_status(listed - {signal.SIGINT})  # launch() passes Ctrl-C on as SIGTERM
     try:
-        with _stop_on_signals(in_process):
+        with _stop_on_signals(in_process, listed):
             return run_training(cfg, resume=request.resume, overwrite=request.overwrite,
                                 allow_world_size_change=allow)
     except BaseException as e:
@@ -85,22 +89,23 @@ def main(request: TrainRequest, base: dict[str, Any] | None = None, *, world: in
 
 
 @contextlib.contextmanager
-def _stop_on_signals(in_process: bool):
+def _stop_on_signals(in_process: bool, listed: frozenset[int] = frozenset()):
     """A run in the ``dat-ds`` process itself (one rank; ``launch()``'s ranks have ``status``' handler):
-    SIGTERM and SIGINT raise ``core.stop.Stopped`` (exit 143/130 with the ``interrupted:`` line); while the
-    trainer defers signals (``train.save_on_signal``) the first one only asks it to stop after the step."""
+    SIGTERM, SIGINT and the ``listed`` ones (``train.stop_signals``) raise ``core.stop.Stopped`` (exit 128 +
+    the signal with the ``interrupted:`` line); while the trainer defers them (``train.save_on_signal``) the
+    first one only asks it to stop after the step."""
     if not in_process or threading.current_thread() is not threading.main_thread():
         yield
         return
     stop.reset()
 
     def handler(signum, frame):
-        if stop.deferred() and stop.received() is None:
+        if stop.deferred(signum) and stop.received() is None:
             stop.record(signum)
             return
         raise stop.Stopped(signum)  # not deferred, or a second signal: stop here
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, handler) for s in {signal.SIGTERM, signal.SIGINT, *listed}}
     try:
         yield
     finally:

@@ -1,4 +1,4 @@
-"""``train.save_on_signal``: on SIGTERM/SIGINT, end the step in progress, save if it fits, stop.
+"""``train.save_on_signal``: on a signal of ``train.stop_signals``, end the step in progress, save if it fits, stop.
 
 While the trainer runs with this callback, the signal handlers only record the signal (``core.stop``).
 After every step (and after every epoch end) the ranks agree, in one all-reduce of three numbers on a

@@ -237,7 +237,7 @@ class Trainer:
         if self.cfg.train.save_on_signal:  # a signal now ends the step in progress (core.stop), then maybe a save
             self.signal_stop = SignalStop()
             self.callbacks.append(self.signal_stop)
-            stop.defer()
+            stop.defer(stop.signal_numbers(self.cfg.train.stop_signals))
         try:
             summary = self._fit()
         except BaseException as e:
@@ -249,7 +249,7 @@ class Trainer:
                 raise lost from e
             raise
         finally:
-            stop.defer(False)
+            stop.defer(())
         self.folder.ended()  # under --overwrite, stopped early before any checkpoint: still the new run
         return summary
 

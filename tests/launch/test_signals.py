@@ -1,5 +1,6 @@
 """Signals: SIGTERM/SIGINT to ``dat-ds train --nproc 2`` stop the whole run (launcher and every rank) with
-exit code 143/130 and one line naming the last complete checkpoint; a SIGKILLed ``dat-ds`` leaves nothing
+exit code 143/130 and one line naming the last complete checkpoint (so does SIGUSR1 listed in
+``train.stop_signals``: 138); a SIGKILLed ``dat-ds`` leaves nothing
 running either. Every process of the run must be gone within 30 s."""
 
 from __future__ import annotations
@@ -150,23 +151,28 @@ def uninterrupted(tmp_path_factory):
     return model_state(folder / "runs" / "ref" / "checkpoint" / "epoch0001")
 
 
-@pytest.mark.parametrize("save_on_signal", [pytest.param(True, id="save_on_signal"),
-                                            pytest.param(False, id="last_periodic", marks=pytest.mark.slow)])
-def test_sigterm_then_resume_auto_is_bit_identical(tmp_path, uninterrupted, save_on_signal):
-    """2 ranks: SIGTERM mid-epoch; with ``train.save_on_signal`` the ranks end the step and commit a checkpoint
-    of it, which the ``interrupted:`` line names; ``--resume auto`` (to 2 epochs) then ends bit-identical to
-    the uninterrupted run. Without it the run resumes from its last periodic checkpoint, also bit-identical."""
-    extra = SAVE_ON_SIGNAL if save_on_signal else ()
+@pytest.mark.parametrize("sig, extra, code", [
+    pytest.param(signal.SIGTERM, SAVE_ON_SIGNAL, 143, id="save_on_signal"),
+    # SLURM's `sbatch --signal=B:USR1@120`, passed on to dat-ds: the launcher passes SIGUSR1 on to the ranks
+    pytest.param(signal.SIGUSR1, (*SAVE_ON_SIGNAL, "--set", "train.stop_signals=[SIGUSR1]"), 138, id="sigusr1"),
+    pytest.param(signal.SIGTERM, (), 143, id="last_periodic", marks=pytest.mark.slow)])
+def test_signal_then_resume_auto_is_bit_identical(tmp_path, uninterrupted, sig, extra, code):
+    """2 ranks: a signal mid-epoch; with ``train.save_on_signal`` (SIGTERM, or SIGUSR1 listed in
+    ``train.stop_signals``) the ranks end the step and commit a checkpoint of it, which the ``interrupted:``
+    line names, and exit 128 + the signal (143, 138: what a requeue wrapper tests); ``--resume auto`` (to 2
+    epochs) then ends bit-identical to the uninterrupted run. Without it the run resumes from its last periodic
+    checkpoint, also bit-identical."""
+    save_on_signal = bool(extra)
     proc, family, root = _start(tmp_path, "term", *extra)
     t_signal = time.time()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=GONE_WITHIN_S)
-    assert proc.returncode == 143, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     _assert_all_gone(family, t_signal)
     tag = checkpoint.find_resume_tag(root)
     assert err.splitlines()[-1] == f"interrupted: last complete checkpoint {tag}; continue with --resume auto"
     assert not list(root.glob(checkpoint.TMP_PREFIX + "*"))
-    stopped = re.search(r"signal 15: stopped after epoch \d+ step \d+ \(global step (\d+)\)", err)
+    stopped = re.search(rf"signal {int(sig)}: stopped after epoch \d+ step \d+ \(global step (\d+)\)", err)
     if save_on_signal:  # the step in progress was finished and is the checkpoint the line names
         assert stopped, err[-3000:]
         assert checkpoint.read_complete(root / tag)["global_step"] == int(stopped.group(1))
@@ -206,6 +212,45 @@ def test_sigterm_of_an_in_process_run_names_the_last_checkpoint(tmp_path):
     assert not runlock.lock_path(runs / "one").exists()
     assert not list(root.glob(checkpoint.TMP_PREFIX + "*"))
     _assert_stopped_early(root)
+
+
+def test_only_the_listed_signals_wait_for_the_step_end():
+    """``train.stop_signals=[SIGUSR1]`` in the ``dat-ds`` process: SIGUSR1 is recorded for the trainer, SIGTERM
+    (not listed) still stops the run at once."""
+    from dat_ds.core import stop
+    from dat_ds.launch.train import _stop_on_signals
+
+    listed = stop.signal_numbers(["SIGUSR1"])
+    with _stop_on_signals(in_process=True, listed=listed):
+        stop.defer(listed)  # what the trainer does under train.save_on_signal
+        signal.raise_signal(signal.SIGUSR1)
+        assert stop.received()[0] == signal.SIGUSR1
+        with pytest.raises(stop.Stopped) as stopped:
+            signal.raise_signal(signal.SIGTERM)
+        assert stopped.value.code == 143
+    assert stop.received() is None and not stop.deferred(signal.SIGUSR1)
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # unlisted again: the default
+
+
+def test_a_signal_during_a_commit_that_the_trainer_does_not_defer_is_raised_after_it():
+    """``core.stop.held`` records any signal; at its end one the trainer does not defer (SIGTERM, with only
+    SIGUSR1 listed) is raised again and stops the run, one it defers stays recorded for the step's end."""
+    from dat_ds.core import stop
+    from dat_ds.launch.train import _stop_on_signals
+
+    listed = stop.signal_numbers(["SIGUSR1"])
+    with _stop_on_signals(in_process=True, listed=listed):
+        stop.defer(listed)
+        with stop.held():
+            signal.raise_signal(signal.SIGUSR1)
+        assert stop.received()[0] == signal.SIGUSR1
+    with _stop_on_signals(in_process=True, listed=listed):
+        stop.defer(listed)
+        with pytest.raises(stop.Stopped) as stopped:
+            with stop.held():
+                signal.raise_signal(signal.SIGTERM)
+                committed = True  # the held section ran to its end before the stop
+        assert committed and stopped.value.signum == signal.SIGTERM
 
 
 @pytest.mark.parametrize("when", ["after the rename", "writing latest"])
