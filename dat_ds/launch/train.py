@@ -65,23 +65,29 @@ def main(request: TrainRequest, base: dict[str, Any] | None = None, *, world: in
 
     dist.init_distributed(timeout_s=cfg.dist.timeout_s)  # before lock_run's collective: every one has the timeout
     lock = lock_run(cfg.run_dir)
-    in_process = not os.environ.get(STATUS_ENV) and dist.world_size() == 1  # no launch(): nobody else says it
+    launched = bool(os.environ.get(STATUS_ENV))  # a rank launch() started: status' handler, the command speaks
+    in_process = not launched and dist.world_size() == 1  # no launch(): nobody else says it
     # the signals save_on_signal acts on; SIGUSR1/SIGUSR2 get a handler only if listed (else: their default)
     listed = stop.signal_numbers(cfg.train.stop_signals) if cfg.train.save_on_signal else frozenset()
-    if not in_process:
+    if launched:
         install_signal_status(listed - {signal.SIGINT})  # launch() passes Ctrl-C on as SIGTERM
+    # Our own handlers: every stop signal of a run in this process; the listed ones in a rank that srun, torchrun,
+    # mpirun or the deepspeed launcher started (SLURM's --signal=USR1@120 reaches every task of the job's steps).
+    own = frozenset({signal.SIGTERM, signal.SIGINT}) | listed if in_process else frozenset() if launched else listed
     try:
-        with _stop_on_signals(in_process, listed):
+        with _stop_on_signals(own):
             return run_training(cfg, resume=request.resume, overwrite=request.overwrite,
                                 allow_world_size_change=allow)
     except BaseException as e:
         if lock is not None:  # the trainer settles --overwrite itself; this catches a stop outside it
             settle_leftovers(cfg.run_dir, os.getpid())
-        if in_process and isinstance(e, (stop.Stopped, KeyboardInterrupt)):
+        # Nobody else names the checkpoint to resume from: this process (rank 0 of ranks started without launch())
+        if not launched and dist.rank() == 0 and isinstance(e, (stop.Stopped, KeyboardInterrupt)):
             from .launcher import Interrupted, interrupted_line
 
             signum = e.signum if isinstance(e, stop.Stopped) else signal.SIGINT
-            raise Interrupted(signum, interrupted_line(cfg.run_dir / "checkpoint", remove_unfinished=True)) from None
+            line = interrupted_line(cfg.run_dir / "checkpoint", remove_unfinished=in_process)
+            raise Interrupted(signum, line) from None
         raise
     finally:
         if lock is not None:
@@ -89,12 +95,12 @@ def main(request: TrainRequest, base: dict[str, Any] | None = None, *, world: in
 
 
 @contextlib.contextmanager
-def _stop_on_signals(in_process: bool, listed: frozenset[int] = frozenset()):
-    """A run in the ``dat-ds`` process itself (one rank; ``launch()``'s ranks have ``status``' handler):
-    SIGTERM, SIGINT and the ``listed`` ones (``train.stop_signals``) raise ``core.stop.Stopped`` (exit 128 +
-    the signal with the ``interrupted:`` line); while the trainer defers them (``train.save_on_signal``) the
-    first one only asks it to stop after the step."""
-    if not in_process or threading.current_thread() is not threading.main_thread():
+def _stop_on_signals(signals: frozenset[int]):
+    """``signals`` raise ``core.stop.Stopped`` (exit 128 + the signal; rank 0 names the checkpoint in the
+    ``interrupted:`` line); while the trainer defers them (``train.save_on_signal``) the first one only asks it to
+    stop after the step. A run in the ``dat-ds`` process itself: SIGTERM, SIGINT and ``train.stop_signals``; a
+    rank srun/torchrun/mpirun started: ``train.stop_signals`` (``launch()``'s ranks have ``status``' handler)."""
+    if not signals or threading.current_thread() is not threading.main_thread():
         yield
         return
     stop.reset()
@@ -105,7 +111,7 @@ def _stop_on_signals(in_process: bool, listed: frozenset[int] = frozenset()):
             return
         raise stop.Stopped(signum)  # not deferred, or a second signal: stop here
 
-    previous = {s: signal.signal(s, handler) for s in {signal.SIGTERM, signal.SIGINT, *listed}}
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:

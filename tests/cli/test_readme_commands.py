@@ -17,7 +17,7 @@ from dat_ds.core.errors import ConfigError
 from tests.helpers import REPO, eval_args, fast_cli, run_cli
 
 # Lines of the README's bash blocks that are not dat-ds commands.
-OTHER_PROGRAMS = ("uv run pytest", "DS_BUILD_OPS=0 pip install")
+OTHER_PROGRAMS = ("uv run pytest", "DS_BUILD_OPS=0 pip install", "rc=$?", "[ $rc -eq", "exit $rc")  # + shell plumbing
 RANK_MODULES = {"dat_ds.train": "train", "dat_ds.evaluate": "eval"}
 
 

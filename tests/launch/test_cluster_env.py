@@ -23,7 +23,7 @@ import pytest
 
 from dat_ds.core.dist import ClusterEnv, cluster_env, first_host, tasks_per_node
 from dat_ds.core.errors import ConfigError
-from tests.helpers import REPO
+from tests.helpers import REPO, wait_for_tag
 
 RUN_TIMEOUT_S = 300  # two ranks' start-up and two steps on a shared 2-core machine: ~30 s; a hang ends here
 
@@ -364,6 +364,46 @@ def test_ranks_started_as_srun_does_form_one_world(tmp_path):
     port = cluster_env(envs[0]).master_port
     assert f"SLURM: rank 0 of 2, local 0 of 2, master localhost:{port}" in everything
     assert "SLURM: rank 1" not in everything  # said once, by rank 0
+
+
+@pytest.mark.dist
+def test_srun_ranks_save_and_stop_on_slurms_usr1(tmp_path):
+    """`sbatch --signal=USR1@120` sends SIGUSR1 to every task of the job's steps: ranks srun started (no launch()
+    around them) with ``train.stop_signals=[SIGUSR1]`` end the step, agree, write the final checkpoint and exit 138
+    (what a requeue wrapper tests); rank 0 names the checkpoint to resume from. Unlisted, SIGUSR1 would kill them."""
+    import signal
+
+    from dat_ds.runtime import checkpoint
+
+    envs = [_base_env(SLURM_JOB_ID="", SLURM_STEP_ID="0", SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NODEID="0",
+                      SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2",
+                      SLURM_STEP_NODELIST="localhost", SLURM_JOB_NODELIST="localhost") for r in (0, 1)]
+    envs = _derived_free_port(envs, "SLURM_JOB_ID")
+    args = [*_train_args(tmp_path, "usr1"), "--set", "train.epochs=40", "--set", "train.max_steps_per_epoch=20",
+            "--set", "train.save_every_steps=3", "--set", "train.save_on_signal=true",
+            "--set", "train.stop_signals=[SIGUSR1]"]
+    logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
+    with contextlib.ExitStack() as files:
+        procs = [subprocess.Popen([sys.executable, "-m", "dat_ds.train", *args], cwd=tmp_path, env=env,
+                                  stdout=files.enter_context(log.open("w")), stderr=subprocess.STDOUT)
+                 for env, log in zip(envs, logs, strict=True)]
+        try:
+            root = tmp_path / "runs" / "usr1" / "checkpoint"
+            wait_for_tag(root, procs[0])
+            for p in procs:  # as SLURM does: every task of the step, not a launcher
+                p.send_signal(signal.SIGUSR1)
+            codes = [p.wait(timeout=60) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    outputs = [log.read_text() for log in logs]
+    assert codes == [138, 138], outputs
+    tags = [tag for _, tag in checkpoint.complete_tags(root)]
+    assert tags[-1].startswith("step") and int(tags[-1][4:]) < 40 * 20, tags  # stopped early, mid-run
+    assert f"interrupted: last complete checkpoint {tags[-1]}; continue with --resume auto" in outputs[0], outputs[0]
+    assert "interrupted" not in outputs[1]  # said once, by rank 0
 
 
 @pytest.mark.dist

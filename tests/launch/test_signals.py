@@ -30,6 +30,7 @@ from tests.helpers import (
 )
 
 GONE_WITHIN_S = 30
+IN_PROCESS = frozenset({signal.SIGTERM, signal.SIGINT})  # what a run in the dat-ds process stops on
 EPOCHS = 40  # 800 steps: minutes of training, so a run left behind is still running when it is looked for
 
 
@@ -152,7 +153,8 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig, extra, code", [
-    pytest.param(signal.SIGTERM, SAVE_ON_SIGNAL, 143, id="save_on_signal"),
+    # the same path as SIGUSR1's below, which stays in the default suite
+    pytest.param(signal.SIGTERM, SAVE_ON_SIGNAL, 143, id="save_on_signal", marks=pytest.mark.slow),
     # SLURM's `sbatch --signal=B:USR1@120`, passed on to dat-ds: the launcher passes SIGUSR1 on to the ranks
     pytest.param(signal.SIGUSR1, (*SAVE_ON_SIGNAL, "--set", "train.stop_signals=[SIGUSR1]"), 138, id="sigusr1"),
     pytest.param(signal.SIGTERM, (), 143, id="last_periodic", marks=pytest.mark.slow)])
@@ -221,7 +223,7 @@ def test_only_the_listed_signals_wait_for_the_step_end():
     from dat_ds.launch.train import _stop_on_signals
 
     listed = stop.signal_numbers(["SIGUSR1"])
-    with _stop_on_signals(in_process=True, listed=listed):
+    with _stop_on_signals(IN_PROCESS | listed):
         stop.defer(listed)  # what the trainer does under train.save_on_signal
         signal.raise_signal(signal.SIGUSR1)
         assert stop.received()[0] == signal.SIGUSR1
@@ -239,12 +241,12 @@ def test_a_signal_during_a_commit_that_the_trainer_does_not_defer_is_raised_afte
     from dat_ds.launch.train import _stop_on_signals
 
     listed = stop.signal_numbers(["SIGUSR1"])
-    with _stop_on_signals(in_process=True, listed=listed):
+    with _stop_on_signals(IN_PROCESS | listed):
         stop.defer(listed)
         with stop.held():
             signal.raise_signal(signal.SIGUSR1)
         assert stop.received()[0] == signal.SIGUSR1
-    with _stop_on_signals(in_process=True, listed=listed):
+    with _stop_on_signals(IN_PROCESS | listed):
         stop.defer(listed)
         with pytest.raises(stop.Stopped) as stopped:
             with stop.held():
@@ -271,7 +273,7 @@ def test_a_signal_during_a_commit_stops_after_it_and_keeps_the_checkpoint(tmp_pa
         return real(*a, **kw)
 
     monkeypatch.setattr(checkpoint, target, signalled)
-    with _stop_on_signals(in_process=True):  # launch.train's in-process handlers; no trainer deferring signals
+    with _stop_on_signals(IN_PROCESS):  # launch.train's in-process handlers; no trainer deferring signals
         with pytest.raises(stop.Stopped):
             checkpoint._commit(root, "step0003", {"global_step": 3})
     assert (root / "latest").read_text() == "step0003\n"
