@@ -240,9 +240,12 @@ def test_two_ranks_equal_one_rank(cli, weights_file, tmp_path):
 
 def test_eval_run_folder_end_to_end(cli, tmp_path):
     """Train 2 steps with `dat-ds train`, then `dat-ds eval --run` reads its DeepSpeed checkpoint, with --sanity."""
-    cli("train", "--config", "recipes/demo.yaml", "--name", "tiny", "--output-dir", str(tmp_path), "--epochs", "1",
-        "--set", "model.name=tiny_cnn", "--set", "train.max_steps_per_epoch=2", "--set", "eval.max_examples=16",
-        "--set", "eval.steps=1", check=True, timeout=600)
+    train = cli("train", "--config", "recipes/demo.yaml", "--name", "tiny", "--output-dir", str(tmp_path), "--epochs",
+                "1", "--set", "model.name=tiny_cnn", "--set", "train.max_steps_per_epoch=2", "--set",
+                "eval.max_examples=16", "--set", "eval.steps=1", check=True, timeout=600)
+    # Which input statistics the run normalises with, and where they came from: said once, by training and eval.
+    said = "input normalisation (model.normalization=auto): mean ["
+    assert (train.stdout + train.stderr).count(said) == 1
     run_dir = tmp_path / "tiny"
     proc = cli("eval", "--run", str(run_dir), "--attacks", "pgd,autoattack", "--eps", "0.05,0.1", "--steps", "2",
                "--aa-steps", "1", "--aa-queries", "5", "--square-queries", "5", "--max-examples", "32", "--sanity",
@@ -256,6 +259,7 @@ def test_eval_run_folder_end_to_end(cli, tmp_path):
     checks = {c["check"]: c["status"] for c in report["sanity"]}
     assert "black box does not beat white box" in checks and "FGSM vs PGD" in checks
     assert "sanity" in proc.stdout + proc.stderr
+    assert "input normalisation: mean [" in proc.stdout + proc.stderr and "(the data set's statistics)" in proc.stdout + proc.stderr
     assert "accuracy per class" in proc.stdout and "% (" in proc.stdout  # --per-class; accuracies with counts
     # AutoAttack's accuracy after each stage, in eval.json and printed as the reference prints it.
     aa_rows = [r for r in report["results"] if r["attack"] == "autoattack"]
