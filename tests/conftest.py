@@ -90,6 +90,33 @@ def cnn(embedded_test_tensors):
 
 
 @pytest.fixture(scope="session")
+def weak_cnn(embedded_test_tensors):
+    """``tiny_cnn`` trained 60 steps of plain cross-entropy on 1,024 embedded training images (~2 s), in eval mode:
+    about 75 % clean accuracy, and no robustness, so every attack has points to break. For tests of evaluation
+    plumbing that need broken points but not a strong model (``trained_demo_model`` takes minutes on two cores)."""
+    import torch
+    import torch.nn.functional as F
+
+    from dat_ds.core.config import DataConfig
+    from dat_ds.data import build_dataset
+    from dat_ds.models import create_model
+
+    train, spec = build_dataset(DataConfig(), "train")
+    xs, ys = zip(*(train[i] for i in range(1024)))
+    x, y = torch.stack(xs), torch.tensor(ys)
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", spec)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(60):
+        i = torch.arange(step * 64, step * 64 + 64) % len(x)
+        loss = F.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
 def trained_demo_model(embedded_test_tensors):
     """The demo's model (small_cnn_avgpool) adversarially trained (PGD-3, eps=0.1) for two epochs on the embedded
     data, in eval mode.

@@ -15,6 +15,8 @@ every setting of the reference: APGD-CE (100 iterations, 1 restart, rho 0.75) ->
 iterations, 1 restart, 9 target classes) -> FAB-T (100 iterations, 1 restart, 9 target classes) -> Square
 (5,000 queries, p_init 0.8, 1 restart, no rescaled p schedule). Only the points the clean model classifies
 correctly are attacked, and each attack runs only on the points still robust after the previous ones.
+Like the reference's "robust accuracy after APGD-CE" lines, ``on_stage`` (a runtime keyword that only
+``evaluate`` passes) reports after each stage which points are still robust.
 ``torchattacks.AutoAttack(version="standard")`` differs from it in three ways: 10 iterations instead of 100,
 ``n_classes - 1`` target classes instead of 9 (99 on CIFAR-100), and Square's ``resc_schedule=True``.
 """
@@ -22,7 +24,7 @@ correctly are attacked, and each attack runs only on the points still robust aft
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,6 +35,10 @@ from .precision import AttackPrecision
 log = logging.getLogger(__name__)
 
 _NORMS = {"linf": "Linf", "l2": "L2"}
+
+# ``on_stage(stage, robust)``: after each stage of an ensemble, the stage's name and the batch's mask of
+# points still robust (clean-correct and unbroken by this stage and every earlier one).
+StageHook = Callable[[str, torch.Tensor], None]
 
 
 def _ta_norm(norm: str) -> str:
@@ -79,6 +85,8 @@ def _run(make_attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, genera
 # The reference "standard" AutoAttack (L-inf and L2) targets the 9 highest-scoring wrong classes in
 # APGD-T and FAB-T, whatever the number of classes.
 STANDARD_TARGET_CLASSES = 9
+# The stages of the "standard" ensemble, in order, as the reference names them in its progress lines.
+STANDARD_STAGES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
 
 
 def standard_autoattack(model: nn.Module, *, eps: float, norm: str, n_classes: int, aa_steps: int = 100,
@@ -107,25 +115,29 @@ def standard_autoattack(model: nn.Module, *, eps: float, norm: str, n_classes: i
     return attacks
 
 
-def _worst_case_of(attacks: list[tuple[str, Any]], model: nn.Module, eps: float, norm: str):
+def _worst_case_of(attacks: list[tuple[str, Any]], model: nn.Module, eps: float, norm: str,
+                   on_stage: StageHook | None = None):
     """The reference's ensemble loop: attack the clean-correct points, then each later attack only the
     points every earlier one left correct. Each stage's output is projected into the ball before it
-    counts, so a point is broken only by an example our contract would return."""
+    counts, so a point is broken only by an example our contract would return. A stage with no point
+    left to attack is skipped and reports the mask it was given, as the reference prints the same
+    accuracy again."""
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = x.clone()
         with torch.no_grad():
             robust = model(x).argmax(1) == y
         for name, attack in attacks:
             idx = robust.nonzero().flatten()
-            if idx.numel() == 0:
-                break
-            x_stage = _clip_to_ball(attack(x[idx], y[idx]), x[idx], eps, norm)
-            with torch.no_grad():
-                broken = model(x_stage).argmax(1) != y[idx]
-            x_adv[idx[broken]] = x_stage[broken]
-            robust[idx[broken]] = False
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("autoattack %s broke %d of %d points", name, int(broken.sum()), idx.numel())
+            if idx.numel():
+                x_stage = _clip_to_ball(attack(x[idx], y[idx]), x[idx], eps, norm)
+                with torch.no_grad():
+                    broken = model(x_stage).argmax(1) != y[idx]
+                x_adv[idx[broken]] = x_stage[broken]
+                robust[idx[broken]] = False
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("autoattack %s broke %d of %d points", name, int(broken.sum()), idx.numel())
+            if on_stage is not None:
+                on_stage(name, robust.clone())
         return x_adv
 
     return run
@@ -133,18 +145,20 @@ def _worst_case_of(attacks: list[tuple[str, Any]], model: nn.Module, eps: float,
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
                n_classes: int | None = None, aa_steps: int = 100, n_queries: int = 5000,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, on_stage: StageHook | None = None) -> torch.Tensor:
     """Standard AutoAttack (Croce & Hein, ICML 2020): APGD-CE, APGD-T, FAB-T, Square (``standard_autoattack``).
 
     ``aa_steps`` iterations for APGD/APGD-T/FAB-T and ``n_queries`` for Square; the defaults (100, 5,000)
     are the reference's, smaller values are for quick looks only and are no longer "standard".
+    ``on_stage(stage, robust)`` is called after each of ``STANDARD_STAGES``, in order, with the mask (over
+    ``x``) of the points still robust; it is runtime state, never a spec value (``evaluate`` passes it).
     """
     classes = n_classes or _num_classes(model, x)
 
     def make(model: nn.Module, seed: int):
         attacks = standard_autoattack(model, eps=eps, norm=norm, n_classes=classes, aa_steps=aa_steps,
                                       n_queries=n_queries, seed=seed)
-        return _worst_case_of(attacks, model, eps, norm)
+        return _worst_case_of(attacks, model, eps, norm, on_stage)
 
     return _clip_to_ball(_run(make, model, x, y, generator), x, eps, norm)
 

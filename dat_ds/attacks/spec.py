@@ -10,7 +10,8 @@ parameters the attack declares.
 The run config's attack sections are shared by every attack kind: their ``steps`` are PGD's, and
 attacks without steps ignore them; ``restarts``, ``step_size`` or ``noise_multiplier`` (N-FGSM's) set
 for an attack that has none are refused like any other argument. ``init_delta`` (a start perturbation,
-ATTA's reuse) is runtime state, never a spec value: only ``attack_from_config`` passes it.
+ATTA's reuse) and ``on_stage`` (AutoAttack's per-stage report) are runtime state, never spec values: only
+``attack_from_config`` passes the first, and ``run``'s caller (``evaluate``) the second.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..core.config import AttackConfig, RunConfig
 from ..core.errors import ConfigError
 from ..core.fields import Float, Positive, Radius, Section, Str, fix
 from .core import LossFn, SuccessFn, default_step_size
+from .external import StageHook
 from .geometry import GEOMETRIES
 from .losses import ATTACK_LOSSES, ce_loss, misclassified
 from .registry import ATTACKS, attack_parameters
@@ -36,7 +38,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "norm": ("norm", "linf"), "loss": ("loss_fn", "ce"),
 }
 _SUPPLIED = ("eps", "generator")  # every attack takes these; the spec and the caller supply them
-_RUNTIME = ("init_delta",)  # passed by the caller per batch (attack_from_config), never set by a spec
+_RUNTIME = ("init_delta", "on_stage")  # passed by the caller per batch, never set by a spec
 _DISPLAY = {"fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "nfgsm": "N-FGSM", "autoattack": "AutoAttack", "apgd-ce": "APGD-CE",
             "apgd-dlr": "APGD-DLR", "apgd-ce-dlr": "APGD-CE+DLR", "square": "Square", "none": "clean"}
 
@@ -119,9 +121,18 @@ class AttackSpec(Section):
         out.update(self.extra)
         return out
 
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-            generator: torch.Generator | None) -> torch.Tensor:
-        return ATTACKS.get(self.attack)(model, x, y, **self.kwargs(generator))
+    @property
+    def has_stages(self) -> bool:
+        """Whether the attack runs in stages it can report (``on_stage``): AutoAttack's ensemble."""
+        return "on_stage" in attack_parameters(self.attack)
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None, *,
+            on_stage: StageHook | None = None) -> torch.Tensor:
+        """``x_adv`` for ``x``; ``on_stage`` goes to an attack that ``has_stages`` (a single attack has none)."""
+        kwargs = self.kwargs(generator)
+        if on_stage is not None and self.has_stages:
+            kwargs["on_stage"] = on_stage
+        return ATTACKS.get(self.attack)(model, x, y, **kwargs)
 
 
 def _from_section(section: str, name_key: str, attack: str, eps: float, norm: str, *, steps: int, restarts: int,

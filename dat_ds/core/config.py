@@ -52,6 +52,9 @@ class ModelConfig(Section):
     # weights with another class count (an ImageNet checkpoint, a CIFAR-10 run): false starts the head fresh
     strict_head: Bool = False
     act: Literal[names.ACTIVATIONS] = "relu"  # preactresnet/wideresnet activation (SiLU: DM-Improves-AT, Gowal et al.)
+    # Input mean/std inside the model: "data" the data set's; "model" the timm model's pretrained_cfg (what its
+    # pretrained weights expect); "auto" the model's when model.weights is set and it declares them, else the data's
+    normalization: Literal[names.NORMALIZATIONS] = "auto"
 
 
 class AttackConfig(Section):
@@ -444,7 +447,8 @@ def check_names(cfg: RunConfig) -> None:
 
 
 def validate_sota_options(cfg: RunConfig) -> None:
-    """Label smoothing, the SiLU models and the eps warm-up: ranges and what each applies to."""
+    """Label smoothing, the SiLU models, the model's own normalisation and the eps warm-up: ranges and what each
+    applies to."""
     o, a, m = cfg.objective, cfg.attack, cfg.model
     if o.label_smoothing > 0 and o.name not in names.LABEL_SMOOTHING_OBJECTIVES:
         raise ConfigError(f"objective.label_smoothing applies to the objectives "
@@ -452,6 +456,9 @@ def validate_sota_options(cfg: RunConfig) -> None:
     if m.act != "relu" and m.name not in names.ACT_MODELS:
         raise ConfigError(f"model.act={m.act} applies to the models {', '.join(names.ACT_MODELS)}, not "
                           f"model.name={m.name!r}; remove it or choose one of those")
+    if m.normalization == "model" and m.name in names.MODELS:  # timm names: checked where timm builds them
+        raise ConfigError(f"model.normalization=model: model {m.name!r} declares no input mean/std (only timm models "
+                          "with a pretrained_cfg do); use model.normalization=data or auto")
     if m.act != "relu" and o.name in names.UNLABELED_OBJECTIVES:  # its encoder (and fine-tuning) build with ReLU
         raise ConfigError(f"model.act={m.act} is not supported by the self-supervised objective {o.name!r}; "
                           "remove model.act")

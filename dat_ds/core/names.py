@@ -25,6 +25,7 @@ GRAD_ALIGN_OBJECTIVES = ("dat", "madry")  # objective.grad_align
 LABEL_SMOOTHING_OBJECTIVES = ("clean", "dat", "free", "madry", "mart", "trades")  # objective.label_smoothing
 EPS_WARMUP_OBJECTIVES = ("dat", "free", "madry", "mart", "trades")  # attack.eps_warmup_epochs
 ACTIVATIONS = ("relu", "silu")  # model.act
+NORMALIZATIONS = ("auto", "data", "model")  # model.normalization: where the input mean/std come from
 AWP_OBJECTIVES = ("dat", "madry", "trades")  # awp: they split into attack + loss (objectives/awp.py)
 KEEP_BEST = ("none", "robust")  # train.keep_best
 # train.stop_signals: what a scheduler sends before a stop (SLURM: sbatch --signal=USR1@120; preemption: TERM)

@@ -3,13 +3,14 @@
 The test set is cut into fixed batches; batch ``b`` goes to rank ``b % world`` and its attack noise
 comes from a generator seeded by ``(seed, b)``. Each example therefore sees the same batch and the same
 random start whatever the world size, and per-example results gathered on rank 0 equal a 1-rank run.
-The model is always in eval mode; attacks never touch parameter gradients.
+The model is always in eval mode; attacks never touch parameter gradients. An attack that runs in stages
+(AutoAttack) also reports, per example, whether it was still robust after each stage.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -40,6 +41,9 @@ class EvalResult:
     robust_correct: dict[str, torch.Tensor]  # label -> correct after that attack
     seconds: dict[str, float]
     targets: torch.Tensor  # each example's class
+    # label -> stage -> correct after that stage and every earlier one, for attacks that run in stages
+    # (AutoAttack): non-increasing along the stages, and the last stage's is ``robust_correct[label]``.
+    stage_correct: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def per_class(self) -> dict[int, dict[str, Any]]:
         """Clean and robust accuracy of each class present: ``{class: {count, clean_acc, robust_acc: {label: acc}}}``."""
@@ -60,6 +64,13 @@ class EvalResult:
 
     def robust_acc(self, label: str) -> float:
         return float(self.robust_correct[label].float().mean()) if self.count else float("nan")
+
+    def stage_acc(self, label: str) -> dict[str, float] | None:
+        """Robust accuracy after each stage of attack ``label``, in order (None: it has no stages)."""
+        stages = self.stage_correct.get(label)
+        if stages is None:
+            return None
+        return {name: float(c.float().mean()) if self.count else float("nan") for name, c in stages.items()}
 
     def summary(self) -> dict[str, Any]:
         return {"count": self.count, "clean_acc": self.clean_acc,
@@ -102,6 +113,7 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
     sync = dist.accelerator().synchronize if device.type != "cpu" else (lambda: None)
     local_idx, local_clean, local_targets = [], [], []
     local_robust: dict[str, list[torch.Tensor]] = {s.label: [] for s in specs}
+    local_stages: dict[str, dict[str, list[torch.Tensor]]] = {s.label: {} for s in specs if s.has_stages}
     seconds = {s.label: 0.0 for s in specs}
     loader = _rank_loader(dataset, batches, mine, batch_size, device)
     with eval_mode(model):
@@ -114,13 +126,16 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
             robust = {}
             for spec in specs:
                 g = batch_generator(seed, b, device)
+                stages: dict[str, torch.Tensor] = {}
                 sync()
                 t0 = time.perf_counter()
-                x_adv = spec.run(model, x, y, g)
+                x_adv = spec.run(model, x, y, g, on_stage=stages.__setitem__ if spec.has_stages else None)
                 with torch.no_grad():
                     robust[spec.label] = (model(x_adv).argmax(1) == y) & clean
                 sync()
                 seconds[spec.label] += time.perf_counter() - t0
+                if stages:
+                    _add_stages(local_stages[spec.label], stages, clean, robust[spec.label])
             local_idx.append(torch.arange(lo, hi))
             local_clean.append(clean)
             local_targets.append(y)
@@ -130,7 +145,8 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
                 on_batch(hi - lo)
     cat = lambda xs, dtype: torch.cat(xs).cpu() if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
     payload = (cat(local_idx, torch.long), cat(local_clean, torch.bool),
-               {k: cat(v, torch.bool) for k, v in local_robust.items()}, seconds, cat(local_targets, torch.long))
+               {k: cat(v, torch.bool) for k, v in local_robust.items()}, seconds, cat(local_targets, torch.long),
+               {k: {name: cat(v, torch.bool) for name, v in stages.items()} for k, stages in local_stages.items()})
     gathered = dist.all_gather_object(payload)
     idx = torch.cat([g[0] for g in gathered])
     order = torch.argsort(idx)
@@ -139,5 +155,26 @@ def evaluate(model: nn.Module, dataset, specs: list[AttackSpec], *, batch_size: 
     # Wall time of the slowest rank is what the user waits for.
     secs = {k: max(g[3][k] for g in gathered) for k in seconds}
     targets = torch.cat([g[4] for g in gathered])[order]
+    stages_all = {}
+    for label in local_stages:
+        # A rank without batches has no stage names; every other rank has all of them, for every example.
+        names = next((list(g[5][label]) for g in gathered if g[5][label]), [])
+        stages_all[label] = {name: torch.cat([g[5][label].get(name, torch.zeros(0, dtype=torch.bool))
+                                              for g in gathered])[order] for name in names}
     return EvalResult(indices=idx[order], clean_correct=clean_all, robust_correct=robust_all, seconds=secs,
-                      targets=targets)
+                      targets=targets, stage_correct=stages_all)
+
+
+def _add_stages(into: dict[str, list[torch.Tensor]], stages: dict[str, torch.Tensor], clean: torch.Tensor,
+                robust: torch.Tensor) -> None:
+    """Append one batch's per-stage robust masks, made consistent with the evaluation's own verdict ``robust``.
+
+    The attack judged each stage with its own forwards (on the subset it attacked); those agree with the
+    evaluation's forward on ``x_adv`` up to float ties between batch shapes. So a point robust at the end counts
+    as robust after every stage, and the last stage is the evaluation's verdict: the stages' accuracies never
+    rise, and the last one is the attack's robust accuracy.
+    """
+    names = list(stages)
+    for name in names[:-1]:
+        into.setdefault(name, []).append((stages[name].to(clean.device) & clean) | robust)
+    into.setdefault(names[-1], []).append(robust)

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..core.errors import ConfigError
 from ..core.io import atomic_write_bytes, atomic_write_json
+from ..models import normalization_of
 from .loading import load_run
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def export(run: str | Path, out: str | Path, tag: str | None = None, *, force: b
     check_outputs(run, out, force)
     loaded = load_run(run, tag, weights)  # verified tag, weights_only, any ZeRO stage
     module, spec, states = loaded.model.state_dict(), loaded.spec, loaded.client_state
+    norm = normalization_of(loaded.model)  # the statistics training used (model.normalization), not always the data's
+    mean, std = (norm.mean.flatten().tolist(), norm.std.flatten().tolist()) if norm is not None else (spec.mean, spec.std)
     tensors = {}
     for key, value in module.items():
         key = key.removeprefix("module.").removeprefix("backbone.")
@@ -66,7 +69,7 @@ def export(run: str | Path, out: str | Path, tag: str | None = None, *, force: b
     meta = {
         "model": loaded.cfg.model.name, "act": loaded.cfg.model.act, "dataset": loaded.cfg.data.name,
         "num_classes": spec.num_classes, "in_chans": spec.in_chans, "img_size": spec.img_size,
-        "mean": list(spec.mean), "std": list(spec.std), "classes": list(spec.classes),
+        "mean": list(mean), "std": list(std), "classes": list(spec.classes),
         "source": loaded.source["tag_dir"], "global_step": states.get("global_step"),
         "weights": loaded.source["which_weights"], "best": loaded.source["best"],
         "format": "backbone state dict (no normalisation); normalise inputs with mean/std",

@@ -68,7 +68,8 @@ def random_encoder(cfg: RunConfig, seed: int = 0) -> tuple[nn.Module, Any]:
     """A randomly initialised encoder of the same architecture: the baseline pre-training must beat."""
     _, spec = build_dataset(cfg.data, "test")
     torch.manual_seed(seed)
-    return build_encoder(cfg.model.name, spec), spec
+    return build_encoder(cfg.model.name, spec, normalization=cfg.model.normalization,
+                         pretrained=cfg.model.weights is not None), spec
 
 
 def finetune(cfg: RunConfig, encoder: nn.Module, spec, settings: FinetuneSettings) -> dict[str, Any]:

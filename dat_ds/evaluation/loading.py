@@ -36,7 +36,7 @@ from ..core.config import DataConfig, RunConfig, config_from_dict, replace
 from ..core.errors import ConfigError
 from ..data import build_dataset
 from ..data.base import DataSpec
-from ..models import create_model
+from ..models import create_model, input_statistics, normalization_of
 from ..objectives import OBJECTIVES
 from ..runtime import checkpoint
 from ..runtime.ema import STATE_KEY as EMA_KEY
@@ -106,6 +106,10 @@ def _run_config(run_dir: Path, states: dict[str, Any]) -> RunConfig:
     else:
         raise ConfigError(f"no run config in the checkpoint or {str(run_dir)!r}; "
                           "give a run folder written by `dat-ds train`")
+    model = values.get("model")
+    if isinstance(model, dict) and "normalization" not in model:
+        # Saved before model.normalization existed: every model then normalised with the data set's statistics.
+        values = {**values, "model": {**model, "normalization": "data"}}
     try:
         return config_from_dict(values)
     except ConfigError as e:
@@ -123,9 +127,14 @@ def _data_spec(cfg: RunConfig, states: dict[str, Any]) -> DataSpec:
 
 
 def trained_model(cfg: RunConfig, spec: DataSpec) -> nn.Module:
-    """The architecture ``cfg`` trains, with fresh weights: the classifier, or what the objective makes of it."""
-    cfg = replace(cfg, model=replace(cfg.model, weights=None))  # weights: the checkpoint's
-    model = create_model(cfg.model.name, spec, act=cfg.model.act)  # model.act: no weights say which
+    """The architecture ``cfg`` trains, with fresh weights: the classifier, or what the objective makes of it,
+    normalising its inputs as training did (``model.normalization``; "auto" chose by ``model.weights``)."""
+    pretrained = cfg.model.weights is not None
+    model = create_model(cfg.model.name, spec, act=cfg.model.act,  # model.act: no weights say which
+                         normalization=cfg.model.normalization, pretrained=pretrained)
+    # The weights are the checkpoint's, so model.weights goes; what "auto" chose with it stays.
+    chosen = input_statistics(model.backbone, cfg.model.name, spec, cfg.model.normalization, pretrained).chosen
+    cfg = replace(cfg, model=replace(cfg.model, weights=None, normalization=chosen))
     return OBJECTIVES.get(cfg.objective.name).prepare_model(cfg, spec, model)
 
 
@@ -194,8 +203,10 @@ def load_run(run: str | Path, tag: str | None = None, weights: str = "auto") -> 
     source = {"kind": "run", "run_dir": str(run_dir), "tag": tag, "tag_dir": str(root / tag), "zero_stage": stage,
               "global_step": states.get("global_step"), "model": cfg.model.name, "objective": cfg.objective.name,
               "data": cfg.data.name, "which_weights": which, "tag_choice": choice, "best": is_best}
-    log.info("loaded %s (tag %s%s, ZeRO-%d, global step %s, %s weights)", run_dir, tag, TAG_CHOICE[choice], stage,
-             states.get("global_step"), "EMA" if which == "ema" else "raw")
+    norm = normalization_of(model)
+    log.info("loaded %s (tag %s%s, ZeRO-%d, global step %s, %s weights)%s", run_dir, tag, TAG_CHOICE[choice], stage,
+             states.get("global_step"), "EMA" if which == "ema" else "raw",
+             f"; input normalisation: {norm.describe()}" if norm is not None else "")
     return LoadedModel(model=model, data_cfg=cfg.data, source=source, cfg=cfg, spec=spec, client_state=client_state)
 
 

@@ -161,14 +161,13 @@ def check_data(cfg) -> Any:
 
 
 def check_weights(cfg, spec) -> None:
-    """``model.weights`` load into the model the run builds (the trainer's own call): keys and shapes match."""
-    if not cfg.model.weights:
+    """``model.weights`` load into the model the run builds (the trainer's own call): keys and shapes match; and
+    ``model.normalization=model`` finds the statistics (a timm model's ``pretrained_cfg``) for the data's channels."""
+    if not cfg.model.weights and cfg.model.normalization != "model":
         return
-    from ..models import create_model
-    from ..objectives import prepare_model
+    from ..runtime.build import make_model
 
-    prepare_model(cfg, spec, create_model(cfg.model.name, spec, cfg.model.weights, act=cfg.model.act,
-                                          strict_head=cfg.model.strict_head))
+    make_model(cfg, spec, cfg.model.weights)
 
 
 def check_nproc(nproc: int, accelerator=None) -> str | None:

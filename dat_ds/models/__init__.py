@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..core import names
 from ..core.errors import ConfigError
 from ..core.registry import Registry
 from .cifar import CIFAR_MODELS
@@ -70,13 +73,59 @@ def _timm_model(name: str, in_chans: int, num_classes: int, img_size: int) -> nn
         return timm.create_model(name, **kwargs)
 
 
-def create_model(name: str, spec, weights: str | None = None, act: str = "relu", *,
-                 strict_head: bool = True) -> NormalizedModel:
-    """Build ``name`` for a data set ``spec`` and wrap it with the data set's normalisation.
+def _declared_statistics(backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The input mean/std a timm model declares in its ``pretrained_cfg`` (those its pretrained weights were
+    trained with), or None: ours declare none, and timm's ``pretrained_cfg`` is a dict or a ``PretrainedCfg``."""
+    cfg = getattr(backbone, "pretrained_cfg", None)
+    get = cfg.get if isinstance(cfg, Mapping) else (lambda key: getattr(cfg, key, None))
+    mean, std = get("mean"), get("std")
+    if not mean or not std:
+        return None
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+class InputStatistics(NamedTuple):
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str  # where they come from, for the log
+    chosen: str  # "data" or "model": what ``model.normalization`` (maybe "auto") resolved to
+
+
+def input_statistics(backbone: nn.Module, name: str, spec, normalization: str, pretrained: bool) -> InputStatistics:
+    """The input mean/std for ``model.normalization``.
+
+    ``data``: the data set's. ``model``: the model's ``pretrained_cfg`` statistics; a model that declares none, or
+    declares them for another channel count, is a ConfigError. ``auto``: the model's when it starts from
+    pretrained weights (``pretrained``: ``model.weights`` is set) and declares them for the data's channels, else
+    the data set's. Depends on the config alone (never on whether weights are loaded now), so the run loader,
+    which rebuilds the model before loading the checkpoint's weights, gets what training used."""
+    if normalization not in names.NORMALIZATIONS:
+        raise ConfigError(f"model.normalization={normalization!r}; allowed: {', '.join(names.NORMALIZATIONS)}")
+    if normalization == "data" or (normalization == "auto" and not pretrained):
+        return InputStatistics(tuple(spec.mean), tuple(spec.std), "the data set's statistics", "data")
+    declared = _declared_statistics(backbone)
+    if declared is None:
+        why = f"model {name!r} declares no mean/std in a timm pretrained_cfg"
+    elif len(declared[0]) != spec.in_chans or len(declared[1]) != spec.in_chans:
+        why = (f"the timm pretrained_cfg of model {name!r} has mean/std for {len(declared[0])} channels, the data "
+               f"{spec.in_chans}")
+    else:
+        return InputStatistics(declared[0], declared[1], f"the timm pretrained_cfg of model {name!r}", "model")
+    if normalization == "model":
+        raise ConfigError(f"model.normalization=model: {why}; use model.normalization=data (or auto)")
+    return InputStatistics(tuple(spec.mean), tuple(spec.std), f"the data set's statistics ({why})", "data")
+
+
+def create_model(name: str, spec, weights: str | None = None, act: str = "relu", *, strict_head: bool = True,
+                 normalization: str = "data", pretrained: bool | None = None) -> NormalizedModel:
+    """Build ``name`` for a data set ``spec`` and wrap it with its input normalisation (``input_statistics``).
 
     ``act`` (``model.act``) is the CIFAR models' activation; the other models have their own and take only "relu"
     (the default, meaning "as built"). ``strict_head=False`` (training: ``model.strict_head``) lets ``weights``
-    with another class count start the model: its classifier head starts from fresh weights."""
+    with another class count start the model: its classifier head starts from fresh weights. ``normalization``
+    is ``model.normalization`` ("data", the data set's statistics, unless a run config says otherwise);
+    ``pretrained`` whether the run starts from pretrained weights (default: whether ``weights`` is given; the
+    run loader says so for a run whose weights it loads afterwards)."""
     if act != "relu":
         if name not in CIFAR_MODELS:
             raise ConfigError(f"model.act={act} applies to the models {', '.join(CIFAR_MODELS)}, not {name!r}")
@@ -85,9 +134,15 @@ def create_model(name: str, spec, weights: str | None = None, act: str = "relu",
         backbone = MODELS.get(name)(spec.in_chans, spec.num_classes, spec.img_size)
     else:
         backbone = _timm_model(name, spec.in_chans, spec.num_classes, spec.img_size)
+    stats = input_statistics(backbone, name, spec, normalization, bool(weights) if pretrained is None else pretrained)
     if weights:
         load_backbone_weights(backbone, weights, name, strict_head=strict_head)
-    return NormalizedModel(backbone, spec.mean, spec.std)
+    return NormalizedModel(backbone, stats.mean, stats.std, source=stats.source)
+
+
+def normalization_of(model: nn.Module) -> NormalizedModel | None:
+    """The ``NormalizedModel`` inside ``model`` (itself, or inside what an objective built around it)."""
+    return next((m for m in model.modules() if isinstance(m, NormalizedModel)), None)
 
 
 def head_keys(backbone: nn.Module) -> list[str]:
@@ -178,4 +233,5 @@ def load_backbone_weights(backbone: nn.Module, path: str, model_name: str | None
     backbone.load_state_dict(state, strict=True)
 
 
-__all__ = ["MODELS", "NormalizedModel", "SmallCNN", "create_model", "model_names", "read_weights"]
+__all__ = ["MODELS", "NormalizedModel", "SmallCNN", "InputStatistics", "create_model", "input_statistics", "model_names",
+           "normalization_of", "read_weights"]

@@ -7,13 +7,21 @@ from torch import nn
 
 
 class NormalizedModel(nn.Module):
-    def __init__(self, backbone: nn.Module, mean, std):
+    """``backbone((x - mean) / std)``; ``source`` says where mean/std came from (``models.input_statistics``)."""
+
+    def __init__(self, backbone: nn.Module, mean, std, source: str = "given"):
         super().__init__()
         self.backbone = backbone
+        self.source = source
         c = len(mean)
         # Not persistent: the backbone's state dict stays loadable by plain timm/torchvision code.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
+
+    def describe(self) -> str:
+        """``mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5] (model 'x''s timm pretrained_cfg)``, for the log."""
+        rounded = lambda t: [round(v, 4) for v in t.flatten().tolist()]  # noqa: E731
+        return f"mean {rounded(self.mean)}, std {rounded(self.std)} ({self.source})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)

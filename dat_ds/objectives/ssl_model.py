@@ -49,12 +49,16 @@ class LinearProbe(nn.Module):
         return self.fc(self.encoder(x))
 
 
-def build_encoder(model_name: str, spec, weights: str | None = None) -> nn.Module:
+def build_encoder(model_name: str, spec, weights: str | None = None, normalization: str = "data",
+                  pretrained: bool | None = None) -> nn.Module:
+    """``normalization``/``pretrained``: ``create_model``'s (``model.normalization``; whether the run started
+    from ``model.weights``)."""
     from ..models import create_model
 
-    return create_model(model_name, dataclasses.replace(spec, num_classes=FEATURE_DIM), weights)
+    return create_model(model_name, dataclasses.replace(spec, num_classes=FEATURE_DIM), weights,
+                        normalization=normalization, pretrained=pretrained)
 
 
 def build_contrastive_model(cfg, spec, model: nn.Module | None = None) -> ContrastiveModel:
     """The model the ``acl`` objective trains: a fresh ``cfg.model.name`` encoder plus projection head."""
-    return ContrastiveModel(build_encoder(cfg.model.name, spec, cfg.model.weights))
+    return ContrastiveModel(build_encoder(cfg.model.name, spec, cfg.model.weights, cfg.model.normalization))

@@ -25,7 +25,7 @@ from ..data.base import DataSpec
 from ..data.corrupt import CorruptImages, corrupt_images
 from ..data.loaders import TrainLoaderFactory, build_train_loader
 from ..data.split import split_validation
-from ..models import create_model
+from ..models import create_model, normalization_of
 from ..objectives import Objective, ObjectiveContext, build_objective, eps_warmup, prepare_model
 from ..objectives.reuse import PerturbationStore, check_reuse_budget
 from ..optim import build_optimizer, build_scheduler, lr_scale, param_groups
@@ -160,6 +160,9 @@ def build_run(cfg: RunConfig, settings: ds_config.EngineSettings) -> BuiltRun:
         log.info("train.keep_best=%s: %d training examples held out for validation, %d left to train on",
                  cfg.train.keep_best, len(val_set), len(train_set))
     model = make_model(cfg, spec, cfg.model.weights)
+    norm = normalization_of(model)
+    if norm is not None:
+        log.info("input normalisation (model.normalization=%s): %s", cfg.model.normalization, norm.describe())
     loaders = build_train_loader(cfg, train_set, micro_batch=s.micro_batch, rank=rank, world_size=world)
     steps = loaders.steps_per_epoch
     if cfg.train.max_steps_per_epoch is not None:
@@ -206,8 +209,11 @@ def build_run(cfg: RunConfig, settings: ds_config.EngineSettings) -> BuiltRun:
 
 
 def make_model(cfg: RunConfig, spec: DataSpec, weights: str | None) -> torch.nn.Module:
+    """``weights`` None (ZeRO-3's evaluation copy) builds the same model, its normalisation included."""
     return prepare_model(cfg, spec, create_model(cfg.model.name, spec, weights, act=cfg.model.act,
-                                                 strict_head=cfg.model.strict_head))
+                                                 strict_head=cfg.model.strict_head,
+                                                 normalization=cfg.model.normalization,
+                                                 pretrained=cfg.model.weights is not None))
 
 
 def eval_copy(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:

@@ -63,7 +63,7 @@ from . import ds_adapter
 log = logging.getLogger(__name__)
 BEST = "best"  # pointer file: the tag train.keep_best selected
 # Config keys whose change makes the saved tensors unusable: checked before DeepSpeed sees the files.
-MUST_MATCH = (("model", "name"), ("data", "name"))
+MUST_MATCH = (("model", "name"), ("model", "normalization"), ("data", "name"))  # what the tensors mean
 OPTIMIZER_LOCAL = "optimizer_local"  # key of comm.rank_local_state() in rank_state_<r>.pt
 # The damaged tags a launching ``dat-ds`` process has warned about (JSON list of paths): its ranks, which check
 # the same checkpoints again, say it at debug level only, so a damaged checkpoint gets one warning per command.

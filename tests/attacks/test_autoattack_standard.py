@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 
-from dat_ds.attacks import ATTACKS, GEOMETRIES, pgd
+from dat_ds.attacks import ATTACKS, GEOMETRIES, STANDARD_STAGES, AttackSpec, pgd, takes
+from dat_ds.core.errors import ConfigError
 
 STAGES = {"APGD": "apgd-ce", "APGDT": "apgd-t", "FAB": "fab-t", "Square": "square"}
 
@@ -75,7 +76,7 @@ def test_default_settings_are_the_reference_iterations_and_queries():
 
     model = _linear_model(100)
     attacks = dict(standard_autoattack(model, eps=8 / 255, norm="linf", n_classes=100))
-    assert list(attacks) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert list(attacks) == ["apgd-ce", "apgd-t", "fab-t", "square"] == list(STANDARD_STAGES)
     assert attacks["apgd-ce"].steps == attacks["apgd-t"].steps == attacks["fab-t"].steps == 100
     assert attacks["square"].n_queries == 5000
     for stage, attack in attacks.items():
@@ -105,8 +106,10 @@ def test_autoattack_attacks_only_points_still_robust_and_beats_pgd(calls, embedd
     model = _trained_mlp(x_all[64:512], y_all[64:512])
     x, y = x_all[:64], y_all[:64]
     eps = 0.03
+    stages = []
     x_aa = ATTACKS.get("autoattack")(model, x, y, eps=eps, aa_steps=10, n_queries=50,
-                                     generator=torch.Generator().manual_seed(0))
+                                     generator=torch.Generator().manual_seed(0),
+                                     on_stage=lambda name, robust: stages.append((name, robust)))
     x_pgd = pgd(model, x, y, eps=eps, steps=20, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         clean = model(x).argmax(1) == y
@@ -119,8 +122,45 @@ def test_autoattack_attacks_only_points_still_robust_and_beats_pgd(calls, embedd
     ball = GEOMETRIES.get("linf")(eps)
     idx = clean.nonzero().flatten()
     assert [c[0] for c in calls] == ["apgd-ce", "apgd-t", "fab-t", "square"][:len(calls)]
-    for stage, _, x_in, y_in, x_out in calls:
+    for (stage, _, x_in, y_in, x_out), (reported, robust) in zip(calls, stages):
         assert torch.equal(x_in, x[idx]) and torch.equal(y_in, y[idx]), stage  # from the clean images
         with torch.no_grad():
             idx = idx[model(ball.project(x_out, x_in)).argmax(1) == y_in]
+        # on_stage reports, after each stage, exactly the points the next stage attacks.
+        assert reported == stage and torch.equal(robust.nonzero().flatten(), idx), stage
     assert idx.numel() == round(acc_aa * 64)
+    assert [name for name, _ in stages] == list(STANDARD_STAGES)
+    with torch.no_grad():
+        assert torch.equal(stages[-1][1], model(x_aa).argmax(1) == y)
+    assert stages[0][1].sum() < clean.sum()  # APGD-CE broke points: the report can tell stages apart
+
+
+def test_a_stage_with_no_point_left_reports_the_previous_mask(calls):
+    """The reference prints every stage's accuracy even when an earlier one broke everything: a stage with
+    nothing left to attack runs no attack and reports the mask it was given."""
+    model = _linear_model(10)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    stages = []
+    ATTACKS.get("autoattack")(model, x, y, eps=1.0, aa_steps=2, n_queries=2, generator=torch.Generator().manual_seed(0),
+                              on_stage=lambda name, robust: stages.append((name, robust)))
+    assert [name for name, _ in stages] == list(STANDARD_STAGES)
+    assert not stages[0][1].any()  # eps 1: APGD-CE breaks all four points
+    assert all(not robust.any() for _, robust in stages)
+    assert [c[0] for c in calls] == ["apgd-ce"]  # and the later stages never ran
+
+
+def test_on_stage_is_runtime_only():
+    """Like ``init_delta``, ``on_stage`` is the caller's, never a spec value; a spec passes it only to an attack
+    that runs in stages."""
+    with pytest.raises(ConfigError, match="does not take on_stage"):
+        AttackSpec("autoattack", eps=0.1, extra={"on_stage": print})
+    assert "on_stage" not in takes("autoattack")
+    assert AttackSpec("autoattack", eps=0.1).has_stages and not AttackSpec("pgd", eps=0.1).has_stages
+    model = _linear_model(10)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    seen = []
+    AttackSpec("pgd", eps=0.1, steps=1).run(model, x, torch.zeros(2, dtype=torch.long), None,
+                                            on_stage=lambda *a: seen.append(a))
+    assert seen == []

@@ -132,6 +132,14 @@ CASES = [*PATH_CASES,
     ("stop-signals-term-without-int", lambda t: ["--set", "train.save_on_signal=true", "--set", "train.stop_signals=[SIGUSR1, SIGTERM]"],
      "train.stop_signals=[SIGUSR1, SIGTERM] lists SIGTERM without SIGINT: a launched run's ranks get Ctrl-C as "
      "SIGTERM, so list both or neither"),
+    ("bad-normalization", lambda t: ["--set", "model.normalization=imagenet"],
+     "config key 'model.normalization' is 'imagenet'; allowed: auto, data, model"),
+    ("normalization-model-without-statistics", lambda t: ["--set", "model.normalization=model"],
+     "model.normalization=model: model 'tiny_cnn' declares no input mean/std (only timm models with a pretrained_cfg "
+     "do); use model.normalization=data or auto"),
+    ("normalization-model-other-channels", lambda t: ["--set", "model.name=test_resnet", "--set", "model.normalization=model"],
+     "model.normalization=model: the timm pretrained_cfg of model 'test_resnet' has mean/std for 3 channels, the data 1; "
+     "use model.normalization=data (or auto)"),
     ("bad-override-syntax", lambda t: ["--set", "attack.eps"], "bad override 'attack.eps'; expected KEY=VALUE, e.g. --set attack.eps=0.1"),
     ("unknown-attack", lambda t: ["--set", "attack.name=pgdd"], lambda: f"unknown attack 'pgdd'; choose one of: {names(ATTACKS)}"),
     ("unknown-eval-attack", lambda t: ["--set", "eval.attack=autoattak"], lambda: f"unknown attack 'autoattak'; choose one of: {names(ATTACKS)}"),

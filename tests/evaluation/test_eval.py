@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dat_ds.attacks import AttackSpec
+from dat_ds.attacks import STANDARD_STAGES, AttackSpec
 from dat_ds.core import dist
 from dat_ds.core.config import parse_eps
 from dat_ds.core.errors import ConfigError
@@ -130,6 +130,76 @@ def test_evaluate_shards_like_any_world_size(trained_demo_model, monkeypatch):
     assert one.clean_acc > one.robust_acc(specs[0].label)
 
 
+# Plumbing, not strength: 2 iterations, 5 Square queries. On ``weak_cnn`` APGD-CE breaks a third of the points.
+TINY_AUTOATTACK = AttackSpec("autoattack", eps=0.05, extra={"aa_steps": 2, "n_queries": 5})
+
+
+def assert_stages_consistent(stages: dict[str, float], clean_acc: float, robust_acc: float) -> None:
+    """AutoAttack's accuracy after each stage: every stage reported, in order, never rising, below the clean
+    accuracy after the first stage (it broke points), and ending at the attack's robust accuracy."""
+    accs = list(stages.values())
+    assert list(stages) == list(STANDARD_STAGES)
+    assert clean_acc > accs[0] and all(a >= b for a, b in zip(accs, accs[1:])), (clean_acc, stages)
+    assert accs[-1] == robust_acc
+
+
+def test_autoattack_stages_gather_like_any_world_size(weak_cnn, monkeypatch):
+    """AutoAttack's per-example outcome after each stage reaches ``EvalResult`` and is gathered like the other
+    per-example tensors: the ranks of a 2-rank and of a 3-rank world (run one after the other; the last one
+    gathers what all of them sent) give the 1-rank result. 2 batches: with 3 ranks, rank 2 has none."""
+    from dat_ds.core.config import DataConfig
+    from dat_ds.data import build_dataset
+
+    ds, _ = build_dataset(DataConfig(), "test")
+    specs = [AttackSpec("fgsm", eps=0.05), TINY_AUTOATTACK]
+    one = evaluate(weak_cnn, ds, specs, batch_size=8, max_examples=16)
+    aa = TINY_AUTOATTACK.label
+    assert list(one.stage_correct) == [aa]  # FGSM is one attack: no stages
+    assert one.stage_acc(specs[0].label) is None
+    assert_stages_consistent(one.stage_acc(aa), one.clean_acc, one.robust_acc(aa))
+    masks = list(one.stage_correct[aa].values())
+    for earlier, later in zip(masks, masks[1:]):
+        assert not (later & ~earlier).any()  # per example too: a broken point stays broken
+
+    for world in (2, 3):
+        payloads = []
+        monkeypatch.setattr(dist, "world_size", lambda world=world: world)
+        for rank in range(world):
+            monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+            last = rank == world - 1
+            monkeypatch.setattr(dist, "all_gather_object",
+                                lambda p, last=last, payloads=payloads: payloads.append(p) or (payloads if last else [p]))
+            merged = evaluate(weak_cnn, ds, specs, batch_size=8, max_examples=16)
+        assert torch.equal(merged.indices, one.indices) and torch.equal(merged.robust_correct[aa], one.robust_correct[aa])
+        assert merged.stage_correct.keys() == one.stage_correct.keys()
+        for stage, correct in one.stage_correct[aa].items():
+            assert torch.equal(merged.stage_correct[aa][stage], correct), (world, stage)
+        assert merged.stage_acc(aa) == one.stage_acc(aa)
+
+
+def test_eval_report_has_autoattack_stages(weak_cnn, monkeypatch):
+    """eval.json's AutoAttack rows carry ``stages`` (robust accuracy after each one), other rows None, and the
+    report prints them as the reference does: ``robust accuracy after APGD-CE: 54.69 % (35/64)``."""
+    from dat_ds.core.config import DataConfig
+    from dat_ds.data import build_dataset
+
+    ds, _ = build_dataset(DataConfig(), "test")
+    specs = [AttackSpec("pgd", eps=0.1, steps=2), TINY_AUTOATTACK]
+    result = evaluate(weak_cnn, ds, specs, batch_size=8, max_examples=16)
+    monkeypatch.setattr(eval_run, "provenance", lambda **kw: {})
+    report = eval_run.build_report(result, specs, {}, eval_args(), None, 0.0)
+    pgd_row, aa_row = report["results"]
+    assert pgd_row["stages"] is None
+    assert_stages_consistent(aa_row["stages"], report["clean_acc"], aa_row["robust_acc"])
+    json.dumps(report)  # eval.json is written from it
+    lines = eval_run.stage_lines(report)
+    head = "AutoAttack-aa_steps2-n_queries5 at eps 0.05: "
+    assert lines == [head + f"initial accuracy: {eval_run.percent(result.clean_acc, 16)}"] + [
+        head + f"robust accuracy after {title}: {eval_run.percent(aa_row['stages'][stage], 16)}"
+        for stage, title in STANDARD_STAGES.items()]
+    assert "robust accuracy after APGD-CE: " in lines[1] and "/16)" in lines[1]
+
+
 @pytest.fixture(scope="module")
 def weights_file(trained_demo_model, tmp_path_factory) -> Path:
     """The trained demo model's backbone as a safetensors file, the way a timm user would hand it over."""
@@ -170,12 +240,16 @@ def test_two_ranks_equal_one_rank(cli, weights_file, tmp_path):
 
 def test_eval_run_folder_end_to_end(cli, tmp_path):
     """Train 2 steps with `dat-ds train`, then `dat-ds eval --run` reads its DeepSpeed checkpoint, with --sanity."""
-    cli("train", "--config", "recipes/demo.yaml", "--name", "tiny", "--output-dir", str(tmp_path), "--epochs", "1",
-        "--set", "model.name=tiny_cnn", "--set", "train.max_steps_per_epoch=2", "--set", "eval.max_examples=16",
-        "--set", "eval.steps=1", check=True, timeout=600)
+    train = cli("train", "--config", "recipes/demo.yaml", "--name", "tiny", "--output-dir", str(tmp_path), "--epochs",
+                "1", "--set", "model.name=tiny_cnn", "--set", "train.max_steps_per_epoch=2", "--set",
+                "eval.max_examples=16", "--set", "eval.steps=1", check=True, timeout=600)
+    # Which input statistics the run normalises with, and where they came from: said once, by training and eval.
+    said = "input normalisation (model.normalization=auto): mean ["
+    assert (train.stdout + train.stderr).count(said) == 1
     run_dir = tmp_path / "tiny"
-    proc = cli("eval", "--run", str(run_dir), "--attacks", "pgd", "--eps", "0.05,0.1", "--steps", "2",
-               "--square-queries", "5", "--max-examples", "32", "--sanity", "--per-class", check=True, timeout=600)
+    proc = cli("eval", "--run", str(run_dir), "--attacks", "pgd,autoattack", "--eps", "0.05,0.1", "--steps", "2",
+               "--aa-steps", "1", "--aa-queries", "5", "--square-queries", "5", "--max-examples", "32", "--sanity",
+               "--per-class", check=True, timeout=600)
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["source"]["kind"] == "run" and report["source"]["tag"] == "epoch0000"
     labels = [r["label"] for r in report["results"]]
@@ -185,7 +259,16 @@ def test_eval_run_folder_end_to_end(cli, tmp_path):
     checks = {c["check"]: c["status"] for c in report["sanity"]}
     assert "black box does not beat white box" in checks and "FGSM vs PGD" in checks
     assert "sanity" in proc.stdout + proc.stderr
+    assert "input normalisation: mean [" in proc.stdout + proc.stderr and "(the data set's statistics)" in proc.stdout + proc.stderr
     assert "accuracy per class" in proc.stdout and "% (" in proc.stdout  # --per-class; accuracies with counts
+    # AutoAttack's accuracy after each stage, in eval.json and printed as the reference prints it.
+    aa_rows = [r for r in report["results"] if r["attack"] == "autoattack"]
+    assert [r["eps"] for r in aa_rows] == [0.05, 0.1]
+    for row in aa_rows:
+        assert list(row["stages"]) == list(STANDARD_STAGES) and row["stages"]["square"] == row["robust_acc"]
+        printed = f"at eps {row['eps']}: robust accuracy after APGD-CE: {eval_run.percent(row['stages']['apgd-ce'], 32)}"
+        assert printed in proc.stdout + proc.stderr
+    assert all(r["stages"] is None for r in report["results"] if r["attack"] != "autoattack")
     # The loaded weights are the trained ones: clean accuracy equals what the model gives in-process.
     from dat_ds.evaluation.loading import load_run
 

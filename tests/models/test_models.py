@@ -163,3 +163,76 @@ def test_model_act_is_validated_and_reaches_the_run_loader():
     cfg = build_config(None, ["model.name=wideresnet16_4", "model.act=silu"])
     silu, relu = _counts(trained_model(cfg, CIFAR_SPEC))
     assert silu > 0 and relu == 0  # `dat-ds eval` of a SiLU run evaluates a SiLU model
+
+
+# timm's ``test_resnet`` (0.4M parameters, random weights: nothing is downloaded) declares mean = std = 0.5 in its
+# pretrained_cfg; CIFAR_SPEC's statistics differ, so each test below tells which ones the model took.
+TIMM_WITH_STATS = "test_resnet"
+
+
+def _stats(model) -> tuple[list[float], list[float]]:
+    from dat_ds.models import normalization_of
+
+    norm = normalization_of(model)
+    return [round(v, 4) for v in norm.mean.flatten().tolist()], [round(v, 4) for v in norm.std.flatten().tolist()]
+
+
+@pytest.fixture(scope="module")
+def timm_weights(tmp_path_factory):
+    """A local weights file for the timm model, as a user would give it in model.weights."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model(TIMM_WITH_STATS, CIFAR_SPEC).backbone.state_dict().items()},
+              str(path))
+    return str(path)
+
+
+def test_model_normalization_picks_the_timm_pretrained_cfg_statistics(timm_weights):
+    """``model.normalization``: "model" takes the pretrained_cfg's mean/std, "data" the data set's, "auto" the
+    model's only when the run starts from weights; a model that declares none (or for other channels) is refused
+    with "model" and falls back to the data's with "auto"."""
+    model_stats, data_stats = ([0.5] * 3, [0.5] * 3), (list(CIFAR_SPEC.mean), list(CIFAR_SPEC.std))
+    assert create_model(TIMM_WITH_STATS, CIFAR_SPEC).backbone.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    assert _stats(create_model(TIMM_WITH_STATS, CIFAR_SPEC, normalization="model")) == model_stats
+    assert _stats(create_model(TIMM_WITH_STATS, CIFAR_SPEC, normalization="data")) == data_stats
+    assert _stats(create_model(TIMM_WITH_STATS, CIFAR_SPEC, timm_weights, normalization="auto")) == model_stats
+    assert _stats(create_model(TIMM_WITH_STATS, CIFAR_SPEC, timm_weights, normalization="data")) == data_stats
+    assert _stats(create_model(TIMM_WITH_STATS, CIFAR_SPEC, normalization="auto")) == data_stats  # random start
+    assert "pretrained_cfg" in create_model(TIMM_WITH_STATS, CIFAR_SPEC, normalization="model").describe()
+    gray = DataSpec(in_chans=1, num_classes=10, img_size=32, mean=(0.3,), std=(0.35,))
+    with pytest.raises(ConfigError, match="has mean/std for 3 channels, the data 1; use model.normalization=data"):
+        create_model(TIMM_WITH_STATS, gray, normalization="model")
+    assert _stats(create_model(TIMM_WITH_STATS, gray, normalization="auto", pretrained=True)) == ([0.3], [0.35])
+    with pytest.raises(ConfigError, match="'preactresnet18' declares no mean/std"):
+        create_model("preactresnet18", CIFAR_SPEC, normalization="model")
+    # Ours declare none: refused by the config itself, before anything is built (no torch needed).
+    with pytest.raises(ConfigError, match="model.normalization=model: model 'small_cnn' declares no input mean/std"):
+        build_config(None, ["model.normalization=model"])
+    with pytest.raises(ConfigError, match="allowed: auto, data, model"):
+        build_config(None, ["model.normalization=imagenet"])
+
+
+def test_the_run_loader_normalises_as_training_did(timm_weights, tmp_path):
+    """Training builds with ``model.weights`` (``runtime.build.make_model``); the run loader rebuilds without them
+    (the checkpoint has the weights) and must take the same statistics, for "auto" too; a config saved before
+    ``model.normalization`` existed loads with the data set's statistics, as it trained."""
+    import yaml
+
+    from dat_ds.evaluation.loading import _run_config, trained_model
+    from dat_ds.runtime.build import make_model
+
+    for setting, expected in (("auto", [0.5] * 3), ("model", [0.5] * 3), ("data", list(CIFAR_SPEC.mean))):
+        cfg = build_config(None, [f"model.name={TIMM_WITH_STATS}", f"model.weights={timm_weights}",
+                                  f"model.normalization={setting}"])
+        assert _stats(make_model(cfg, CIFAR_SPEC, cfg.model.weights))[0] == expected, setting
+        assert _stats(make_model(cfg, CIFAR_SPEC, None))[0] == expected, setting  # ZeRO-3's evaluation copy
+        assert _stats(trained_model(cfg, CIFAR_SPEC))[0] == expected, setting
+    cfg = build_config(None, [f"model.name={TIMM_WITH_STATS}", f"model.weights={timm_weights}"])
+    saved = cfg.to_dict()
+    assert saved["model"]["normalization"] == "auto"
+    del saved["model"]["normalization"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    old = _run_config(tmp_path, {})
+    assert old.model.normalization == "data" and _stats(trained_model(old, CIFAR_SPEC))[0] == list(CIFAR_SPEC.mean)

@@ -146,15 +146,17 @@ def test_a_checkpoint_without_hashes_is_checked_by_size(reference, capsys, monke
         "recorded hashes)"]
 
 
-def test_resume_with_another_model_is_one_line(reference, capsys):
+@pytest.mark.parametrize("key, saved, other", [("model.name", "tiny_cnn", "small_cnn"),
+                                               ("model.normalization", "auto", "data")])  # what the weights expect
+def test_resume_with_another_model_is_one_line(reference, capsys, key, saved, other):
     folder, ds = reference
-    args = tiny_args(folder / "runs", "ref", ds, "--set", "model.name=small_cnn", "--resume", "auto")
+    args = tiny_args(folder / "runs", "ref", ds, "--set", f"{key}={other}", "--resume", "auto")
     before = sorted(p.name for p in (folder / "runs" / "ref" / "checkpoint").iterdir())
     assert cli.main(["train", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
-    assert err.startswith("error: checkpoint ") and "was saved with model.name='tiny_cnn', but this run has 'small_cnn'" in err
-    assert "--set model.name=tiny_cnn" in err
+    assert err.startswith("error: checkpoint ") and f"was saved with {key}='{saved}', but this run has '{other}'" in err
+    assert f"--set {key}={saved}" in err
     assert sorted(p.name for p in (folder / "runs" / "ref" / "checkpoint").iterdir()) == before
 
 
