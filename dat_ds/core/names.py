@@ -12,6 +12,7 @@ from .errors import ConfigError
 ATTACKS = ("apgd-ce", "apgd-ce-dlr", "apgd-dlr", "autoattack", "fgsm", "fgsm_rs", "nfgsm", "none", "pgd", "square")
 EVAL_ATTACKS = tuple(n for n in ATTACKS if n != "none")  # what `dat-ds eval --attacks` may name
 EVAL_PROTOCOLS = ("robustbench",)  # dat-ds eval --protocol
+DLR_ATTACKS = ("apgd-ce-dlr", "apgd-dlr", "autoattack")  # their DLR loss needs 3 classes or more
 EVAL_ONLY_ATTACKS = ("apgd-ce", "apgd-ce-dlr", "apgd-dlr", "autoattack", "square")  # torchattacks: no training use
 OBJECTIVES = ("acl", "clean", "dat", "free", "madry", "mart", "trades")
 UNLABELED_OBJECTIVES = ("acl",)  # self-supervised: `dat-ds pretrain` needs one of these

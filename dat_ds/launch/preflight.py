@@ -151,12 +151,15 @@ def check_dataset(ds, spec, where: str, *, min_classes: int = 1) -> None:
 
 def check_data(cfg) -> Any:
     """Both splits load and pass ``check_dataset``; a classifier's training split has two classes or more."""
-    from ..core.names import UNLABELED_OBJECTIVES
+    from ..core.names import DLR_ATTACKS, UNLABELED_OBJECTIVES
 
     spec = None
     for split in ("train", "test"):
         two = split == "train" and cfg.objective.name not in UNLABELED_OBJECTIVES  # acl ignores the labels
         spec = load_and_check_split(cfg.data, split, min_classes=2 if two else 1)
+    if cfg.eval.attack in DLR_ATTACKS and spec.num_classes < 3:  # DLR divides by the gap of the top-3 logits
+        raise ConfigError(f"eval.attack={cfg.eval.attack} needs 3 classes or more (the DLR loss), the data has "
+                          f"{spec.num_classes}; use --set eval.attack=pgd")
     return spec
 
 
