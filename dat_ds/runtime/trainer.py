@@ -368,9 +368,11 @@ class Trainer:
             if history:
                 plot_history(history, self.run_dir / "curves.png", f"{cfg.name}: test accuracy")
             ema = cfg.ema is not None  # the EMA's accuracies next to the raw weights'
+            attacks = {h["robust_attack"] for h in history if h.get("robust_attack")}
+            robust = f"robust acc ({', '.join(sorted(attacks))})" if attacks else "robust acc"  # which attack says it
             ui.show(ui.table(
                 f"dat-ds {cfg.name}: {cfg.objective.name} / {cfg.attack.name} eps={cfg.attack.eps:.4g} on {world} rank(s)",
-                ["epoch", "loss", "train acc", "clean acc", "robust acc",
+                ["epoch", "loss", "train acc", "clean acc", robust,
                  *(["ema clean acc", "ema robust acc"] if ema else []), "seconds"],
                 [(h["epoch"], h["train_loss"], h["train_acc"], h.get("clean_acc"), h.get("robust_acc"),
                   *((h.get("ema_clean_acc"), h.get("ema_robust_acc")) if ema else ()),

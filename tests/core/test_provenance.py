@@ -27,7 +27,7 @@ def test_no_commit_outside_a_checkout(tmp_path, monkeypatch):
     assert "pytest" in provenance(world_size=1, hosts=["h"])["command"]  # this process's own command line
 
 
-def test_a_run_says_what_it_trains_on_where_its_outputs_go_and_records_its_command(tmp_path, dat_ds_log):
+def test_a_run_says_what_it_trains_on_where_its_outputs_go_and_records_its_command(tmp_path, dat_ds_log, capsys):
     import json
     import os
     import stat
@@ -41,6 +41,8 @@ def test_a_run_says_what_it_trains_on_where_its_outputs_go_and_records_its_comma
     run = tmp_path / "r"
     assert "data fashion-mnist: 64 training images, 10 classes, 1x28x28" in dat_ds_log.text
     assert "data fashion-mnist: 2000 test images" in dat_ds_log.text
+    table = " ".join(capsys.readouterr().out.split())  # the closing table names the attack behind "robust acc"
+    assert "robust acc (APGD-CE+DLR-1@0.1)" in table.replace("│ ", "").replace(" │", ""), table
     assert f"outputs in {run}" in dat_ds_log.text  # at the start and at the end
     assert os.environ.get(COMMAND_ENV) is None  # the command's own, not left for the next one
     summary = json.loads((run / "summary.json").read_text())
