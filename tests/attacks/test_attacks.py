@@ -235,7 +235,9 @@ def test_config_attack_sections_are_checked_against_the_attack():
     cfg = build_config(None, ["eval.attack=none", "eval.steps=5", "attack.name=fgsm", "attack.steps=1"])
     assert training_spec(cfg.attack) == AttackSpec("fgsm", eps=cfg.attack.eps)
     assert eval_spec(cfg).label == f"clean@{cfg.attack.eps:.4g}"
-    assert eval_spec(build_config(None, ["eval.steps=7", "eval.restarts=2"])).label == "PGD-7x2@0.1"
+    assert eval_spec(build_config(None, ["eval.attack=pgd", "eval.steps=7", "eval.restarts=2"])).label == "PGD-7x2@0.1"
+    with pytest.raises(ConfigError, match="eval.restarts=2 does not apply to eval.attack=apgd-ce-dlr"):  # the default
+        eval_spec(build_config(None, ["eval.restarts=2"]))
     with pytest.raises(ConfigError, match="eval.restarts=2 does not apply to eval.attack=fgsm"):
         eval_spec(build_config(None, ["eval.attack=fgsm", "eval.restarts=2"]))
     with pytest.raises(ConfigError, match="eval.step_size=0.01 does not apply to eval.attack=autoattack"):

@@ -598,7 +598,8 @@ def _folder_args(t: Path, *extra: str) -> list[str]:
     from tests.helpers import tiny_args, write_ds
 
     return tiny_args(t / "runs", "folder", write_ds(t), "--set", "data.name=imagefolder", "--set",
-                     f"data.root={t / 'folder'}", "--set", "data.image_size=28", *extra, subset=32, epochs=1)
+                     f"data.root={t / 'folder'}", "--set", "data.image_size=28",
+                     "--set", "eval.attack=pgd", *extra, subset=32, epochs=1)  # 2 classes: no DLR
 
 
 @pytest.mark.parametrize("workers, met", [(0, "at start-up"), (0, "in training"), (2, "in training")])

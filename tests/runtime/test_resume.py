@@ -48,7 +48,8 @@ def test_tags_and_commit_marks(reference):
     assert (root / "latest").read_text().strip() == "epoch0001"
     assert not [d for d in root.iterdir() if d.name.startswith(checkpoint.TMP_PREFIX)]
     mark = checkpoint.read_complete(root / "step000000004")
-    assert mark["fits"] == {"model.name": "tiny_cnn", "data.name": "fashion-mnist", "optimizer": "AdamW", "zero_stage": 0}
+    assert mark["fits"] == {"model.name": "tiny_cnn", "model.normalization": "auto", "data.name": "fashion-mnist",
+                            "optimizer": "AdamW", "zero_stage": 0}
     assert mark["step_in_epoch"] == 4 and mark["epoch"] == 0
     for _, tag in checkpoint.complete_tags(root):  # every file's SHA-256, as the ranks hashed it while saving
         mark = checkpoint.read_complete(root / tag)
