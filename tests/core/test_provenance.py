@@ -36,7 +36,7 @@ def test_a_run_says_what_it_trains_on_where_its_outputs_go_and_records_its_comma
     from dat_ds.core.io import umask
     from tests.helpers import tiny_args, write_ds
 
-    argv = ["train", *tiny_args(tmp_path, "r", write_ds(tmp_path), epochs=1, subset=64)]
+    argv = ["train", *tiny_args(tmp_path, "r", write_ds(tmp_path), "--set", "eval.attack=apgd-ce-dlr", epochs=1, subset=64)]
     assert cli.main(argv) == 0
     run = tmp_path / "r"
     assert "data fashion-mnist: 64 training images, 10 classes, 1x28x28" in dat_ds_log.text
