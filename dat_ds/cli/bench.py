@@ -35,6 +35,8 @@ BENCH_HELP: dict[str, str] = {
                  "SSL commands, dat-ds vs plain PyTorch samples/s",
     "unlabeled-memory": "resident memory of generated-data mixing (memory-mapped .npz shards) "
                         "from 100k to 1M generated images",
+    "soak": "a long 2-rank run with saves, keep_last, EMA, reuse and loader workers: resident memory, open "
+            "files, disk use and step time sampled throughout, each tested for an upward trend",
     "ablations": "what EMA, AWP, label smoothing, CutMix, consistency each add to TRADES, one at a "
                  "time, paired over seeds (APGD-CE + APGD-DLR worst case)",
 }
