@@ -450,11 +450,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     def together(values: list[list[int | None]], scale: float) -> list[float | None]:
         return [None if v is None else v / scale for v in ranks_together(values)]
 
-    for i in range(ranks):
-        ax.plot(minutes, per_rank(s["rss_ranks"], i, mb), lw=1, label=f"rank process {i + 1}")
-    ax.plot(minutes, together(s["rss_ranks"], mb), lw=1.5, label="ranks together")
-    ax.plot(minutes, [v / mb for v in s["rss_workers"]], lw=0.6, color="0.5", label="loader workers")
-    ax.set(title="resident memory (VmRSS)", ylabel="MB")
+    rss = together(s["rss_ranks"], mb)
+    ax.plot(minutes, rss, lw=1.5, color="C2", label=f"{ranks} rank processes together")
+    judged_rss = [v for t, v in zip(s["t"], rss) if start <= t <= end and v is not None]
+    if judged_rss:  # zoomed on the judged window, where a drift of a few MB must be visible (start-up climbs from 0)
+        low, high = min(judged_rss), max(judged_rss)
+        pad = max(0.02 * high, 1.0)
+        ax.set_ylim(low - pad, high + pad)
+    ax.set(title="resident memory (VmRSS), zoomed", ylabel="MB")
     fitted(ax, "rss", mb)
     ax = axes[0][1]
     for i in range(ranks):
@@ -467,7 +470,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.plot(minutes, [v / mb for v in s["disk_checkpoint"]], lw=1, label="checkpoint/")
     ax.plot(minutes, [v / mb for v in s["disk_run"]], lw=0.8, label="run folder")
     ax.axhline(result["disk_bound"]["bound_bytes"] / mb, color="r", ls=":",
-               label=f"bound: (keep_last {result['disk_bound']['keep_last']} + 1) checkpoints")
+               label=f"bound for checkpoint/: (keep_last {result['disk_bound']['keep_last']} + 1) checkpoints")
     ax.set(title="disk use", ylabel="MB", xlabel="minutes since the start")
     fitted(ax, "disk", mb)
     ax = axes[1][1]
