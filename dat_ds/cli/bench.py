@@ -35,6 +35,8 @@ BENCH_HELP: dict[str, str] = {
                  "SSL commands, dat-ds vs plain PyTorch samples/s",
     "unlabeled-memory": "resident memory of generated-data mixing (memory-mapped .npz shards) "
                         "from 100k to 1M generated images",
+    "plan": "dat-ds plan's predicted memory vs the measured peak of real training steps (CPU: live tensor bytes "
+            "from torch's profiler) for small models, ZeRO 0/2/3, fp32/bf16",
     "ablations": "what EMA, AWP, label smoothing, CutMix, consistency each add to TRADES, one at a "
                  "time, paired over seeds (APGD-CE + APGD-DLR worst case)",
 }

@@ -13,6 +13,7 @@ tensors on a GPU, whose convolution/attention kernels may use extra workspace th
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -58,7 +59,9 @@ def measure(model: torch.nn.Module, *, in_chans: int, img_size: int, precision: 
     largest = _largest_layer(model)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     autocast = torch.bfloat16 if precision == "bf16-autocast" else None
-    model = model.to(weight_dtype)  # on the meta device, before the fake tensors (which cannot be swapped in place)
+    # a copy (the caller's meta model stays as it was), in the engine's dtype while on the meta device: fake
+    # tensors cannot be converted in place
+    model = copy.deepcopy(model).to(weight_dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = model.to_empty(device="cpu")
 

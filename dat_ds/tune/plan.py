@@ -133,21 +133,20 @@ def model_states(fp: Footprint, eng: Engine, stage: int) -> dict[str, int]:
         states = 0
     states += ERROR_FEEDBACK_BYTES.get(eng.optimizer, 0)
     # DeepSpeed's ZeRO optimizer clones the flat weights into an fp32 partition whatever the precision; at
-    # stage 0 only the 16-bit engines keep an fp32 master (bf16: DeepSpeed's bf16 optimizer partitions it).
+    # stage 0 only the 16-bit engines keep an fp32 master, whole (DeepSpeed's FP16_Optimizer, bf16 too).
     master = 4 if (stage > 0 or eng.mixed) else 0
-    shard_master = n if (stage > 0 or eng.precision == "bf16") else 1
-    shard_states = n if (stage > 0 or eng.precision == "bf16") else 1
+    shard = n if stage > 0 else 1
     weights = psi * w / (n if stage == 3 else 1)
     grads = psi * w / (n if stage >= 2 else 1)
-    # The optimizer's view of the gradients: an fp32 partition beside the weights' own gradients (ZeRO 1-3,
-    # and the 16-bit engines' fp32 gradients at stage 0).
+    # The optimizer's view of the gradients: an fp32 partition beside the weights' own gradients (ZeRO 1-3),
+    # the 16-bit engines' flat fp32 gradients at stage 0 (made at the step; counted as if they lived throughout).
     fp32_grads = 0.0
     if stage > 0:
         fp32_grads = psi * 4 / n
     elif eng.mixed:
         fp32_grads = psi * 4
     return {"weights": int(weights), "gradients": int(grads + fp32_grads),
-            "optimizer": int(psi * master / shard_master + psi * states / shard_states)}
+            "optimizer": int(psi * (master + states) / shard)}
 
 
 def engine_buffers(fp: Footprint, eng: Engine, stage: int) -> int:
