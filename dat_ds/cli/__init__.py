@@ -222,7 +222,7 @@ def _load_extensions() -> None:
     import importlib
 
     for mod in ("dat_ds.cli.eval", "dat_ds.cli.bench", "dat_ds.cli.ssl", "dat_ds.cli.export", "dat_ds.cli.tune",
-                "dat_ds.cli.verify"):
+                "dat_ds.cli.plan", "dat_ds.cli.verify"):
         importlib.import_module(mod)
 
 

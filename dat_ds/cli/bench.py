@@ -37,6 +37,8 @@ BENCH_HELP: dict[str, str] = {
                         "from 100k to 1M generated images",
     "soak": "a long 2-rank run with saves, keep_last, EMA, reuse and loader workers: resident memory, open "
             "files, disk use and step time sampled throughout, each tested for an upward trend",
+    "plan": "dat-ds plan's predicted memory vs the measured peak of real training steps (CPU: live tensor bytes "
+            "from torch's profiler) for small models, ZeRO 0/2/3, fp32/bf16",
     "ablations": "what EMA, AWP, label smoothing, CutMix, consistency each add to TRADES, one at a "
                  "time, paired over seeds (APGD-CE + APGD-DLR worst case)",
 }

@@ -28,7 +28,8 @@ from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
-__all__ = ["Bool", "Float", "Int", "Positive", "Radius", "Section", "Str", "config_error", "fix", "parse_number"]
+__all__ = ["Bool", "Bytes", "Float", "Int", "Positive", "Radius", "Section", "Str", "config_error", "fix", "parse_bytes",
+           "parse_number"]
 
 
 def parse_number(value: Any) -> float:
@@ -49,12 +50,43 @@ def parse_number(value: Any) -> float:
     return number
 
 
+# Memory sizes: decimal units as GPU vendors print them (an "80GB" H100 has 80e9 bytes and a little more), binary
+# ones as torch reports them (GiB = 2**30).
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: Any) -> int:
+    """A memory size in bytes from ``"80GB"`` (80e9), ``"80GiB"`` (80 * 2**30), ``"512 MiB"`` or a plain number of
+    bytes; it must be > 0. Units are case-insensitive."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("size_type", "must be a size such as 80GB or 80GiB")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), "b"
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits):] or "b"
+        try:
+            number = float(digits)
+        except ValueError:
+            raise PydanticCustomError("size_type", "must be a size such as 80GB or 80GiB") from None
+        if unit not in SIZE_UNITS:
+            raise PydanticCustomError("size_unit", "has an unknown unit; use B, KB, MB, GB, TB or KiB, MiB, GiB, TiB")
+    else:
+        raise PydanticCustomError("size_type", "must be a size such as 80GB or 80GiB")
+    if not math.isfinite(number) or number <= 0:
+        raise PydanticCustomError("size_positive", "must be a size > 0")
+    return int(number * SIZE_UNITS[unit])
+
+
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 Float = Annotated[float, BeforeValidator(parse_number)]  # finite; "8/255" is 8/255
 Radius = Annotated[Float, Field(ge=0)]  # an attack's eps: a radius in pixel units
 Positive = Annotated[Int, Field(ge=1)]  # a count: steps, restarts, epochs, batch sizes
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]  # a memory size: "80GB", "80GiB", 1e9
 
 
 def fix(text: str) -> dict[str, Any]:
@@ -106,6 +138,8 @@ _TYPE_WORDS = {
     "bool_type": "true or false", "bool_parsing": "true or false",
     "string_type": "a string", "number_type": "a number", "number_finite": "a finite number",
     "tuple_type": "a list", "list_type": "a list", "iterable_type": "a list",
+    "size_type": "a size such as 80GB or 80GiB", "size_unit": "a size in B, KB, MB, GB, TB, KiB, MiB, GiB or TiB",
+    "size_positive": "a size > 0",
 }
 _RANGES = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 

@@ -23,7 +23,8 @@ EVAL_CHOICES = ", ".join(n for n in names.ATTACKS if n != "none")
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["demo", "--help"],
                                   ["pretrain", "--help"], ["finetune", "--help"], ["pseudo-label", "--help"],
                                   ["export", "--help"], ["bench", "--help"], ["bench", "step", "--help"],
-                                  ["bench", "engine", "--help"], ["tune", "--help"], ["verify", "--help"]], ids=" ".join)
+                                  ["bench", "engine", "--help"], ["tune", "--help"], ["plan", "--help"], ["verify", "--help"]],
+                         ids=" ".join)
 def test_help_imports_no_torch(tmp_path, argv):
     proc = fast_cli(tmp_path, *argv)
     assert proc.returncode == 0, proc.stderr
@@ -127,6 +128,16 @@ CASES = [
      f"unknown attack 'bogus'; choose one of: {_names('attack')}"),
     ("tune-out-not-json", lambda t: ["tune", "--recipe", "demo", "--nproc", "2", "--out", "tuned.yaml"],
      "--out 'tuned.yaml' must end in .json"),
+    ("plan-bad-memory", lambda t: ["plan", "--recipe", "demo", "--gpu-memory", "80XB"],
+     "--gpu-memory '80XB' has an unknown unit; use B, KB, MB, GB, TB or KiB, MiB, GiB, TiB"),
+    ("plan-memory-not-a-size", lambda t: ["plan", "--recipe", "demo", "--gpu-memory", "lots"],
+     "--gpu-memory 'lots' must be a size such as 80GB or 80GiB"),
+    ("plan-zero-gpus", lambda t: ["plan", "--recipe", "demo", "--gpus", "0"], "--gpus=0 must be >= 1"),
+    ("plan-micro-not-dividing", lambda t: ["plan", "--recipe", "demo", "--gpus", "2", "--micro-batches", "3"],
+     "--micro-batches: 3 x 2 GPUs does not divide the global batch 128 into whole accumulation steps"),
+    ("plan-batch-for-world", lambda t: ["plan", "--recipe", "cifar10_prn18_dat_pgd", "--gpus", "3"],
+     "train_batch_size=2048 is not divisible by gradient_accumulation_steps=1 x world_size=3; change train_batch_size or "
+     "give train_micro_batch_size_per_gpu"),
     ("bench-vs-without-a", lambda t: ["bench", "engine", "--vs", "zero0_fp32"],
      "bench engine compares two JSONs with both --deepspeed_config A and --vs B"),
     ("verify-missing-run", lambda t: ["verify", "runs/none"],
