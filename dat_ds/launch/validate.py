@@ -22,6 +22,7 @@ from typing import Any
 from ..core import names, resources
 from ..core.config import RunConfig, build_config, check_engine, parse_eps
 from ..core.errors import ConfigError
+from ..core.io import read_indices
 from ..core.requests import EvalRequest, TrainRequest
 
 __all__ = ["EVAL_ATTACKS", "EVAL_PROTOCOLS", "RUN_WEIGHTS", "check_eval_request", "check_model_name", "check_protocol",
@@ -156,8 +157,10 @@ def check_protocol(request: EvalRequest) -> EvalRequest:
                               f"drop {flag} {given}")
     if request.eps is not None and len(parse_eps(request.eps)) != 1:
         raise ConfigError(f"--protocol robustbench scores one eps; give one (--eps 8/255), not {request.eps}")
-    if request.subset_file is not None and not Path(request.subset_file).is_file():
-        raise ConfigError(f"--subset-file {request.subset_file!r} not found; give a text file of test-set indices")
+    if request.subset_file is not None:
+        if not Path(request.subset_file).exists():
+            raise ConfigError(f"--subset-file {request.subset_file!r} not found; give a text file of test-set indices")
+        read_indices(request.subset_file, f"--subset-file {request.subset_file!r}")  # the range once the test set is known
     return replace(request, attacks="autoattack")
 
 
