@@ -52,6 +52,8 @@ def _check_pseudo_label_args(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder; give a FILE.npz to write")
+    if out.suffix != ".npz":  # found by the writer only after the whole pool was labelled
+        raise ConfigError(f"--out {args.out!r} must end in .npz")
     blocker = next((p for p in out.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise ConfigError(f"--out {args.out!r} lies under the file {str(blocker)!r}; choose another path")

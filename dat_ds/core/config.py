@@ -376,6 +376,8 @@ class StrictLoader(yaml.SafeLoader):
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"recipe file {str(p)!r} is a folder; pass a YAML file (see recipes/)")
     if not p.is_file():
         raise ConfigError(f"recipe file {str(p)!r} not found; pass an existing YAML file (see recipes/)")
     text = read_user_text(p, f"recipe file {str(p)!r}")
