@@ -27,7 +27,8 @@ from .fields import Bool, Float, Int, Positive, Radius, Section, Str, fix, parse
 from .io import read_user_text
 
 PixelEps = Annotated[Radius, Field(le=1)]  # an L-inf/L2 radius of the run config, in pixel units ([0, 1] images)
-EPS_FIX = fix("; eps is in pixel units, e.g. 8/255")
+EPS_UNITS = "; eps is in pixel units, e.g. 8/255"  # the fix for an eps out of range, as key or flag
+EPS_FIX = fix(EPS_UNITS)
 
 
 class DataConfig(Section):

@@ -217,12 +217,12 @@ def _bounds(field: Any) -> Any:
     return types.SimpleNamespace(metadata=found, annotation=None)
 
 
-def check_flag(flag: str, value: Any, field: Any) -> Any:
-    """A command-line flag's value through a typed field (``Positive``, ``Fraction`` ...), as a config key's value
-    goes through it; returns the value, or raises one line naming the flag::
+def check_flag(flag: str, value: Any, field: Any, fix: str = "") -> Any:
+    """A command-line flag's value through a typed field (``Positive``, ``PixelEps`` ...), as a config key's value
+    goes through it; returns the value, or raises one line naming the flag (``fix``: appended, as a field's)::
 
         --steps=0 must be >= 1
-        --eps=nan must be a finite number
+        --lr=inf must be a finite number > 0
     """
     from pydantic import TypeAdapter
 
@@ -230,6 +230,11 @@ def check_flag(flag: str, value: Any, field: Any) -> Any:
         return TypeAdapter(field).validate_python(value)
     except ValidationError as e:
         kind = e.errors(include_url=False)[0]["type"]
+    bounds = _bounds(field)
     shown = f"{value:g}" if isinstance(value, float) else value
-    wanted = _interval(_bounds(field)) if kind in _RANGES else _TYPE_WORDS.get(kind, "a valid value")
-    raise ConfigError(f"{flag}={shown} must be {wanted}")
+    interval = _interval(bounds) if any(isinstance(m, annotated_types.BaseMetadata) for m in bounds.metadata) else ""
+    if kind in _RANGES:
+        wanted = interval
+    else:  # a type error: say the range too (nan and inf are refused by the type, before any bound)
+        wanted = " ".join(filter(None, [_TYPE_WORDS.get(kind, "a valid value"), interval]))
+    raise ConfigError(f"{flag}={shown} must be {wanted}{fix}")

@@ -116,8 +116,9 @@ def hostfile_nodes(hostfile: str | None) -> int:
 
 
 def world_size_of(nproc: int, hostfile: str | None) -> int:
-    if nproc < 1:
-        raise ConfigError(f"--nproc={nproc} must be >= 1")
+    from ..core.fields import Positive, check_flag  # pydantic: not on the way to --help
+
+    check_flag("--nproc", nproc, Positive)
     return nproc * hostfile_nodes(hostfile)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from ..core import names, resources
 from ..core.config import RunConfig, build_config, check_engine, parse_eps
 from ..core.errors import ConfigError
+from ..core.fields import Positive, check_flag
 from ..core.io import read_indices
 from ..core.requests import EvalRequest, TrainRequest
 
@@ -189,13 +190,10 @@ def check_eval_request(request: EvalRequest) -> EvalRequest:
     for flag, value in (("--steps", request.steps), ("--restarts", request.restarts),
                         ("--batch-size", request.batch_size), ("--aa-steps", request.aa_steps),
                         ("--aa-queries", request.aa_queries), ("--apgd-steps", request.apgd_steps),
-                        ("--square-queries", request.square_queries)):
-        if value < 1:
-            raise ConfigError(f"{flag}={value} must be >= 1")
-    if request.max_examples is not None and request.max_examples < 1:
-        raise ConfigError(f"--max-examples={request.max_examples} must be >= 1")
-    if request.threads is not None and request.threads < 1:
-        raise ConfigError(f"--threads={request.threads} must be >= 1")
+                        ("--square-queries", request.square_queries), ("--max-examples", request.max_examples),
+                        ("--threads", request.threads)):
+        if value is not None:  # the last two: None is "all" / "cores per rank"
+            check_flag(flag, value, Positive)
     request = check_protocol(request)
     eval_attacks(request.attacks)
     if request.data is not None:
