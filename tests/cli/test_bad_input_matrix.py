@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from dat_ds import cli
+from dat_ds.cli.bench import BENCH_HELP
 from dat_ds.core import dist
 from tests.helpers import TINY_DS, hashes, snapshot
 
@@ -337,3 +338,17 @@ def test_bad_input(row_id, argv, expected, tmp_path, capsys, monkeypatch):
     assert err.splitlines() == ["error: " + expected.replace("{tmp}", str(tmp_path))], err
     assert (snapshot(tmp_path), hashes(tmp_path)) == before  # nothing written, removed or touched
 
+
+
+@pytest.mark.parametrize("name", BENCH_HELP)
+def test_every_benchmark_flag_default_fits_its_field(name):
+    """``check_bench_flags`` holds each harness's numeric flags to a field; the defaults must pass it."""
+    import argparse
+
+    import benchmarks
+    from dat_ds.cli.bench import check_bench_flags
+
+    harness = benchmarks.get_bench(name)
+    parser = argparse.ArgumentParser()
+    harness.add_args(parser)
+    check_bench_flags(harness, parser.parse_args([]))
