@@ -88,8 +88,27 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         sub.add_parser(name, help=help_, description=help_, bench=name)
 
 
+def check_bench_flags(harness, args: argparse.Namespace) -> None:
+    """Every int/float flag of ``harness`` in ``args`` through the typed fields of the config keys (``core.fields``),
+    before it runs: an integer flag is a count >= 1 and a float flag a finite number > 0, unless its dest is named
+    below (one meaning in every harness). One line naming the first bad flag."""
+    from ..core.fields import Count, Fraction, Positive, PositiveFloat, Radius, check_flag
+
+    named = {"warmup": Count, "local_rank": Count, "latency_us": Radius, "eps": Fraction, "unsup_fraction": Fraction}
+    parser = argparse.ArgumentParser()
+    harness.add_args(parser)
+    for action in parser._actions:  # the harness's own options, as it declared them
+        value = getattr(args, action.dest, None)
+        if action.type not in (int, float) or value is None or not action.option_strings:
+            continue
+        field = named.get(action.dest, Positive if action.type is int else PositiveFloat)
+        check_flag(max(action.option_strings, key=len), value, field)
+
+
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
-    _harness(args.bench).run(args)
+    harness = _harness(args.bench)
+    check_bench_flags(harness, args)
+    harness.run(args)
     return 0
 
 

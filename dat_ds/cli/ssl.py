@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
 from ..core import names
@@ -35,8 +34,9 @@ def _pseudo_label_args(p: argparse.ArgumentParser) -> None:
 
 def _check_pseudo_label_args(args: argparse.Namespace) -> None:
     """Torch-free: names, files and the output path, before the teacher is loaded."""
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size={args.batch_size} must be >= 1")
+    from ..core.fields import Positive, check_flag
+
+    check_flag("--batch-size", args.batch_size, Positive)
     if args.run is not None and not Path(args.run).exists():
         raise ConfigError(f"--run {args.run!r} does not exist; give a run folder such as runs/demo")
     if args.weights is not None:
@@ -52,6 +52,8 @@ def _check_pseudo_label_args(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder; give a FILE.npz to write")
+    if out.suffix != ".npz":  # found by the writer only after the whole pool was labelled
+        raise ConfigError(f"--out {args.out!r} must end in .npz")
     blocker = next((p for p in out.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise ConfigError(f"--out {args.out!r} lies under the file {str(blocker)!r}; choose another path")
@@ -136,16 +138,15 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 
 def _check_finetune_args(args: argparse.Namespace):
     """Torch-free: numbers, the encoder run or the recipe (with its names), the output path."""
-    from ..core.config import build_config
+    from ..core.config import EPS_UNITS, PixelEps, build_config
+    from ..core.fields import Positive, PositiveFloat, check_flag
 
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--attack-steps", args.attack_steps),
-                        ("--train-subset", args.train_subset), ("--eval-examples", args.eval_examples)):
-        if value is not None and value < 1:  # the first two are never None (their flags have defaults)
-            raise ConfigError(f"{flag}={value} must be >= 1")
-    if args.lr is not None and not 0 < args.lr < math.inf:  # nan and inf are refused too
-        raise ConfigError(f"--lr={args.lr} must be a finite number > 0")
-    if args.eps is not None and not 0 <= args.eps <= 1:
-        raise ConfigError(f"--eps={args.eps} must be in [0, 1]; eps is in pixel units, e.g. 8/255")
+    for flag, value, field in (("--epochs", args.epochs, Positive), ("--batch-size", args.batch_size, Positive),
+                               ("--attack-steps", args.attack_steps, Positive), ("--train-subset", args.train_subset, Positive),
+                               ("--eval-examples", args.eval_examples, Positive), ("--lr", args.lr, PositiveFloat),
+                               ("--eps", args.eps, PixelEps)):
+        if value is not None:  # the first two are never None (their flags have defaults)
+            check_flag(flag, value, field, EPS_UNITS if flag == "--eps" else "")
     if args.random_init:
         if not args.config or not args.out:
             raise ConfigError("--random-init needs --config RECIPE (the encoder architecture and data) and --out FILE.json")

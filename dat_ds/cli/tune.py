@@ -7,7 +7,6 @@ the starting DeepSpeed JSON with its batch arithmetic for the world size, the bu
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from pathlib import Path
 
@@ -53,8 +52,10 @@ def check_inputs(args: argparse.Namespace, argv: list[str]):
     ds_path = str(ds_config.resolve_path(cfg.deepspeed_config))
     base = ds_config.load_ds_json(ds_path)
     ds_config.prepare(ds_path, world, data=base)
-    if args.memory_cap_mb is not None and not 0 < args.memory_cap_mb < math.inf:  # nan and inf are refused too
-        raise ConfigError(f"--memory-cap-mb={args.memory_cap_mb} must be a finite number > 0")
+    if args.memory_cap_mb is not None:  # nan and inf are refused too
+        from ..core.fields import PositiveFloat, check_flag
+
+        check_flag("--memory-cap-mb", args.memory_cap_mb, PositiveFloat)
     if args.out is not None:
         out = Path(args.out)
         if out.suffix != ".json":

@@ -27,7 +27,8 @@ from .fields import Bool, Float, Int, Positive, Radius, Section, Str, fix, parse
 from .io import read_user_text
 
 PixelEps = Annotated[Radius, Field(le=1)]  # an L-inf/L2 radius of the run config, in pixel units ([0, 1] images)
-EPS_FIX = fix("; eps is in pixel units, e.g. 8/255")
+EPS_UNITS = "; eps is in pixel units, e.g. 8/255"  # the fix for an eps out of range, as key or flag
+EPS_FIX = fix(EPS_UNITS)
 
 
 class DataConfig(Section):
@@ -376,6 +377,8 @@ class StrictLoader(yaml.SafeLoader):
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"recipe file {str(p)!r} is a folder; pass a YAML file (see recipes/)")
     if not p.is_file():
         raise ConfigError(f"recipe file {str(p)!r} not found; pass an existing YAML file (see recipes/)")
     text = read_user_text(p, f"recipe file {str(p)!r}")

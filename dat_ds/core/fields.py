@@ -28,8 +28,8 @@ from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
-__all__ = ["Bool", "Bytes", "Float", "Int", "Positive", "Radius", "Section", "Str", "config_error", "fix", "parse_bytes",
-           "parse_number"]
+__all__ = ["Bool", "Bytes", "Count", "Fraction", "Float", "Int", "Positive", "PositiveFloat", "Radius", "Section",
+           "Str", "check_flag", "config_error", "fix", "parse_bytes", "parse_number"]
 
 
 def parse_number(value: Any) -> float:
@@ -87,6 +87,9 @@ Float = Annotated[float, BeforeValidator(parse_number)]  # finite; "8/255" is 8/
 Radius = Annotated[Float, Field(ge=0)]  # an attack's eps: a radius in pixel units
 Positive = Annotated[Int, Field(ge=1)]  # a count: steps, restarts, epochs, batch sizes
 Bytes = Annotated[int, BeforeValidator(parse_bytes)]  # a memory size: "80GB", "80GiB", 1e9
+Count = Annotated[Int, Field(ge=0)]  # a count that may be none: warm-up steps, a rank's index
+PositiveFloat = Annotated[Float, Field(gt=0)]  # a size, a rate, a duration
+Fraction = Annotated[Float, Field(ge=0, le=1)]  # a share of something, or an eps in pixel units
 
 
 def fix(text: str) -> dict[str, Any]:
@@ -230,3 +233,41 @@ def config_error(error: ValidationError, model: type[BaseModel]) -> ConfigError:
         shown = f"{value:g}" if isinstance(value, float) else value  # 8 and 8.0 alike, whichever pydantic reports
         return ConfigError(f"{key}={shown} must be {_interval(info)}{_fix(info)}")
     return ConfigError(f"config key {key!r}: {first['msg']}, got {value!r}")  # a kind this adapter does not word
+
+
+# --- command-line flags through the same fields ----------------------------------------------------------------
+
+
+def _bounds(field: Any) -> Any:
+    """A stand-in FieldInfo for ``_interval``: the bounds on an ``Annotated`` field and the fields it nests."""
+    found: list[Any] = []
+    todo = [field]
+    while todo:
+        item = todo.pop()
+        for meta in getattr(item, "__metadata__", ()):
+            found += [meta, *getattr(meta, "metadata", ())]
+        todo += [a for a in typing.get_args(item) if getattr(a, "__metadata__", None)]
+    return types.SimpleNamespace(metadata=found, annotation=None)
+
+
+def check_flag(flag: str, value: Any, field: Any, fix: str = "") -> Any:
+    """A command-line flag's value through a typed field (``Positive``, ``PixelEps`` ...), as a config key's value
+    goes through it; returns the value, or raises one line naming the flag (``fix``: appended, as a field's)::
+
+        --steps=0 must be >= 1
+        --lr=inf must be a finite number > 0
+    """
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(field).validate_python(value)
+    except ValidationError as e:
+        kind = e.errors(include_url=False)[0]["type"]
+    bounds = _bounds(field)
+    shown = f"{value:g}" if isinstance(value, float) else value
+    interval = _interval(bounds) if any(isinstance(m, annotated_types.BaseMetadata) for m in bounds.metadata) else ""
+    if kind in _RANGES:
+        wanted = interval
+    else:  # a type error: say the range too (nan and inf are refused by the type, before any bound)
+        wanted = " ".join(filter(None, [_TYPE_WORDS.get(kind, "a valid value"), interval]))
+    raise ConfigError(f"{flag}={shown} must be {wanted}{fix}")

@@ -76,6 +76,28 @@ def read_user_text(path: Path, what: str, save_as: str = "UTF-8") -> str:
         raise ConfigError(f"cannot read {what} ({e.strerror or type(e).__name__}); check its permissions") from None
 
 
+def read_indices(path: str | Path, what: str, n: int | None = None) -> list[int]:
+    """Distinct indices in ``[0, n)`` from a text file, whitespace or comma separated (``--subset-file``); ``n``
+    None: the size is not known yet, every index >= 0. ``what`` names the file in the one-line errors."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} is a folder; give a text file of test-set indices")
+    text = read_user_text(path, what).replace(",", " ").split()
+    try:
+        idx = [int(t) for t in text]
+    except ValueError:
+        raise ConfigError(f"{what} holds something other than integer indices") from None
+    if not idx:
+        raise ConfigError(f"{what} is empty")
+    bad = [i for i in idx if i < 0 or (n is not None and i >= n)]
+    if bad:
+        where = f"the test set's [0, {n - 1}]" if n is not None else "the test set (indices start at 0)"
+        raise ConfigError(f"{what} has index {bad[0]} outside {where}")
+    if len(set(idx)) != len(idx):
+        raise ConfigError(f"{what} lists an index twice; RobustBench's list has distinct indices")
+    return idx
+
+
 _UMASK_LOCK = threading.Lock()
 
 

@@ -29,6 +29,8 @@ import io
 import json
 import logging
 import pickle
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -69,6 +71,37 @@ def _nhwc(images: np.ndarray, what: str) -> np.ndarray:
     if images.ndim != 4:
         raise ConfigError(f"{what} images have shape {images.shape}; expected N x H x W (x C)")
     return images
+
+
+def read_npz(path: Path, what: str, fix: str) -> dict[str, np.ndarray]:
+    """Every array of a user's ``.npz`` (a pool or a pseudo-label file), read without pickle. A file that is not
+    a whole archive (empty, truncated, another format), a damaged member or an object array is one
+    ``ConfigError`` line: ``what`` names the file, ``fix`` says what to do."""
+    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it, or fail deep inside zipfile
+        raise ConfigError(f"{what} is not an .npz archive (empty, truncated or another format); {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in z.files}
+    except ValueError as e:  # object arrays need pickle: refuse them
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        problem = f"cannot be read without pickle ({first})"
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a member cut short or its bytes damaged
+        problem = f"is damaged ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'})"
+    raise ConfigError(f"{what} {problem}; {fix}")
+
+
+def class_indices(labels: np.ndarray, what: str) -> np.ndarray:
+    """N labels as int64 class indices: a 1-D integer array, or floats that are all whole numbers (never cast
+    blindly: NaN would become a huge negative index). The class count is the data set's to check."""
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf":
+        raise ConfigError(f"{what} labels are {labels.dtype} {labels.shape}; expected N integer class indices")
+    if labels.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(labels))
+        if len(bad):
+            raise ConfigError(f"{what} label {bad[0]} is {labels[bad[0]]}; labels must be integer class indices")
+        if (labels != np.round(labels)).any():
+            raise ConfigError(f"{what} has fractional labels; labels must be integer class indices")
+    return labels.astype(np.int64)
 
 
 def _load_pickle(path: Path, trust_pickle: bool) -> dict[str, Any]:
@@ -116,11 +149,17 @@ def load_pool(spec: str, *, trust_pickle: bool = False) -> tuple[np.ndarray, np.
         return _nhwc(np.asarray(obj.get("data", obj.get("images"))), f"pool {spec!r}"), None
     if path.suffix != ".npz":
         raise ConfigError(f"pool file {spec!r} must be .npz with an 'images' array (uint8 NHWC)")
-    with np.load(path, allow_pickle=False) as z:
-        if "images" not in z.files:
-            raise ConfigError(f"pool file {spec!r} has no 'images' array (it has {', '.join(z.files)})")
-        labels = z["true_labels"] if "true_labels" in z.files else None
-        return _nhwc(z["images"], f"pool {spec!r}"), labels
+    what = f"pool file {spec!r}"
+    arrays = read_npz(path, what, "write it again with np.savez(path, images=uint8 NHWC array)")
+    if "images" not in arrays:
+        raise ConfigError(f"{what} has no 'images' array (it has {', '.join(arrays) or 'none'})")
+    images = _nhwc(arrays["images"], what)
+    labels = class_indices(arrays["true_labels"], what) if "true_labels" in arrays else None
+    if labels is not None and len(labels) != len(images):
+        raise ConfigError(f"{what} has {len(images)} images but {len(labels)} true_labels; store one per image")
+    if len(images) == 0:
+        raise ConfigError(f"{what} is empty; give a pool with images in it")
+    return images, labels
 
 
 def save_pseudo_labels(path: str | Path, data: PseudoLabeled) -> Path:
@@ -139,35 +178,49 @@ def save_pseudo_labels(path: str | Path, data: PseudoLabeled) -> Path:
     return path
 
 
-def load_pseudo_labels(path: str | Path, *, trust_pickle: bool = False) -> PseudoLabeled:
+def load_pseudo_labels(path: str | Path, *, trust_pickle: bool = False, what: str | None = None) -> PseudoLabeled:
+    """A pseudo-label file, checked whole (the one check of this format, for every command that reads one):
+    uint8 N x H x W (x C) images, N integer labels, N confidences in [0, 1], a JSON ``meta``. ``what`` names
+    the file in errors (default: ``pseudo-label file 'PATH'``); each problem is one ``ConfigError`` line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data.unlabeled {str(path)!r} not found; give a pseudo-label file (`dat-ds pseudo-label`) "
                           "or a folder of generated .npz shards ('image' uint8 NHWC, 'label')")
+    what = what or f"pseudo-label file {str(path)!r}"
+    fix = "rewrite it with `dat-ds pseudo-label`"
     if path.suffix in PICKLE_SUFFIXES:
         obj = _load_pickle(path, trust_pickle)
         images = obj.get("data", obj.get("images"))
         labels = obj.get("extrapolated_targets", obj.get("labels"))
         if images is None or labels is None:
             raise ConfigError(f"pickle file {str(path)!r} lacks 'data'/'extrapolated_targets' (RST format)")
-        labels = np.asarray(labels, dtype=np.int64)
-        return PseudoLabeled(_nhwc(np.asarray(images), str(path)), labels, np.ones(len(labels), np.float32),
-                             {"source": str(path), "format": "rst-pickle"})
-    if path.suffix != ".npz":
+        arrays = {"images": np.asarray(images), "labels": np.asarray(labels)}
+        meta = {"source": str(path), "format": "rst-pickle"}
+    elif path.suffix != ".npz":
         raise ConfigError(f"data.unlabeled={str(path)!r} must be an .npz written by `dat-ds pseudo-label`")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"images", "labels"} - set(z.files)
-            if missing:
-                raise ConfigError(f"pseudo-label file {str(path)!r} lacks {', '.join(sorted(missing))}; "
-                                  "rewrite it with `dat-ds pseudo-label`")
-            labels = z["labels"].astype(np.int64)
-            conf = z["confidences"].astype(np.float32) if "confidences" in z.files else np.ones(len(labels), np.float32)
-            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-            return PseudoLabeled(_nhwc(z["images"], str(path)), labels, conf, meta)
-    except ValueError as e:  # object arrays need pickle: refuse them
-        raise ConfigError(f"pseudo-label file {str(path)!r} cannot be read without pickle ({e}); "
-                          "rewrite it with `dat-ds pseudo-label`") from None
+    else:
+        arrays = read_npz(path, what, fix)
+        missing = {"images", "labels"} - set(arrays)
+        if missing:
+            raise ConfigError(f"{what} lacks {', '.join(sorted(missing))}; {fix}")
+        try:
+            meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{what} has a 'meta' that is not JSON ({e.msg}); {fix}") from None
+    images = _nhwc(arrays["images"], what)
+    labels = class_indices(arrays["labels"], what)
+    if len(images) != len(labels):
+        raise ConfigError(f"{what} has {len(images)} images but {len(labels)} labels; {fix}")
+    if len(labels) == 0:
+        raise ConfigError(f"{what} is empty; {fix}")
+    conf = arrays.get("confidences")
+    if conf is None:
+        conf = np.ones(len(labels), np.float32)
+    elif conf.ndim != 1 or len(conf) != len(labels) or conf.dtype.kind not in "iuf":
+        raise ConfigError(f"{what} has confidences {conf.dtype} {conf.shape} for {len(labels)} labels; {fix}")
+    elif not ((conf >= 0) & (conf <= 1)).all():  # NaN fails both
+        raise ConfigError(f"{what} has confidences outside [0, 1] (or not finite); {fix}")
+    return PseudoLabeled(images, labels, conf.astype(np.float32), meta)
 
 
 class MixedBatchSampler(Sampler[list[int]]):

@@ -21,7 +21,7 @@ from ..attacks import ATTACKS, STANDARD_STAGES, AttackSpec, attack_parameters, t
 from ..core import dist, ui
 from ..core.config import EvalConfig, default_of, parse_eps, replace
 from ..core.errors import ConfigError
-from ..core.io import atomic_write_json, save_bar_plot, save_figure
+from ..core.io import atomic_write_json, read_indices, save_bar_plot, save_figure
 from ..core.provenance import provenance
 from ..core.requests import EvalRequest
 from ..data import build_dataset
@@ -194,20 +194,9 @@ _RB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}  # RobustBench's n
 
 
 def read_subset(path: str, n: int) -> list[int]:
-    """``--subset-file``: distinct test-set indices in [0, n), whitespace or comma separated."""
-    text = Path(path).read_text().replace(",", " ").split()
-    try:
-        idx = [int(t) for t in text]
-    except ValueError:
-        raise ConfigError(f"--subset-file {path!r} holds something other than integer indices") from None
-    if not idx:
-        raise ConfigError(f"--subset-file {path!r} is empty")
-    bad = [i for i in idx if not 0 <= i < n]
-    if bad:
-        raise ConfigError(f"--subset-file {path!r} has index {bad[0]} outside the test set's [0, {n - 1}]")
-    if len(set(idx)) != len(idx):
-        raise ConfigError(f"--subset-file {path!r} lists an index twice; RobustBench's list has distinct indices")
-    return idx
+    """``--subset-file``: distinct test-set indices in [0, n), whitespace or comma separated (``core.io.read_indices``,
+    which ``launch.validate`` ran without ``n`` before anything loaded)."""
+    return read_indices(path, f"--subset-file {path!r}", n)
 
 
 def check_deterministic(model: torch.nn.Module, dataset, n: int = 32) -> None:

@@ -83,6 +83,8 @@ def read_hostfile(hostfile: str) -> list[tuple[str, int]]:
     """The ``(host, slots)`` lines of a DeepSpeed hostfile, checked: one ``HOST slots=N`` per line (``#`` comments),
     valid host names, N >= 1, no host twice, at least one host. Each problem is one line naming the entry."""
     path = Path(hostfile)
+    if path.is_dir():
+        raise ConfigError(f"hostfile {hostfile!r} is a folder; give a file of 'host slots=N' lines, one per node")
     if not path.is_file():
         raise ConfigError(f"hostfile {hostfile!r} not found; write one 'host slots=N' line per node")
     hosts: list[tuple[str, int]] = []
@@ -114,8 +116,9 @@ def hostfile_nodes(hostfile: str | None) -> int:
 
 
 def world_size_of(nproc: int, hostfile: str | None) -> int:
-    if nproc < 1:
-        raise ConfigError(f"--nproc={nproc} must be >= 1")
+    from ..core.fields import Positive, check_flag  # pydantic: not on the way to --help
+
+    check_flag("--nproc", nproc, Positive)
     return nproc * hostfile_nodes(hostfile)
 
 

@@ -240,42 +240,22 @@ def check_generated(spec_path: str, spec) -> None:
 
 
 def check_unlabeled(cfg, spec) -> None:
-    """The pseudo-labelled pool: readable without pickle (unless trusted), finite in-range labels."""
+    """``data.unlabeled``: generated shards (``check_generated``) or a pseudo-label file, read whole by the one
+    reader of that format (``load_pseudo_labels``: readable without pickle unless trusted, uint8 images,
+    integer labels, one per image); here its images' size and its labels' range against the labeled data."""
     if not cfg.data.unlabeled:
         return
-    from pathlib import Path
-
-    import numpy as np
-
-    path = Path(cfg.data.unlabeled)
     from ..data.generated import is_generated
+    from ..data.unlabeled import load_pseudo_labels
 
     if is_generated(cfg.data.unlabeled):
         check_generated(cfg.data.unlabeled, spec)
         return
-    if path.suffix == ".npz" and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                raw = z["labels"] if "labels" in z.files else None
-        except (ValueError, OSError, EOFError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"pseudo-label file {str(path)!r} is unreadable without pickle ({first}); "
-                              "rewrite it with `dat-ds pseudo-label`") from None
-        if raw is not None:  # before load_pseudo_labels casts them to int64 (NaN would become a huge number)
-            check_labels(torch.from_numpy(np.asarray(raw)).reshape(-1), spec, f"data.unlabeled {str(path)!r}")
-    from ..data.unlabeled import load_pseudo_labels
-
-    if path.suffix in (".npz", ".pkl", ".pickle"):  # other forms are pool specs, checked by their owner
-        pseudo = load_pseudo_labels(path, trust_pickle=cfg.data.trust_pickle)  # uint8 N x H x W x C (or fails)
-        where = f"data.unlabeled {str(path)!r}"
-        if len(pseudo.images) != len(pseudo.labels):
-            raise ConfigError(f"{where} has {len(pseudo.images)} images but {len(pseudo.labels)} labels; "
-                              "rewrite it with `dat-ds pseudo-label`")
-        if len(pseudo.labels) == 0:
-            raise ConfigError(f"{where} is empty; rewrite it with `dat-ds pseudo-label`")
-        if spec.img_size:  # the whole array has one shape: its first image stands for all
-            _check_images(torch.from_numpy(pseudo.images[0]).permute(2, 0, 1), spec, where)
-        check_labels(torch.from_numpy(pseudo.labels), spec, where)
+    where = f"data.unlabeled {cfg.data.unlabeled!r}"
+    pseudo = load_pseudo_labels(cfg.data.unlabeled, trust_pickle=cfg.data.trust_pickle, what=where)
+    if spec.img_size:  # the whole array has one shape: its first image stands for all
+        _check_images(torch.from_numpy(pseudo.images[0]).permute(2, 0, 1), spec, where)
+    check_labels(torch.from_numpy(pseudo.labels), spec, where)
 
 
 def check_precision(settings, accelerator=None) -> None:

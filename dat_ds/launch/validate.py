@@ -22,6 +22,8 @@ from typing import Any
 from ..core import names, resources
 from ..core.config import RunConfig, build_config, check_engine, parse_eps
 from ..core.errors import ConfigError
+from ..core.fields import Positive, check_flag
+from ..core.io import read_indices
 from ..core.requests import EvalRequest, TrainRequest
 
 __all__ = ["EVAL_ATTACKS", "EVAL_PROTOCOLS", "RUN_WEIGHTS", "check_eval_request", "check_model_name", "check_protocol",
@@ -156,8 +158,10 @@ def check_protocol(request: EvalRequest) -> EvalRequest:
                               f"drop {flag} {given}")
     if request.eps is not None and len(parse_eps(request.eps)) != 1:
         raise ConfigError(f"--protocol robustbench scores one eps; give one (--eps 8/255), not {request.eps}")
-    if request.subset_file is not None and not Path(request.subset_file).is_file():
-        raise ConfigError(f"--subset-file {request.subset_file!r} not found; give a text file of test-set indices")
+    if request.subset_file is not None:
+        if not Path(request.subset_file).exists():
+            raise ConfigError(f"--subset-file {request.subset_file!r} not found; give a text file of test-set indices")
+        read_indices(request.subset_file, f"--subset-file {request.subset_file!r}")  # the range once the test set is known
     return replace(request, attacks="autoattack")
 
 
@@ -186,13 +190,10 @@ def check_eval_request(request: EvalRequest) -> EvalRequest:
     for flag, value in (("--steps", request.steps), ("--restarts", request.restarts),
                         ("--batch-size", request.batch_size), ("--aa-steps", request.aa_steps),
                         ("--aa-queries", request.aa_queries), ("--apgd-steps", request.apgd_steps),
-                        ("--square-queries", request.square_queries)):
-        if value < 1:
-            raise ConfigError(f"{flag}={value} must be >= 1")
-    if request.max_examples is not None and request.max_examples < 1:
-        raise ConfigError(f"--max-examples={request.max_examples} must be >= 1")
-    if request.threads is not None and request.threads < 1:
-        raise ConfigError(f"--threads={request.threads} must be >= 1")
+                        ("--square-queries", request.square_queries), ("--max-examples", request.max_examples),
+                        ("--threads", request.threads)):
+        if value is not None:  # the last two: None is "all" / "cores per rank"
+            check_flag(flag, value, Positive)
     request = check_protocol(request)
     eval_attacks(request.attacks)
     if request.data is not None:
