@@ -43,12 +43,12 @@ RANK_MODULE = "dat_ds.train"  # what launch() starts on every rank: `python -u -
 SMALL_FILES_SLACK = 64 * 1024  # `latest` and its temporary twin, next to the checkpoints (allocated blocks)
 NOISE_FACTOR = 3.0
 CONFIG_KEYS = ("epochs", "nproc", "subset", "micro_batch", "save_every", "keep_last", "workers", "eval_every",
-               "interval", "warmup")
+               "interval", "warmup_share")
 # The smallest growth over the run that counts, per series, next to 3x its noise: below it a rise is too small
 # to matter even when it is steady (one allocator arena, one lazily opened file).
 MIN_CHANGE = {"rss": ("relative", 0.01), "fds": ("absolute", 1.0), "disk": ("checkpoint", 1.0),
               "step_time": ("relative", 0.10)}
-RULE = ("After the warm-up (the first --warmup share of the training time, between the first and the last step "
+RULE = ("After the warm-up (the first --warmup-share of the training time, between the first and the last step "
         "record; start-up and the final evaluation are outside too), a series 'grows' when all three hold: "
         "(1) its least-squares slope's 95% interval lies above 0 (standard error widened by sqrt(n / n_eff), "
         "n_eff = n (1 - r1) / (1 + r1), r1 the residuals' lag-1 autocorrelation: samples 1 s apart are not "
@@ -281,7 +281,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="data.num_workers per rank (default 1)")
     p.add_argument("--eval-every", type=int, default=50, help="eval.every_epochs: PGD evaluation cadence (default 50)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
-    p.add_argument("--warmup", type=float, default=0.1,
+    p.add_argument("--warmup-share", type=float, default=0.1,
                    help="share of the training time left out of the trend tests (default 0.1)")
     p.add_argument("--runs-dir", default=None, help="keep the run in RUNS_DIR/soak (default: a temporary folder)")
 
@@ -361,8 +361,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from . import write_result
     from .common import runs_folder, show_table
 
-    if args.epochs < 1 or args.nproc < 1 or args.interval <= 0 or not 0 <= args.warmup < 1:
-        raise ConfigError("bench soak needs --epochs >= 1, --nproc >= 1, --interval > 0 and 0 <= --warmup < 1")
+    if args.epochs < 1 or args.nproc < 1 or args.interval <= 0 or not 0 <= args.warmup_share < 1:
+        raise ConfigError("bench soak needs --epochs >= 1, --nproc >= 1, --interval > 0 and 0 <= --warmup-share < 1")
     if args.subset % (args.micro_batch * args.nproc):
         raise ConfigError(f"--subset {args.subset} is not a multiple of --micro-batch x --nproc "
                           f"({args.micro_batch * args.nproc}): every step record must hold one whole global batch")
@@ -383,7 +383,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logs = {p.name: p.stat().st_size for p in sorted(run_dir.iterdir()) if p.is_file()}
     s = sampler.samples
     checkpoint_bytes = max(sizes.values(), default=0)
-    judged = analyse(s, checkpoint_bytes=checkpoint_bytes, keep_last=args.keep_last, warmup=args.warmup)
+    judged = analyse(s, checkpoint_bytes=checkpoint_bytes, keep_last=args.keep_last, warmup=args.warmup_share)
     steps = s.step[-1] if s.step else 0
     out = {"config": {k: getattr(args, k) for k in CONFIG_KEYS},
            "train_command": ["dat-ds", "train", "--nproc", str(args.nproc),

@@ -94,7 +94,8 @@ def check_bench_flags(harness, args: argparse.Namespace) -> None:
     below (one meaning in every harness). One line naming the first bad flag."""
     from ..core.fields import Count, Fraction, Positive, PositiveFloat, Radius, check_flag
 
-    named = {"warmup": Count, "local_rank": Count, "latency_us": Radius, "eps": Fraction, "unsup_fraction": Fraction}
+    named = {"warmup": Count, "local_rank": Count, "latency_us": Radius, "eps": Fraction, "unsup_fraction": Fraction,
+             "warmup_share": Fraction}
     parser = argparse.ArgumentParser()
     harness.add_args(parser)
     for action in parser._actions:  # the harness's own options, as it declared them

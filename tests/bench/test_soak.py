@@ -194,8 +194,8 @@ def test_bad_arguments_are_one_line_config_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="not a multiple of --micro-batch x --nproc"):
         run_bench("soak", ["--out", str(tmp_path), "--subset", "100"])
-    with pytest.raises(ConfigError, match="--warmup < 1"):
-        run_bench("soak", ["--out", str(tmp_path), "--warmup", "1"])
+    with pytest.raises(ConfigError, match="--warmup-share < 1"):
+        run_bench("soak", ["--out", str(tmp_path), "--warmup-share", "1"])
     assert not (tmp_path / "soak.json").exists()
 
 
