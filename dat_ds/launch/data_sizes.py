@@ -21,7 +21,9 @@ from pathlib import Path
 from ..core.config import RunConfig
 from ..core.errors import ConfigError
 
-# dat_ds/data/embedded.py reads the same file (it imports numpy and torch, so it is not imported here)
+# Facts of the data readers in dat_ds/data/ (which import numpy and torch, so not imported here);
+# tests/cli/test_dry_run_sizes.py checks that both say the same.
+# dat_ds/data/embedded.py reads the same file
 EMBEDDED_FILE = Path(__file__).resolve().parents[1] / "data" / "embedded" / "fashion_mnist_subset.npz"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # fashion-mnist-full's default, as data/embedded.py
 # torchvision's ImageFolder takes these (torchvision.datasets.folder.IMG_EXTENSIONS), any letter case
@@ -142,8 +144,9 @@ def _cifar(cfg: RunConfig) -> DataSizes:
         missing = [name for name in py_train + py_test if not (py / name).is_file()]
         if missing:
             return DataSizes(None, None, classes, "3x32x32", why=f"{missing[0]} is missing in {str(py)!r}")
-        train, test = CIFAR_OFFICIAL[cfg.data.name]  # pickles: only numpy reads them
-        return DataSizes(_subset(train, cfg), test, classes, "3x32x32", official=True)
+        train, test = CIFAR_OFFICIAL[cfg.data.name]  # pickles: only numpy reads them; not counted, so never refused
+        subset = cfg.data.train_subset
+        return DataSizes(train if subset is None else subset, test, classes, "3x32x32", official=True)
     if binary is not None:
         record, counts = label_bytes + CIFAR_PIXELS, []
         for files in ([f"{n}.bin" for n in py_train], [f"{n}.bin" for n in py_test]):

@@ -104,3 +104,22 @@ def test_fashion_mnist_full_from_its_idx_headers(tmp_path):
             f.write(header + bytes(n * 28 * 28))
     assert _lines("data.name=fashion-mnist-full", f"data.root={tmp_path}") == [
         f"data fashion-mnist-full from {tmp_path}: 6 training images, 2 test images, 10 classes, 1x28x28"]
+
+
+def test_the_counts_follow_the_data_readers_facts():
+    """data_sizes keeps its own copy of the readers' file layouts (they import torch): the same facts."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from dat_ds.data import cifar, embedded, imagefolder
+
+    assert data_sizes.EMBEDDED_FILE == embedded.EMBEDDED_FILE.resolve()
+    assert data_sizes.DEBIAN_FASHION == embedded.DEBIAN_DIR
+    assert data_sizes.IMAGE_EXTENSIONS == IMG_EXTENSIONS
+    for name, lay in cifar.LAYOUTS.items():
+        assert data_sizes.CIFAR[name] == (lay.num_classes, lay.py_dir, list(lay.py_train), list(lay.py_test),
+                                          lay.bin_dir, lay.bin_label_bytes)
+        assert [f"{n}.bin" for n in lay.py_train + lay.py_test] == list(lay.bin_train + lay.bin_test)
+    assert data_sizes.CIFAR_PIXELS == cifar.PIXELS
+    cfg = build_config(None, ["data.name=imagefolder", "data.root=."])
+    assert data_sizes._imagefolder(cfg).image == f"3x{imagefolder.DEFAULT_SIZE}x{imagefolder.DEFAULT_SIZE}"
+
