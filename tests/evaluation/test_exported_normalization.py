@@ -104,9 +104,9 @@ def test_eval_of_exported_weights_equals_eval_of_the_run(tmp_path):
     assert meta["mean"] == [0.5] * 3 and meta["mean"] != list(CIFAR10_STATS[0])  # not the data set's
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     loaded = load_weights(out, MODEL, "cifar10", str(data))
-    assert loaded.source["mean"] == [0.5] * 3 and loaded.source["std"] == [0.5] * 3
     with torch.no_grad():  # before: the data set's statistics, another function than the run's
         torch.testing.assert_close(loaded.model(x), load_run(run).model(x))
+    assert loaded.source["mean"] == [0.5] * 3 and loaded.source["std"] == [0.5] * 3
     common = ["--attacks", "fgsm", "--max-examples", "16", "--batch-size", "16", "--eps", "0.1"]
     assert cli.main(["eval", "--run", str(run), *common, "--out", str(tmp_path / "run")]) == 0
     assert cli.main(["eval", "--weights", str(out), "--model", MODEL, "--data", "cifar10", "--data-root", str(data),
