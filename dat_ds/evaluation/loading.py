@@ -36,7 +36,7 @@ from ..core.config import DataConfig, RunConfig, config_from_dict, replace
 from ..core.errors import ConfigError
 from ..data import build_dataset
 from ..data.base import DataSpec
-from ..models import create_model, input_statistics, normalization_of
+from ..models import NormalizedModel, create_model, input_statistics, normalization_of
 from ..objectives import OBJECTIVES
 from ..runtime import checkpoint
 from ..runtime.ema import STATE_KEY as EMA_KEY
@@ -220,32 +220,65 @@ def load_classifier(run: str | Path, tag: str | None = None, weights: str = "aut
     return loaded
 
 
+def exported_meta(path: str | Path, model_name: str) -> dict[str, Any] | None:
+    """The ``.json`` ``dat-ds export`` wrote next to ``path``, when there is one and it describes ``model_name``."""
+    try:
+        meta = json.loads(Path(path).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("model") == model_name else None
+
+
 def exported_act(path: str | Path, model_name: str) -> str:
     """The ``model.act`` that ``dat-ds export`` recorded in the ``.json`` next to ``path`` for ``model_name``;
     "relu" (as built) when there is none or it describes another model."""
-    meta_file = Path(path).with_suffix(".json")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError):
-        return "relu"
-    if not isinstance(meta, dict) or meta.get("model") != model_name:
-        return "relu"
-    act = meta.get("act", "relu")
+    act = (exported_meta(path, model_name) or {}).get("act", "relu")
     if act not in names.ACTIVATIONS:
-        raise ConfigError(f"{str(meta_file)!r} has act={act!r}; allowed: {', '.join(names.ACTIVATIONS)}")
+        raise ConfigError(f"{str(Path(path).with_suffix('.json'))!r} has act={act!r}; allowed: "
+                          f"{', '.join(names.ACTIVATIONS)}")
     return act
+
+
+def exported_statistics(path: str | Path, model_name: str, spec: DataSpec) -> tuple[list[float], list[float]] | None:
+    """The input mean/std the exported model was trained with (its run's ``model.normalization``: not always the
+    data set's), from the ``.json`` next to ``path``; None without one (a plain timm/torch checkpoint)."""
+    meta = exported_meta(path, model_name)
+    if meta is None:
+        return None
+    meta_file = str(Path(path).with_suffix(".json"))
+    stats = [meta.get(key) for key in ("mean", "std")]
+    if not all(isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+               for v in stats):
+        raise ConfigError(f"{meta_file!r} records no input mean/std lists for {model_name!r}, which the weights need; "
+                          f"export the run again (dat-ds export --run RUN --out {path} --force), or add its "
+                          '"mean"/"std" lists (move the file away to normalise with the data set\'s statistics)')
+    mean, std = ([float(x) for x in v] for v in stats)
+    if len(mean) != spec.in_chans or len(std) != spec.in_chans:
+        raise ConfigError(f"{meta_file!r} has mean/std for {len(mean)}/{len(std)} channel(s), the data {spec.in_chans}; "
+                          f"evaluate on the data the model was exported for ({meta.get('dataset')!r}: --data)")
+    if min(std) <= 0:
+        raise ConfigError(f"{meta_file!r} has std {std}; every channel's std must be > 0")
+    return mean, std
 
 
 def load_weights(path: str | Path, model_name: str, data_name: str, data_root: str | None = None) -> LoadedModel:
     """A timm/torch state dict or a safetensors file for backbone ``model_name`` on data set ``data_name``.
 
-    The activation comes from the ``model.json`` ``dat-ds export`` wrote next to the file (``exported_act``)."""
+    The activation and the input mean/std come from the ``model.json`` ``dat-ds export`` wrote next to the file
+    (``exported_act``, ``exported_statistics``: a run trained with ``model.normalization=model`` normalised with
+    its model's statistics, not the data set's); without one, the model's default activation and the data set's
+    statistics."""
     if not Path(path).is_file():
         raise ConfigError(f"--weights {str(path)!r} not found; give a local .safetensors or .pt file")
     data_cfg = DataConfig(name=data_name, root=data_root)
     _, spec = build_dataset(data_cfg, "test")
     act = exported_act(path, model_name)
+    stats = exported_statistics(path, model_name, spec)
     model = create_model(model_name, spec, str(path), act=act)
+    if stats is not None:
+        model = NormalizedModel(model.backbone, *stats, source=f"{Path(path).with_suffix('.json').name}, as exported")
     model.eval()
-    source = {"kind": "weights", "weights": str(path), "model": model_name, "data": data_name, "act": act}
+    log.info("loaded %s (%s); input normalisation: %s", path, model_name, model.describe())
+    source = {"kind": "weights", "weights": str(path), "model": model_name, "data": data_name, "act": act,
+              "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
     return LoadedModel(model=model, data_cfg=data_cfg, source=source, spec=spec)

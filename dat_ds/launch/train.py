@@ -25,6 +25,7 @@ from typing import Any
 from ..core import dist, stop
 from ..core.errors import ConfigError
 from ..core.requests import TrainRequest
+from . import data_sizes
 from .status import STATUS_ENV, install_signal_status
 from .validate import check_model_name, dry_run_report, train_inputs
 
@@ -49,8 +50,11 @@ def main(request: TrainRequest, base: dict[str, Any] | None = None, *, world: in
             from .preflight import check_precision
 
             check_precision(settings)  # bf16/fp16 this machine's accelerator lacks: the start would fail
+        sizes = data_sizes.count(cfg)  # headers and file listings only: no image decoded, no torch
         info = dry_run_report(cfg, settings, world)
         log.info("resolved config:\n%s", cfg.to_yaml().rstrip())
+        for line in data_sizes.describe(cfg, sizes):
+            log.info("%s", line)
         log.info("config OK: %s", json.dumps(info))
         return info
     from . import runlock

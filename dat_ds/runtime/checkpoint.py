@@ -6,7 +6,7 @@ Layout of ``<run>/checkpoint/``::
     <tag>/rank_state_<r>.pt  per-rank RNG states (torch, accelerator, numpy, python, attack generator) and
                              the compressing optimizer's per-rank state (error feedback, 0/1 Adam local
                              steps, the quantizer's step counter): DeepSpeed keeps rank 0's optimizer only
-    <tag>/complete.json      the commit mark: step, epoch, world size, what the weights fit, every file's size
+    <tag>/complete.json      the commit mark: step, epoch (from 1), world size, what the weights fit, every file's size
                              and SHA-256 (``core.integrity``)
     latest                   the newest complete tag, replaced atomically after the tag is committed
     best                     ``train.keep_best``: the tag with the best validation robust accuracy; pruning
@@ -130,7 +130,11 @@ def reseed_rank(seed: int, global_step: int, rank: int, generator: torch.Generat
 
 
 def tag_for(epoch: int, global_step: int, end_of_epoch: bool) -> str:
-    return f"epoch{epoch:04d}" if end_of_epoch else f"step{global_step:09d}"
+    """The tag of a save: ``epoch<N>`` closes epoch N, numbered from 1 as metrics rows and the table number it
+    (``epoch`` is ``TrainState.epoch``, the 0-based index), ``step<global step>`` a save mid-epoch. Nothing reads
+    the number back: tags are found through ``complete.json`` and ordered by global step, so runs saved before
+    the tags were 1-based (``epoch0000`` for epoch 1) resume and evaluate as they are."""
+    return f"epoch{epoch + 1:04d}" if end_of_epoch else f"step{global_step:09d}"
 
 
 def checkpoint_meta(config: dict[str, Any] | None, ds: dict[str, Any] | None) -> dict[str, Any]:
@@ -181,7 +185,8 @@ def save(engine, root: Path, tag: str, *, client_state: dict[str, Any], rank_sta
     # each rank's hashes of the files it wrote, relative to the tag folder (small: a name and 64 hex per file)
     hashed = dist.all_gather_object((writes.relative_sha256(tmp_dir), writes.hash_seconds))
     if dist.is_main_process():
-        mark = {"tag": tag, "global_step": client_state["global_step"], "epoch": client_state["epoch"],
+        # "epoch" numbered from 1, as the tag; step_in_epoch == steps per epoch: that epoch is complete
+        mark = {"tag": tag, "global_step": client_state["global_step"], "epoch": client_state["epoch"] + 1,
                 "step_in_epoch": client_state.get("step_in_epoch"), "world_size": dist.world_size(),
                 "fits": checkpoint_meta(client_state.get("config"), client_state.get("ds_config"))}
         sha256 = {name: digest for rank_hashes, _ in hashed for name, digest in rank_hashes.items()}

@@ -189,7 +189,7 @@ class Trainer:
         elif state.step_in_epoch >= run.steps_per_epoch:  # the checkpoint closed its epoch
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
         self.state = state
-        log.info("resumed from %s: epoch %d, step %d of the epoch, global step %d", root / tag, state.epoch,
+        log.info("resumed from %s: epoch %d, step %d of the epoch, global step %d", root / tag, state.epoch + 1,
                  state.step_in_epoch, state.global_step)
 
     def _reshard(self, state: TrainState, client: dict[str, Any], *, closed: bool) -> None:
@@ -359,9 +359,12 @@ class Trainer:
                    "history": history, "provenance": provenance(world_size=world, hosts=dist.hosts())}
         best_rows = [h for h in history if h.get(BEST_ROW_KEY)]
         if cfg.train.keep_best != "none":  # the checkpoint eval and export default to (Rice et al. 2020)
-            summary["best"] = None if not best_rows else {
-                "epoch": best_rows[-1]["epoch"], "tag": checkpoint.tag_for(best_rows[-1]["epoch"] - 1, 0, True),
-                "val_robust_acc": best_rows[-1].get("val_robust_acc"), "val_clean_acc": best_rows[-1].get("val_clean_acc")}
+            best = best_rows[-1] if best_rows else None
+            # the tag `best` names (a run resumed from a save made before tags were 1-based keeps its old names)
+            summary["best"] = None if best is None else {
+                "epoch": best["epoch"], "val_robust_acc": best.get("val_robust_acc"),
+                "tag": checkpoint.best_tag(self.ckpt_root) or checkpoint.tag_for(best["epoch"] - 1, 0, True),
+                "val_clean_acc": best.get("val_clean_acc")}
         if dist.is_main_process():
             atomic_write_json(self.run_dir / "summary.json", summary)
             log.info("outputs in %s: summary.json, metrics.jsonl, curves.png, checkpoint/", self.run_dir)

@@ -131,9 +131,9 @@ def test_summarize_report_refuses_a_weakened_autoattack():
            "robust_acc": 0.7, "seconds": 1.0}
     report = {"results": [row, pgd], "count": 10, "clean_acc": 0.9, "sanity": [], "seconds": 2.0}
     with pytest.raises(RuntimeError, match="standard AutoAttack"):
-        ttr.summarize_report(report, 1, "epoch0000")
+        ttr.summarize_report(report, 1, "epoch0001")
     report["results"][0] = {**row, "label": "AutoAttack@0.1", "extra": {}}
-    out = ttr.summarize_report(report, 1, "epoch0000")
+    out = ttr.summarize_report(report, 1, "epoch0001")
     assert (out["autoattack_acc"], out["pgd50x5_acc"], out["sanity_pass"]) == (0.7, 0.7, False)  # no checks: no pass
 
 
@@ -167,7 +167,7 @@ def test_reuse_takes_only_an_evaluation_of_the_same_attacks_on_the_same_images(t
     report = {"results": [aa, pgd], "count": bench_args.eval_examples, "clean_acc": 0.8, "sanity": [check],
               "seconds": 9.0}
     path.write_text(json.dumps(report))
-    done = ttr.summarize_report(ttr.reusable_eval(path, bench_args), 6, "epoch0005")
+    done = ttr.summarize_report(ttr.reusable_eval(path, bench_args), 6, "epoch0006")
     assert (done["autoattack_acc"], done["pgd50x5_acc"], done["sanity_pass"]) == (0.6, 0.62, True)
     for changed in ({"count": 500}, {"sanity": []}, {"results": [aa]},
                     {"results": [{**aa, "label": "AutoAttack-n_queries20@0.1", "extra": {"n_queries": 20}}, pgd]}):
@@ -176,7 +176,7 @@ def test_reuse_takes_only_an_evaluation_of_the_same_attacks_on_the_same_images(t
     # the archive under --out (what a retrained run on a fresh machine can reuse): only for the same weights
     kept = tmp_path / "kept.json"
     assert ttr.archived_eval(kept, "ab" * 32, bench_args) is None
-    kept.write_text(json.dumps({"method": "nfgsm", "tag": "epoch0005", "weights_sha256": "ab" * 32, "eval": report}))
+    kept.write_text(json.dumps({"method": "nfgsm", "tag": "epoch0006", "weights_sha256": "ab" * 32, "eval": report}))
     assert ttr.archived_eval(kept, "ab" * 32, bench_args) == report
     assert ttr.archived_eval(kept, "cd" * 32, bench_args) is None  # other weights: evaluate again
     kept.write_text(json.dumps({"weights_sha256": "ab" * 32, "eval": {**report, "count": 500}}))
@@ -196,7 +196,7 @@ def test_weights_sha256_tells_bit_identical_weights_apart(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text(cfg.to_yaml())
     model = trained_model(cfg, build_dataset(cfg.data, "test")[1])
-    tag_dir = run / "checkpoint" / "epoch0000"
+    tag_dir = run / "checkpoint" / "epoch0001"
     tag_dir.mkdir(parents=True)
 
     def save(state):  # a checkpoint as dat-ds commits one: the model states, then complete.json with their size
@@ -206,13 +206,13 @@ def test_weights_sha256_tells_bit_identical_weights_apart(tmp_path):
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
     save(state)
-    first = ttr.weights_sha256(run, "epoch0000")
-    assert first == ttr.weights_sha256(run, "epoch0000") and len(first) == 64
+    first = ttr.weights_sha256(run, "epoch0001")
+    assert first == ttr.weights_sha256(run, "epoch0001") and len(first) == 64
     key = next(k for k, v in state.items() if v.is_floating_point())
     flat = state[key].view(-1)
     flat[0] = torch.nextafter(flat[0], flat[0] + 1)  # one ulp
     save(state)
-    assert ttr.weights_sha256(run, "epoch0000") != first
+    assert ttr.weights_sha256(run, "epoch0001") != first
 
 
 def test_methods_always_include_the_reference_and_refuse_unknown_names():
@@ -265,7 +265,7 @@ def test_bench_time_to_robust_end_to_end_tiny(tmp_path):
     assert ref["ratio_to_reference"] == 1.0
     assert data["judgement"]["target_autoattack"] == pytest.approx(ref["final_autoattack"] - 0.01)
     assert (tmp_path / "out" / "time_to_robust.png").stat().st_size > 1000
-    assert (tmp_path / "runs" / "nfgsm" / "checkpoint" / "epoch0000").is_dir()  # keep_last kept every epoch
-    kept = json.loads((tmp_path / "out" / ttr.ARCHIVE / "nfgsm" / "eval-epoch0001.json").read_text())
-    assert kept["weights_sha256"] == ttr.weights_sha256(tmp_path / "runs" / "nfgsm", "epoch0001")
-    assert kept["eval"]["count"] == 32 and kept["tag"] == "epoch0001"  # every scored eval.json, kept under --out
+    assert (tmp_path / "runs" / "nfgsm" / "checkpoint" / "epoch0001").is_dir()  # keep_last kept every epoch
+    kept = json.loads((tmp_path / "out" / ttr.ARCHIVE / "nfgsm" / "eval-epoch0002.json").read_text())
+    assert kept["weights_sha256"] == ttr.weights_sha256(tmp_path / "runs" / "nfgsm", "epoch0002")
+    assert kept["eval"]["count"] == 32 and kept["tag"] == "epoch0002"  # every scored eval.json, kept under --out

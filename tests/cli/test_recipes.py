@@ -33,6 +33,9 @@ def inputs_in(tmp: Path, recipe: Path) -> list[str]:
     if cfg.data.unlabeled is not None:
         (tmp / "pool.npz").touch()
         out += ["--set", f"data.unlabeled={tmp / 'pool.npz'}"]
+    if cfg.model.weights is not None:  # the user's pretrained checkpoint (transfer recipes)
+        (tmp / "weights.safetensors").touch()
+        out += ["--set", f"model.weights={tmp / 'weights.safetensors'}"]
     return out
 
 
@@ -69,6 +72,29 @@ def test_recipes_command_lists_every_recipe_with_paper_numbers():
     assert rows["imagenet_r50_dat_fgsm"][3] == "60.9% / 43.5%"
     assert rows["cifar10_wrn34_pgd_at"][1] == "wideresnet34_10 / cifar10"
     assert dat_cli.main(["recipes"]) == 0
+
+
+def test_transfer_recipe_states_its_anchor_and_the_authors_fine_tuning():
+    """Hendrycks et al. 2019's transfer setting: RobustBench's Hendrycks2019Using entry (model_info/cifar10/Linf),
+    and the fine-tuning of their robustness/adversarial/tune.py."""
+    path = RECIPE_DIR / "cifar10_wrn28_10_transfer.yaml"
+    text = path.read_text()
+    raw = yaml.safe_load(text)
+    assert {k: raw["paper"][k] for k in ("clean_acc", "robust_acc", "robust_attack")} == {
+        "clean_acc": 0.8711, "robust_acc": 0.5492, "robust_attack": "AutoAttack"}
+    assert "Hendrycks2019Using" in raw["paper"]["source"] and "87.11% clean / 54.92% AutoAttack" in text
+    cfg = build_config(path)
+    assert cfg.model.name == "wideresnet28_10" and cfg.model.weights and cfg.model.strict_head is False
+    assert cfg.model.normalization == "data"  # the wideresnets declare no pretrained statistics
+    assert (cfg.attack.name, cfg.attack.steps) == ("pgd", 10)
+    assert (cfg.attack.eps, cfg.attack.step_size) == pytest.approx((8 / 255, 2 / 255))
+    assert cfg.train.epochs == 5 and cfg.optim.schedule == "cosine" and cfg.data.augment
+    for world in (1, 8):
+        settings = ds_config.prepare(cfg.deepspeed_config, world)
+        assert settings.global_batch == 128 and settings.optimizer["type"] == "SGD"
+        assert settings.optimizer["params"] == {"lr": 0.001, "momentum": 0.9, "weight_decay": 0.0005, "nesterov": True}
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert "--config recipes/cifar10_wrn28_10_transfer.yaml" in header and "--set model.weights=" in header
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

@@ -330,7 +330,7 @@ def test_compressed_run_resumes_bit_identical_on_every_rank(cli, tmp_path, name)
 
     train("ref", 2)
     train("resumed", 1)
-    first = runs / "resumed" / "checkpoint" / "epoch0000"
+    first = runs / "resumed" / "checkpoint" / "epoch0001"
     local = [torch.load(first / f"rank_state_{r}.pt", weights_only=True)["optimizer_local"] for r in range(2)]
     if name == "dat_8bit":
         assert local[0]["steps"] == local[1]["steps"] == 9
@@ -341,7 +341,7 @@ def test_compressed_run_resumes_bit_identical_on_every_rank(cli, tmp_path, name)
         assert "local" in local[1]  # the checkpoint sits between two synchronisations
         assert not torch.equal(local[0]["local"][0]["param"], local[1]["local"][0]["param"])
     train("resumed", 2, "--resume", "auto")
-    assert_identical(model_state(runs / "ref" / "checkpoint" / "epoch0001"), model_state(runs / "resumed" / "checkpoint" / "epoch0001"))
+    assert_identical(model_state(runs / "ref" / "checkpoint" / "epoch0002"), model_state(runs / "resumed" / "checkpoint" / "epoch0002"))
     rows = [r for r in read_jsonl(runs / "resumed" / "metrics.jsonl") if r["kind"] == "step"]
     ref_rows = [r for r in read_jsonl(runs / "ref" / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]

@@ -340,8 +340,8 @@ def _check_resumed_exactly(name: str, runs: Path) -> None:
         assert local[0]["steps"] == local[1]["steps"] == SAVE_AT // ACCUM
     else:
         assert not torch.equal(local[0]["worker_error"], local[1]["worker_error"])  # each rank its own
-    assert_identical(model_state(runs / "ref" / "checkpoint" / "epoch0001"),
-                     model_state(runs / "resumed" / "checkpoint" / "epoch0001"))
+    assert_identical(model_state(runs / "ref" / "checkpoint" / "epoch0002"),
+                     model_state(runs / "resumed" / "checkpoint" / "epoch0002"))
     ref = [r for r in read_jsonl(runs / "ref" / "metrics.jsonl") if r["kind"] == "step"]
     resumed = {r["step"]: r for r in read_jsonl(runs / "resumed" / "metrics.jsonl") if r["kind"] == "step"}
     assert set(range(SAVE_AT + 1, BATCHES + 1)) <= set(resumed)

@@ -47,8 +47,8 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
     steps = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [2, 4, 6]
     assert all(r["samples_per_s"] > 0 for r in steps)
-    assert (run / "checkpoint" / "epoch0000" / "complete.json").is_file()
-    assert (run / "checkpoint" / "latest").read_text().strip() == "epoch0000"
+    assert (run / "checkpoint" / "epoch0001" / "complete.json").is_file()
+    assert (run / "checkpoint" / "latest").read_text().strip() == "epoch0001"
     assert (run / "config.yaml").is_file() and (run / "curves.png").stat().st_size > 1000
 
 

@@ -251,7 +251,7 @@ def test_eval_run_folder_end_to_end(cli, tmp_path):
                "--aa-steps", "1", "--aa-queries", "5", "--square-queries", "5", "--max-examples", "32", "--sanity",
                "--per-class", check=True, timeout=600)
     report = json.loads((run_dir / "eval.json").read_text())
-    assert report["source"]["kind"] == "run" and report["source"]["tag"] == "epoch0000"
+    assert report["source"]["kind"] == "run" and report["source"]["tag"] == "epoch0001"
     labels = [r["label"] for r in report["results"]]
     # The sanity checks run at the first --eps (0.05), plus PGD at the large eps 0.5.
     assert {"PGD-2@0.05", "PGD-2@0.1", "PGD-10@0.05", "PGD-2x5@0.05", "FGSM@0.05", "Square-n_queries5@0.05",

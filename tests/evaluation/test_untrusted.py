@@ -129,7 +129,7 @@ def test_export_loads_in_timm_and_dat_ds(tmp_path, capsys):
     weights = load_file(str(out))
     assert not any(k.startswith(("backbone.", "module.")) for k in weights)
 
-    trained = torch.load(tmp_path / "runs/timm/checkpoint/epoch0000/mp_rank_00_model_states.pt",
+    trained = torch.load(tmp_path / "runs/timm/checkpoint/epoch0001/mp_rank_00_model_states.pt",
                          weights_only=True)["module"]
     test_set, spec = build_dataset(DataConfig(), "test")
     x = torch.stack([test_set[i][0] for i in range(4)])

@@ -226,7 +226,7 @@ def test_successful_overwrite_ends_with_only_the_new_run(old_run, monkeypatch):
     assert not (target / "eval.json").exists()
     assert "seed: 5" in (target / "config.yaml").read_text()
     assert [t for _, t in checkpoint.complete_tags(target / "checkpoint")] == [
-        "step000000002", "step000000004", "epoch0000"]
+        "step000000002", "step000000004", "epoch0001"]
     assert len([ln for ln in (target / "metrics.jsonl").read_text().splitlines()
                 if json.loads(ln)["kind"] == "epoch"]) == 1
 

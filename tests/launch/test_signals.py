@@ -149,7 +149,7 @@ def uninterrupted(tmp_path_factory):
                           *tiny_args(folder / "runs", "ref", ds, subset=640, epochs=2, save_every=0)],
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    return model_state(folder / "runs" / "ref" / "checkpoint" / "epoch0001")
+    return model_state(folder / "runs" / "ref" / "checkpoint" / "epoch0002")
 
 
 @pytest.mark.parametrize("sig, extra, code", [
@@ -189,7 +189,7 @@ def test_signal_then_resume_auto_is_bit_identical(tmp_path, uninterrupted, sig, 
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {root / tag}" in res.stderr
-    assert_identical(uninterrupted, model_state(root / "epoch0001"))
+    assert_identical(uninterrupted, model_state(root / "epoch0002"))
 
 
 def test_sigterm_of_an_in_process_run_names_the_last_checkpoint(tmp_path):

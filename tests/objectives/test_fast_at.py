@@ -255,7 +255,7 @@ def test_reuse_crash_mid_epoch_then_resume_is_bit_identical(tmp_path):
     with crash_after_save("step000000008"), pytest.raises(Crash):
         cli.main(["train", *tiny_args(runs, "crash", ds, *extra)])
     assert cli.main(["train", *tiny_args(runs, "crash", ds, *extra), "--resume", "auto"]) == 0
-    a, b = runs / "ref" / "checkpoint" / "epoch0001", runs / "crash" / "checkpoint" / "epoch0001"
+    a, b = runs / "ref" / "checkpoint" / "epoch0002", runs / "crash" / "checkpoint" / "epoch0002"
     assert_identical(model_state(a), model_state(b))
     store = _rank_store(a, 0)
     assert_identical(store, _rank_store(b, 0))
@@ -281,7 +281,7 @@ def test_two_rank_reuse_resume_is_bit_identical(tmp_path):
     train("straight", 2)
     train("split", 1)
     train("split", 2, "--resume", "auto")
-    a, b = runs / "straight" / "checkpoint" / "epoch0001", runs / "split" / "checkpoint" / "epoch0001"
+    a, b = runs / "straight" / "checkpoint" / "epoch0002", runs / "split" / "checkpoint" / "epoch0002"
     assert_identical(model_state(a), model_state(b))
     stores = []
     for rank in range(2):

@@ -191,9 +191,9 @@ _DEFAULT_TWO_RANK: set[str] = set()
                                   for n in OBJECTIVES.names()])
 def test_objective_trains_on_two_ranks(tmp_path, name):
     run, summary = _two_rank_train(tmp_path, name)
-    assert (run / "checkpoint" / "epoch0000" / "complete.json").is_file()
+    assert (run / "checkpoint" / "epoch0001" / "complete.json").is_file()
     if name == "free":
-        state = torch.load(run / "checkpoint" / "epoch0000" / "mp_rank_00_model_states.pt", weights_only=False)
+        state = torch.load(run / "checkpoint" / "epoch0001" / "mp_rank_00_model_states.pt", weights_only=False)
         deltas = state["objective_state"]["delta_by_rank"]
         assert len(deltas) == 2 and not torch.equal(deltas[0], deltas[1])  # each rank perturbs its own shard
         assert all(d.abs().max() <= 0.1 + 1e-6 for d in deltas)

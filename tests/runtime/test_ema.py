@@ -187,20 +187,20 @@ def test_every_eval_reports_raw_and_ema_accuracies(ema_runs):
 
 def test_crash_then_resume_gives_a_bit_identical_ema(ema_runs):
     ref, crashed = ema_runs / "ref" / "checkpoint", ema_runs / "crashed" / "checkpoint"
-    a, b = _ema_of(ref / "epoch0001"), _ema_of(crashed / "epoch0001")
+    a, b = _ema_of(ref / "epoch0002"), _ema_of(crashed / "epoch0002")
     assert a["updates"] == b["updates"] == 12
     assert_identical(a["params"], b["params"])
     assert_identical(a["buffers"], b["buffers"])
-    assert_identical(model_state(ref / "epoch0001"), model_state(crashed / "epoch0001"))
+    assert_identical(model_state(ref / "epoch0002"), model_state(crashed / "epoch0002"))
     # the EMA is not the raw weights, and both were saved
-    raw = model_state(ref / "epoch0001")
+    raw = model_state(ref / "epoch0002")
     assert any(not torch.equal(a["params"][k], raw[k].float()) for k in a["params"])
 
 
 def test_export_picks_the_ema_by_default_and_raw_on_request(ema_runs, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    tag = ema_runs / "ref" / "checkpoint" / "epoch0001"
+    tag = ema_runs / "ref" / "checkpoint" / "epoch0002"
     saved_ema, raw = _ema_of(tag)["params"], model_state(tag)
     assert cli.main(["export", "--run", str(ema_runs / "ref"), "--out", str(tmp_path / "default.safetensors")]) == 0
     assert "ema weights" in capsys.readouterr().out
@@ -280,22 +280,22 @@ def test_zero3_two_ranks_interrupted_and_resumed_gives_a_bit_identical_sharded_e
     runs = tmp_path / "runs"
     _train(runs, "ref", ds)
     root = runs / "ref" / "checkpoint"
-    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000004", "epoch0000", "step000000008",
-                                                              "epoch0001"]
+    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000004", "epoch0001", "step000000008",
+                                                              "epoch0002"]
     cut = runs / "cut"
     shutil.copytree(runs / "ref", cut)
-    for tag in ("epoch0000", "step000000008", "epoch0001"):
+    for tag in ("epoch0001", "step000000008", "epoch0002"):
         shutil.rmtree(cut / "checkpoint" / tag)
     (cut / "checkpoint" / "latest").write_text("step000000004\n")
     (cut / "metrics.jsonl").unlink()
     _train(runs, "cut", ds, "--resume", "auto")
     for r in (0, 1):
-        a = torch.load(root / "epoch0001" / f"rank_state_{r}.pt", weights_only=True)["ema"]
-        b = torch.load(cut / "checkpoint" / "epoch0001" / f"rank_state_{r}.pt", weights_only=True)["ema"]
+        a = torch.load(root / "epoch0002" / f"rank_state_{r}.pt", weights_only=True)["ema"]
+        b = torch.load(cut / "checkpoint" / "epoch0002" / f"rank_state_{r}.pt", weights_only=True)["ema"]
         assert a["sharded"] and a["updates"] == b["updates"] == 12
         assert_identical(a["params"], b["params"])
         assert_identical(a["buffers"], b["buffers"])
-    shard0 = torch.load(root / "epoch0001" / "rank_state_0.pt", weights_only=True)["ema"]
+    shard0 = torch.load(root / "epoch0002" / "rank_state_0.pt", weights_only=True)["ema"]
     assert shard0["params"]["backbone.head.1.weight"].numel() == 128 * 784 // 2  # half of it on this rank
 
     from dat_ds.data import build_dataset

@@ -116,13 +116,13 @@ def test_validation_split_is_held_out_training_data_never_the_test_set(best_run)
 def test_best_survives_pruning_and_is_in_the_summary(best_run):
     cfg, summary = best_run["cfg"], best_run["summary"]
     root = cfg.run_dir / "checkpoint"
-    assert checkpoint.best_tag(root) == "epoch0000"
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["epoch0000", "epoch0002"]  # keep_last=1 + best
-    assert summary["best"] == {"epoch": 1, "tag": "epoch0000", "val_robust_acc": 3 / VAL,
+    assert checkpoint.best_tag(root) == "epoch0001"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["epoch0001", "epoch0003"]  # keep_last=1 + best
+    assert summary["best"] == {"epoch": 1, "tag": "epoch0001", "val_robust_acc": 3 / VAL,
                                "val_clean_acc": summary["history"][0]["val_clean_acc"]}
     assert [h["best"] for h in summary["history"]] == [True, False, False]
     assert [h["val_robust_acc"] for h in summary["history"]] == [3 / VAL, 2 / VAL, 1 / VAL]
-    assert json.loads((cfg.run_dir / "summary.json").read_text())["best"]["tag"] == "epoch0000"
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["best"]["tag"] == "epoch0001"
 
 
 def test_eval_and_export_default_to_best_and_tag_wins(best_run, tmp_path, capsys):
@@ -130,18 +130,18 @@ def test_eval_and_export_default_to_best_and_tag_wins(best_run, tmp_path, capsys
 
     run = best_run["cfg"].run_dir
     loaded = load_run(run)
-    assert loaded.source["tag"] == "epoch0000" and loaded.source["tag_choice"] == "best"
-    assert load_run(run, "epoch0002").source["tag_choice"] == "given"
+    assert loaded.source["tag"] == "epoch0001" and loaded.source["tag_choice"] == "best"
+    assert load_run(run, "epoch0003").source["tag_choice"] == "given"
     assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
     assert "best checkpoint by validation robust accuracy" in capsys.readouterr().out
     meta = json.loads((tmp_path / "m.json").read_text())
-    assert meta["source"].endswith("epoch0000") and meta["best"] is True
+    assert meta["source"].endswith("epoch0001") and meta["best"] is True
     assert cli.main(["eval", "--run", str(run), "--attacks", "fgsm", "--max-examples", "16",
                      "--out", str(tmp_path / "e")]) == 0
-    assert json.loads((tmp_path / "e" / "eval.json").read_text())["source"]["tag"] == "epoch0000"
-    assert cli.main(["eval", "--run", str(run), "--tag", "epoch0002", "--attacks", "fgsm", "--max-examples", "16",
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["source"]["tag"] == "epoch0001"
+    assert cli.main(["eval", "--run", str(run), "--tag", "epoch0003", "--attacks", "fgsm", "--max-examples", "16",
                      "--out", str(tmp_path / "t")]) == 0
-    assert json.loads((tmp_path / "t" / "eval.json").read_text())["source"]["tag"] == "epoch0002"
+    assert json.loads((tmp_path / "t" / "eval.json").read_text())["source"]["tag"] == "epoch0003"
 
 
 def test_exported_silu_model_is_evaluated_with_silu(tmp_path, capsys):

@@ -82,7 +82,7 @@ def test_skip_policy_drops_the_step_and_counts_it(tmp_path):
     assert run(tmp_path, "skip", "--set", "train.nan_policy=skip") == 0
     root = tmp_path / "runs" / "skip" / "checkpoint"
     # 12 batches, 11 optimizer steps (the poisoned one never reached engine.step), finite weights
-    states = torch.load(root / "epoch0001" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    states = torch.load(root / "epoch0002" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     assert states["global_step"] == 12 and states["global_steps"] == 11 and states["skipped_steps"] == 1
     assert all(torch.isfinite(v).all() for v in states["module"].values())
     rows = [r for r in read_jsonl(tmp_path / "runs" / "skip" / "metrics.jsonl") if r["kind"] == "step"]

@@ -43,18 +43,36 @@ def reference(tmp_path_factory):
 def test_tags_and_commit_marks(reference):
     folder, _ = reference
     root = folder / "runs" / "ref" / "checkpoint"
-    # steps 4 and 8 mid-epoch (step 12 closes epoch 2, so it is the epoch tag), plus one tag per epoch
-    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000004", "epoch0000", "step000000008", "epoch0001"]
-    assert (root / "latest").read_text().strip() == "epoch0001"
+    # steps 4 and 8 mid-epoch (step 12 closes epoch 2, so it is the epoch tag), plus one tag per epoch, numbered
+    # from 1 as the metrics rows and the table number epochs (they were 0-based: epoch0001 held epoch 2)
+    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000004", "epoch0001", "step000000008", "epoch0002"]
+    assert (root / "latest").read_text().strip() == "epoch0002"
     assert not [d for d in root.iterdir() if d.name.startswith(checkpoint.TMP_PREFIX)]
     mark = checkpoint.read_complete(root / "step000000004")
     assert mark["fits"] == {"model.name": "tiny_cnn", "model.normalization": "auto", "data.name": "fashion-mnist",
                             "optimizer": "AdamW", "zero_stage": 0}
-    assert mark["step_in_epoch"] == 4 and mark["epoch"] == 0
+    assert mark["step_in_epoch"] == 4 and mark["epoch"] == 1
+    last = checkpoint.read_complete(root / "epoch0002")  # epoch 2, all of its 6 steps: complete
+    assert (last["epoch"], last["step_in_epoch"], last["global_step"]) == (2, 6, 12)
+    rows = [json.loads(ln) for ln in (folder / "runs" / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
     for _, tag in checkpoint.complete_tags(root):  # every file's SHA-256, as the ranks hashed it while saving
         mark = checkpoint.read_complete(root / tag)
         assert mark["sha256"] == {k: v for k, v in hashes(root / tag).items() if k != checkpoint.COMPLETE}
         assert mark["sha256"].keys() == mark["files"].keys()
+
+
+def test_a_run_saved_with_0_based_epoch_tags_still_resumes_from_its_newest(reference, tmp_path):
+    """Runs saved before the tags were 1-based (epoch0000 held epoch 1): tags are found through complete.json
+    and ordered by global step, never by the number in their name."""
+    folder, _ = reference
+    old = tmp_path / "old" / "checkpoint"
+    shutil.copytree(folder / "runs" / "ref" / "checkpoint", old)
+    for new_name, old_name in (("epoch0001", "epoch0000"), ("epoch0002", "epoch0001")):  # lowest first
+        (old / new_name).rename(old / old_name)
+    (old / "latest").write_text("epoch0001\n")
+    assert [t for _, t in checkpoint.complete_tags(old)] == ["step000000004", "epoch0000", "step000000008", "epoch0001"]
+    assert checkpoint.resolve_resume("auto", old.parent) == (old, "epoch0001")
 
 
 def test_crash_mid_epoch_then_resume_auto_is_bit_identical(reference, caplog):
@@ -82,7 +100,7 @@ def test_crash_mid_epoch_then_resume_auto_is_bit_identical(reference, caplog):
 
     assert cli.main(["train", *tiny_args(folder / "runs", "crash", ds), "--resume", "auto"]) == 0
     ref_root = folder / "runs" / "ref" / "checkpoint"
-    for tag in ("step000000008", "epoch0001"):
+    for tag in ("step000000008", "epoch0002"):
         assert_identical(model_state(ref_root / tag), model_state(root / tag))
 
 
@@ -97,18 +115,18 @@ def test_a_flipped_byte_is_skipped_by_resume_auto_and_named_by_verify(reference,
     run = folder / "runs" / "flip"
     shutil.copytree(folder / "runs" / "ref", run)
     root = run / "checkpoint"
-    damaged = root / "epoch0001" / MODEL_STATES
+    damaged = root / "epoch0002" / MODEL_STATES
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0x01
     damaged.write_bytes(data)
-    recorded = checkpoint.read_complete(root / "epoch0001")["sha256"][MODEL_STATES]
+    recorded = checkpoint.read_complete(root / "epoch0002")["sha256"][MODEL_STATES]
 
     capsys.readouterr()
     assert cli.main(["verify", str(run)]) == 1
     tags = [t for _, t in checkpoint.complete_tags(root)]
     files = {t: len(checkpoint.read_complete(root / t)["files"]) for t in tags}
     assert capsys.readouterr().out.splitlines() == [
-        f"{root / t}: ok ({files[t]} files, sha256)" if t != "epoch0001" else
+        f"{root / t}: ok ({files[t]} files, sha256)" if t != "epoch0002" else
         f"{root / t}: damaged: {MODEL_STATES} has sha256 {hashlib.sha256(data).hexdigest()[:16]}..., "
         f"complete.json recorded {recorded[:16]}..." for t in tags]
 
@@ -116,11 +134,11 @@ def test_a_flipped_byte_is_skipped_by_resume_auto_and_named_by_verify(reference,
     assert cli.main(["train", *tiny_args(folder / "runs", "flip", ds), "--resume", "auto"]) == 0
     warnings = [r.getMessage() for r in dat_ds_log.records if r.levelno >= logging.WARNING]
     assert [w for w in warnings if "checkpoint" in w] == [  # the preflight and the trainer both checked it
-        f"skipping corrupt checkpoint {root / 'epoch0001'}: {MODEL_STATES} has sha256 "
+        f"skipping corrupt checkpoint {root / 'epoch0002'}: {MODEL_STATES} has sha256 "
         f"{hashlib.sha256(data).hexdigest()[:16]}..., complete.json recorded {recorded[:16]}...; trying the one before it"]
-    assert f"resumed from {root / 'step000000008'}: epoch 1, step 2 of the epoch, global step 8" in dat_ds_log.text
+    assert f"resumed from {root / 'step000000008'}: epoch 2, step 2 of the epoch, global step 8" in dat_ds_log.text
     ref_root = folder / "runs" / "ref" / "checkpoint"
-    assert_identical(model_state(ref_root / "epoch0001"), model_state(root / "epoch0001"))  # saved again, whole
+    assert_identical(model_state(ref_root / "epoch0002"), model_state(root / "epoch0002"))  # saved again, whole
     assert cli.main(["verify", str(run)]) == 0
 
 
@@ -171,9 +189,9 @@ def test_resume_on_another_world_size_is_refused_before_any_rank_starts(referenc
     args = tiny_args(folder / "runs", "ref", ds, "--resume", "auto", "--nproc", "2")
     run_dir = folder / "runs" / "ref"
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
-    assert checkpoint.read_complete(run_dir / "checkpoint" / "epoch0001")["world_size"] == 1
+    assert checkpoint.read_complete(run_dir / "checkpoint" / "epoch0002")["world_size"] == 1
     assert cli.main(["train", *args]) == 2
-    tag = run_dir / "checkpoint" / "epoch0001"
+    tag = run_dir / "checkpoint" / "epoch0002"
     assert capsys.readouterr().err.splitlines() == [
         f"error: checkpoint '{tag}' was saved with 1 rank(s), but this run has 2; resume with --nproc 1, or pass "
         "--allow-world-size-change (not bit-identical), or start a new run with another --name"]
@@ -188,9 +206,9 @@ def test_trainer_refuses_another_world_size_on_its_own(reference):
 
     folder, _ = reference
     root = folder / "runs" / "ref" / "checkpoint"
-    check_world_size(root, "epoch0001", 1)
+    check_world_size(root, "epoch0002", 1)
     with pytest.raises(ConfigError, match=r"saved with 1 rank\(s\), but this run has 4; resume with --nproc 1"):
-        check_world_size(root, "epoch0001", 4)
+        check_world_size(root, "epoch0002", 4)
 
 
 def test_a_checkpoints_model_states_are_weights_the_preflight_accepts(reference):
@@ -201,7 +219,7 @@ def test_a_checkpoints_model_states_are_weights_the_preflight_accepts(reference)
     from dat_ds.models import create_model
 
     folder, ds = reference
-    states = folder / "runs" / "ref" / "checkpoint" / "epoch0001" / "mp_rank_00_model_states.pt"
+    states = folder / "runs" / "ref" / "checkpoint" / "epoch0002" / "mp_rank_00_model_states.pt"
     cfg = build_config(None, ["model.name=tiny_cnn", f"model.weights={states}", f"deepspeed_config={ds}"])
     check_weights(cfg, FASHION_SPEC)
     loaded = create_model("tiny_cnn", FASHION_SPEC, str(states))
@@ -256,13 +274,13 @@ def test_sigkill_two_ranks_then_resume_is_bit_identical(tmp_path):
     assert proc.returncode != 0 and time.time() - t_kill < 60
     assert "error: rank 1 failed (exit code -9: killed by SIGKILL)" in err
     tags = [t for _, t in checkpoint.complete_tags(root)]
-    assert "epoch0001" not in tags  # it really was interrupted
+    assert "epoch0002" not in tags  # it really was interrupted
 
     res = subprocess.run([sys.executable, "-m", "dat_ds.cli", "train", "--nproc", "2",
                           *tiny_args(runs, "killed", ds, **common), "--resume", "auto"],
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert_identical(model_state(runs / "ref" / "checkpoint" / "epoch0001"), model_state(root / "epoch0001"))
+    assert_identical(model_state(runs / "ref" / "checkpoint" / "epoch0002"), model_state(root / "epoch0002"))
 
 
 def test_world_size_change_is_refused_unless_allowed_then_reshards(tmp_path, capsys, dat_ds_log):
@@ -278,12 +296,12 @@ def test_world_size_change_is_refused_unless_allowed_then_reshards(tmp_path, cap
                          timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
     root = runs / "two" / "checkpoint"
-    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000007", "step000000014", "epoch0000"]
+    assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000007", "step000000014", "epoch0001"]
     before = {str(p): p.stat().st_mtime_ns for p in (runs / "two").rglob("*")}
     capsys.readouterr()
     assert cli.main(["train", *tiny_args(runs, "two", ds, epochs=2, **common), "--resume", "auto"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"error: checkpoint '{root / 'epoch0000'}' was saved with 2 rank(s), but this run has 1; resume with --nproc 2, "
+        f"error: checkpoint '{root / 'epoch0001'}' was saved with 2 rank(s), but this run has 1; resume with --nproc 2, "
         "or pass --allow-world-size-change (not bit-identical), or start a new run with another --name"]
     assert {str(p): p.stat().st_mtime_ns for p in (runs / "two").rglob("*")} == before
 
@@ -292,7 +310,7 @@ def test_world_size_change_is_refused_unless_allowed_then_reshards(tmp_path, cap
                      "--allow-world-size-change"]) == 0
     assert ("world size 2 -> 1: epoch 2 starts at its beginning; per-rank RNG re-seeded; the global step counter "
             "continues at 20; results will not be bit-identical to an uninterrupted run") in dat_ds_log.text
-    mark = checkpoint.read_complete(root / "epoch0001")
+    mark = checkpoint.read_complete(root / "epoch0002")
     assert mark["global_step"] == 60 and mark["world_size"] == 1
     epochs = [json.loads(ln) for ln in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
@@ -302,4 +320,4 @@ def test_world_size_change_is_refused_unless_allowed_then_reshards(tmp_path, cap
                      str(root / "step000000014"), "--allow-world-size-change"]) == 0
     assert ("world size 2 -> 1: data position re-sharded at global example 448 of epoch 1 (step 28 of 40; 0 "
             "example(s) seen again); per-rank RNG re-seeded") in dat_ds_log.text
-    assert checkpoint.read_complete(runs / "mid" / "checkpoint" / "epoch0000")["global_step"] == 14 + 12
+    assert checkpoint.read_complete(runs / "mid" / "checkpoint" / "epoch0001")["global_step"] == 14 + 12
