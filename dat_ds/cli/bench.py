@@ -35,6 +35,8 @@ BENCH_HELP: dict[str, str] = {
                  "SSL commands, dat-ds vs plain PyTorch samples/s",
     "unlabeled-memory": "resident memory of generated-data mixing (memory-mapped .npz shards) "
                         "from 100k to 1M generated images",
+    "zero3": "all-gather bytes and step time per PGD-k step (k = 1, 5, 10): ZeRO-2, ZeRO-3, ZeRO-3 with attacks "
+             "on weights gathered once per step",
     "ablations": "what EMA, AWP, label smoothing, CutMix, consistency each add to TRADES, one at a "
                  "time, paired over seeds (APGD-CE + APGD-DLR worst case)",
 }

@@ -74,7 +74,7 @@ class AttackConfig(Section):
     reuse_max_bytes: Positive = 4 * 2**30  # per-rank memory for reuse: 1 byte per pixel value of the rank's shard
     steps_schedule: tuple[Positive, ...] = ()  # [first, last]: PGD steps ramped linearly over the run's steps
     eps_warmup_epochs: Float = Field(0.0, ge=0, **fix(" (0 is off)"))  # eps (and step size) ramp from ~0; eval: full eps
-    # ZeRO-3: attack a copy of the full weights gathered once per step (one all-gather, not 2 per attack step), freed
+    # ZeRO-3: attack a copy of the full weights gathered once per step (one all-gather, not 1-2 per attack step), freed
     # before the training forward. auto: when the copy fits zero3_gather_budget_gb; always; never (the engine's
     # module). ZeRO 0-2 hold full weights already: auto and never change nothing there, always is an error.
     zero3_gather: Literal["auto", "always", "never"] = "auto"

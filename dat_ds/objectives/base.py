@@ -50,7 +50,7 @@ def attack_phase(ctx: ObjectiveContext) -> Iterator[None]:
     """The part of a step before the training forward in which the objective attacks (and takes eval-mode targets).
 
     Under ZeRO-3 with gathered attacks (``ctx.gather``) the weights are gathered once on entry -- one all-gather
-    instead of two per attack step -- and ``ctx.attack_module`` is that copy until the exit frees it, before the
+    instead of one or two per attack step -- and ``ctx.attack_module`` is that copy until the exit frees it, before the
     training forward needs the memory. Elsewhere, and nested in another phase, it does nothing.
     """
     if ctx.gather is None or ctx.gathered is not None:

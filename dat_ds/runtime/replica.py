@@ -10,9 +10,10 @@ one full copy of the weights per rank while evaluation runs -- what ZeRO-3's own
 layer, all at once.
 
 Training attacks use the same copy (``attack.zero3_gather``, ``GatheredCopy.held``): gathered once per step
-before the attack, so PGD-k costs one all-gather of the weights instead of two per attack step (each forward
-and each backward of the engine's module gathers every layer again), and freed after it, so the training
-forward and backward have the memory back.
+before the attack, so PGD-k costs one all-gather of the weights instead of one or two per attack step (each
+forward of the engine's module gathers every layer again, and its backward too once a layer was released in
+between: ``bench/results/zero3.json``), and freed after it, so the training forward and backward have the
+memory back.
 """
 
 from __future__ import annotations
