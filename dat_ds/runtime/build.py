@@ -221,7 +221,7 @@ def gathers_attacks(cfg: RunConfig, objective: Objective, module: torch.nn.Modul
     mode = a.zero3_gather
     if mode == "never":
         log.info("attack.zero3_gather=never: attacks run on the engine's module, which all-gathers every layer "
-                 "at each attack forward and backward")
+                 "again at each attack step")
         return False
     if not objective.gathers_attacks or a.name == "none":  # `always` was refused for these (core.config.check_engine)
         log.info("attack.zero3_gather=%s: objective %s runs no attack apart from the training pass; nothing to "
@@ -244,7 +244,7 @@ def gathers_attacks(cfg: RunConfig, objective: Objective, module: torch.nn.Modul
     log.info("attack.zero3_gather=auto: the copy of the full weights takes %s MB per rank, the budget is %s MB "
              "(%s): %s", megabytes(needed), megabytes(budget), rule,
              "attacks run on it, gathered once per step" if fits else
-             "attacks run on the engine's module, which all-gathers every layer at each attack forward and backward")
+             "attacks run on the engine's module, which all-gathers every layer again at each attack step")
     return fits
 
 
