@@ -1,6 +1,6 @@
 """ZeRO-3 training attacks on weights gathered once per step (``attack.zero3_gather``).
 
-On 2 gloo CPU ranks, from the same seed, for madry (trades and acl: slow): what the training forwards see --
+On 2 gloo CPU ranks, from the same seed, for madry (trades, mart and acl: slow): what the training forwards see --
 the adversarial examples PGD-3 made under ZeRO-3 on the gathered copy (and the clean inputs or views) -- is
 bit-identical to ZeRO-2's at the first step and to ZeRO-3's on the engine's module (``never``) at both steps. Bit-identical, not
 close: they attack the same fp32 weights with the same eval-mode forwards and the same CPU kernels on the same
@@ -104,8 +104,7 @@ def _worker(rank: int, port: int, tmp: str, objective: str) -> None:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("objective", ["madry", pytest.param("trades", marks=pytest.mark.slow),
-                                       pytest.param("acl", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("objective", ["madry", *(pytest.param(o, marks=pytest.mark.slow) for o in ("trades", "mart", "acl"))])
 def test_zero3_gathered_attacks_equal_zero2_bit_for_bit_and_training_goes_on(tmp_path, objective):
     spawn_two_ranks(_worker, str(tmp_path), objective)
     for rank in (0, 1):
