@@ -39,6 +39,8 @@ BENCH_HELP: dict[str, str] = {
             "files, disk use and step time sampled throughout, each tested for an upward trend",
     "plan": "dat-ds plan's predicted memory vs the measured peak of real training steps (CPU: live tensor bytes "
             "from torch's profiler) for small models, ZeRO 0/2/3, fp32/bf16",
+    "zero3": "all-gather bytes and step time per PGD-k step (k = 1, 5, 10): ZeRO-2, ZeRO-3, ZeRO-3 with attacks "
+             "on weights gathered once per step",
     "ablations": "what EMA, AWP, label smoothing, CutMix, consistency each add to TRADES, one at a "
                  "time, paired over seeds (APGD-CE + APGD-DLR worst case)",
 }

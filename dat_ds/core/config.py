@@ -75,6 +75,13 @@ class AttackConfig(Section):
     reuse_max_bytes: Positive = 4 * 2**30  # per-rank memory for reuse: 1 byte per pixel value of the rank's shard
     steps_schedule: tuple[Positive, ...] = ()  # [first, last]: PGD steps ramped linearly over the run's steps
     eps_warmup_epochs: Float = Field(0.0, ge=0, **fix(" (0 is off)"))  # eps (and step size) ramp from ~0; eval: full eps
+    # ZeRO-3: attack a copy of the full weights gathered once per step (one all-gather, not 1-2 per attack step), freed
+    # before the training forward. auto: when the copy fits zero3_gather_budget_gb; always; never (the engine's
+    # module). ZeRO 0-2 hold full weights already: auto and never change nothing there, always is an error.
+    zero3_gather: Literal["auto", "always", "never"] = "auto"
+    # auto's limit on the copy, in GB per rank; null: half the free memory of the smallest rank at start-up (free
+    # accelerator memory; on CPU the host's available RAM divided by its ranks)
+    zero3_gather_budget_gb: Float | None = Field(None, gt=0, **fix(" (or null for half the free memory)"))
 
     @field_validator("steps_schedule")
     @classmethod
@@ -508,6 +515,17 @@ def check_engine(cfg: RunConfig, zero_stage: int) -> None:
     if cfg.awp is not None and zero_stage == 3:
         raise ConfigError("awp perturbs each layer's whole weight tensor, which ZeRO-3 partitions over the ranks; "
                           "use zero_optimization.stage 0, 1 or 2 with awp, or remove awp")
+    gather = cfg.attack.zero3_gather
+    if gather == "always" and zero_stage != 3:
+        raise ConfigError(f"attack.zero3_gather=always gathers ZeRO-3's partitioned weights, but zero_optimization.stage "
+                          f"is {zero_stage}, where every rank holds them whole already; use auto or never")
+    if gather == "always" and cfg.objective.name not in names.GATHER_OBJECTIVES:
+        raise ConfigError(f"attack.zero3_gather=always: objective.name={cfg.objective.name!r} runs no attack of its "
+                          f"own to gather weights for (free reuses the training pass's input gradient); gathered "
+                          f"attacks apply to {', '.join(names.GATHER_OBJECTIVES)}; use auto or never")
+    if gather == "always" and cfg.attack.name == "none":
+        raise ConfigError("attack.zero3_gather=always with attack.name=none: there is no attack to gather weights "
+                          "for; use auto or never")
 
 
 def validate_fast_at(cfg: RunConfig) -> None:

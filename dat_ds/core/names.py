@@ -28,6 +28,8 @@ EPS_WARMUP_OBJECTIVES = ("dat", "free", "madry", "mart", "trades")  # attack.eps
 ACTIVATIONS = ("relu", "silu")  # model.act
 NORMALIZATIONS = ("auto", "data", "model")  # model.normalization: where the input mean/std come from
 AWP_OBJECTIVES = ("dat", "madry", "trades")  # awp: they split into attack + loss (objectives/awp.py)
+# attack.zero3_gather: their attacks are eval-mode forwards apart from the training pass (objectives.base.attack_phase)
+GATHER_OBJECTIVES = ("acl", "dat", "madry", "mart", "trades")
 KEEP_BEST = ("none", "robust")  # train.keep_best
 # train.stop_signals: what a scheduler sends before a stop (SLURM: sbatch --signal=USR1@120; preemption: TERM)
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")

@@ -1,7 +1,7 @@
 """Training objectives, registered by name; each returns an ``ObjectiveOutput``."""
 
 from . import contrastive, free, mart, supervised, trades  # noqa: F401  (register acl, free, mart, madry, dat, clean, trades)
-from .base import OBJECTIVES, Objective, ObjectiveContext, ObjectiveOutput, plain_step
+from .base import OBJECTIVES, Objective, ObjectiveContext, ObjectiveOutput, attack_phase, plain_step
 
 
 def build_objective(cfg) -> Objective:
@@ -19,5 +19,5 @@ def prepare_model(cfg, spec, model):
     return OBJECTIVES.get(cfg.objective.name).prepare_model(cfg, spec, model)
 
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveContext", "ObjectiveOutput", "build_objective", "plain_step",
-           "prepare_model"]
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveContext", "ObjectiveOutput", "attack_phase", "build_objective",
+           "plain_step", "prepare_model"]

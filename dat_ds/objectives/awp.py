@@ -71,7 +71,7 @@ class AWP(Objective):
         super().__init__(cfg)
         assert cfg.awp is not None
         self.inner, self.gamma, self.warmup_epochs = inner, cfg.awp.gamma, cfg.awp.warmup_epochs
-        self.replays, self.needs_labels = inner.replays, inner.needs_labels
+        self.replays, self.needs_labels, self.gathers_attacks = inner.replays, inner.needs_labels, inner.gathers_attacks
         self._originals: list[tuple[nn.Parameter, torch.Tensor]] = []  # the weights to copy back after backward
 
     def active(self, ctx: ObjectiveContext) -> bool:

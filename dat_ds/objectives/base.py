@@ -8,8 +8,9 @@ model than the classifier (``acl``: encoder + projection head) overrides :meth:`
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 @dataclass
 class ObjectiveContext:
     model: Callable[[torch.Tensor], torch.Tensor]  # training forward (the DeepSpeed engine)
-    module: nn.Module  # the bare model, for attacks (eval mode, input gradients only)
+    module: nn.Module  # the bare model: attacks outside ``attack_phase``, GradAlign's and AWP's train-mode forwards
     cfg: RunConfig
     generator: torch.Generator  # this rank's attack randomness
     step: int = 0  # global optimizer step, for schedules inside objectives
@@ -33,6 +34,34 @@ class ObjectiveContext:
     index: torch.Tensor | None = None  # data-set positions of the batch's examples, when the loader yields them
     perturbations: PerturbationStore | None = None  # attack.reuse: this rank's stored perturbations
     steps_per_epoch: int = 0  # training steps (batches) per epoch, for attack.eps_warmup_epochs
+    # attack.zero3_gather: a copy of the full weights, gathered on entry and freed on exit (runtime.replica)
+    gather: Callable[[], ContextManager[nn.Module]] | None = None
+    gathered: nn.Module | None = None  # that copy while an attack_phase holds it
+
+    @property
+    def attack_module(self) -> nn.Module:
+        """What attacks run on (eval mode, input gradients only): the gathered copy inside an ``attack_phase`` that
+        gathered one, else ``module``."""
+        return self.gathered if self.gathered is not None else self.module
+
+
+@contextlib.contextmanager
+def attack_phase(ctx: ObjectiveContext) -> Iterator[None]:
+    """The part of a step before the training forward in which the objective attacks (and takes eval-mode targets).
+
+    Under ZeRO-3 with gathered attacks (``ctx.gather``) the weights are gathered once on entry -- one all-gather
+    instead of one or two per attack step -- and ``ctx.attack_module`` is that copy until the exit frees it, before the
+    training forward needs the memory. Elsewhere, and nested in another phase, it does nothing.
+    """
+    if ctx.gather is None or ctx.gathered is not None:
+        yield
+        return
+    with ctx.gather() as copy:
+        ctx.gathered = copy
+        try:
+            yield
+        finally:
+            ctx.gathered = None
 
 
 @dataclass
@@ -51,6 +80,9 @@ class Objective:
 
     replays: int = 1
     needs_labels: bool = True
+    # Its attacks run in an ``attack_phase`` on ``ctx.attack_module``, apart from the training pass: ZeRO-3 may
+    # gather their weights once per step (attack.zero3_gather; ``core.names.GATHER_OBJECTIVES`` lists these).
+    gathers_attacks: bool = False
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg

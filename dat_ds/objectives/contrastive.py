@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..attacks import attack_from_config, eval_mode
 from .augment import two_views
-from .base import OBJECTIVES, Objective, ObjectiveOutput
+from .base import OBJECTIVES, Objective, ObjectiveOutput, attack_phase
 from .nt_xent import nt_xent, nt_xent_to_target
 from .ssl_model import build_contrastive_model
 
@@ -28,13 +28,14 @@ from .ssl_model import build_contrastive_model
 def contrastive_attack(ctx, view: torch.Tensor, other_embedding: torch.Tensor) -> torch.Tensor:
     """``view`` perturbed within ``cfg.attack`` to maximise its NT-Xent against ``other_embedding``."""
     loss_fn = partial(nt_xent_to_target, temperature=ctx.cfg.objective.temperature)
-    return attack_from_config(ctx.cfg.attack, ctx.module, view, other_embedding.detach(), generator=ctx.generator,
+    return attack_from_config(ctx.cfg.attack, ctx.attack_module, view, other_embedding.detach(), generator=ctx.generator,
                               loss_fn=loss_fn, success_fn=None)
 
 
 @OBJECTIVES.register("acl")
 class ACL(Objective):
     needs_labels = False
+    gathers_attacks = True
 
     @staticmethod
     def prepare_model(cfg, spec, model):
@@ -43,10 +44,11 @@ class ACL(Objective):
     def __call__(self, ctx, x, y):
         tau, lam = ctx.cfg.objective.temperature, ctx.cfg.objective.clean_weight
         v1, v2 = two_views(x, ctx.generator)
-        with eval_mode(ctx.module), torch.no_grad():
-            t1, t2 = ctx.module(v1), ctx.module(v2)
-        x1 = contrastive_attack(ctx, v1, t2)
-        x2 = contrastive_attack(ctx, v2, t1)
+        with attack_phase(ctx):
+            with eval_mode(ctx.attack_module), torch.no_grad():
+                t1, t2 = ctx.attack_module(v1), ctx.attack_module(v2)
+            x1 = contrastive_attack(ctx, v1, t2)
+            x2 = contrastive_attack(ctx, v2, t1)
         z1, z2 = ctx.model(x1), ctx.model(x2)
         loss_adv = nt_xent(z1, z2, tau)
         metrics = {"loss_adv": loss_adv.detach()}

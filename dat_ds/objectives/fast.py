@@ -44,13 +44,13 @@ def training_attack(ctx, x: torch.Tensor, y, *, loss_fn=ce_loss, success_fn=misc
     cfg = _attack_config(ctx)
     store = ctx.perturbations
     if store is None:
-        return attack_from_config(cfg, ctx.module, x, y, generator=ctx.generator, loss_fn=loss_fn,
+        return attack_from_config(cfg, ctx.attack_module, x, y, generator=ctx.generator, loss_fn=loss_fn,
                                   success_fn=success_fn)
     if ctx.index is None:
         raise RuntimeError("attack.reuse needs the batch's example ids (ctx.index); the training loader yields them")
     random_delta = GEOMETRIES.get(cfg.norm)(cfg.eps).random_start(x, ctx.generator) - x
     start = store.initial_delta(ctx.index, random_delta)
-    x_adv = attack_from_config(cfg, ctx.module, x, y, generator=ctx.generator, loss_fn=loss_fn,
+    x_adv = attack_from_config(cfg, ctx.attack_module, x, y, generator=ctx.generator, loss_fn=loss_fn,
                                success_fn=success_fn, init_delta=start)
     store.update(ctx.index, x_adv - x)
     return x_adv

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import OBJECTIVES, Objective, ObjectiveOutput, supervised_ce
+from .base import OBJECTIVES, Objective, ObjectiveOutput, attack_phase, supervised_ce
 from .fast import training_attack
 from .trades import kl_clean_adv
 
@@ -36,9 +36,12 @@ def boosted_ce(logits_adv: torch.Tensor, y: torch.Tensor, label_smoothing: float
 class Mart(Objective):
     """beta = ``objective.beta`` (the paper uses 5-6)."""
 
+    gathers_attacks = True
+
     def __call__(self, ctx, x, y):
         beta = ctx.cfg.objective.beta
-        x_adv = training_attack(ctx, x, y)
+        with attack_phase(ctx):
+            x_adv = training_attack(ctx, x, y)
         logits_adv = ctx.model(x_adv)
         logits_clean = ctx.model(x)
         loss_bce = boosted_ce(logits_adv, y, ctx.cfg.objective.label_smoothing).mean()

@@ -9,7 +9,7 @@ that any backward through it other than ``engine.backward`` -- ``torch.autograd.
 
 from __future__ import annotations
 
-from .base import OBJECTIVES, AdversarialBatch, Objective, ObjectiveOutput, SplitObjective, supervised_ce
+from .base import OBJECTIVES, AdversarialBatch, Objective, ObjectiveOutput, SplitObjective, attack_phase, supervised_ce
 from .fast import grad_align, training_attack
 
 
@@ -27,11 +27,14 @@ def _with_grad_align(ctx, x, y, loss, metrics):
 class _AdversarialCE(SplitObjective):
     """CE(f(x + delta), y) + lambda * CE(f(x), y): Madry's objective is lambda = 0, DAT's any lambda."""
 
+    gathers_attacks = True
+
     def clean_weight(self, ctx) -> float:
         raise NotImplementedError
 
     def adversarial_batch(self, ctx, x, y):
-        return AdversarialBatch(x=x, y=y, x_adv=training_attack(ctx, x, y))
+        with attack_phase(ctx):
+            return AdversarialBatch(x=x, y=y, x_adv=training_attack(ctx, x, y))
 
     def loss(self, ctx, model, batch):
         x, y = batch.x, batch.y

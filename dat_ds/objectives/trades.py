@@ -14,11 +14,13 @@ the soft labels and the attack maximises the KL to them, as in DM-Improves-AT.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from ..attacks import eval_mode
-from .base import OBJECTIVES, AdversarialBatch, ObjectiveOutput, SplitObjective, supervised_ce
+from .base import OBJECTIVES, AdversarialBatch, ObjectiveOutput, SplitObjective, attack_phase, supervised_ce
 from .fast import training_attack
 from .mixing import consistency_views, cutmix, js_divergence
 
@@ -38,8 +40,8 @@ def kl_clean_adv(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.
 
 def kl_attack(ctx, x: torch.Tensor) -> torch.Tensor:
     """Adversarial examples that maximise KL(f(x) || f(x_adv)) under ``cfg.attack`` (no labels used)."""
-    with eval_mode(ctx.module), torch.no_grad():
-        target = F.softmax(ctx.module(x).float(), dim=1)
+    with eval_mode(ctx.attack_module), torch.no_grad():
+        target = F.softmax(ctx.attack_module(x).float(), dim=1)
     # success_fn=None: with restarts the worst case is the one with the largest KL (no notion of "fooled").
     return training_attack(ctx, x, target, loss_fn=kl_to_target, success_fn=None)
 
@@ -50,15 +52,22 @@ class Trades(SplitObjective):
 
     The attack runs before the training forwards, as in the authors' ``trades_loss``."""
 
+    gathers_attacks = True
+
     def adversarial_batch(self, ctx, x, y):
+        # beta = 0 attacks nothing: no phase, so ZeRO-3 gathers no weights for it
+        with attack_phase(ctx) if ctx.cfg.objective.beta > 0 else contextlib.nullcontext():
+            return self._adversarial_batch(ctx, x, y)
+
+    def _adversarial_batch(self, ctx, x, y):
         beta, consistency = ctx.cfg.objective.beta, ctx.cfg.objective.consistency
         cutmix_cfg = ctx.cfg.objective.cutmix
         if consistency is not None:  # Tack et al.: TRADES on two views of the batch, + lambda * JS between them
             x, y = consistency_views(x, ctx.generator), torch.cat([y, y])
         soft = None
         if cutmix_cfg is not None:  # soft labels: the class count comes from the model's output
-            with eval_mode(ctx.module), torch.no_grad():
-                num_classes = ctx.module(x[:1]).shape[1]
+            with eval_mode(ctx.attack_module), torch.no_grad():
+                num_classes = ctx.attack_module(x[:1]).shape[1]
             x, soft = cutmix(x, y, num_classes, alpha=cutmix_cfg.alpha, prob=cutmix_cfg.prob, generator=ctx.generator)
         x_adv = None
         if beta > 0:

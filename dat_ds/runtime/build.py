@@ -20,6 +20,7 @@ from ..comm.protocol import CommunicatingOptimizer
 from ..core import dist
 from ..core.config import RunConfig, replace
 from ..core.errors import ConfigError
+from ..core.io import megabytes
 from ..data import build_dataset
 from ..data.base import DataSpec
 from ..data.corrupt import CorruptImages, corrupt_images
@@ -116,7 +117,8 @@ class BuiltRun:
     built_engine: BuiltEngine
     generator: torch.Generator  # this rank's stream for attacks' random starts
     attack_module: torch.nn.Module  # the engine's module as attacks call it (training precision)
-    gathered: GatheredCopy | None  # ZeRO-3: the full-weight copy evaluation runs on
+    gathered: GatheredCopy | None  # ZeRO-3: the full-weight copy evaluation runs on (and attacks: gather_attacks)
+    gather_attacks: bool  # attack.zero3_gather resolved: training attacks run on ``gathered``, refreshed per step
     ctx: ObjectiveContext
     watch: NonFiniteWatch
 
@@ -198,14 +200,52 @@ def build_run(cfg: RunConfig, settings: ds_config.EngineSettings) -> BuiltRun:
     attack_module = in_training_precision(engine.module, s)
     gathered = (GatheredCopy(functools.partial(eval_copy, cfg, spec), functools.partial(in_training_precision, settings=s))
                 if s.zero_stage == 3 else None)
+    gather_attacks = gathered is not None and gathers_attacks(cfg, objective, engine.module)
     ctx = ObjectiveContext(model=engine, module=attack_module, cfg=cfg, generator=generator,
-                           total_steps=cfg.train.epochs * steps, perturbations=perturbations, steps_per_epoch=steps)
+                           total_steps=cfg.train.epochs * steps, perturbations=perturbations, steps_per_epoch=steps,
+                           gather=functools.partial(gathered.held, engine.module) if gather_attacks else None)
     if cfg.attack.eps_warmup_epochs > 0:
         log.info("%s", eps_warmup.describe(cfg.attack, steps))
     return BuiltRun(settings=s, spec=spec, loaders=loaders, val_set=val_set, corrupt=corrupt, objective=objective,
                     steps_per_epoch=steps, accumulation_unit=unit, perturbations=perturbations, built_engine=built,
-                    generator=generator, attack_module=attack_module, gathered=gathered, ctx=ctx,
+                    generator=generator, attack_module=attack_module, gathered=gathered,
+                    gather_attacks=gather_attacks, ctx=ctx,
                     watch=NonFiniteWatch(dist.device()))
+
+
+def gathers_attacks(cfg: RunConfig, objective: Objective, module: torch.nn.Module) -> bool:
+    """ZeRO-3: whether training attacks run on weights gathered once per step (``attack.zero3_gather``; logged
+    once). Every rank decides alike: under ``auto`` without a budget, from the smallest rank's free memory
+    (collective)."""
+    a = cfg.attack
+    mode = a.zero3_gather
+    if mode == "never":
+        log.info("attack.zero3_gather=never: attacks run on the engine's module, which all-gathers every layer "
+                 "again at each attack step")
+        return False
+    if not objective.gathers_attacks or a.name == "none":  # `always` was refused for these (core.config.check_engine)
+        log.info("attack.zero3_gather=%s: objective %s runs no attack apart from the training pass; nothing to "
+                 "gather", mode, cfg.objective.name)
+        return False
+    needed = GatheredCopy.nbytes(module)
+    if mode == "always":
+        log.info("attack.zero3_gather=always: attacks run on a copy of the full weights gathered once per step "
+                 "(%s MB per rank while the attack runs)", megabytes(needed))
+        return True
+    if a.zero3_gather_budget_gb is not None:
+        budget, rule = a.zero3_gather_budget_gb * 1e9, "attack.zero3_gather_budget_gb"
+    else:
+        acc = dist.accelerator()
+        free = acc.available_memory()
+        if acc.device_name() == "cpu":  # the host's RAM, shared by its ranks
+            free //= max(1, dist.local_world_size())
+        budget, rule = min(dist.all_gather_object(free)) / 2, "half the smallest rank's free memory"
+    fits = needed <= budget
+    log.info("attack.zero3_gather=auto: the copy of the full weights takes %s MB per rank, the budget is %s MB "
+             "(%s): %s", megabytes(needed), megabytes(budget), rule,
+             "attacks run on it, gathered once per step" if fits else
+             "attacks run on the engine's module, which all-gathers every layer again at each attack step")
+    return fits
 
 
 def make_model(cfg: RunConfig, spec: DataSpec, weights: str | None) -> torch.nn.Module:

@@ -1,4 +1,5 @@
-"""ZeRO-3 evaluation on weights gathered once: a plain copy of the module that no collective touches.
+"""ZeRO-3 evaluation and training attacks on weights gathered once: a plain copy of the module that no collective
+touches.
 
 Under ZeRO-3 every forward of the engine's module all-gathers each layer's parameters, so every rank must
 run the same number of forwards. Attacks that skip examples or stop early depending on the data (APGD,
@@ -7,12 +8,19 @@ therefore runs on :class:`GatheredCopy`: the full weights, gathered once per eva
 all-gathers, the same on every rank), in a module of the same architecture without ZeRO's hooks. It costs
 one full copy of the weights per rank while evaluation runs -- what ZeRO-3's own forward holds layer by
 layer, all at once.
+
+Training attacks use the same copy (``attack.zero3_gather``, ``GatheredCopy.held``): gathered once per step
+before the attack, so PGD-k costs one all-gather of the weights instead of one or two per attack step (each
+forward of the engine's module gathers every layer again, and its backward too once a layer was released in
+between: ``bench/results/zero3.json``), and freed after it, so the training forward and backward have the
+memory back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,6 +39,30 @@ class GatheredCopy:
         self._build, self._view = build, view
         self._copy: nn.Module | None = None
         self._viewed: nn.Module | None = None  # built once: a view may keep state across evaluations (fp16's grad scale)
+        self._layouts: dict[str, tuple[torch.Size, tuple[int, ...]]] = {}  # each weight's shape and strides (release)
+        self._released = False
+
+    @staticmethod
+    def nbytes(module: nn.Module) -> int:
+        """What a copy of ``module`` holds: its full parameters (also those ZeRO-3 partitioned) and its buffers."""
+        params = sum(ds_adapter.full_numel(p) * p.element_size() for p in module.parameters())
+        return params + sum(b.numel() * b.element_size() for b in module.buffers())
+
+    @contextlib.contextmanager
+    def held(self, module: nn.Module) -> Iterator[nn.Module]:
+        """:meth:`refresh` on entry (collective), its weights' memory freed on exit (:meth:`release`)."""
+        try:
+            yield self.refresh(module)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Free the copy's weights (buffers stay: they are small); the next :meth:`refresh` allocates them again."""
+        if self._copy is None or self._released:
+            return
+        for p in self._copy.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self._released = True
 
     def refresh(self, module: nn.Module) -> nn.Module:
         """The copy holding ``module``'s current weights, seen through ``view`` (every rank calls it: it all-gathers
@@ -43,7 +75,13 @@ class GatheredCopy:
             ref = next(module.parameters())
             self._copy = copy.to(device=ref.device, dtype=ref.dtype)
             self._viewed = self._view(self._copy)
-            log.info("ZeRO-3 evaluation: on a full copy of the weights, gathered once per evaluation")
+            self._layouts = {n: (p.shape, p.stride()) for n, p in self._copy.named_parameters()}
+            log.info("ZeRO-3: evaluation runs on a full copy of the weights, gathered once per evaluation")
+        if self._released:
+            for n, p in self._copy.named_parameters():
+                size, stride = self._layouts[n]
+                p.data = torch.empty_strided(size, stride, dtype=p.dtype, device=p.device)
+            self._released = False
         params = dict(module.named_parameters())
         targets = dict(self._copy.named_parameters())
         if params.keys() != targets.keys():

@@ -107,7 +107,7 @@ class Trainer:
         threads = dist.set_threads_per_rank()
         cfg, world = self.cfg, dist.world_size()
         s = ds_config.prepare_run(cfg, world)
-        check_engine(cfg, s.zero_stage)  # awp with ZeRO-3
+        check_engine(cfg, s.zero_stage)  # awp with ZeRO-3, attack.zero3_gather
         # Resolve and vet the checkpoint before anything is built: a mismatch is one line, not a DeepSpeed crash.
         found = checkpoint.resolve_resume(self.resume, self.run_dir) if self.resume is not None else None
         if found is not None:

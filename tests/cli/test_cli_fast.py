@@ -67,7 +67,7 @@ def _names(kind: str) -> str:
 # (id, argv builder, the one error line). Every command that starts ranks gets --nproc 2.
 CASES = [
     ("config-typo", lambda t: ["train", "--set", "attack.epz=0.1", "--nproc", "2"],
-     "unknown config key 'attack.epz' in section 'attack'; allowed: eps, eps_warmup_epochs, name, noise_multiplier, norm, restarts, reuse, reuse_max_bytes, step_size, steps, steps_schedule"),
+     "unknown config key 'attack.epz' in section 'attack'; allowed: eps, eps_warmup_epochs, name, noise_multiplier, norm, restarts, reuse, reuse_max_bytes, step_size, steps, steps_schedule, zero3_gather, zero3_gather_budget_gb"),
     ("eval-bogus-attack", lambda t: ["eval", "--run", "runs/demo", "--attacks", "bogus", "--nproc", "2"],
      f"unknown attack 'bogus'; choose one of: {EVAL_CHOICES}"),
     ("eval-bogus-second-attack", lambda t: ["eval", "--run", "runs/demo", "--attacks", "pgd,autoattak", "--nproc", "2"],

@@ -32,6 +32,11 @@ def test_unlabeled_objectives_are_the_ones_that_need_no_labels():
     assert names.UNLABELED_OBJECTIVES == tuple(n for n in names.OBJECTIVES if not objectives.get(n).needs_labels)
 
 
+def test_gather_objectives_are_the_ones_whose_attacks_run_in_an_attack_phase():
+    objectives = _registries()["objective"]
+    assert names.GATHER_OBJECTIVES == tuple(n for n in names.OBJECTIVES if objectives.get(n).gathers_attacks)
+
+
 def test_eval_only_attacks_are_attacks():
     assert set(names.EVAL_ONLY_ATTACKS) < set(names.ATTACKS)
 

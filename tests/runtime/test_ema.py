@@ -271,14 +271,16 @@ def _train(runs: Path, name: str, ds: Path, *extra: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_zero3_two_ranks_interrupted_and_resumed_gives_a_bit_identical_sharded_ema(tmp_path):
-    """2 CPU ranks under ZeRO-3 (6 steps per epoch; small tensors persistent, large ones partitioned): the EMA
+@pytest.mark.parametrize("gather", ["always", "never"])
+def test_zero3_two_ranks_interrupted_and_resumed_gives_a_bit_identical_sharded_ema(tmp_path, gather):
+    """2 CPU ranks under ZeRO-3 (6 steps per epoch; small tensors persistent, large ones partitioned), the training
+    attacks on weights gathered once per step or on the engine's module (``attack.zero3_gather``): the EMA
     is sharded per rank. A copy of the run cut back to its step-4 checkpoint (a crash right after that
     commit) and resumed ends with EMA shards bit-identical to the uninterrupted run's; the shards put
     together evaluate to the EMA accuracy the training logged."""
     ds = write_ds(tmp_path, zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 100})
     runs = tmp_path / "runs"
-    _train(runs, "ref", ds)
+    _train(runs, "ref", ds, "--set", f"attack.zero3_gather={gather}")
     root = runs / "ref" / "checkpoint"
     assert [t for _, t in checkpoint.complete_tags(root)] == ["step000000004", "epoch0001", "step000000008",
                                                               "epoch0002"]
@@ -288,7 +290,7 @@ def test_zero3_two_ranks_interrupted_and_resumed_gives_a_bit_identical_sharded_e
         shutil.rmtree(cut / "checkpoint" / tag)
     (cut / "checkpoint" / "latest").write_text("step000000004\n")
     (cut / "metrics.jsonl").unlink()
-    _train(runs, "cut", ds, "--resume", "auto")
+    _train(runs, "cut", ds, "--set", f"attack.zero3_gather={gather}", "--resume", "auto")
     for r in (0, 1):
         a = torch.load(root / "epoch0002" / f"rank_state_{r}.pt", weights_only=True)["ema"]
         b = torch.load(cut / "checkpoint" / "epoch0002" / f"rank_state_{r}.pt", weights_only=True)["ema"]
