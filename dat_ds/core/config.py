@@ -55,6 +55,7 @@ class ModelConfig(Section):
     # Input mean/std inside the model: "data" the data set's; "model" the timm model's pretrained_cfg (what its
     # pretrained weights expect); "auto" the model's when model.weights is set and it declares them, else the data's
     normalization: Literal[names.NORMALIZATIONS] = "auto"
+    grad_checkpointing: Bool = False  # recompute activations in backward: less memory for a bigger batch or model
 
 
 class AttackConfig(Section):

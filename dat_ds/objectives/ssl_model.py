@@ -61,4 +61,5 @@ def build_encoder(model_name: str, spec, weights: str | None = None, normalizati
 
 def build_contrastive_model(cfg, spec, model: nn.Module | None = None) -> ContrastiveModel:
     """The model the ``acl`` objective trains: a fresh ``cfg.model.name`` encoder plus projection head."""
-    return ContrastiveModel(build_encoder(cfg.model.name, spec, cfg.model.weights, cfg.model.normalization))
+    return ContrastiveModel(build_encoder(cfg.model.name, spec, cfg.model.weights, cfg.model.normalization,
+                                          grad_checkpointing=cfg.model.grad_checkpointing))
