@@ -462,7 +462,7 @@ def validate_sota_options(cfg: RunConfig) -> None:
     if m.normalization == "model" and m.name in names.MODELS:  # timm names: checked where timm builds them
         raise ConfigError(f"model.normalization=model: model {m.name!r} declares no input mean/std (only timm models "
                           "with a pretrained_cfg do); use model.normalization=data or auto")
-    if m.act != "relu" and o.name in names.UNLABELED_OBJECTIVES:  # its encoder (and fine-tuning) build with ReLU
+    if m.act != "relu" and o.name == "acl":  # its encoder (and fine-tuning) build with ReLU; fare's is the model
         raise ConfigError(f"model.act={m.act} is not supported by the self-supervised objective {o.name!r}; "
                           "remove model.act")
     for key, section, attacked in (("consistency", o.consistency, "two new views of each image"),
@@ -503,6 +503,9 @@ def validate_awp_and_best(cfg: RunConfig) -> None:
 def check_engine(cfg: RunConfig, zero_stage: int) -> None:
     """Run-config options that depend on the DeepSpeed JSON, checked where both are known (``launch.validate``
     and the trainer)."""
+    if cfg.objective.name == "fare" and zero_stage == 3:
+        raise ConfigError("objective fare keeps a frozen copy of the encoder that no optimizer holds, which ZeRO-3 "
+                          "checkpoints do not restore; use zero_optimization.stage 0, 1 or 2 with fare")
     if cfg.awp is not None and zero_stage == 3:
         raise ConfigError("awp perturbs each layer's whole weight tensor, which ZeRO-3 partitions over the ranks; "
                           "use zero_optimization.stage 0, 1 or 2 with awp, or remove awp")

@@ -14,8 +14,8 @@ EVAL_ATTACKS = tuple(n for n in ATTACKS if n != "none")  # what `dat-ds eval --a
 EVAL_PROTOCOLS = ("robustbench",)  # dat-ds eval --protocol
 DLR_ATTACKS = ("apgd-ce-dlr", "apgd-dlr", "autoattack")  # their DLR loss needs 3 classes or more
 EVAL_ONLY_ATTACKS = ("apgd-ce", "apgd-ce-dlr", "apgd-dlr", "autoattack", "square")  # torchattacks: no training use
-OBJECTIVES = ("acl", "clean", "dat", "free", "madry", "mart", "trades")
-UNLABELED_OBJECTIVES = ("acl",)  # self-supervised: `dat-ds pretrain` needs one of these
+OBJECTIVES = ("acl", "clean", "dat", "fare", "free", "madry", "mart", "trades")
+UNLABELED_OBJECTIVES = ("acl", "fare")  # self-supervised: `dat-ds pretrain` needs one of these
 # Fast-AT options (docs/objectives.md): which attacks and objectives each one combines with.
 NOISE_ATTACKS = ("nfgsm",)  # take attack.noise_multiplier
 REUSE_ATTACKS = ("fgsm", "fgsm_rs", "pgd")  # attack.reuse: they take a start perturbation (init_delta)

@@ -163,6 +163,19 @@ def head_keys(backbone: nn.Module) -> list[str]:
     return [f"{prefix}.{k}" if prefix else k for k in head.state_dict()]
 
 
+def remove_head(backbone: nn.Module, name: str) -> nn.Module:
+    """``backbone`` without its classifier head, in place: its output is the pooled representation (timm's and our
+    CIFAR models' ``reset_classifier(0)``, ``forward_head(pre_logits=True)``'s features; ``small_cnn``'s hidden layer)."""
+    if hasattr(backbone, "reset_classifier"):
+        backbone.reset_classifier(0)
+    elif isinstance(backbone, SmallCNN):
+        backbone.fc = nn.Identity()
+    else:
+        raise ConfigError(f"model {name!r} has no reset_classifier to remove its head with; use a timm model or one "
+                          "of ours")
+    return backbone
+
+
 def _weights_format(path: Path) -> str | None:
     """What the file holds, from its first bytes (the suffix may lie): safetensors, torch or neither."""
     with open(path, "rb") as f:
@@ -240,5 +253,4 @@ def load_backbone_weights(backbone: nn.Module, path: str, model_name: str | None
 
 
 __all__ = ["MODELS", "NormalizedModel", "SmallCNN", "InputStatistics", "create_model", "enable_grad_checkpointing",
-           "input_statistics", "model_names",
-           "normalization_of", "read_weights"]
+           "input_statistics", "model_names", "normalization_of", "read_weights", "remove_head"]
