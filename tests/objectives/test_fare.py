@@ -136,3 +136,31 @@ def test_the_linear_probe_evaluates_a_fare_encoder(tmp_path, embedded_test_tenso
     result = finetune(cfg, encoder, spec, FinetuneSettings(mode="slf", epochs=1, batch_size=32, eval_examples=32,
                                                            eval_steps=1))
     assert result["eval_count"] == 32 and 0 <= result["robust_acc"] <= result["clean_acc"] <= 1
+
+
+@pytest.mark.slow  # ~2.5 min: a `dat-ds pretrain` run, its resume and a finetune; the tests above cover the parts
+def test_pretrain_resume_then_finetune_through_the_commands(tmp_path, embedded_test_tensors):
+    import json
+
+    from dat_ds.cli import main as cli_main
+    from dat_ds.evaluation.loading import load_run
+    from tests.helpers import run_cli, write_ds
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    torch.save(create_model("tiny_cnn", embedded_test_tensors[2]).backbone.state_dict(), weights)
+    args = ["--nproc", "1", "--config", "recipes/fare_embedded.yaml", "--ds-config", str(write_ds(tmp_path)),
+            "--output-dir", str(tmp_path), "--name", "fare", "--set", "model.name=tiny_cnn", "--set",
+            f"model.weights={weights}", "--set", "data.train_subset=64", "--set", "attack.steps=1", "--set",
+            "eval.max_examples=16", "--set", "train.max_steps_per_epoch=2", "--set", "train.save_every_steps=2"]
+    for epochs, resume in (("1", []), ("2", ["--resume", "auto"])):
+        proc = run_cli("pretrain", *args, "--epochs", epochs, *resume)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "resumed from" in proc.stderr + proc.stdout
+    loaded = load_run(tmp_path / "fare").model
+    pretrained = torch.load(weights)
+    assert all(torch.equal(v, pretrained[k]) for k, v in loaded.reference.backbone.state_dict().items())  # f_0
+    assert any(not torch.equal(v, pretrained[k]) for k, v in loaded.encoder.backbone.state_dict().items())  # f moved
+    assert cli_main(["finetune", "--mode", "slf", "--encoder", str(tmp_path / "fare"), "--epochs", "1",
+                     "--train-subset", "64", "--eval-examples", "32"]) == 0
+    assert json.loads((tmp_path / "fare" / "finetune_slf.json").read_text())["eval_count"] == 32
