@@ -503,9 +503,6 @@ def validate_awp_and_best(cfg: RunConfig) -> None:
 def check_engine(cfg: RunConfig, zero_stage: int) -> None:
     """Run-config options that depend on the DeepSpeed JSON, checked where both are known (``launch.validate``
     and the trainer)."""
-    if cfg.objective.name == "fare" and zero_stage == 3:
-        raise ConfigError("objective fare keeps a frozen copy of the encoder that no optimizer holds, which ZeRO-3 "
-                          "checkpoints do not restore; use zero_optimization.stage 0, 1 or 2 with fare")
     if cfg.awp is not None and zero_stage == 3:
         raise ConfigError("awp perturbs each layer's whole weight tensor, which ZeRO-3 partitions over the ranks; "
                           "use zero_optimization.stage 0, 1 or 2 with awp, or remove awp")

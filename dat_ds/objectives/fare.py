@@ -10,11 +10,11 @@ gradient are 0 at delta = 0 while f = f_0) maximises the per-example squared dis
 batch mean on the attack's result.
 
 f_0 lives inside the trained module (:class:`FareModel`, ``reference``) with ``requires_grad`` off: the optimizer
-never sees it (``optim.param_groups`` skips frozen tensors), it stays in eval mode, and it is saved in every
-checkpoint with the model, so a resumed run gets the f_0 its first step had even if ``model.weights`` has
-changed since (``model.weights`` must still exist at resume: the model is built from it before the checkpoint's
-weights replace it). ZeRO-3 is refused (``core.config.check_engine``): DeepSpeed's ZeRO-3 checkpoints restore
-the optimizer-held partitions of the trained weights, and f_0 is held by no optimizer.
+never sees it (``optim.param_groups`` skips frozen tensors), it stays in eval mode, ZeRO-3 partitions it over the
+ranks like every parameter of the module (and gathers it layer by layer for its forwards), and it is saved in
+every checkpoint with the model (DeepSpeed writes ZeRO-3's frozen partitions too), so a resumed run gets the f_0
+its first step had even if ``model.weights`` has changed since (``model.weights`` must still exist at resume: the
+model is built from it before the checkpoint's weights replace it).
 
 Evaluate the result with ``dat-ds finetune --encoder RUN --mode slf|alf|aff`` (a linear probe on f); the
 trainer's accuracy columns compare the argmax of a feature vector with a label and mean nothing here.

@@ -121,3 +121,17 @@ def test_the_config_field_reaches_the_model():
     assert make_model(cfg, SPEC, None).backbone.grad_checkpointing
     assert not create_model("tiny_cnn", SPEC).backbone.grad_checkpointing  # off by default
     check_grad_checkpointing(cfg)  # ours all can
+
+
+def test_double_backprop_through_checkpointed_segments_is_unchanged():
+    """GradAlign (``objective.grad_align``) differentiates an input gradient taken with ``create_graph=True``."""
+    from dat_ds.objectives.fast import grad_align
+
+    plain, checkpointed = _pair("preactresnet")
+    x, y = _batch()
+    results = []
+    for m in (plain.train(), checkpointed.train()):
+        penalty, _ = grad_align(m, x, y, eps=0.03, generator=torch.Generator().manual_seed(1))
+        penalty.backward()
+        results.append([penalty.detach(), *(p.grad for p in m.parameters()), *m.state_dict().values()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -6,11 +6,13 @@ encoder would be given with ``model.weights``.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from dat_ds.core.config import build_config, check_engine
-from dat_ds.core.errors import ConfigError
+from dat_ds.core.config import build_config
 from dat_ds.data.base import DataSpec
 from dat_ds.evaluation.finetune import FinetuneSettings, feature_dim, finetune
 from dat_ds.models import create_model
@@ -18,6 +20,7 @@ from dat_ds.objectives import ObjectiveContext, build_objective, plain_step
 from dat_ds.objectives.fare import FareModel, original_features, squared_distance
 from dat_ds.optim import param_groups
 from dat_ds.runtime.build import make_model
+from tests.helpers import join_two_rank_world, spawn_two_ranks, write_ds
 
 SPEC = DataSpec(in_chans=3, num_classes=10, img_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 VIT = ["model.name=test_vit", "objective.name=fare", "attack.steps=2", "attack.eps=0.03"]
@@ -114,13 +117,44 @@ def test_resume_restores_f0_from_the_checkpoint_not_from_model_weights(vit_weigh
     assert all(torch.equal(v, state[f"reference.{k}"]) for k, v in resumed.reference.state_dict().items())
 
 
-def test_fare_under_zero3_is_refused_in_one_line(vit_weights):
-    cfg, _ = _fare(vit_weights[0])
-    for stage in (0, 1, 2):
-        check_engine(cfg, stage)
-    with pytest.raises(ConfigError, match="objective fare .* ZeRO-3") as e:
-        check_engine(cfg, 3)
-    assert "\n" not in str(e.value)
+def _zero3_worker(rank: int, port: int, tmp: str) -> None:
+    join_two_rank_world(rank, port, LOCAL_WORLD_SIZE="2", DAT_DS_THREADS_PER_RANK="1")
+    import deepspeed
+
+    from dat_ds.runtime.trainer import Trainer
+
+    ds = write_ds(Path(tmp), zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0})
+    cfg = build_config(None, [f"output_dir={tmp}/runs", "name=z3", f"deepspeed_config={ds}", "model.name=tiny_cnn",
+                              "objective.name=fare", f"model.weights={tmp}/w.pt", "attack.steps=1",
+                              "data.train_subset=64", "train.save_every_steps=0", "dist.timeout_s=60"])
+    run = Trainer(cfg).setup().run
+    model = run.engine.module
+    reference = list(model.reference.parameters())
+    # f_0 is partitioned like the model: each rank holds its half of every tensor, and no optimizer state for it.
+    held = sum(p.ds_tensor.numel() for p in reference)
+    assert all(p.ds_numel > 0 and p.data.numel() == 0 for p in reference) and held < sum(p.ds_numel for p in reference)
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(rank))
+    for _ in range(2):
+        out = run.objective(run.ctx, x, None)
+        run.engine.backward(out.loss)
+        run.engine.step()
+    pretrained = torch.load(f"{tmp}/w.pt")
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        f0 = {k: v.clone() for k, v in model.reference.backbone.state_dict().items()}
+        f = {k: v.clone() for k, v in model.encoder.backbone.state_dict().items()}
+    if rank == 0:
+        Path(tmp, "result.json").write_text(json.dumps({
+            "f0_unchanged": all(torch.equal(v, pretrained[k]) for k, v in f0.items()),
+            "f_moved": any(not torch.equal(v, pretrained[k]) for k, v in f.items())}))
+
+
+@pytest.mark.slow  # ~2 min of 2-rank start-up on 2 shared cores
+@pytest.mark.dist
+def test_under_zero3_f0_is_partitioned_and_never_changes(tmp_path, embedded_test_tensors):
+    torch.manual_seed(0)
+    torch.save(create_model("tiny_cnn", embedded_test_tensors[2]).backbone.state_dict(), tmp_path / "w.pt")
+    spawn_two_ranks(_zero3_worker, str(tmp_path))
+    assert json.loads((tmp_path / "result.json").read_text()) == {"f0_unchanged": True, "f_moved": True}
 
 
 def test_the_linear_probe_evaluates_a_fare_encoder(tmp_path, embedded_test_tensors):
@@ -138,27 +172,29 @@ def test_the_linear_probe_evaluates_a_fare_encoder(tmp_path, embedded_test_tenso
     assert result["eval_count"] == 32 and 0 <= result["robust_acc"] <= result["clean_acc"] <= 1
 
 
-@pytest.mark.slow  # ~2.5 min: a `dat-ds pretrain` run, its resume and a finetune; the tests above cover the parts
-def test_pretrain_resume_then_finetune_through_the_commands(tmp_path, embedded_test_tensors):
-    import json
-
+@pytest.mark.slow  # 2-5 min: a `dat-ds pretrain` run, its resume and a finetune; the tests above cover the parts
+@pytest.mark.parametrize("stage,nproc", [(0, "1"), (3, "2")])
+def test_pretrain_resume_then_finetune_through_the_commands(tmp_path, embedded_test_tensors, stage, nproc):
     from dat_ds.cli import main as cli_main
     from dat_ds.evaluation.loading import load_run
-    from tests.helpers import run_cli, write_ds
+    from tests.helpers import run_cli
 
-    torch.manual_seed(0)
-    weights = tmp_path / "w.pt"
-    torch.save(create_model("tiny_cnn", embedded_test_tensors[2]).backbone.state_dict(), weights)
-    args = ["--nproc", "1", "--config", "recipes/fare_embedded.yaml", "--ds-config", str(write_ds(tmp_path)),
-            "--output-dir", str(tmp_path), "--name", "fare", "--set", "model.name=tiny_cnn", "--set",
-            f"model.weights={weights}", "--set", "data.train_subset=64", "--set", "attack.steps=1", "--set",
-            "eval.max_examples=16", "--set", "train.max_steps_per_epoch=2", "--set", "train.save_every_steps=2"]
-    for epochs, resume in (("1", []), ("2", ["--resume", "auto"])):
-        proc = run_cli("pretrain", *args, "--epochs", epochs, *resume)
+    weights = []
+    for seed in (0, 1):  # the resume is given other model.weights: f_0 must come from the checkpoint
+        torch.manual_seed(seed)
+        weights.append(tmp_path / f"w{seed}.pt")
+        torch.save(create_model("tiny_cnn", embedded_test_tensors[2]).backbone.state_dict(), weights[-1])
+    ds = write_ds(tmp_path, zero_optimization={"stage": stage})
+    args = ["--nproc", nproc, "--config", "recipes/fare_embedded.yaml", "--ds-config", str(ds), "--output-dir",
+            str(tmp_path), "--name", "fare", "--set", "model.name=tiny_cnn", "--set", "data.train_subset=64", "--set",
+            "attack.steps=1", "--set", "eval.max_examples=16", "--set", "train.max_steps_per_epoch=2", "--set",
+            "train.save_every_steps=2"]
+    for epochs, more in (("1", []), ("2", ["--resume", "auto"])):
+        proc = run_cli("pretrain", *args, "--epochs", epochs, "--set", f"model.weights={weights[len(more) > 0]}", *more)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "resumed from" in proc.stderr + proc.stdout
     loaded = load_run(tmp_path / "fare").model
-    pretrained = torch.load(weights)
+    pretrained = torch.load(weights[0])
     assert all(torch.equal(v, pretrained[k]) for k, v in loaded.reference.backbone.state_dict().items())  # f_0
     assert any(not torch.equal(v, pretrained[k]) for k, v in loaded.encoder.backbone.state_dict().items())  # f moved
     assert cli_main(["finetune", "--mode", "slf", "--encoder", str(tmp_path / "fare"), "--epochs", "1",
