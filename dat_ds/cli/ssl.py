@@ -106,7 +106,7 @@ def _pretrain(args: argparse.Namespace, argv: list[str]) -> int:
     return _train(args, argv, needs_unlabeled_objective=True)
 
 
-command("pretrain", "self-supervised adversarial pre-training (ACL) of an encoder; same options as train")(
+command("pretrain", "self-supervised adversarial pre-training (ACL) or fine-tuning (FARE) of an encoder; same options as train")(
     (_train_args, _pretrain))
 
 

@@ -56,6 +56,7 @@ class ModelConfig(Section):
     # Input mean/std inside the model: "data" the data set's; "model" the timm model's pretrained_cfg (what its
     # pretrained weights expect); "auto" the model's when model.weights is set and it declares them, else the data's
     normalization: Literal[names.NORMALIZATIONS] = "auto"
+    grad_checkpointing: Bool = False  # recompute activations in backward: less memory for a bigger batch or model
 
 
 class AttackConfig(Section):
@@ -471,7 +472,7 @@ def validate_sota_options(cfg: RunConfig) -> None:
     if m.normalization == "model" and m.name in names.MODELS:  # timm names: checked where timm builds them
         raise ConfigError(f"model.normalization=model: model {m.name!r} declares no input mean/std (only timm models "
                           "with a pretrained_cfg do); use model.normalization=data or auto")
-    if m.act != "relu" and o.name in names.UNLABELED_OBJECTIVES:  # its encoder (and fine-tuning) build with ReLU
+    if m.act != "relu" and o.name == "acl":  # its encoder (and fine-tuning) build with ReLU; fare's is the model
         raise ConfigError(f"model.act={m.act} is not supported by the self-supervised objective {o.name!r}; "
                           "remove model.act")
     for key, section, attacked in (("consistency", o.consistency, "two new views of each image"),

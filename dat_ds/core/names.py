@@ -14,8 +14,8 @@ EVAL_ATTACKS = tuple(n for n in ATTACKS if n != "none")  # what `dat-ds eval --a
 EVAL_PROTOCOLS = ("robustbench",)  # dat-ds eval --protocol
 DLR_ATTACKS = ("apgd-ce-dlr", "apgd-dlr", "autoattack")  # their DLR loss needs 3 classes or more
 EVAL_ONLY_ATTACKS = ("apgd-ce", "apgd-ce-dlr", "apgd-dlr", "autoattack", "square")  # torchattacks: no training use
-OBJECTIVES = ("acl", "clean", "dat", "free", "madry", "mart", "trades")
-UNLABELED_OBJECTIVES = ("acl",)  # self-supervised: `dat-ds pretrain` needs one of these
+OBJECTIVES = ("acl", "clean", "dat", "fare", "free", "madry", "mart", "trades")
+UNLABELED_OBJECTIVES = ("acl", "fare")  # self-supervised: `dat-ds pretrain` needs one of these
 # Fast-AT options (docs/objectives.md): which attacks and objectives each one combines with.
 NOISE_ATTACKS = ("nfgsm",)  # take attack.noise_multiplier
 REUSE_ATTACKS = ("fgsm", "fgsm_rs", "pgd")  # attack.reuse: they take a start perturbation (init_delta)
@@ -29,7 +29,7 @@ ACTIVATIONS = ("relu", "silu")  # model.act
 NORMALIZATIONS = ("auto", "data", "model")  # model.normalization: where the input mean/std come from
 AWP_OBJECTIVES = ("dat", "madry", "trades")  # awp: they split into attack + loss (objectives/awp.py)
 # attack.zero3_gather: their attacks are eval-mode forwards apart from the training pass (objectives.base.attack_phase)
-GATHER_OBJECTIVES = ("acl", "dat", "madry", "mart", "trades")
+GATHER_OBJECTIVES = ("acl", "dat", "fare", "madry", "mart", "trades")
 KEEP_BEST = ("none", "robust")  # train.keep_best
 # train.stop_signals: what a scheduler sends before a stop (SLURM: sbatch --signal=USR1@120; preemption: TERM)
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")

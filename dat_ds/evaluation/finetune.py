@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import AttackSpec
+from ..attacks import AttackSpec, eval_mode
 from ..core import dist
 from ..core.config import RunConfig, replace
 from ..core.errors import ConfigError
 from ..data import build_dataset
+from ..objectives.fare import FareModel
 from ..objectives.ssl_model import ContrastiveModel, LinearProbe, build_encoder
 from .evaluate import evaluate
 from .loading import load_run
@@ -57,11 +58,20 @@ class FinetuneSettings:
 
 
 def encoder_from_run(run_dir) -> tuple[RunConfig, nn.Module, Any]:
+    """The encoder a ``dat-ds pretrain`` run trained: ACL's (without its projection head) or FARE's f (not f_0)."""
     loaded = load_run(run_dir)
-    if not isinstance(loaded.model, ContrastiveModel):
-        raise ConfigError(f"run {str(run_dir)!r} trained objective {loaded.cfg.objective.name!r}, not a contrastive "
-                          "encoder; give a `dat-ds pretrain` run folder")
+    if not isinstance(loaded.model, (ContrastiveModel, FareModel)):
+        raise ConfigError(f"run {str(run_dir)!r} trained objective {loaded.cfg.objective.name!r}, not a self-supervised "
+                          "encoder; give a `dat-ds pretrain` run folder (objective acl or fare)")
     return loaded.cfg, loaded.model.encoder, loaded.spec
+
+
+def feature_dim(encoder: nn.Module, spec) -> int:
+    """The size of ``encoder``'s representation (ACL's ``FEATURE_DIM``, a FARE encoder's ``num_features``)."""
+    weight = next(encoder.parameters())
+    x = torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size, device=weight.device)
+    with eval_mode(encoder), torch.no_grad():
+        return encoder(x).shape[1]
 
 
 def random_encoder(cfg: RunConfig, seed: int = 0) -> tuple[nn.Module, Any]:
@@ -86,7 +96,7 @@ def finetune(cfg: RunConfig, encoder: nn.Module, spec, settings: FinetuneSetting
 
     device = dist.device()
     torch.manual_seed(settings.seed)
-    model = LinearProbe(encoder, spec.num_classes, frozen=frozen).to(device)
+    model = LinearProbe(encoder, spec.num_classes, feature_dim(encoder, spec), frozen=frozen).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     loader = torch.utils.data.DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,

@@ -173,6 +173,22 @@ def check_weights(cfg, spec) -> None:
     make_model(cfg, spec, cfg.model.weights)
 
 
+def check_grad_checkpointing(cfg) -> None:
+    """``model.grad_checkpointing``: the model can checkpoint (ours all can; a timm model is built on the meta device,
+    which allocates nothing, and asked)."""
+    from ..core import names
+
+    if not cfg.model.grad_checkpointing or cfg.model.name in names.MODELS:
+        return
+    import timm
+
+    from ..models import enable_grad_checkpointing
+
+    with torch.device("meta"):
+        backbone = timm.create_model(cfg.model.name, pretrained=False)
+    enable_grad_checkpointing(backbone, cfg.model.name)
+
+
 def check_nproc(nproc: int, accelerator=None) -> str | None:
     """``--nproc`` ranks on this node: more than the GPUs is an error (a rank would have no device); more
     than the cores on the CPU accelerator works but oversubscribes (a WARNING, returned too)."""
@@ -290,6 +306,7 @@ def preflight(cfg, resume: str | None = None, world: int | None = None, *, nproc
     settings = ds_config.prepare_run(cfg, world)
     check_precision(settings)
     check_model_name(cfg.model.name)
+    check_grad_checkpointing(cfg)
     warn_step_sizes(cfg)
     from ..attacks import eval_spec, training_spec
 

@@ -105,7 +105,7 @@ def train_inputs(request: TrainRequest, world: int, *, needs_unlabeled_objective
     if needs_unlabeled_objective and cfg.objective.name not in names.UNLABELED_OBJECTIVES:
         raise ConfigError(f"dat-ds pretrain needs a self-supervised objective "
                           f"({', '.join(names.UNLABELED_OBJECTIVES)}), the config has {cfg.objective.name!r}; "
-                          f"set objective.name=acl or use `dat-ds train`")
+                          f"set objective.name=acl (or fare) or use `dat-ds train`")
     settings = ds_config.prepare_run(cfg, world)
     check_engine(cfg, settings.zero_stage)
     check_input_paths(cfg)

@@ -13,6 +13,7 @@ from torch import nn
 from ..core import names
 from ..core.errors import ConfigError
 from ..core.registry import Registry
+from .checkpointing import enable_grad_checkpointing
 from .cifar import CIFAR_MODELS
 from .small import SmallCNN
 from .wrapper import NormalizedModel
@@ -117,7 +118,8 @@ def input_statistics(backbone: nn.Module, name: str, spec, normalization: str, p
 
 
 def create_model(name: str, spec, weights: str | None = None, act: str = "relu", *, strict_head: bool = True,
-                 normalization: str = "data", pretrained: bool | None = None) -> NormalizedModel:
+                 normalization: str = "data", pretrained: bool | None = None,
+                 grad_checkpointing: bool = False) -> NormalizedModel:
     """Build ``name`` for a data set ``spec`` and wrap it with its input normalisation (``input_statistics``).
 
     ``act`` (``model.act``) is the CIFAR models' activation; the other models have their own and take only "relu"
@@ -125,7 +127,9 @@ def create_model(name: str, spec, weights: str | None = None, act: str = "relu",
     with another class count start the model: its classifier head starts from fresh weights. ``normalization``
     is ``model.normalization`` ("data", the data set's statistics, unless a run config says otherwise);
     ``pretrained`` whether the run starts from pretrained weights (default: whether ``weights`` is given; the
-    run loader says so for a run whose weights it loads afterwards)."""
+    run loader says so for a run whose weights it loads afterwards). ``grad_checkpointing``
+    (``model.grad_checkpointing``) turns on activation checkpointing (``models.checkpointing``), or refuses a model
+    that has none."""
     if act != "relu":
         if name not in CIFAR_MODELS:
             raise ConfigError(f"model.act={act} applies to the models {', '.join(CIFAR_MODELS)}, not {name!r}")
@@ -137,6 +141,8 @@ def create_model(name: str, spec, weights: str | None = None, act: str = "relu",
     stats = input_statistics(backbone, name, spec, normalization, bool(weights) if pretrained is None else pretrained)
     if weights:
         load_backbone_weights(backbone, weights, name, strict_head=strict_head)
+    if grad_checkpointing:
+        enable_grad_checkpointing(backbone, name)
     return NormalizedModel(backbone, stats.mean, stats.std, source=stats.source)
 
 
@@ -155,6 +161,19 @@ def head_keys(backbone: nn.Module) -> list[str]:
         return []
     prefix = next(name for name, module in backbone.named_modules() if module is head)
     return [f"{prefix}.{k}" if prefix else k for k in head.state_dict()]
+
+
+def remove_head(backbone: nn.Module, name: str) -> nn.Module:
+    """``backbone`` without its classifier head, in place: its output is the pooled representation (timm's and our
+    CIFAR models' ``reset_classifier(0)``, ``forward_head(pre_logits=True)``'s features; ``small_cnn``'s hidden layer)."""
+    if hasattr(backbone, "reset_classifier"):
+        backbone.reset_classifier(0)
+    elif isinstance(backbone, SmallCNN):
+        backbone.fc = nn.Identity()
+    else:
+        raise ConfigError(f"model {name!r} has no reset_classifier to remove its head with; use a timm model or one "
+                          "of ours")
+    return backbone
 
 
 def _weights_format(path: Path) -> str | None:
@@ -233,5 +252,5 @@ def load_backbone_weights(backbone: nn.Module, path: str, model_name: str | None
     backbone.load_state_dict(state, strict=True)
 
 
-__all__ = ["MODELS", "NormalizedModel", "SmallCNN", "InputStatistics", "create_model", "input_statistics", "model_names",
-           "normalization_of", "read_weights"]
+__all__ = ["MODELS", "NormalizedModel", "SmallCNN", "InputStatistics", "create_model", "enable_grad_checkpointing",
+           "input_statistics", "model_names", "normalization_of", "read_weights", "remove_head"]

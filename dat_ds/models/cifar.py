@@ -26,6 +26,7 @@ from timm.models import register_model
 from torch import nn
 
 from ..core.errors import ConfigError
+from .checkpointing import checkpoint_segments
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU}  # core.names.ACTIVATIONS
 
@@ -61,11 +62,20 @@ class PreActBlock(nn.Module):
 
 
 class _Classifier(nn.Module):
-    """The timm model surface our code and users rely on: num_classes, forward_features/head, reset."""
+    """The timm model surface our code and users rely on: num_classes, forward_features/head, reset, and
+    ``set_grad_checkpointing`` (``model.grad_checkpointing``: each residual block is a checkpointed segment)."""
 
     num_classes: int
     num_features: int
     fc: nn.Module
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = checkpoint_segments(self.layers, self.conv1(x), self.grad_checkpointing)
+        return self.act(self.bn(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
@@ -100,9 +110,6 @@ class PreActResNet(_Classifier):
         self.num_features = in_planes
         self.fc = nn.Linear(in_planes, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.layers(self.conv1(x))))
-
 
 class WideResNet(_Classifier):
     def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, in_chans: int = 3,
@@ -130,9 +137,6 @@ class WideResNet(_Classifier):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # for SiLU too, as DM-Improves-AT
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.layers(self.conv1(x))))
 
 
 # timm passes pretrained_cfg / pretrained_cfg_overlay / cache_dir to every entrypoint; img_size is

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checkpointing import checkpoint_segments
+
 
 class SmallCNN(nn.Module):
     """Two conv blocks + MLP head; ~0.4M parameters, ~4M multiply-adds per 28x28 image.
@@ -30,8 +32,14 @@ class SmallCNN(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(self.num_features, 128), nn.ReLU(inplace=True))
         self.fc = nn.Linear(128, num_classes)
 
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """``model.grad_checkpointing``: each conv block (conv-ReLU-pool) is a checkpointed segment."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(checkpoint_segments((self.features[:3], self.features[3:]), x, self.grad_checkpointing))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))

@@ -1,6 +1,6 @@
 """Training objectives, registered by name; each returns an ``ObjectiveOutput``."""
 
-from . import contrastive, free, mart, supervised, trades  # noqa: F401  (register acl, free, mart, madry, dat, clean, trades)
+from . import contrastive, fare, free, mart, supervised, trades  # noqa: F401  (register acl, fare, free, mart, madry, dat, clean, trades)
 from .base import OBJECTIVES, Objective, ObjectiveContext, ObjectiveOutput, attack_phase, plain_step
 
 
@@ -15,7 +15,7 @@ def build_objective(cfg) -> Objective:
 
 
 def prepare_model(cfg, spec, model):
-    """The model ``cfg.objective`` trains: ``model`` itself unless the objective replaces it (``acl``)."""
+    """The model ``cfg.objective`` trains: ``model`` itself unless the objective replaces it (``acl``, ``fare``)."""
     return OBJECTIVES.get(cfg.objective.name).prepare_model(cfg, spec, model)
 
 

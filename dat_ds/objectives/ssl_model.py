@@ -50,15 +50,16 @@ class LinearProbe(nn.Module):
 
 
 def build_encoder(model_name: str, spec, weights: str | None = None, normalization: str = "data",
-                  pretrained: bool | None = None) -> nn.Module:
-    """``normalization``/``pretrained``: ``create_model``'s (``model.normalization``; whether the run started
-    from ``model.weights``)."""
+                  pretrained: bool | None = None, grad_checkpointing: bool = False) -> nn.Module:
+    """``normalization``/``pretrained``/``grad_checkpointing``: ``create_model``'s (``model.normalization``; whether
+    the run started from ``model.weights``; ``model.grad_checkpointing``)."""
     from ..models import create_model
 
     return create_model(model_name, dataclasses.replace(spec, num_classes=FEATURE_DIM), weights,
-                        normalization=normalization, pretrained=pretrained)
+                        normalization=normalization, pretrained=pretrained, grad_checkpointing=grad_checkpointing)
 
 
 def build_contrastive_model(cfg, spec, model: nn.Module | None = None) -> ContrastiveModel:
     """The model the ``acl`` objective trains: a fresh ``cfg.model.name`` encoder plus projection head."""
-    return ContrastiveModel(build_encoder(cfg.model.name, spec, cfg.model.weights, cfg.model.normalization))
+    return ContrastiveModel(build_encoder(cfg.model.name, spec, cfg.model.weights, cfg.model.normalization,
+                                          grad_checkpointing=cfg.model.grad_checkpointing))

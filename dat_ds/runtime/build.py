@@ -253,7 +253,8 @@ def make_model(cfg: RunConfig, spec: DataSpec, weights: str | None) -> torch.nn.
     return prepare_model(cfg, spec, create_model(cfg.model.name, spec, weights, act=cfg.model.act,
                                                  strict_head=cfg.model.strict_head,
                                                  normalization=cfg.model.normalization,
-                                                 pretrained=cfg.model.weights is not None))
+                                                 pretrained=cfg.model.weights is not None,
+                                                 grad_checkpointing=cfg.model.grad_checkpointing))
 
 
 def eval_copy(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:

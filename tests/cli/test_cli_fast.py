@@ -100,8 +100,8 @@ CASES = [
                                             "objective.name=bogus", "--nproc", "2"],
      f"unknown objective 'bogus'; choose one of: {_names('objective')}"),
     ("pretrain-supervised-objective", lambda t: ["pretrain", "--recipe", "demo", "--nproc", "2"],
-     "dat-ds pretrain needs a self-supervised objective (acl), the config has 'dat'; set objective.name=acl or use "
-     "`dat-ds train`"),
+     "dat-ds pretrain needs a self-supervised objective (acl, fare), the config has 'dat'; set objective.name=acl (or "
+     "fare) or use `dat-ds train`"),
     ("finetune-bogus-attack", lambda t: ["finetune", "--mode", "alf", "--random-init", "--recipe", "acl_pretrain_embedded",
                                          "--set", "attack.name=bogus", "--out", "r.json"],
      f"unknown attack 'bogus'; choose one of: {_names('attack')}"),

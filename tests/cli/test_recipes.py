@@ -24,7 +24,7 @@ BENCHMARKS = ("cifar10_prn18_dat_pgd", "cifar10_prn18_dat_fgsm", "cifar10_prn18_
 
 
 def inputs_in(tmp: Path, recipe: Path) -> list[str]:
-    """``--set`` overrides that point the recipe's data folder and unlabeled pool at ones that exist (--dry-run
+    """``--set`` overrides that point the recipe's data folder, unlabeled pool and weights at ones that exist (--dry-run
     checks that they do; their contents are the preflight's business)."""
     cfg, out = build_config(recipe), []
     if cfg.data.root is not None:
@@ -33,7 +33,7 @@ def inputs_in(tmp: Path, recipe: Path) -> list[str]:
     if cfg.data.unlabeled is not None:
         (tmp / "pool.npz").touch()
         out += ["--set", f"data.unlabeled={tmp / 'pool.npz'}"]
-    if cfg.model.weights is not None:  # the user's pretrained checkpoint (transfer recipes)
+    if cfg.model.weights is not None:  # the user's pretrained checkpoint (transfer recipes, fare's encoder)
         (tmp / "weights.safetensors").touch()
         out += ["--set", f"model.weights={tmp / 'weights.safetensors'}"]
     return out

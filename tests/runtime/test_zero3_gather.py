@@ -104,7 +104,7 @@ def _worker(rank: int, port: int, tmp: str, objective: str) -> None:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("objective", ["madry", *(pytest.param(o, marks=pytest.mark.slow) for o in ("trades", "mart", "acl"))])
+@pytest.mark.parametrize("objective", ["madry", *(pytest.param(o, marks=pytest.mark.slow) for o in ("trades", "mart", "acl", "fare"))])
 def test_zero3_gathered_attacks_equal_zero2_bit_for_bit_and_training_goes_on(tmp_path, objective):
     spawn_two_ranks(_worker, str(tmp_path), objective)
     for rank in (0, 1):
