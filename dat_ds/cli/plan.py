@@ -22,9 +22,6 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="memory per GPU: 80GB (80e9 bytes), 80GiB (80 x 2^30), 24GB ... (default 80GB)")
     p.add_argument("--micro-batches", default=None, metavar="LIST",
                    help="micro-batches to show, e.g. 32,64,128 (default: powers of two up to global batch / GPUs)")
-    p.add_argument("--gathered-attack", action="store_true",
-                   help="ZeRO-3: the attacks run on a full gathered copy of the weights (one more copy in the "
-                        "compute precision)")
     p.add_argument("--num-classes", type=int, default=1000,
                    help="classes of ImageFolder/HF data, which the plan does not read (default 1000)")
     p.add_argument("--cpu", action="store_true", help="predict a CPU run: no CUDA context/fragmentation allowance")
@@ -67,7 +64,7 @@ def check_inputs(args: argparse.Namespace):
                 raise ConfigError(f"--micro-batches: {m} x {world} GPUs does not divide the global batch "
                                   f"{settings.global_batch} into whole accumulation steps")
     return PlanRequest(cfg=cfg, ds_path=ds_path, ds_json=data, world=world, capacity=capacity, gpu=not args.cpu,
-                       gathered_attack=args.gathered_attack, num_classes=args.num_classes, micro_batches=micros)
+                       num_classes=args.num_classes, micro_batches=micros)
 
 
 def _gb(n: int) -> str:

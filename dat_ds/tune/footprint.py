@@ -89,4 +89,5 @@ def meta_model(cfg, spec) -> torch.nn.Module:
 
     with torch.device("meta"):
         return create_model(cfg.model.name, spec, None, act=cfg.model.act, strict_head=cfg.model.strict_head,
-                            normalization=cfg.model.normalization, pretrained=cfg.model.weights is not None)
+                            normalization=cfg.model.normalization, pretrained=cfg.model.weights is not None,
+                            grad_checkpointing=cfg.model.grad_checkpointing)

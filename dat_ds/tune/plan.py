@@ -85,7 +85,7 @@ class Engine:
     prefetch_bucket: int = PREFETCH_BUCKET  # ZeRO-3: stage3_prefetch_bucket_size, elements
     train_forwards: int = 1  # forwards per micro-batch whose graph backward needs (the objective's)
     attack: bool = True  # the objective runs a training attack before its forwards
-    gathered_attack: bool = False  # ZeRO-3: attacks run on a full gathered copy of the weights
+    gathered_attack: bool = False  # ZeRO-3: attacks run on a full gathered copy of the weights (attack.zero3_gather)
     allowance: int = CUDA_ALLOWANCE  # 0 for a CPU prediction
 
     @property
@@ -184,8 +184,11 @@ def predict(fp: Footprint, eng: Engine, stage: int, micro: int, accum: int = 1, 
     parts = model_states(fp, eng, stage)
     parts["buffers"] = engine_buffers(fp, eng, stage)
     train, attack = training_pass(fp, eng, micro), attack_pass(fp, eng, micro)
-    parts["activations"] = max(train, attack)
-    parts["gathered_copy"] = fp.params * eng.compute_bytes if (eng.gathered_attack and stage == 3) else 0
+    copy = fp.params * eng.compute_bytes if (eng.gathered_attack and eng.attack and stage == 3) else 0
+    # the copy lives through the attack's passes and is freed before the training forward: the peak is the larger of
+    # (attack + copy) and the training pass; "activations" is what the peak holds beyond the copy
+    parts["gathered_copy"] = copy
+    parts["activations"] = max(train, attack + copy) - copy
     parts["allowance"] = eng.allowance
     return Prediction(stage=stage, micro=micro, accum=accum, parts=parts, allowed=allowed)
 
@@ -245,6 +248,19 @@ def train_forwards(objective: str, *, clean_weight: float, grad_align: float, co
     return n
 
 
+def gathers_attacks(cfg, copy_bytes: int, capacity: int) -> bool:
+    """Whether ZeRO-3 runs this config's attacks on a gathered copy (``attack.zero3_gather``): always; auto when the
+    copy fits ``attack.zero3_gather_budget_gb``, or, with no budget, half the GPU (the run's rule is half the free
+    memory at start-up, which the plan does not know: an upper bound); never."""
+    from ..core import names
+
+    a = cfg.attack
+    if a.zero3_gather == "never" or a.name == "none" or cfg.objective.name not in names.GATHER_OBJECTIVES:
+        return False
+    budget = a.zero3_gather_budget_gb * 1e9 if a.zero3_gather_budget_gb is not None else capacity / 2
+    return a.zero3_gather == "always" or copy_bytes <= budget
+
+
 def engine_of(cfg, settings, world: int, *, gathered_attack: bool, gpu: bool) -> Engine:
     """``Engine`` from a run config and ``runtime.ds_config.EngineSettings``."""
     from ..optim.specs import check_optimizer_params
@@ -287,7 +303,6 @@ class PlanRequest:
     world: int  # GPUs in all (gpus x nodes)
     capacity: int  # bytes per GPU
     gpu: bool = True  # add the CUDA allowance
-    gathered_attack: bool = False
     num_classes: int = 1000  # ImageFolder/HF data read from no folder here
     micro_batches: tuple[int, ...] = ()  # empty: powers of two up to global batch / world
 
@@ -325,7 +340,9 @@ def plan_recipe(req: PlanRequest) -> Plan:
     model = footprint.meta_model(req.cfg, spec)
     fp = footprint.measure(model, in_chans=chans, img_size=size, precision=settings.precision,
                            persistence_threshold=persistence_threshold(settings))
-    eng = engine_of(req.cfg, settings, req.world, gathered_attack=req.gathered_attack, gpu=req.gpu)
+    compute = 4 if settings.precision == "fp32" else 2
+    eng = engine_of(req.cfg, settings, req.world, gpu=req.gpu,
+                    gathered_attack=gathers_attacks(req.cfg, fp.params * compute, req.capacity))
     micros = list(req.micro_batches) or micro_batches(settings.global_batch, req.world, also=[settings.micro_batch])
     return make_plan(fp, eng, capacity=req.capacity, global_batch=settings.global_batch, micros=micros,
                      stage_allowed={s: why for s, (_, why) in stages.items()})

@@ -116,3 +116,29 @@ def test_plan_of_the_demo_recipe_end_to_end(capsys):
     assert main(["plan", "--recipe", "demo", "--gpus", "2", "--json"]) == 0
     best = json.loads(capsys.readouterr().out)["fastest"]
     assert (best["zero"], best["micro_batch"], best["grad_accum"]) == (0, 64, 1)
+
+
+def test_the_gathered_copy_is_freed_before_the_training_pass():
+    """attack.zero3_gather's copy lives through the attack only: it adds to the attack's pass, not the training one."""
+    fp = _fp(weight_bytes=2, train_per_sample=1000, train_fixed=0, attack_per_sample=10, attack_fixed=0,
+             largest_saved_per_sample=0, input_per_sample=0)
+    eng = Engine(world=4, precision="bf16", optimizer="adamw", gathered_attack=True, allowance=0)
+    big_train = predict(fp, eng, 3, micro=8)  # training pass 8000 > attack 80 + copy
+    assert big_train.parts["gathered_copy"] + big_train.parts["activations"] == max(8000, 80 + PSI * 2)
+    assert predict(fp, Engine(world=4, precision="bf16", optimizer="adamw", gathered_attack=True, attack=False,
+                              allowance=0), 3, 8).parts["gathered_copy"] == 0  # no attack, nothing gathered
+
+
+@pytest.mark.parametrize("overrides, capacity, gathers", [
+    (["attack.zero3_gather=always"], 10, True),
+    (["attack.zero3_gather=never"], 10**12, False),
+    (["attack.zero3_gather=auto"], 10**12, True),  # fits half the GPU
+    (["attack.zero3_gather=auto"], 10, False),
+    (["attack.zero3_gather=auto", "attack.zero3_gather_budget_gb=1"], 10, True),  # the stated budget decides
+    (["attack.zero3_gather=auto", "attack.name=none"], 10**12, False),
+    (["attack.zero3_gather=auto", "objective.name=free"], 10**12, False)])
+def test_the_plan_gathers_as_the_run_would(overrides, capacity, gathers):
+    from dat_ds.core.config import build_config
+    from dat_ds.tune.plan import gathers_attacks
+
+    assert gathers_attacks(build_config(None, overrides), copy_bytes=1000, capacity=capacity) is gathers
