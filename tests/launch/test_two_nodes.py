@@ -74,7 +74,8 @@ def _stop_nodes(procs: list[tuple]) -> None:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("network", ["localhost", "netns"])
+# localhost: the same launch path as netns without the network between the "nodes" (slow: netns covers it)
+@pytest.mark.parametrize("network", [pytest.param("localhost", marks=pytest.mark.slow), "netns"])
 def test_two_node_launch_trains_one_short_epoch(tmp_path, network):
     from benchmarks import netns
 
