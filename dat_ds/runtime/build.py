@@ -31,7 +31,7 @@ from ..objectives import Objective, ObjectiveContext, build_objective, eps_warmu
 from ..objectives.reuse import PerturbationStore, check_reuse_budget
 from ..optim import build_optimizer, build_scheduler, lr_scale, param_groups
 from ..optim.schedule import StepPlan, accumulation_unit
-from . import ds_config
+from . import ds_adapter, ds_config
 from .loop import NonFiniteWatch
 from .replica import GatheredCopy
 
@@ -77,6 +77,11 @@ def build_engine(cfg: RunConfig, settings: ds_config.EngineSettings, model: torc
     engine, ds_optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=settings.ds_config
     )
+    if settings.precision in ("bf16", "fp16"):
+        cast = ds_adapter.batchnorm_statistics_like_weights(engine.module)
+        if cast:
+            log.info("%s: the running statistics of %d BatchNorm layer(s) are kept in %s, like their weights",
+                     settings.precision, cast, settings.precision)
     if comm is None:
         return BuiltEngine(engine=engine, optimizer=ds_optimizer, scheduler=scheduler, lr_scale=scale, plan=plan)
     if engine.optimizer is not comm:

@@ -6,6 +6,7 @@ One place, so that a DeepSpeed release that renames one of these breaks one modu
 - ``engine.checkpoint_engine`` writes every checkpoint file (swapped for one save to guard each write);
 - fp16: the loss scale is ``optimizer.loss_scale``, its floor ``engine.dynamic_loss_scale_args()["min_scale"]``;
 - ZeRO-3 parameters carry their full size as ``ds_numel``;
+- the bf16/fp16 engine casts the module's parameters to 16 bits but leaves its buffers in fp32;
 - ``engine.monitor`` (a ``MonitorMaster``: ``enabled``, ``write_events([(name, value, step)])``) feeds the JSON's
   ``tensorboard`` / ``wandb`` / ``csv_monitor`` / ``comet`` blocks.
 """
@@ -68,3 +69,23 @@ def monitor(engine: Any) -> Any | None:
     """The engine's monitor when the JSON enables one of its outputs, else None."""
     master = engine.monitor
     return master if master.enabled else None
+
+
+def batchnorm_statistics_like_weights(module: torch.nn.Module) -> int:
+    """Cast each BatchNorm's running statistics to its (16-bit) weight's dtype; returns how many were cast.
+
+    DeepSpeed's bf16/fp16 engine casts the parameters, not the buffers: a BatchNorm then holds bf16 weights and fp32
+    running statistics, and ``batch_norm`` refuses the mix in eval mode (the attacks'; "expected scalar type BFloat16
+    but found Float"). Statistics in 16 bits are what a 16-bit model has everywhere else; ``torch_autocast`` keeps
+    weights and statistics in fp32.
+    """
+    cast = 0
+    for m in module.modules():
+        weight = getattr(m, "weight", None)
+        if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or weight is None or m.running_mean is None:
+            continue
+        if weight.dtype in (torch.bfloat16, torch.float16) and m.running_mean.dtype != weight.dtype:
+            m.running_mean.data = m.running_mean.data.to(weight.dtype)
+            m.running_var.data = m.running_var.data.to(weight.dtype)
+            cast += 1
+    return cast

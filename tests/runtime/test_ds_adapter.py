@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dat_ds.core import dist
-from dat_ds.runtime import ds_adapter
+from dat_ds.runtime import ds_adapter, ds_config
 
 RENAMED = "DeepSpeed no longer has {what}; update dat_ds/runtime/ds_adapter.py"
 
@@ -82,3 +82,30 @@ def test_engine_monitor_is_where_the_json_monitors_are(tmp_path):
     assert master is not None and callable(master.write_events), RENAMED.format(what="engine.monitor.write_events")
     master.write_events([("dat_ds/epoch/robust_acc", 0.5, 3)])
     assert (tmp_path / "j" / "dat_ds_epoch_robust_acc.csv").read_text().splitlines() == ["step,robust_acc", "3,0.5"]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_bf16_engine_attacks_a_batchnorm_model_in_eval_mode(stage, tmp_path):
+    """DeepSpeed's bf16 engine casts parameters, not buffers (a fact dat-ds relies on: if this changes, the cast
+    is moot); ``build_engine`` then puts BatchNorm's running statistics in bf16, so the attacks' eval-mode forward
+    runs (it raised "expected scalar type BFloat16 but found Float" on the CPU)."""
+    import json
+
+    from dat_ds.core.config import build_config
+    from dat_ds.runtime.build import build_engine
+
+    dist.init_distributed()
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
+                                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+                                "zero_optimization": {"stage": stage}}))
+    settings = ds_config.prepare(path, 1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 6, 6))  # materialise the lazy layer
+    built = build_engine(build_config(None, []), settings, model, steps_per_epoch=1)
+    bn = built.engine.module[1]
+    assert bn.weight.dtype == torch.bfloat16 and bn.running_mean.dtype == bn.running_var.dtype == torch.bfloat16
+    built.engine.module.eval()
+    x = torch.rand(2, 1, 6, 6, dtype=torch.bfloat16, requires_grad=True)
+    (grad,) = torch.autograd.grad(built.engine.module(x).float().sum(), x)
+    assert grad.abs().sum() > 0
