@@ -10,8 +10,7 @@ peak. The data set's own tensors (the uint8 images the loader reads from) are su
 not count the data set, which on a GPU stays in host memory. Resident memory (RSS) is not used: glibc and
 oneDNN keep freed memory, so it overstates the peak by a varying amount.
 
-ZeRO-2 bf16 is not measured: on the CPU its training step fails in BatchNorm (bf16 input, fp32 statistics),
-a CPU-only problem of the engine's bf16 path, outside the planner. ZeRO-1/2 cases set ``reduce_bucket_size`` to 5e6 elements: DeepSpeed allocates the whole bucket
+ZeRO-1/2 cases set ``reduce_bucket_size`` to 5e6 elements: DeepSpeed allocates the whole bucket
 (default 5e8 elements, 1 GB in bf16) whatever the model's size, which would dwarf the small models
 measured here and make any prediction look right; the planner counts the bucket at its configured size.
 """
@@ -36,6 +35,12 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "preactresnet18 z2 fp32 DAT-PGD5": (
         ["model.name=preactresnet18", "deepspeed_config=zero2_fp32"], ["train_micro_batch_size_per_gpu=64",
                                                                          SMALL_BUCKET]),
+    "preactresnet18 z2 bf16 DAT-PGD5": (
+        ["model.name=preactresnet18", "deepspeed_config=zero2_bf16"], ["train_micro_batch_size_per_gpu=64",
+                                                                         SMALL_BUCKET]),
+    "preactresnet18 z3 fp32 gathered DAT-PGD5": (
+        ["model.name=preactresnet18", "deepspeed_config=zero3_fp32", "attack.zero3_gather=always"],
+        ["train_micro_batch_size_per_gpu=64"]),
     "vit_small_patch8 z0 LAMB bf16-autocast Madry-PGD2": (
         ["model.name=vit_small_patch8_224", "deepspeed_config=imagenet_lamb_bs2048_bf16", "objective.name=madry",
          "attack.steps=2"], ["train_batch_size=64"]),

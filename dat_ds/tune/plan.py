@@ -160,6 +160,8 @@ def engine_buffers(fp: Footprint, eng: Engine, stage: int) -> int:
     if stage == 3:
         gathered = min(fp.params, fp.largest_layer + eng.prefetch_bucket)
         out += gathered * w + fp.persistent_params * w * (eng.world - 1) // eng.world
+        if eng.contiguous_gradients:  # ZeRO-3's gradient bucket, also allocated whole (stage3.py: ipg_buckets)
+            out += eng.reduce_bucket * w
     return out
 
 

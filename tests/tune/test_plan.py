@@ -63,7 +63,8 @@ def test_buffers_activations_gathered_copy_and_allowance():
     assert z2.parts["activations"] == 2504
     assert z2.parts["gathered_copy"] == 0 and z2.parts["allowance"] == 1000
     z3 = predict(fp, eng, 3, micro=8)
-    assert z3.parts["buffers"] == 5 + (600 + 100) * 2 + 40 * 2 * 3 // 4  # largest layer + prefetch; persistent
+    # largest layer + prefetch; persistent; the gradient bucket (contiguous_gradients), one, in bf16
+    assert z3.parts["buffers"] == 5 + (600 + 100) * 2 + 40 * 2 * 3 // 4 + 50 * 2
     assert z3.parts["gathered_copy"] == PSI * 2  # the full weights in bf16, for the attacks
     assert predict(fp, Engine(world=4, precision="bf16", optimizer="adamw", attack=False, allowance=0), 0, 8
                    ).parts["activations"] == 8 * 100 + 7 + 80 + 24
