@@ -342,9 +342,9 @@ def plan_recipe(req: PlanRequest) -> Plan:
     model = footprint.meta_model(req.cfg, spec)
     fp = footprint.measure(model, in_chans=chans, img_size=size, precision=settings.precision,
                            persistence_threshold=persistence_threshold(settings))
-    compute = 4 if settings.precision == "fp32" else 2
-    eng = engine_of(req.cfg, settings, req.world, gpu=req.gpu,
-                    gathered_attack=gathers_attacks(req.cfg, fp.params * compute, req.capacity))
+    eng = engine_of(req.cfg, settings, req.world, gpu=req.gpu, gathered_attack=False)
+    copy_bytes = fp.params * eng.compute_bytes  # what predict() counts for the copy
+    eng = dataclasses.replace(eng, gathered_attack=gathers_attacks(req.cfg, copy_bytes, req.capacity))
     micros = list(req.micro_batches) or micro_batches(settings.global_batch, req.world, also=[settings.micro_batch])
     return make_plan(fp, eng, capacity=req.capacity, global_batch=settings.global_batch, micros=micros,
                      stage_allowed={s: why for s, (_, why) in stages.items()})
